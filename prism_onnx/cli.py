@@ -1,0 +1,143 @@
+"""The `prism` command line. Board-side commands (run, infer, launch) import no torch."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+import numpy as np
+
+from . import __version__
+from .errors import InputError, PrismError
+
+
+def friendly_errors(fn):
+    """A PrismError (bad model id, bad input, tampered bundle...) -> its message on stderr, exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PrismError as e:
+            raise click.ClickException(f"{type(e).__name__}: {e}") from None
+
+    return wrapper
+
+
+def parse_ids(values: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """--input-ids '1,2,3' (repeatable: one per batch row, right-padded with 0 and masked)."""
+    rows = []
+    for v in values:
+        try:
+            rows.append([int(x) for x in v.replace(" ", "").split(",") if x != ""])
+        except ValueError:
+            raise InputError(f"--input-ids must be comma-separated integers, got '{v}'") from None
+    if not rows or any(len(r) == 0 for r in rows):
+        raise InputError("--input-ids needs at least one id per row")
+    n = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), n), np.int64)
+    mask = np.zeros((len(rows), n), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def input_options(fn):
+    """--text / --image / --input-ids, each repeatable (one per batch row)."""
+    fn = click.option("--input-ids", "input_ids", multiple=True, help="Comma-separated token ids (repeatable).")(fn)
+    fn = click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                      help="Image file, or a .npy of pixel_values (repeatable).")(fn)
+    fn = click.option("--text", "texts", multiple=True, help="Input text (repeatable: one per batch row).")(fn)
+    return fn
+
+
+def one_input_kind(texts, images, input_ids):
+    given = [name for name, v in (("--text", texts), ("--image", images), ("--input-ids", input_ids)) if v]
+    if len(given) != 1:
+        raise click.UsageError("give exactly one of --text, --image, --input-ids")
+    return given[0]
+
+
+def emit(obj, as_json: bool, human):
+    if as_json:
+        click.echo(json.dumps(obj, indent=2, default=_json_default))
+    else:
+        human(obj)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+@click.group()
+@click.version_option(__version__, prog_name="prism")
+def main():
+    """PRISM: one Transformer inference across several devices, with Segment Means compression."""
+
+
+# ----------------------------------------------------------------------------------------------- simulate
+@main.command()
+@click.argument("model")
+@click.option("--devices", "-P", type=click.IntRange(min=1), required=True, help="Number of devices P.")
+@click.option("--compression-ratio", "--cr", "cr", type=click.IntRange(min=1), required=True,
+              help="Segment length CR: one mean row per CR tokens.")
+@click.option("--count-bias/--no-count-bias", default=True, show_default=True,
+              help="Add log(count) to the score of a mean row.")
+@click.option("--keep-sinks/--no-keep-sinks", default=True, show_default=True,
+              help="Send sink tokens ([CLS], [SEP], first token) as segments of their own.")
+@click.option("--split", default=None, help="Uneven split: per-device weights, e.g. 2,1,1.")
+@click.option("--wire-dtype", type=click.Choice(["float32", "float16", "int8"]), default="float32", show_default=True)
+@input_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly_errors
+def simulate(model, devices, cr, count_bias, keep_sinks, split, wire_dtype, texts, images, input_ids, as_json):
+    """Run MODEL as P simulated devices (PyTorch) and compare with the unpartitioned model."""
+    from .reference import simulate_report
+
+    kind = one_input_kind(texts, images, input_ids)
+    report = simulate_report(
+        model, kind=kind, texts=texts, images=images, input_ids=parse_ids(input_ids) if input_ids else None,
+        devices=devices, compression_ratio=cr, count_bias=count_bias, keep_sinks=keep_sinks,
+        split_weights=_parse_split(split), wire_dtype=wire_dtype,
+    )
+    emit(report, as_json, _print_simulate)
+
+
+def _parse_split(split):
+    if split is None:
+        return None
+    try:
+        return [float(x) for x in split.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"--split must be comma-separated numbers, got '{split}'") from None
+
+
+def _print_simulate(r):
+    m = r["model"]
+    click.echo(f"model {m['model_type']} {m['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}, "
+               f"{m['num_heads']} heads")
+    s = r["settings"]
+    click.echo(f"P={s['devices']} CR={s['compression_ratio']} count_bias={'on' if s['count_bias'] else 'off'} "
+               f"sinks={'kept' if s['keep_sinks'] else 'averaged'} wire={s['wire_dtype']}; "
+               f"input {r['batch']} x {r['tokens']} tokens")
+    for name, o in r["outputs"].items():
+        click.echo(f"  {name} {o['shape']}: mean {o['mean']:+.5f} std {o['std']:.5f} first {o['first']}; "
+                   f"max |diff| vs unpartitioned {o['max_abs_diff_vs_model']:.3g}, cosine {o['cosine_vs_model']:.6f}")
+    click.echo(f"  {'device':>6} {'tokens':>12} {'owned':>6} {'K/V rows':>9} {'rows sent':>10} {'bytes sent/layer':>17}")
+    for d in r["per_device"]:
+        click.echo(f"  {d['rank']:>6} {str(d['span']):>12} {d['tokens']:>6} {d['kv_rows']:>9} {d['rows_sent']:>10} "
+                   f"{d['bytes_sent_per_layer']:>17,}")
+    t = r["traffic"]
+    click.echo(f"  bytes/layer, all devices: {t['bytes_per_layer']:,} vs {t['baseline_bytes_per_layer']:,} "
+               f"uncompressed (CR=1 float32): {100 * t['ratio_vs_baseline']:.2f}%")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""PyTorch -> per-device ONNX bundles."""

@@ -1,0 +1,83 @@
+"""GPT-2 (pre-LN decoder, causal): GPT2Model, GPT2LMHeadModel."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
+
+from ..errors import ModelLoadError
+from ..prism import Block
+from .base import ModelSpec, PrismModel, TupleHead, expect_shape, linear_from_conv1d
+
+MODEL_TYPE = "gpt2"
+ARCHITECTURES = ("GPT2Model", "GPT2LMHeadModel")  # the first is the default
+
+
+class Embed(nn.Module):
+    """Token + position (global ids) embeddings for a device's own token range."""
+
+    def __init__(self, gpt2):
+        super().__init__()
+        self.wte, self.wpe = gpt2.wte, gpt2.wpe
+
+    def forward(self, input_ids, position_ids):
+        # input_ids [B, n] int64; position_ids [n] int64
+        return self.wte(input_ids) + self.wpe(position_ids)[None, :, :]  # [B, n, D]
+
+
+def _block(layer, config, i: int) -> Block:
+    D = config.hidden_size
+    I = config.n_inner if config.n_inner is not None else 4 * D
+    attn, mlp = layer.attn, layer.mlp
+    for name, mod, shape in [("attn.c_attn", attn.c_attn, (D, 3 * D)), ("attn.c_proj", attn.c_proj, (D, D)),
+                             ("mlp.c_fc", mlp.c_fc, (D, I)), ("mlp.c_proj", mlp.c_proj, (I, D))]:
+        expect_shape(f"h.{i}.{name}.weight", mod.weight, shape)  # Conv1D stores [in, out]
+    dh = D // config.num_attention_heads
+    scale = (1.0 / dh**0.5) if config.scale_attn_weights else 1.0
+    if config.scale_attn_by_inverse_layer_idx:
+        scale /= float(i + 1)
+    return Block(
+        norm="pre", ln_attn=layer.ln_1, ln_mlp=layer.ln_2,
+        # c_attn packs q|k|v column-wise; PRISM projects Q for own rows only, so split it
+        q=linear_from_conv1d(attn.c_attn, slice(0, D)), k=linear_from_conv1d(attn.c_attn, slice(D, 2 * D)),
+        v=linear_from_conv1d(attn.c_attn, slice(2 * D, 3 * D)), o=attn.c_proj,
+        fc_in=mlp.c_fc, fc_out=mlp.c_proj, act=mlp.act,
+        num_heads=config.num_attention_heads, causal=True, scale=scale,
+    )
+
+
+def convert(model) -> PrismModel:
+    config = model.config
+    arch = type(model).__name__
+    if config.add_cross_attention:
+        raise ModelLoadError("gpt2: cross-attention (add_cross_attention=True) is not supported")
+    gpt2 = model.base_model
+    D = config.hidden_size
+    expect_shape("wte.weight", gpt2.wte.weight, (config.vocab_size, D))
+    expect_shape("wpe.weight", gpt2.wpe.weight, (config.n_positions, D))
+    blocks = [_block(layer, config, i) for i, layer in enumerate(gpt2.h)]
+
+    if arch == "GPT2Model":
+        output_class = BaseModelOutputWithPastAndCrossAttentions
+        token_head, token_outputs = TupleHead(lambda m, h: m.ln_f(h), ln_f=gpt2.ln_f), ("last_hidden_state",)
+    elif arch == "GPT2LMHeadModel":
+        output_class = CausalLMOutputWithCrossAttentions
+        expect_shape("lm_head.weight", model.lm_head.weight, (config.vocab_size, D))
+        token_head = TupleHead(lambda m, h: m.lm_head(m.ln_f(h)), ln_f=gpt2.ln_f, lm_head=model.lm_head)
+        token_outputs = ("logits",)
+    else:
+        raise ModelLoadError(f"gpt2: unsupported architecture {arch}; supported: {', '.join(ARCHITECTURES)}")
+
+    spec = ModelSpec(
+        model_type=MODEL_TYPE, architecture=arch, hidden_size=D, num_heads=config.num_attention_heads,
+        num_layers=config.num_hidden_layers, max_positions=config.n_positions, causal=True, sinks=("first",),
+        input_kind="text", embed_inputs=("input_ids",), token_outputs=token_outputs, pooled_outputs=(),
+        vocab_size=config.vocab_size,
+    )
+    return PrismModel(spec, Embed(gpt2), blocks, token_head, None, output_class)
+
+
+@torch.no_grad()
+def example_inputs(spec: ModelSpec, batch: int, tokens: int) -> dict:
+    return {"input_ids": torch.randint(0, spec.vocab_size, (batch, tokens))}

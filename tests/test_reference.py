@@ -1,0 +1,169 @@
+"""`simulate` (the PyTorch PRISM reference) against the unpartitioned transformers model.
+
+Tolerance: at CR=1 every PRISM step is exact, so outputs must equal the unpartitioned model up to fp32
+rounding of re-ordered sums; 1e-5 absolute is ~100x the largest difference seen (~3e-7).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import minilm_path, sst2_sentences, text_batch, tiny_model
+from prism_onnx import simulate
+from prism_onnx.errors import InputError, ModelLoadError, PlanError
+from prism_onnx.reference import DeviceTrace
+
+EXACT = 1e-5
+ARCHS = ["BertModel", "BertForSequenceClassification", "ViTModel", "ViTForImageClassification", "GPT2Model",
+         "GPT2LMHeadModel"]
+
+
+def inputs_for(model, seed=0):
+    rng = np.random.default_rng(seed)
+    if model.config.model_type == "vit":
+        return {"pixel_values": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    return text_batch(model.config.vocab_size, rng)
+
+
+def outputs_match(out, ref, mask, atol):
+    """Largest |diff| over all fields the model returns; token outputs compared at real tokens only."""
+    worst = 0.0
+    for name in ("last_hidden_state", "pooler_output", "logits"):
+        if getattr(ref, name, None) is None:
+            continue
+        a, b = getattr(out, name), getattr(ref, name)
+        assert a.shape == b.shape, name
+        if a.dim() == 3 and mask is not None and a.shape[1] == mask.shape[1]:
+            a, b = a[mask], b[mask]
+        worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
+def run_both(model, inputs, **kw):
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
+    out = simulate(model, inputs, **kw)
+    mask = torch.from_numpy(inputs["attention_mask"]).bool() if "attention_mask" in inputs else None
+    return out, ref, mask
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return {a: tiny_model(a) for a in ARCHS}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("devices", [1, 2, 3, 5])
+@pytest.mark.parametrize("split", ["even", "uneven"])
+def test_cr1_equals_unpartitioned(tiny, arch, devices, split):
+    model = tiny[arch]
+    weights = list(range(1, devices + 1)) if split == "uneven" else None
+    for count_bias in (True, False):
+        out, ref, mask = run_both(model, inputs_for(model), devices=devices, compression_ratio=1,
+                                  split_weights=weights, count_bias=count_bias)
+        assert type(out) is type(ref)
+        assert outputs_match(out, ref, mask, EXACT) <= EXACT
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compression_changes_the_output(tiny, arch):
+    """Negative test: at CR=4 the means really replace the remote tokens."""
+    model = tiny[arch]
+    inputs = inputs_for(model)
+    out, ref, mask = run_both(model, inputs, devices=3, compression_ratio=4)
+    diff = outputs_match(out, ref, mask, 0)
+    name = "logits" if getattr(ref, "logits", None) is not None else "last_hidden_state"
+    a, b = getattr(out, name).flatten(), getattr(ref, name).flatten()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    print(f"{arch} P=3 CR=4: max |diff| {diff:.3g}, cosine {cos:.5f}")
+    assert diff > 1e-3
+    assert 0.5 < cos < 1.0
+
+
+def test_count_bias_and_sinks_switches_change_compressed_output(tiny):
+    model = tiny["BertModel"]
+    inputs = inputs_for(model)
+    base = simulate(model, inputs, devices=2, compression_ratio=4).last_hidden_state
+    no_bias = simulate(model, inputs, devices=2, compression_ratio=4, count_bias=False).last_hidden_state
+    no_sinks = simulate(model, inputs, devices=2, compression_ratio=4, keep_sinks=False).last_hidden_state
+    assert (base - no_bias).abs().max() > 1e-4
+    assert (base - no_sinks).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("cr", [1, 3, 64])
+def test_gpt2_device0_is_exact_at_any_cr(tiny, cr):
+    model = tiny["GPT2LMHeadModel"]
+    ids = torch.randint(0, 300, (2, 20))
+    ref = model(input_ids=ids).logits
+    out = simulate(model, {"input_ids": ids}, devices=3, compression_ratio=cr).logits
+    n0 = 7  # even split of 20 tokens over 3 devices: 7, 7, 6
+    assert (out[:, :n0] - ref[:, :n0]).abs().max().item() <= EXACT
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_gpt2_change_in_partition_p_leaves_earlier_partitions_unchanged(tiny, p):
+    model = tiny["GPT2LMHeadModel"]
+    ids = torch.randint(0, 300, (1, 21))  # spans [0,7) [7,14) [14,21)
+    changed = ids.clone()
+    changed[0, 7 * p + 3] = (changed[0, 7 * p + 3] + 1) % 300
+    a = simulate(model, {"input_ids": ids}, devices=3, compression_ratio=4).logits
+    b = simulate(model, {"input_ids": changed}, devices=3, compression_ratio=4).logits
+    assert torch.equal(a[:, : 7 * p], b[:, : 7 * p])  # bit-identical: earlier devices never see it
+    assert (a[:, 7 * p + 3:] - b[:, 7 * p + 3:]).abs().max() > 0
+
+
+def test_trace_records_what_each_device_sends(tiny):
+    model = tiny["ViTModel"]
+    trace = DeviceTrace(sent=[])
+    simulate(model, inputs_for(model), devices=2, compression_ratio=4, keep_sinks=False, trace=trace)
+    # 17 tokens -> 9 + 8 -> ceil(9/4)=3 and 2 rows; one exchange before each of the 2 layers
+    assert len(trace.sent) == 2
+    assert [tuple(m.shape) for m in trace.sent[0]] == [(2, 3, 32), (2, 2, 32)]
+
+
+@pytest.mark.slow
+def test_minilm_real_weights_cr1_exact_and_cr8_close():
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_path()
+    model = AutoModel.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = dict(tok(sst2_sentences(4), padding=True, return_tensors="np"))
+    for devices in (2, 3):
+        out, ref, mask = run_both(model, enc, devices=devices, compression_ratio=1)
+        assert outputs_match(out, ref, mask, EXACT) <= EXACT
+    out, ref, mask = run_both(model, enc, devices=2, compression_ratio=8)
+    cos = torch.nn.functional.cosine_similarity(out.last_hidden_state[mask], ref.last_hidden_state[mask]).mean()
+    print(f"MiniLM P=2 CR=8 token cosine {cos:.4f}")
+    assert 0.8 < cos < 1.0
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def test_unsupported_model_type_lists_supported():
+    import transformers as tf
+
+    model = tf.DistilBertModel(tf.DistilBertConfig(dim=32, n_layers=1, n_heads=4, hidden_dim=64)).eval()
+    with pytest.raises(ModelLoadError, match="unsupported model type 'distilbert'; supported: bert, gpt2, vit"):
+        simulate(model, {"input_ids": np.ones((1, 4), np.int64)}, devices=2, compression_ratio=1)
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    ({"devices": 0, "compression_ratio": 1}, PlanError, "devices must be >= 1"),
+    ({"devices": 14, "compression_ratio": 1}, PlanError, "cannot split 13 tokens over 14 devices"),
+    ({"devices": 2, "compression_ratio": 0}, PlanError, "compression_ratio must be an integer >= 1"),
+])
+def test_bad_partitioning_is_refused(tiny, kw, err, match):
+    with pytest.raises(err, match=match):
+        simulate(tiny["BertModel"], text_batch(100), **kw)
+
+
+def test_sequence_longer_than_positions_is_refused(tiny):
+    ids = np.ones((1, 65), np.int64)  # tiny configs have 64 positions
+    with pytest.raises(InputError, match="65 tokens is longer than the model's 64 positions"):
+        simulate(tiny["GPT2Model"], {"input_ids": ids}, devices=2, compression_ratio=1)
+
+
+def test_image_of_wrong_size_is_refused(tiny):
+    with pytest.raises(InputError, match=r"image of the wrong size.*\[batch, 3, 16, 16\], got \[1, 3, 32, 32\]"):
+        simulate(tiny["ViTModel"], {"pixel_values": np.zeros((1, 3, 32, 32), np.float32)}, devices=2,
+                 compression_ratio=1)
