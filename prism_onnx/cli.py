@@ -139,5 +139,122 @@ def _print_simulate(r):
                f"uncompressed (CR=1 float32): {100 * t['ratio_vs_baseline']:.2f}%")
 
 
+# ------------------------------------------------------------------------------------------------- export
+@main.command()
+@click.argument("model")
+@click.option("--devices", "-P", type=click.IntRange(min=1), required=True, help="Number of devices P.")
+@click.option("--compression-ratio", "--cr", "cr", type=click.IntRange(min=1), required=True,
+              help="Segment length CR: one mean row per CR tokens.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="Output folder.")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
+              help="Longest sequence the bundles accept (default: the model's positions).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--wire-dtype", type=click.Choice(["float32", "float16", "int8"]), default="float32",
+              show_default=True, help="Precision of the means on the wire (int8: one scale per row).")
+@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="int8: dynamic int8 weights (onnxruntime.quantization).")
+@click.option("--opset", type=click.IntRange(min=18), default=20, show_default=True)
+@click.option("--count-bias/--no-count-bias", default=True, show_default=True)
+@click.option("--keep-sinks/--no-keep-sinks", default=True, show_default=True)
+@click.option("--split", default=None, help="Uneven split: per-device weights, e.g. 2,1,1.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+@friendly_errors
+def export(model, devices, cr, out, max_seq_len, max_batch, wire_dtype, quantize, opset, count_bias, keep_sinks,
+           split, overwrite):
+    """Export MODEL (hub id or folder) to one ONNX bundle per device in OUT/device-K."""
+    import logging
+    import time
+
+    from .exporters.bundle import ExportSettings, export as do_export
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    settings = ExportSettings(devices=devices, compression_ratio=cr, max_seq_len=max_seq_len, max_batch=max_batch,
+                              wire_dtype=wire_dtype, quantize=quantize, opset=opset, count_bias=count_bias,
+                              keep_sinks=keep_sinks, split_weights=_parse_split(split))
+    t0 = time.perf_counter()
+    path = do_export(model, out, settings, overwrite=overwrite, progress=True)
+    from pathlib import Path
+
+    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    click.echo(f"exported {model} to {path}: {devices} device bundles, {size / 1e6:.1f} MB, "
+               f"{time.perf_counter() - t0:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------------- validate
+@main.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--model", "model", default=None, help="PyTorch model to compare with (default: the export's source).")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def validate(export_dir, samples, model, as_json):
+    """Run EXPORT_DIR's bundles (onnxruntime) and PyTorch on the same inputs; exit 1 when they differ."""
+    from .validate import validate as run_validate
+
+    report = run_validate(export_dir, samples=samples, model=model)
+
+    def human(r):
+        s = r["settings"]
+        click.echo(f"{r['export']}: P={s['devices']} CR={s['compression_ratio']} wire={s['wire_dtype']} "
+                   f"quantize={s['quantize']}, {r['samples']} samples")
+        for name, o in r["outputs"].items():
+            click.echo(f"  {name}: vs simulate max |diff| {o['max_abs_diff_vs_simulate']:.3g}, cosine mean "
+                       f"{o['mean_cosine_vs_simulate']:.5f} min {o['min_cosine_vs_simulate']:.5f}; vs unpartitioned "
+                       f"model max |diff| {o['max_abs_diff_vs_model']:.3g}, cosine mean "
+                       f"{o['mean_cosine_vs_model']:.5f} min {o['min_cosine_vs_model']:.5f}")
+        click.echo(f"  bound: {', '.join(f'{k} {v}' for k, v in r['tolerance'].items())}")
+        for f in r["failures"]:
+            click.echo(f"  FAIL {f}")
+        click.echo("passed" if r["passed"] else "FAILED")
+
+    emit(report, as_json, human)
+    if not report["passed"]:
+        sys.exit(1)
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+@main.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def inspect(export_dir, as_json):
+    """Manifest, file sizes and op counts per graph of an export (or of one device bundle)."""
+    from collections import Counter
+    from pathlib import Path
+
+    import onnx
+
+    from .runtime.bundle import MANIFEST, read_manifest
+
+    root = Path(export_dir)
+    manifest = read_manifest(root / MANIFEST)
+    dev = root if "rank" in manifest else root / "device-0"
+    graphs = {}
+    for name, fname in manifest["graphs"].items():
+        proto = onnx.load(str(dev / fname), load_external_data=False)
+        graphs[name] = {"file": fname, "bytes": (dev / fname).stat().st_size,
+                        "ops": dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
+                        "domains": sorted({n.domain or "ai.onnx" for n in proto.graph.node})}
+    files = {rel: (root / rel).stat().st_size for rel in manifest["files"]}
+    report = {k: manifest[k] for k in ("export_id", "package_version", "created", "source", "devices",
+                                       "compression_ratio", "split", "count_bias", "keep_sinks", "wire_dtype",
+                                       "quantize", "opset", "max_seq_len", "max_batch")}
+    report.update(model=manifest["model"], graphs=graphs, files=files, total_bytes=sum(files.values()))
+
+    def human(r):
+        m = r["model"]
+        click.echo(f"export {r['export_id'][:12]} ({r['created']}, prism-onnx {r['package_version']}) of {r['source']}")
+        click.echo(f"  {m['model_type']} {m['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}")
+        click.echo(f"  P={r['devices']} ({r['split']['policy']} split) CR={r['compression_ratio']} "
+                   f"wire={r['wire_dtype']} quantize={r['quantize']} opset={r['opset']} "
+                   f"count_bias={r['count_bias']} keep_sinks={r['keep_sinks']} max_seq_len={r['max_seq_len']}")
+        for name, g in r["graphs"].items():
+            ops = ", ".join(f"{k} {v}" for k, v in g["ops"].items())
+            click.echo(f"  {name:<12} {g['bytes'] / 1e6:8.2f} MB  {ops}")
+        click.echo(f"  {len(r['files'])} files, {r['total_bytes'] / 1e6:.1f} MB in all")
+
+    emit(report, as_json, human)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -204,3 +204,27 @@ class Plan:
     def sent_rows(self, p: int) -> int:
         """Mean rows device p sends per layer, summed over its receivers (per batch row)."""
         return self.segments[p].rows * len(self.receivers(p))
+
+
+def make_plan(spec, attention_mask, *, devices: int, compression_ratio: int, count_bias: bool = True,
+              keep_sinks: bool = True, split_weights=None) -> Plan:
+    """The plan for a model (a ModelSpec or its dict) and a request's [B, N] attention mask."""
+    spec = spec if isinstance(spec, dict) else spec.to_dict()
+    return Plan(
+        attention_mask=attention_mask, devices=devices, compression_ratio=compression_ratio,
+        causal=spec["causal"], sinks=tuple(spec["sinks"]) if keep_sinks else (), count_bias=count_bias,
+        weights=tuple(split_weights) if split_weights else None,
+    )
+
+
+def plan_from_manifest(manifest: dict, attention_mask) -> Plan:
+    """The plan a bundle's settings give for a request (every device computes the same one)."""
+    return make_plan(manifest["model"], attention_mask, devices=manifest["devices"],
+                     compression_ratio=manifest["compression_ratio"], count_bias=manifest["count_bias"],
+                     keep_sinks=manifest["keep_sinks"], split_weights=manifest["split"]["weights"])
+
+
+def max_rows(max_tokens: int, compression_ratio: int) -> int:
+    """Upper bound on the mean rows one device sends per layer: a device owns at most max_tokens tokens,
+    cut into ceil(n / CR) positional segments, plus up to 2 sink rows."""
+    return -(-int(max_tokens) // int(compression_ratio)) + 2

@@ -13,7 +13,8 @@ from . import models
 from .errors import InputError
 from .inputs import prepare
 from .models import PrismModel
-from .plan import Plan
+from .plan import Plan, make_plan
+from .runtime.wire import check_wire_dtype, roundtrip
 
 _converted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -27,17 +28,6 @@ def prism_model(model) -> PrismModel:
     return _converted[model]
 
 
-def make_plan(spec, attention_mask, *, devices, compression_ratio, count_bias=True, keep_sinks=True,
-              split_weights=None) -> Plan:
-    """The partition plan for a model spec (dict or ModelSpec) and a request's [B, N] attention mask."""
-    spec = spec if isinstance(spec, dict) else spec.to_dict()
-    return Plan(
-        attention_mask=attention_mask, devices=devices, compression_ratio=compression_ratio,
-        causal=spec["causal"], sinks=tuple(spec["sinks"]) if keep_sinks else (), count_bias=count_bias,
-        weights=tuple(split_weights) if split_weights else None,
-    )
-
-
 @dataclass
 class DeviceTrace:
     """What each device did in one simulated inference: means sent per layer ([B, S, D] each)."""
@@ -46,13 +36,19 @@ class DeviceTrace:
 
 
 @torch.no_grad()
-def run_devices(pm: PrismModel, token_inputs: dict[str, np.ndarray], plan: Plan, trace: DeviceTrace | None = None):
-    """The per-device loop. Returns {output name: tensor} with token outputs gathered along the sequence."""
+def run_devices(pm: PrismModel, token_inputs: dict[str, np.ndarray], plan: Plan, trace: DeviceTrace | None = None,
+                wire_dtype: str = "float32"):
+    """The per-device loop. Returns {output name: tensor} with token outputs gathered along the sequence.
+
+    Sent means go through the wire encoding of `wire_dtype` (float32 is lossless), as on the network.
+    """
     spec = pm.spec
     P = plan.devices
     t = torch.from_numpy
 
     def send(p, means):
+        if wire_dtype != "float32":
+            means = t(roundtrip(means.numpy(), wire_dtype))
         if trace is not None:
             trace.sent[-1].append(means)
         return means
@@ -95,19 +91,21 @@ def run_devices(pm: PrismModel, token_inputs: dict[str, np.ndarray], plan: Plan,
 
 
 def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_bias: bool = True,
-             keep_sinks: bool = True, split_weights=None, trace: DeviceTrace | None = None, **kwargs):
+             keep_sinks: bool = True, split_weights=None, wire_dtype: str = "float32",
+             trace: DeviceTrace | None = None, **kwargs):
     """Drop-in for `model(**inputs)` that runs PRISM over `devices` simulated devices.
 
     Returns the transformers output class of `model` with the same fields (`last_hidden_state`,
     `pooler_output`, `logits`). `inputs` are what the tokenizer or image processor returns (or keyword
     arguments like `input_ids=`, `attention_mask=`, `pixel_values=`). Padding (`attention_mask`) works.
+    `wire_dtype` (float32, float16, int8) applies the wire precision to every exchanged mean.
     """
     pm = prism_model(model)
     inputs = {**(dict(inputs) if inputs is not None else {}), **kwargs}
     token_inputs, mask = prepare(pm.spec.to_dict(), inputs)
     plan = make_plan(pm.spec, mask, devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
                      keep_sinks=keep_sinks, split_weights=split_weights)
-    return pm.output_class(**run_devices(pm, token_inputs, plan, trace))
+    return pm.output_class(**run_devices(pm, token_inputs, plan, trace, check_wire_dtype(wire_dtype)))
 
 
 def cli_inputs(source, spec, *, kind: str, texts=(), images=(), input_ids=None) -> dict:
@@ -154,7 +152,7 @@ def compare(out, ref) -> dict:
 def simulate_report(source, *, kind, texts=(), images=(), input_ids=None, devices, compression_ratio,
                     count_bias=True, keep_sinks=True, split_weights=None, wire_dtype="float32") -> dict:
     """What `prism simulate` prints: outputs vs the unpartitioned model, and per-device work and traffic."""
-    from .runtime.wire import check_wire_dtype, frame_nbytes
+    from .runtime.wire import frame_nbytes
 
     check_wire_dtype(wire_dtype)
     model = models.load(source)
@@ -164,7 +162,7 @@ def simulate_report(source, *, kind, texts=(), images=(), input_ids=None, device
     token_inputs, mask = prepare(spec.to_dict(), inputs)
     plan = make_plan(spec, mask, devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
                      keep_sinks=keep_sinks, split_weights=split_weights)
-    outputs = run_devices(pm, token_inputs, plan)
+    outputs = run_devices(pm, token_inputs, plan, wire_dtype=wire_dtype)
     with torch.no_grad():
         ref = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
     valid = mask.astype(bool)

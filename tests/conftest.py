@@ -81,3 +81,46 @@ def sst2_sentences(k: int, split: str = "dev") -> list[str]:
     rows = [ln.split("\t") for ln in lines if "\t" in ln]
     rows = [r for r in rows if r[-1].strip() in ("0", "1")]
     return [r[0] for r in rows[:k]]
+
+
+EXPORT_ARCHS = ["BertModel", "ViTForImageClassification", "GPT2LMHeadModel"]
+
+
+@pytest.fixture(scope="session")
+def exported_graphs(tiny_dirs, tmp_path_factory):
+    """{architecture: Graphs}: each tiny model traced to ONNX once per session. The graphs do not depend
+    on P, CR or the wire precision, so `make_bundle` lays out bundles for any settings in milliseconds."""
+    import logging
+
+    from prism_onnx import models
+    from prism_onnx.exporters.bundle import export_graphs
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    root = tmp_path_factory.mktemp("graphs")
+    out = {}
+    for arch in EXPORT_ARCHS:
+        g = export_graphs(models.load(tiny_dirs[arch]), root / arch)
+        g.source = str(tiny_dirs[arch])
+        out[arch] = g
+    return out
+
+
+@pytest.fixture
+def make_bundle(exported_graphs, tmp_path):
+    """make_bundle(arch, devices=..., compression_ratio=..., **settings) -> export folder."""
+    from prism_onnx.exporters.bundle import ExportSettings, write_bundles
+
+    counter = iter(range(1000))
+
+    def make(arch, **settings):
+        return write_bundles(exported_graphs[arch], tmp_path / f"{arch}-{next(counter)}", ExportSettings(**settings))
+
+    return make
+
+
+def inputs_for_arch(arch: str, seed: int = 0, lengths=(13, 9)) -> dict:
+    """Batch 2: text rows of 13 and 9 tokens (padding), or 2 random 16x16 images (17 tokens)."""
+    rng = np.random.default_rng(seed)
+    if arch.startswith("ViT"):
+        return {"pixel_values": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}
+    return text_batch(30522 if arch.startswith("Bert") else 300, rng, lengths)

@@ -1,0 +1,175 @@
+"""Exchange points: before layer i, every device sends the segment means of layer i's attention input
+("attn_in.i") to its receivers and gathers those of its sources. This is the only traffic per layer.
+
+`Exchange` holds what every transport shares: encoding in the wire precision, byte counters, checking
+each frame against the plan, and matching frames to (request, layer, source) while frames of later
+requests wait in a bounded stash. Subclasses only move bytes: `LocalExchange` (in memory, for the
+in-process executor) and `ZmqExchange` (runtime/transport.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import FrameError, PeerError
+from ..plan import Plan
+from .wire import MeansFrame, decode_means, encode_means
+
+log = logging.getLogger("prism.exchange")
+
+
+@dataclass
+class Traffic:
+    """Bytes one device sent and received, per exchange point, measured on the frames' payloads."""
+
+    layers: int
+    sent: list[int] = field(default_factory=list)
+    received: list[int] = field(default_factory=list)
+    rejected_frames: int = 0
+    rejected_bytes: int = 0
+
+    def __post_init__(self):
+        self.sent = self.sent or [0] * self.layers
+        self.received = self.received or [0] * self.layers
+
+    def snapshot(self) -> "Traffic":
+        return Traffic(self.layers, list(self.sent), list(self.received), self.rejected_frames, self.rejected_bytes)
+
+    def since(self, before: "Traffic") -> "Traffic":
+        return Traffic(self.layers, [a - b for a, b in zip(self.sent, before.sent)],
+                       [a - b for a, b in zip(self.received, before.received)],
+                       self.rejected_frames - before.rejected_frames, self.rejected_bytes - before.rejected_bytes)
+
+    def to_dict(self) -> dict:
+        return {"bytes_sent": sum(self.sent), "bytes_received": sum(self.received),
+                "per_layer": {"sent": list(self.sent), "received": list(self.received)},
+                "rejected_frames": self.rejected_frames}
+
+
+class Exchange:
+    """One device's endpoint of the all-gather of segment means."""
+
+    def __init__(self, rank: int, *, wire_dtype: str, hidden: int, layers: int, export_tag: int, max_rows: int,
+                 max_batch: int, timeout: float = 30.0, max_pending: int = 256):
+        self.rank = rank
+        self.wire_dtype, self.hidden, self.layers = wire_dtype, hidden, layers
+        self.export_tag, self.max_rows, self.max_batch = export_tag, max_rows, max_batch
+        self.timeout = timeout
+        self.traffic = Traffic(layers)
+        self.max_pending = max_pending
+        self._pending: OrderedDict[tuple[int, int, int], MeansFrame] = OrderedDict()
+        self._done_below = 0  # requests < this are finished here: their late frames are dropped
+
+    # ---- transport hooks
+    def _send(self, dst: int, parts: list) -> None:
+        raise NotImplementedError
+
+    def _recv(self, timeout: float) -> list | None:
+        """The parts of one incoming means frame, or None when `timeout` seconds pass without one."""
+        raise NotImplementedError
+
+    # ---- the exchange
+    def all_gather(self, request: int, layer: int, means: np.ndarray, plan: Plan) -> np.ndarray:
+        """Send my means [B, S, D] for exchange point `layer`; return the sources' rows [B, R, D] in device order."""
+        counts = plan.segments[self.rank].counts
+        for dst in plan.receivers(self.rank):
+            parts = encode_means(MeansFrame(request, layer, self.rank, dst, self.export_tag, counts, means),
+                                 self.wire_dtype)
+            self._send(dst, parts)
+            self.traffic.sent[layer] += sum(len(p) for p in parts)
+        sources = plan.sources(self.rank)
+        frames = self._collect(request, layer, sources, plan)
+        rows = [frames[q].means for q in sources]
+        return np.concatenate(rows, axis=1) if rows else np.zeros((plan.batch, 0, self.hidden), np.float32)
+
+    def finish(self, request: int) -> None:
+        """Request done (or failed) on this device: drop its stashed frames and any that arrive later."""
+        self._done_below = max(self._done_below, request + 1)
+        for key in [k for k in self._pending if k[0] <= request]:
+            del self._pending[key]
+
+    def _reject(self, nbytes: int, why: str) -> None:
+        self.traffic.rejected_frames += 1
+        self.traffic.rejected_bytes += nbytes
+        log.warning("device %d rejected a frame (%d bytes): %s", self.rank, nbytes, why)
+
+    def _collect(self, request: int, layer: int, sources: list[int], plan: Plan) -> dict[int, MeansFrame]:
+        got = {q: self._pending.pop((request, layer, q)) for q in sources if (request, layer, q) in self._pending}
+        deadline = time.monotonic() + self.timeout
+        while len(got) < len(sources):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = [q for q in sources if q not in got]
+                raise PeerError(f"device {self.rank}, request {request}, exchange attn_in.{layer}: no means from "
+                                f"device(s) {missing} within {self.timeout:g} s")
+            parts = self._recv(remaining)
+            if parts is None:
+                continue
+            nbytes = sum(len(p) for p in parts)
+            try:
+                f = decode_means(parts, wire_dtype=self.wire_dtype, hidden=self.hidden, max_rows=self.max_rows,
+                                 max_batch=self.max_batch)
+                self._check_header(f)
+            except FrameError as e:
+                self._reject(nbytes, str(e))
+                continue
+            if f.request < self._done_below:
+                log.info("device %d dropped a late frame of finished request %d", self.rank, f.request)
+                continue
+            if f.request == request and f.layer == layer:
+                if f.src not in sources or f.src in got:
+                    self._reject(nbytes, f"unexpected or duplicate frame from device {f.src}")
+                    continue
+                expected = plan.segments[f.src].counts
+                if f.counts.shape != expected.shape or not np.array_equal(f.counts, expected):
+                    self._reject(nbytes, f"frame from device {f.src} has counts {f.counts.shape} that do not match "
+                                         f"the plan {expected.shape}")
+                    continue
+                self.traffic.received[layer] += nbytes
+                got[f.src] = f
+            else:  # a later exchange point or request: keep it until we get there
+                self.traffic.received[f.layer] += nbytes
+                self._pending[(f.request, f.layer, f.src)] = f
+                while len(self._pending) > self.max_pending:
+                    old, _ = self._pending.popitem(last=False)
+                    log.warning("device %d: frame stash full, dropped request %d layer %d", self.rank, old[0], old[1])
+        return got
+
+    def _check_header(self, f: MeansFrame) -> None:
+        if f.dst != self.rank:
+            raise FrameError(f"frame addressed to device {f.dst}, this is device {self.rank}")
+        if f.export_tag != self.export_tag:
+            raise FrameError(f"frame from another export (tag {f.export_tag:08x}, ours {self.export_tag:08x})")
+        if not 0 <= f.layer < self.layers:
+            raise FrameError(f"frame for exchange point {f.layer}, the model has {self.layers}")
+        if f.src == self.rank:
+            raise FrameError(f"frame claims to come from this device ({f.src})")
+
+
+class LocalHub:
+    """In-memory transport for P devices in one process (the in-process executor): one inbox per device."""
+
+    def __init__(self, devices: int, **kw):
+        self.inboxes = [queue.Queue() for _ in range(devices)]
+        self.endpoints = [LocalExchange(self, p, **kw) for p in range(devices)]
+
+
+class LocalExchange(Exchange):
+    def __init__(self, hub: LocalHub, rank: int, **kw):
+        super().__init__(rank, **kw)
+        self.hub = hub
+
+    def _send(self, dst, parts):
+        self.hub.inboxes[dst].put([bytes(p) for p in parts])
+
+    def _recv(self, timeout):
+        try:
+            return self.hub.inboxes[self.rank].get(timeout=timeout)
+        except queue.Empty:
+            return None

@@ -1,0 +1,58 @@
+"""The in-process executor: all P device bundles in one process (one thread each), means passed in memory
+through the same wire encoding the network uses. onnxruntime + numpy only."""
+
+from __future__ import annotations
+
+import itertools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import Export
+from .device import DeviceResult, Engine, Requests, gather_outputs, run_device
+from .exchange import LocalHub
+
+
+@dataclass
+class Result:
+    outputs: dict[str, np.ndarray]
+    devices: list[DeviceResult]
+
+    def stats(self) -> dict:
+        return {
+            "bytes_sent": [d.traffic.to_dict()["bytes_sent"] for d in self.devices],
+            "bytes_received": [d.traffic.to_dict()["bytes_received"] for d in self.devices],
+            "per_layer": [d.traffic.to_dict()["per_layer"] for d in self.devices],
+            "compute_ms": [round(1e3 * d.compute_s, 3) for d in self.devices],
+        }
+
+
+class Executor:
+    """Load an export folder (every sha256 verified) and run requests through all its devices."""
+
+    def __init__(self, export_dir: str | Path | Export, threads: int = 1, timeout: float = 60.0):
+        self.export = export_dir if isinstance(export_dir, Export) else Export.load(export_dir)
+        self.manifest = self.export.manifest
+        self.spec = self.manifest["model"]
+        self.engines = [Engine(b, threads) for b in self.export.devices]
+        self.requests = Requests(self.export.devices[0])
+        self.hub = LocalHub(len(self.engines), **self.engines[0].exchange_kwargs(timeout))
+        self._ids = itertools.count(1)
+        self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="prism-device")
+
+    def run(self, inputs: dict) -> Result:
+        """inputs: transformers-style (input_ids/attention_mask/token_type_ids or pixel_values)."""
+        token_inputs, plan = self.requests.prepare(inputs)
+        request = next(self._ids)
+        futures = [self._pool.submit(run_device, eng, plan, p, token_inputs, self.hub.endpoints[p], request)
+                   for p, eng in enumerate(self.engines)]
+        results = [f.result() for f in futures]
+        return Result(gather_outputs(self.spec, results), results)
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        return self.run(inputs).outputs
+
+    def close(self):
+        self._pool.shutdown(wait=False)

@@ -1,0 +1,239 @@
+"""Exporter + in-process executor: bundles compute what `simulate` computes, on stock onnxruntime.
+
+Tolerance 1e-4 (fp32 graphs vs PyTorch eager: same math, different kernels and summation order;
+observed <= 3e-6). Looser bounds for lossy settings are the ones `prism validate` states (validate.py).
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import EXPORT_ARCHS, inputs_for_arch
+from prism_onnx import models, simulate
+from prism_onnx.cli import main
+from prism_onnx.errors import BundleError
+from prism_onnx.runtime.bundle import Export, sha256_file
+from prism_onnx.runtime.executor import Executor
+from prism_onnx.validate import validate
+
+TOL = 1e-4
+
+
+def max_diff(outputs, ref, inputs):
+    mask = inputs.get("attention_mask")
+    worst = 0.0
+    for name, value in outputs.items():
+        r = getattr(ref, name)
+        r = r.numpy() if hasattr(r, "numpy") else r
+        a, b = value, r
+        if value.ndim == 3 and mask is not None:
+            a, b = a[mask.astype(bool)], b[mask.astype(bool)]
+        worst = max(worst, float(np.abs(a - b).max()))
+    return worst
+
+
+@pytest.mark.parametrize("arch", EXPORT_ARCHS)
+@pytest.mark.parametrize("devices", [2, 3])
+def test_bundles_equal_model_at_cr1_and_simulate_at_cr4(arch, devices, tiny_dirs, make_bundle):
+    model = models.load(tiny_dirs[arch])
+    inputs = inputs_for_arch(arch)  # 13 / 9 tokens or 17 patches: not divisible by P=2,3 or CR=4
+    with torch.no_grad():
+        ref = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    out = Executor(make_bundle(arch, devices=devices, compression_ratio=1)).run(inputs).outputs
+    assert set(out) == set(k for k in ("last_hidden_state", "pooler_output", "logits") if getattr(ref, k, None) is not None)
+    assert max_diff(out, ref, inputs) <= TOL
+
+    out4 = Executor(make_bundle(arch, devices=devices, compression_ratio=4)).run(inputs).outputs
+    sim = simulate(model, inputs, devices=devices, compression_ratio=4)
+    assert max_diff(out4, sim, inputs) <= TOL
+    assert max_diff(out4, ref, inputs) > 1e-3  # and compression really happened
+
+
+@pytest.mark.parametrize("arch", EXPORT_ARCHS)
+def test_graphs_are_standard_onnx(arch, exported_graphs):
+    g = exported_graphs[arch]
+    for name, fname in g.files.items():
+        proto = onnx.load(str(g.folder / fname))
+        onnx.checker.check_model(proto, full_check=True)
+        assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}, name
+        assert not proto.functions
+
+
+def test_one_export_serves_many_lengths_and_uneven_split(tiny_dirs, make_bundle):
+    model = models.load(tiny_dirs["GPT2LMHeadModel"])
+    ex = Executor(make_bundle("GPT2LMHeadModel", devices=3, compression_ratio=5, split_weights=[3, 1, 2]))
+    for n in (3, 7, 31, 64):
+        inputs = {"input_ids": np.random.default_rng(n).integers(0, 300, (1, n))}
+        sim = simulate(model, inputs, devices=3, compression_ratio=5, split_weights=[3, 1, 2])
+        assert max_diff(ex(**inputs), sim, inputs) <= TOL, n
+
+
+@pytest.mark.parametrize("wire", ["float16", "int8"])
+def test_lossy_wire_matches_simulate_with_the_same_wire(wire, tiny_dirs, make_bundle):
+    model = models.load(tiny_dirs["BertModel"])
+    inputs = inputs_for_arch("BertModel")
+    res = Executor(make_bundle("BertModel", devices=3, compression_ratio=2, wire_dtype=wire)).run(inputs)
+    sim = simulate(model, inputs, devices=3, compression_ratio=2, wire_dtype=wire)
+    fp32 = simulate(model, inputs, devices=3, compression_ratio=2)
+    assert max_diff(res.outputs, sim, inputs) <= 1e-3  # validate.WIRE_TOL
+    assert max_diff(res.outputs, fp32, inputs) > 1e-6  # the wire precision really applied
+
+
+def test_executor_runs_without_torch(tiny_dirs, make_bundle, tmp_path):
+    """A board has no torch, transformers or onnx: block them and run the executor in a fresh process."""
+    bundle = make_bundle("BertModel", devices=2, compression_ratio=2)
+    inputs = inputs_for_arch("BertModel")
+    np.savez(tmp_path / "in.npz", **inputs)
+    code = f"""
+import sys
+for mod in ("torch", "transformers", "onnx", "optimum", "onnxscript"):
+    sys.modules[mod] = None  # any import of these now raises ImportError
+import numpy as np
+from prism_onnx.runtime.executor import Executor
+inputs = dict(np.load({str(tmp_path / 'in.npz')!r}))
+out = Executor({str(bundle)!r}).run(inputs).outputs
+np.savez({str(tmp_path / 'out.npz')!r}, **out)
+assert not [m for m in ("torch", "transformers", "onnx") if sys.modules.get(m) is not None]
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    out = dict(np.load(tmp_path / "out.npz"))
+    sim = simulate(models.load(tiny_dirs["BertModel"]), inputs, devices=2, compression_ratio=2)
+    assert max_diff(out, sim, inputs) <= TOL
+
+
+def test_quantized_export_uses_onnxruntime_quantization_and_validates(make_bundle, exported_graphs, tmp_path):
+    from prism_onnx.exporters.bundle import ExportSettings, export_graphs, write_bundles
+
+    g = export_graphs(models.load(exported_graphs["BertModel"].source), tmp_path / "q", quantize="int8")
+    g.source = exported_graphs["BertModel"].source
+    out = write_bundles(g, tmp_path / "bundle", ExportSettings(devices=2, compression_ratio=2))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantize"] == "int8"
+    ops = {n.op_type for n in onnx.load(str(out / "device-0" / "layer_0.onnx")).graph.node}
+    assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
+    report = validate(out, samples=4)
+    print("int8 weights:", {k: round(v["mean_cosine_vs_simulate"], 4) for k, v in report["outputs"].items()})
+    assert report["tolerance"]["kind"] == "cosine" and report["passed"], report["failures"]
+    assert report["max_abs_diff_vs_simulate"] > 1e-5  # weights really are quantized
+
+
+# ------------------------------------------------------------------------------------------ integrity
+def test_manifest_records_settings_and_hashes(make_bundle):
+    out = make_bundle("ViTForImageClassification", devices=3, compression_ratio=4, wire_dtype="int8")
+    top = json.loads((out / "manifest.json").read_text())
+    dev = json.loads((out / "device-2" / "manifest.json").read_text())
+    assert dev["rank"] == 2 and dev["export_id"] == top["export_id"]
+    for key in ("devices", "compression_ratio", "wire_dtype", "opset", "package_version", "split", "model"):
+        assert dev[key] == top[key]
+    assert top["wire_dtype"] == "int8" and top["model"]["max_positions"] == 17
+    assert "device-2/preprocessor_config.json" in top["files"]
+    assert all(sha256_file(out / rel) == digest for rel, digest in top["files"].items())
+    assert [e["name"] for e in top["exchange_points"]] == ["attn_in.0", "attn_in.1"]
+
+
+def test_tampered_file_is_refused_naming_it(make_bundle):
+    out = make_bundle("BertModel", devices=2, compression_ratio=2)
+    with open(out / "device-1" / "layer_0.onnx", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="device-1/layer_0.onnx: sha256 mismatch"):
+        Export.load(out)
+    r = CliRunner().invoke(main, ["validate", str(out)])
+    assert r.exit_code == 1 and "device-1/layer_0.onnx: sha256 mismatch" in r.output
+
+
+def test_device_folder_from_another_export_is_refused(make_bundle):
+    a = make_bundle("BertModel", devices=2, compression_ratio=2)
+    b = make_bundle("BertModel", devices=2, compression_ratio=2)
+    shutil.rmtree(a / "device-1")
+    shutil.copytree(b / "device-1", a / "device-1")
+    with pytest.raises(BundleError, match="device-1/manifest.json"):
+        Export.load(a)
+
+
+def test_missing_file_is_refused(make_bundle):
+    out = make_bundle("GPT2LMHeadModel", devices=2, compression_ratio=2)
+    (out / "device-0" / "token_head.onnx").unlink()
+    with pytest.raises(BundleError, match="device-0/token_head.onnx: missing"):
+        Export.load(out)
+
+
+def test_validate_fails_on_altered_weights_with_consistent_hashes(make_bundle):
+    """Negative test for `prism validate`: a bundle whose weights are wrong but whose manifests were
+    rewritten to match (as a buggy exporter would leave it) must fail numerically, exit 1."""
+    out = make_bundle("BertModel", devices=2, compression_ratio=2)
+    r = CliRunner().invoke(main, ["validate", str(out), "--samples", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["passed"] is True
+
+    for k in range(2):
+        path = out / f"device-{k}" / "layer_1.onnx"
+        proto = onnx.load(str(path))
+        init = next(i for i in proto.graph.initializer if len(i.dims) == 2)
+        w = onnx.numpy_helper.to_array(init) * 1.5
+        init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+        onnx.save(proto, str(path))
+        dm = json.loads((out / f"device-{k}" / "manifest.json").read_text())
+        dm["files"]["layer_1.onnx"] = sha256_file(path)
+        (out / f"device-{k}" / "manifest.json").write_text(json.dumps(dm))
+    top = json.loads((out / "manifest.json").read_text())
+    for rel in top["files"]:
+        top["files"][rel] = sha256_file(out / rel)
+    (out / "manifest.json").write_text(json.dumps(top))
+
+    r = CliRunner().invoke(main, ["validate", str(out), "--samples", "2", "--json"])
+    assert r.exit_code == 1
+    report = json.loads(r.output)
+    assert report["passed"] is False and report["max_abs_diff_vs_simulate"] > 1e-2
+
+
+# -------------------------------------------------------------------------------------------- the CLI
+def test_cli_export_inspect_validate(tiny_dirs, tmp_path):
+    out = tmp_path / "vit"
+    r = CliRunner().invoke(main, ["export", str(tiny_dirs["ViTModel"]), "-P", "2", "--cr", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["inspect", str(out), "--json"])
+    rep = json.loads(r.output)
+    assert set(rep["graphs"]) == {"embed", "layer_0", "layer_1", "token_head", "pooled_head"}
+    assert rep["graphs"]["layer_0"]["domains"] == ["ai.onnx"] and rep["graphs"]["layer_0"]["ops"]["Softmax"] == 1
+    r = CliRunner().invoke(main, ["validate", str(out), "--samples", "3", "--json"])
+    rep = json.loads(r.output)
+    assert r.exit_code == 0 and rep["passed"] and rep["max_abs_diff_vs_model"] <= TOL
+    # exporting over a non-empty folder is refused, nothing lost
+    r = CliRunner().invoke(main, ["export", str(tiny_dirs["ViTModel"]), "-P", "2", "--cr", "1", "--out", str(out)])
+    assert r.exit_code == 1 and "exists and is not empty" in r.output
+    assert Export.load(out).export_id == rep["export_id"]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["nonexistent/model-xyz", "-P", "2", "--cr", "1"], "cannot load model 'nonexistent/model-xyz'"),
+    (["TINY", "-P", "2", "--cr", "1", "--max-seq-len", "100"], "max sequence length 100 must be between"),
+    (["TINY", "-P", "2", "--cr", "1", "--split", "1,2,3"], "--split has 3 weights for 2 devices"),
+])
+def test_cli_export_bad_input(tiny_dirs, tmp_path, args, match):
+    args = [str(tiny_dirs["GPT2Model"]) if a == "TINY" else a for a in args]
+    r = CliRunner().invoke(main, ["export", *args, "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and match in r.output
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_minilm_real_weights_export_and_validate(tmp_path):
+    """The real MiniLM (6 layers, hidden 384) exports, every sha256 checks, and validates on SST-2."""
+    r = CliRunner().invoke(main, ["export", "sentence-transformers/all-MiniLM-L6-v2", "-P", "2", "--cr", "4",
+                                  "--out", str(tmp_path / "minilm")])
+    assert r.exit_code == 0, r.output
+    top = json.loads((tmp_path / "minilm" / "manifest.json").read_text())
+    assert top["model"]["hidden_size"] == 384 and top["preprocessing"]["tokenizer"] == "tokenizer.json"
+    r = CliRunner().invoke(main, ["validate", str(tmp_path / "minilm"), "--samples", "8", "--json"])
+    rep = json.loads(r.output)
+    print("MiniLM P=2 CR=4:", rep["max_abs_diff_vs_simulate"], rep["outputs"]["last_hidden_state"]["mean_cosine_vs_model"])
+    assert r.exit_code == 0 and rep["passed"] and rep["max_abs_diff_vs_simulate"] <= TOL
