@@ -256,5 +256,105 @@ def inspect(export_dir, as_json):
     emit(report, as_json, human)
 
 
+# ---------------------------------------------------------------------------------------------- runtime
+@main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--rank", type=click.IntRange(min=0), default=None, help="This device's rank (default: the bundle's).")
+@click.option("--peers", required=True, help="HOST:PORT of every device, in rank order (this one included).")
+@click.option("--serve", type=click.IntRange(1, 65535), default=None, help="Accept client requests on this port.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime threads.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to wait for a peer's means at one exchange point.")
+@click.option("--peer-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds to wait at start-up for every peer to come up.")
+@click.option("--bind", default="*", show_default=True, help="Interface to listen on.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@friendly_errors
+def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, bind, log_level):
+    """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM."""
+    import logging
+    import signal
+
+    from .runtime.host import DeviceHost
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    host = DeviceHost(bundle, rank=rank, peers=peers, serve=serve, threads=threads, timeout=timeout,
+                      peer_timeout=peer_timeout, bind=bind)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: host.stop.set())
+    sys.exit(host.run())
+
+
+def _summarise_outputs(outputs: dict) -> dict:
+    return {name: {"shape": list(v.shape), "dtype": str(v.dtype), "mean": float(v.mean()), "std": float(v.std()),
+                   "first": [round(float(x), 5) for x in v.reshape(-1)[:4]]} for name, v in outputs.items()}
+
+
+def _print_run(r):
+    for name, o in r["outputs"].items():
+        click.echo(f"  {name} {o['shape']}: mean {o['mean']:+.5f} std {o['std']:.5f} first {o['first']}")
+    st = r["stats"]
+    click.echo(f"  latency {st['latency_ms']:.1f} ms")
+    click.echo(f"  {'device':>6} {'bytes sent':>12} {'bytes received':>15} {'compute ms':>11}")
+    for k, (a, b, c) in enumerate(zip(st["bytes_sent"], st["bytes_received"], st["compute_ms"])):
+        click.echo(f"  {k:>6} {a:>12,} {b:>15,} {c:>11.2f}")
+
+
+def _request(client, texts, images, input_ids):
+    kind = one_input_kind(texts, images, input_ids)
+    if kind == "--text":
+        return client.infer(texts=list(texts))
+    if kind == "--image":
+        return client.infer(images=list(images))
+    ids = parse_ids(input_ids)
+    return client.infer(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+
+
+def _finish(outputs, stats, save, as_json, extra=None):
+    if save:
+        np.savez(save, **outputs)
+    report = {**(extra or {}), "outputs": _summarise_outputs(outputs), "stats": stats}
+    if save:
+        report["saved"] = save
+    emit(report, as_json, _print_run)
+
+
+@main.command()
+@click.option("--server", required=True, help="HOST:PORT of the serving device.")
+@input_options
+@click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the outputs to an .npz file.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def infer(server, texts, images, input_ids, save, timeout, as_json):
+    """Send one request to a running cluster and print (or --save) its outputs and per-device stats."""
+    from .runtime.client import Client
+
+    client = Client(server, timeout=timeout)
+    try:
+        outputs, stats = _request(client, texts, images, input_ids)
+    finally:
+        client.close()
+    _finish(outputs, stats, save, as_json)
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@input_options
+@click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the outputs to an .npz file.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def launch(export_dir, texts, images, input_ids, save, threads, timeout, as_json):
+    """Start one runner per device bundle on loopback, run the inputs, print outputs and stats, stop them."""
+    from .runtime.client import LocalCluster
+
+    one_input_kind(texts, images, input_ids)
+    with LocalCluster(export_dir, threads=threads, timeout=timeout) as cluster:
+        outputs, stats = _request(cluster.client, texts, images, input_ids)
+    _finish(outputs, stats, save, as_json, {"devices": len(cluster.procs), "peers": cluster.peers})
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

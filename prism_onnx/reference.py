@@ -152,7 +152,7 @@ def compare(out, ref) -> dict:
 def simulate_report(source, *, kind, texts=(), images=(), input_ids=None, devices, compression_ratio,
                     count_bias=True, keep_sinks=True, split_weights=None, wire_dtype="float32") -> dict:
     """What `prism simulate` prints: outputs vs the unpartitioned model, and per-device work and traffic."""
-    from .runtime.wire import frame_nbytes
+    from .runtime.wire import plan_traffic
 
     check_wire_dtype(wire_dtype)
     model = models.load(source)
@@ -177,26 +177,21 @@ def simulate_report(source, *, kind, texts=(), images=(), input_ids=None, device
             "first": [round(float(x), 5) for x in value.flatten()[:4]],
             "max_abs_diff_vs_model": c["max_abs_diff"], "cosine_vs_model": c["cosine"],
         }
-    D, B = spec.hidden_size, plan.batch
-    per_device = []
-    for p in range(plan.devices):
-        s, e = plan.span(p)
-        rows = plan.averager(p).shape[1]
-        per_device.append({
-            "rank": p, "span": [s, e], "tokens": e - s, "kv_rows": plan.kv_rows(p), "rows_sent": plan.sent_rows(p),
-            "bytes_sent_per_layer": frame_nbytes(B, rows, D, wire_dtype) * len(plan.receivers(p)),
-        })
+    D = spec.hidden_size
+    sent, _ = plan_traffic(plan, D, 1, wire_dtype)
+    per_device = [{"rank": p, "span": list(plan.span(p)), "tokens": plan.span(p)[1] - plan.span(p)[0],
+                   "kv_rows": plan.kv_rows(p), "rows_sent": plan.sent_rows(p), "bytes_sent_per_layer": sent[p][0]}
+                  for p in range(plan.devices)]
     baseline = make_plan(spec, mask, devices=devices, compression_ratio=1, keep_sinks=False,
                          split_weights=split_weights)
-    base_bytes = sum(frame_nbytes(B, baseline.averager(p).shape[1], D, "float32") * len(baseline.receivers(p))
-                     for p in range(devices))
+    base_bytes = sum(row[0] for row in plan_traffic(baseline, D, 1, "float32")[0])
     total = sum(d["bytes_sent_per_layer"] for d in per_device)
     return {
         "model": {k: getattr(spec, k) for k in ("model_type", "architecture", "num_layers", "hidden_size",
                                                  "num_heads")},
         "settings": {"devices": devices, "compression_ratio": compression_ratio, "count_bias": count_bias,
                      "keep_sinks": keep_sinks, "split_weights": split_weights, "wire_dtype": wire_dtype},
-        "batch": int(B), "tokens": int(plan.n_tokens),
+        "batch": plan.batch, "tokens": plan.n_tokens,
         "outputs": report_outputs,
         "per_device": per_device,
         "traffic": {"bytes_per_layer": total, "baseline_bytes_per_layer": base_bytes,

@@ -70,18 +70,29 @@ class DeviceResult:
         return sum(self.timings.values())
 
 
-def run_device(engine: Engine, plan: Plan, rank: int, token_inputs: dict[str, np.ndarray], exchange: Exchange,
+def own_slice(spec: dict, token_inputs: dict[str, np.ndarray], plan: Plan, rank: int) -> dict[str, np.ndarray]:
+    """The token-level inputs of device `rank`'s own span (all a device ever receives of a request)."""
+    s, e = plan.span(rank)
+    return {k: np.ascontiguousarray(token_inputs[k][:, s:e]) for k in spec["embed_inputs"]}
+
+
+def run_device(engine: Engine, plan: Plan, rank: int, own_inputs: dict[str, np.ndarray], exchange: Exchange,
                request: int) -> DeviceResult:
-    """Device `rank`'s whole program for one request: embed, then per layer exchange + layer, then heads."""
+    """Device `rank`'s whole program for one request: embed, then per layer exchange + layer, then heads.
+    `own_inputs` are the token-level inputs of its own span only (see own_slice)."""
     spec = engine.spec
     s, e = plan.span(rank)
     timings: dict[str, float] = {}
-    before = exchange.traffic.snapshot()
-    feeds = {k: np.ascontiguousarray(token_inputs[k][:, s:e]) for k in spec["embed_inputs"]}
+    for k in spec["embed_inputs"]:
+        if own_inputs[k].shape[:2] != (plan.batch, e - s):
+            raise InputError(f"device {rank}: {k} has shape {own_inputs[k].shape}, its span needs "
+                             f"{(plan.batch, e - s)}")
+    feeds = {k: own_inputs[k] for k in spec["embed_inputs"]}
     feeds.update(position_ids=np.arange(s, e, dtype=np.int64), averager=plan.averager(rank))
     h, means = engine.run("embed", feeds, timings)  # [B, n, D], [B, S, D]
     local_bias, remote_bias = plan.local_bias(rank), plan.remote_bias(rank)
     L = spec["num_layers"]
+    traffic = None
     try:
         for i in range(L):
             remote = exchange.all_gather(request, i, means, plan)  # exchange point attn_in.i: [B, R, D]
@@ -92,14 +103,14 @@ def run_device(engine: Engine, plan: Plan, rank: int, token_inputs: dict[str, np
             else:
                 (h,) = engine.run(f"layer_{i}", feeds, timings)
     finally:
-        exchange.finish(request)
+        traffic = exchange.finish(request)
     outputs = {}
     if engine.bundle.has_graph("token_head"):
         outputs.update(zip(spec["token_outputs"], engine.run("token_head", {"hidden": h}, timings)))
     if rank == 0 and engine.bundle.has_graph("pooled_head"):
         first = np.ascontiguousarray(h[:, 0, :])
         outputs.update(zip(spec["pooled_outputs"], engine.run("pooled_head", {"first": first}, timings)))
-    return DeviceResult(rank, outputs, timings, exchange.traffic.since(before))
+    return DeviceResult(rank, outputs, timings, traffic)
 
 
 def gather_outputs(spec: dict, results: list[DeviceResult]) -> dict[str, np.ndarray]:

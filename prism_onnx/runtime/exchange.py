@@ -38,14 +38,6 @@ class Traffic:
         self.sent = self.sent or [0] * self.layers
         self.received = self.received or [0] * self.layers
 
-    def snapshot(self) -> "Traffic":
-        return Traffic(self.layers, list(self.sent), list(self.received), self.rejected_frames, self.rejected_bytes)
-
-    def since(self, before: "Traffic") -> "Traffic":
-        return Traffic(self.layers, [a - b for a, b in zip(self.sent, before.sent)],
-                       [a - b for a, b in zip(self.received, before.received)],
-                       self.rejected_frames - before.rejected_frames, self.rejected_bytes - before.rejected_bytes)
-
     def to_dict(self) -> dict:
         return {"bytes_sent": sum(self.sent), "bytes_received": sum(self.received),
                 "per_layer": {"sent": list(self.sent), "received": list(self.received)},
@@ -61,7 +53,8 @@ class Exchange:
         self.wire_dtype, self.hidden, self.layers = wire_dtype, hidden, layers
         self.export_tag, self.max_rows, self.max_batch = export_tag, max_rows, max_batch
         self.timeout = timeout
-        self.traffic = Traffic(layers)
+        self.traffic = Traffic(layers)  # totals since start
+        self._per_request: dict[int, Traffic] = {}  # the same counts, attributed to each request
         self.max_pending = max_pending
         self._pending: OrderedDict[tuple[int, int, int], MeansFrame] = OrderedDict()
         self._done_below = 0  # requests < this are finished here: their late frames are dropped
@@ -82,17 +75,25 @@ class Exchange:
             parts = encode_means(MeansFrame(request, layer, self.rank, dst, self.export_tag, counts, means),
                                  self.wire_dtype)
             self._send(dst, parts)
-            self.traffic.sent[layer] += sum(len(p) for p in parts)
+            self._count("sent", request, layer, sum(len(p) for p in parts))
         sources = plan.sources(self.rank)
         frames = self._collect(request, layer, sources, plan)
         rows = [frames[q].means for q in sources]
         return np.concatenate(rows, axis=1) if rows else np.zeros((plan.batch, 0, self.hidden), np.float32)
 
-    def finish(self, request: int) -> None:
-        """Request done (or failed) on this device: drop its stashed frames and any that arrive later."""
+    def finish(self, request: int) -> Traffic:
+        """Request done (or failed) on this device: drop its stashed frames and any that arrive later.
+        Returns the bytes this request moved through this device."""
         self._done_below = max(self._done_below, request + 1)
         for key in [k for k in self._pending if k[0] <= request]:
             del self._pending[key]
+        for r in [r for r in self._per_request if r < request]:
+            del self._per_request[r]
+        return self._per_request.pop(request, Traffic(self.layers))
+
+    def _count(self, direction: str, request: int, layer: int, nbytes: int) -> None:
+        for t in (self.traffic, self._per_request.setdefault(request, Traffic(self.layers))):
+            getattr(t, direction)[layer] += nbytes
 
     def _reject(self, nbytes: int, why: str) -> None:
         self.traffic.rejected_frames += 1
@@ -131,10 +132,10 @@ class Exchange:
                     self._reject(nbytes, f"frame from device {f.src} has counts {f.counts.shape} that do not match "
                                          f"the plan {expected.shape}")
                     continue
-                self.traffic.received[layer] += nbytes
+                self._count("received", request, layer, nbytes)
                 got[f.src] = f
             else:  # a later exchange point or request: keep it until we get there
-                self.traffic.received[f.layer] += nbytes
+                self._count("received", f.request, f.layer, nbytes)
                 self._pending[(f.request, f.layer, f.src)] = f
                 while len(self._pending) > self.max_pending:
                     old, _ = self._pending.popitem(last=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Export
-from .device import DeviceResult, Engine, Requests, gather_outputs, run_device
+from .device import DeviceResult, Engine, Requests, gather_outputs, own_slice, run_device
 from .exchange import LocalHub
 
 
@@ -46,7 +46,8 @@ class Executor:
         """inputs: transformers-style (input_ids/attention_mask/token_type_ids or pixel_values)."""
         token_inputs, plan = self.requests.prepare(inputs)
         request = next(self._ids)
-        futures = [self._pool.submit(run_device, eng, plan, p, token_inputs, self.hub.endpoints[p], request)
+        futures = [self._pool.submit(run_device, eng, plan, p, own_slice(self.spec, token_inputs, plan, p),
+                                     self.hub.endpoints[p], request)
                    for p, eng in enumerate(self.engines)]
         results = [f.result() for f in futures]
         return Result(gather_outputs(self.spec, results), results)

@@ -7,6 +7,7 @@ transformers image-processor format); these classes reproduce what the transform
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -65,12 +66,14 @@ class ImagePreprocessor:
     def _one(self, image) -> np.ndarray:
         from PIL import Image
 
-        if isinstance(image, (str, Path)):
+        if isinstance(image, (str, Path, io.IOBase)):
             try:
-                image = Image.open(image)
-                image.load()
+                opened = Image.open(image)
+                opened.load()
             except (OSError, ValueError) as e:
-                raise InputError(f"cannot read image {image}: {e}") from None
+                name = image if isinstance(image, (str, Path)) else "sent by the client"
+                raise InputError(f"cannot read image {name}: {e}") from None
+            image = opened
         if isinstance(image, np.ndarray):
             if image.ndim == 2:
                 image = np.stack([image] * 3, axis=-1)

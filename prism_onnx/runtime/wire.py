@@ -123,3 +123,16 @@ def decode_means(parts: list[bytes], *, wire_dtype: str, hidden: int, max_rows: 
     if not np.all(np.isfinite(means)):
         raise FrameError("frame holds non-finite values")
     return MeansFrame(req, layer, src, dst, tag, counts, means)
+
+
+def plan_traffic(plan, hidden: int, layers: int, wire_dtype: str) -> tuple[list[list[int]], list[list[int]]]:
+    """Analytic bytes per device and exchange point: (sent[p][layer], received[p][layer]).
+
+    Device p sends one frame of its S_p rows to each receiver at every exchange point; the runtime's
+    byte counters must equal these numbers.
+    """
+    B = plan.batch
+    frame = [frame_nbytes(B, plan.segments[p].rows, hidden, wire_dtype) for p in range(plan.devices)]
+    sent = [[frame[p] * len(plan.receivers(p))] * layers for p in range(plan.devices)]
+    received = [[sum(frame[q] for q in plan.sources(p))] * layers for p in range(plan.devices)]
+    return sent, received
