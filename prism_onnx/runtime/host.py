@@ -38,6 +38,18 @@ log = logging.getLogger("prism.run")
 
 HEARTBEAT_S = 0.5
 ALIVE_S = 3.0  # a peer not heard from for this long counts as gone
+SEND_WAIT_S = 1.0  # how long a send may wait for a (re)connecting peer before the peer counts as down
+
+
+def send_within(sock: zmq.Socket, parts, seconds: float) -> bool:
+    """Send without blocking longer than `seconds` (sockets use IMMEDIATE: no queueing for absent peers)."""
+    if not sock.poll(int(1000 * seconds), zmq.POLLOUT):
+        return False
+    try:
+        sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        return True
+    except zmq.Again:
+        return False
 
 
 def parse_peers(peers: str) -> list[tuple[str, int]]:
@@ -66,10 +78,11 @@ class Peer:
     address: str
     nonce: str | None = None
     last_seen: float = 0.0
+    heard_us: bool = False  # its last HELLO says it hears our HELLOs: both directions work
     rejected_frames: int = 0
 
     def alive(self, now: float) -> bool:
-        return self.nonce is not None and now - self.last_seen < ALIVE_S
+        return self.nonce is not None and now - self.last_seen < ALIVE_S and self.heard_us
 
 
 @dataclass
@@ -99,10 +112,8 @@ class ZmqExchange(Exchange):
         self.data, self.inbox = data, inbox
 
     def _send(self, dst, parts):
-        try:
-            self.data[dst].send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            raise PeerError(f"device {self.rank} cannot send to device {dst}: not connected") from None
+        if not send_within(self.data[dst], parts, SEND_WAIT_S):
+            raise PeerError(f"device {self.rank} cannot send to device {dst}: not connected")
 
     def _recv(self, timeout):
         try:
@@ -230,17 +241,14 @@ class DeviceHost:
         self.exchange.traffic.rejected_frames += 1
         log.warning("device %d rejected a message (%d bytes): %s", self.rank, nbytes, why)
 
-    def _send_ctl(self, q: int, parts) -> bool:
-        try:
-            self.ctl[q].send_multipart(parts, flags=zmq.NOBLOCK)
-            return True
-        except zmq.Again:
-            return False
+    def _send_ctl(self, q: int, parts, wait: float = 0.0) -> bool:
+        return send_within(self.ctl[q], parts, wait)
 
     # ------------------------------------------------------------------------------------------ handshake
     def _hello(self):
         meta = {"rank": self.rank, "nonce": self.nonce, "export_id": self.manifest["export_id"],
                 "devices": self.manifest["devices"], "serving": self.serve is not None,
+                "heard_from": sorted(q for q, p in self.peers.items() if p.nonce is not None),
                 "rejected_frames": self.exchange.traffic.rejected_frames}
         msg = encode(Kind.HELLO, meta)
         for q in self.peers:
@@ -269,6 +277,7 @@ class DeviceHost:
         elif peer.nonce is None:
             log.info("device %d: device %d connected", self.rank, rank)
         peer.nonce, peer.last_seen = nonce, now
+        peer.heard_us = self.rank in meta.get("heard_from", [])
         peer.rejected_frames = int(meta.get("rejected_frames", 0))
 
     def _on_refuse(self, parts):
@@ -342,12 +351,9 @@ class DeviceHost:
             msg = encode(Kind.RESULT, meta, arrays)
             if job.coordinator == self.rank:
                 self.results_out.send_multipart(msg)
-            else:
-                try:
-                    self.data[job.coordinator].send_multipart(msg, flags=zmq.NOBLOCK)
-                except zmq.Again:
-                    log.error("device %d: coordinator %d unreachable, result of request %d lost", self.rank,
-                              job.coordinator, job.request)
+            elif not send_within(self.data[job.coordinator], msg, SEND_WAIT_S):
+                log.error("device %d: coordinator %d unreachable, result of request %d lost", self.rank,
+                          job.coordinator, job.request)
 
     # -------------------------------------------------------------------------------------- coordinator
     def _reply(self, client: bytes, meta: dict, arrays: dict | None = None):
@@ -382,7 +388,7 @@ class DeviceHost:
                 continue
             msg = encode(Kind.START, {"request": request, "coordinator": self.rank, "budget_s": budget},
                          {"attention_mask": np.asarray(plan.attention_mask, np.int64), **own})
-            if not self._send_ctl(p, msg):
+            if not self._send_ctl(p, msg, SEND_WAIT_S):
                 self._reply(client, {"ok": False, "error": f"device {p} is not connected"})
                 return
         self.pending[request] = Pending(client, now, now + budget)

@@ -1,0 +1,258 @@
+"""The device runtime over ZeroMQ: `prism launch` / `prism run` / `prism infer`, byte counters, failures.
+
+Correctness bound: a launched cluster runs the same ONNX graphs with the same thread count on the same
+inputs as the in-process executor, and both pass the means through the same wire encoding, so outputs
+must be bit-identical for every wire precision (float32, float16, int8).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+from click.testing import CliRunner
+
+from conftest import EXPORT_ARCHS, inputs_for_arch
+from prism_onnx.cli import main
+from prism_onnx.errors import FrameError, PeerError
+from prism_onnx.runtime.client import Client, LocalCluster, free_ports
+from prism_onnx.runtime.executor import Executor
+from prism_onnx.runtime.wire import MAGIC, MEANS_HEADER, MeansFrame, decode_means, encode_means, plan_traffic
+
+
+def request_kwargs(inputs):
+    return {"pixel_values": inputs["pixel_values"]} if "pixel_values" in inputs else \
+        {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+
+
+def assert_same(a: dict, b: dict):
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert np.array_equal(a[k], b[k]), (k, float(np.abs(a[k] - b[k]).max()))
+
+
+def assert_traffic_is_analytic(executor: Executor, inputs: dict, stats: dict):
+    _, plan = executor.requests.prepare(inputs)
+    m = executor.manifest
+    sent, received = plan_traffic(plan, m["model"]["hidden_size"], m["model"]["num_layers"], m["wire_dtype"])
+    assert stats["bytes_sent"] == [sum(s) for s in sent]
+    assert stats["bytes_received"] == [sum(r) for r in received]
+    assert [d["sent"] for d in stats["per_layer"]] == sent
+    assert [d["received"] for d in stats["per_layer"]] == received
+
+
+@pytest.mark.parametrize("arch", EXPORT_ARCHS)
+@pytest.mark.parametrize("devices", [2, 3])
+def test_launch_equals_executor_and_counts_bytes(arch, devices, make_bundle):
+    bundle = make_bundle(arch, devices=devices, compression_ratio=3)
+    inputs = inputs_for_arch(arch)
+    ex = Executor(bundle)
+    expected = ex.run(inputs)
+    with LocalCluster(bundle) as cluster:
+        outputs, stats = cluster.client.infer(**request_kwargs(inputs))
+        # a second request with another length (text) or another batch (images) on the same cluster
+        other = inputs_for_arch(arch, seed=1, lengths=(21,)) if not arch.startswith("ViT") else \
+            {"pixel_values": inputs["pixel_values"][:1]}
+        outputs2, stats2 = cluster.client.infer(**request_kwargs(other))
+    assert_same(outputs, expected.outputs)
+    assert_same(outputs2, ex.run(other).outputs)
+    assert_traffic_is_analytic(ex, inputs, stats)
+    assert_traffic_is_analytic(ex, other, stats2)
+    assert stats["bytes_sent"] == expected.stats()["bytes_sent"]
+
+
+@pytest.mark.parametrize("wire", ["float16", "int8"])
+def test_lossy_wire_over_zeromq_equals_executor(wire, make_bundle):
+    bundle = make_bundle("GPT2LMHeadModel", devices=3, compression_ratio=2, wire_dtype=wire)
+    inputs = inputs_for_arch("GPT2LMHeadModel")
+    ex = Executor(bundle)
+    with LocalCluster(bundle) as cluster:
+        outputs, stats = cluster.client.infer(**request_kwargs(inputs))
+    assert_same(outputs, ex.run(inputs).outputs)
+    assert_traffic_is_analytic(ex, inputs, stats)
+
+
+def test_cli_launch_and_infer_save_npz(make_bundle, tmp_path):
+    bundle = make_bundle("BertModel", devices=2, compression_ratio=2)
+    out = tmp_path / "out.npz"
+    r = CliRunner().invoke(main, ["launch", str(bundle), "--text", "a fine film", "--text", "dull",
+                                  "--save", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["devices"] == 2 and len(rep["stats"]["bytes_sent"]) == 2
+    saved = dict(np.load(out))
+    assert set(saved) == {"last_hidden_state", "pooler_output"}
+    expected = Executor(bundle).requests.model_inputs(texts=["a fine film", "dull"])
+    assert saved["last_hidden_state"].shape[:2] == expected["input_ids"].shape
+
+    with LocalCluster(bundle) as cluster:
+        r = CliRunner().invoke(main, ["infer", "--server", cluster.serve_address, "--input-ids", "101,2000,102",
+                                      "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["outputs"]["last_hidden_state"]["shape"] == [1, 3, 32]
+        # a bad request gets a clear error and the cluster keeps serving
+        r = CliRunner().invoke(main, ["infer", "--server", cluster.serve_address, "--input-ids",
+                                      ",".join(["5"] * 65)])
+        assert r.exit_code == 1 and "longer than" in r.output
+        assert cluster.client.status()["ready"]
+
+
+def test_many_requests_in_a_row_queued_and_bounded_memory(make_bundle):
+    bundle = make_bundle("BertModel", devices=3, compression_ratio=2)
+    ex = Executor(bundle)
+    cases = [inputs_for_arch("BertModel", seed=s, lengths=lengths)
+             for s, lengths in enumerate([(13, 9), (30,), (5, 7, 3), (64,)])]
+    expected = [ex.run(c).outputs for c in cases]
+
+    def rss_kb(pid):
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1])
+
+    with LocalCluster(bundle) as cluster:
+        for i in range(20):
+            assert_same(cluster.client.infer(**request_kwargs(cases[i % 4]))[0], expected[i % 4])
+        before = [rss_kb(p.pid) for p in cluster.procs]
+        for i in range(200):
+            assert_same(cluster.client.infer(**request_kwargs(cases[i % 4]))[0], expected[i % 4])
+        after = [rss_kb(p.pid) for p in cluster.procs]
+        # several requests queued at once: their layers must not mix
+        ctx = zmq.Context.instance()
+        socks = []
+        from prism_onnx.runtime.protocol import Kind, decode, encode
+        for i in range(8):
+            s = ctx.socket(zmq.DEALER)
+            s.connect(f"tcp://{cluster.serve_address}")
+            s.send_multipart(encode(Kind.REQUEST, {}, request_kwargs(cases[i % 4])))
+            socks.append(s)
+        for i, s in enumerate(socks):
+            assert s.poll(30000)
+            _, meta, arrays = decode(s.recv_multipart(), 1 << 40)
+            assert meta["ok"], meta
+            assert_same({k: np.array(v) for k, v in arrays.items()}, expected[i % 4])
+            s.close(linger=0)
+    growth = [a - b for a, b in zip(after, before)]
+    print("RSS growth over 200 requests (kB):", growth)
+    assert max(growth) < 20_000
+
+
+# -------------------------------------------------------------------------------------------- failures
+def run_cmd(bundle_dir, rank, peers, *extra):
+    return [sys.executable, "-m", "prism_onnx.cli", "run", str(bundle_dir), "--rank", str(rank), "--peers", peers,
+            *map(str, extra)]
+
+
+def test_missing_peer_is_reported_after_the_stated_timeout(make_bundle):
+    bundle = make_bundle("BertModel", devices=2, compression_ratio=2)
+    ports = free_ports(2)
+    peers = f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
+    t0 = time.monotonic()
+    p = subprocess.run(run_cmd(bundle / "device-0", 0, peers, "--peer-timeout", 2), capture_output=True, text=True,
+                       timeout=30)
+    assert p.returncode == 1
+    assert f"peer(s) 1 (tcp://127.0.0.1:{ports[1]}) did not come up within 2 s" in p.stderr
+    assert time.monotonic() - t0 < 15
+
+
+def test_peer_dying_mid_request_fails_that_request_and_recovers(make_bundle):
+    bundle = make_bundle("BertModel", devices=3, compression_ratio=2)
+    inputs = inputs_for_arch("BertModel")
+    expected = Executor(bundle).run(inputs).outputs
+    with LocalCluster(bundle, timeout=2.0) as cluster:
+        assert_same(cluster.client.infer(**request_kwargs(inputs))[0], expected)
+        # frozen peer: connected, but silent in the middle of the request -> error within the timeout
+        os.killpg(cluster.procs[2].pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(PeerError, match=r"no means from device\(s\) \[2\] within 2 s|devices \[2\] are not"):
+            cluster.client.infer(**request_kwargs(inputs))
+        assert time.monotonic() - t0 < 2.0 * 4 + 2
+        os.killpg(cluster.procs[2].pid, signal.SIGCONT)
+        cluster.wait_ready(30)
+        assert_same(cluster.client.infer(**request_kwargs(inputs))[0], expected)
+        # killed peer: requests fail clearly; once it is restarted, the survivors serve again
+        cluster.stop_device(2, signal.SIGKILL)
+        with pytest.raises(PeerError, match="device"):
+            cluster.client.infer(**request_kwargs(inputs))
+        cluster.start_device(2)
+        cluster.wait_ready(30)
+        assert_same(cluster.client.infer(**request_kwargs(inputs))[0], expected)
+
+
+def test_bad_frames_are_rejected_and_the_runner_keeps_serving(make_bundle):
+    bundle = make_bundle("BertModel", devices=2, compression_ratio=2)
+    inputs = inputs_for_arch("BertModel")
+    expected = Executor(bundle).run(inputs).outputs
+    tag = int(json.loads((bundle / "manifest.json").read_text())["export_id"][:8], 16)
+    with LocalCluster(bundle) as cluster:
+        port = cluster.ports[1]
+        s = zmq.Context.instance().socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(f"tcp://127.0.0.1:{port}")
+        good = MeansFrame(request=1, layer=0, src=0, dst=1, export_tag=tag, counts=np.ones((1, 2), np.int32),
+                          means=np.zeros((1, 2, 32), np.float32))
+        bad = [
+            [b"\x00garbage bytes that mean nothing"],
+            encode_means(good, "float16"),  # wrong dtype for this bundle
+            encode_means(MeansFrame(**{**good.__dict__, "means": np.zeros((1, 2, 16), np.float32)}), "float32"),
+            encode_means(MeansFrame(**{**good.__dict__, "layer": 99}), "float32"),  # no such layer
+            encode_means(MeansFrame(**{**good.__dict__, "export_tag": tag ^ 1}), "float32"),  # other export
+            encode_means(good, "float32")[:-1] + [b"short"],  # sizes do not match the header
+            [MEANS_HEADER.pack(MAGIC, 1, 0, 7, 0, 0, 1, tag, 10**6, 10**3, 32)],  # declares 128 GB
+        ]
+        for parts in bad:
+            s.send_multipart(parts)
+        raw = socket.create_connection(("127.0.0.1", port))  # not even ZeroMQ
+        raw.sendall(os.urandom(4096))
+        raw.close()
+        time.sleep(1.5)  # heartbeats carry device 1's rejection count to the coordinator
+        assert_same(cluster.client.infer(**request_kwargs(inputs))[0], expected)
+        status = cluster.client.status()
+        assert status["ready"] and status["rejected_frames"]["1"] >= len(bad)
+        s.close(linger=0)
+    assert "rejected a" in cluster.logs[1].read_text()
+
+
+def test_declared_size_beyond_limits_is_refused_before_allocating():
+    header = MEANS_HEADER.pack(MAGIC, 1, 0, 1, 0, 0, 1, 0, 10**6, 10**3, 384)
+    with pytest.raises(FrameError, match="beyond the limits"):
+        decode_means([header, b"", b""], wire_dtype="float32", hidden=384, max_rows=10, max_batch=8)
+
+
+def test_runners_of_different_exports_are_refused(make_bundle):
+    a = make_bundle("BertModel", devices=2, compression_ratio=2)
+    b = make_bundle("BertModel", devices=2, compression_ratio=2)
+    ports = free_ports(2)
+    peers = f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
+    procs = [subprocess.Popen(run_cmd(d / f"device-{k}", k, peers, "--peer-timeout", 20), stderr=subprocess.PIPE,
+                              text=True) for k, d in ((0, a), (1, b))]
+    errs = []
+    for p in procs:
+        _, err = p.communicate(timeout=40)
+        assert p.returncode == 1
+        errs.append(err)
+    assert all("refused" in e and "bundle from another export" in e for e in errs), errs
+
+
+def test_two_runners_claiming_the_same_rank_are_refused(make_bundle):
+    bundle = make_bundle("BertModel", devices=2, compression_ratio=2)
+    inputs = inputs_for_arch("BertModel")
+    with LocalCluster(bundle) as cluster:
+        port = free_ports(1)[0]
+        peers = f"127.0.0.1:{cluster.ports[0]},127.0.0.1:{port}"  # a second "rank 1" on another port
+        p = subprocess.run(run_cmd(bundle / "device-1", 1, peers, "--peer-timeout", 20), capture_output=True,
+                           text=True, timeout=40)
+        assert p.returncode == 1 and "two runners claim rank 1" in p.stderr
+        outputs, _ = cluster.client.infer(**request_kwargs(inputs))  # the real cluster is unharmed
+        assert_same(outputs, Executor(bundle).run(inputs).outputs)
+    # and on one host, the same rank's port is already taken
+    with LocalCluster(bundle) as cluster:
+        p = subprocess.run(run_cmd(bundle / "device-1", 1, cluster.peers, "--peer-timeout", 5),
+                           capture_output=True, text=True, timeout=40)
+        assert p.returncode == 1 and "is another runner already device 1" in p.stderr
