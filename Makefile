@@ -22,10 +22,10 @@ $(STAMP): pyproject.toml
 test: venv
 	$(BIN)/python -m pytest -q --durations=15
 
-# The main job: MiniLM (real weights) over 2 simulated devices at CR=4, compared with the whole model.
+# The main job: MiniLM (real weights) exported to 2 device bundles, 2 runner processes over ZeroMQ,
+# one paragraph: its embedding, the bytes the devices exchanged, and the difference from PyTorch.
 demo: venv
-	$(BIN)/prism simulate sentence-transformers/all-MiniLM-L6-v2 --devices 2 --compression-ratio 4 \
-		--text "PRISM splits one transformer inference across several small devices."
+	$(BIN)/prism demo --out $(OUT)/demo --devices 2 --compression-ratio 8
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -356,5 +356,20 @@ def launch(export_dir, texts, images, input_ids, save, threads, timeout, as_json
     _finish(outputs, stats, save, as_json, {"devices": len(cluster.procs), "peers": cluster.peers})
 
 
+@main.command()
+@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--devices", "-P", type=click.IntRange(min=2), default=2, show_default=True)
+@click.option("--compression-ratio", "--cr", "cr", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def demo(out, devices, cr, as_json):
+    """MiniLM (real weights) over P runner processes: embedding, bytes exchanged, difference from PyTorch."""
+    from .demo import run_demo
+
+    report = run_demo(out, devices, cr, echo=(lambda *_: None) if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -174,7 +174,8 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
     }
     payload = list(graphs.files.values()) + [v for k, v in graphs.preprocessing.items()
                                              if k in ("tokenizer", "config") and v]
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))  # same filesystem as out
     try:
         all_files = {}
         for k in range(settings.devices):

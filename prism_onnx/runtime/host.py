@@ -261,8 +261,11 @@ class DeviceHost:
 
         rank, nonce = meta.get("rank"), str(meta.get("nonce"))
         if meta.get("export_id") != self.manifest["export_id"]:
-            return refuse(f"bundle from another export: device {rank} runs export "
-                          f"{str(meta.get('export_id'))[:12]}, device {self.rank} runs {self.manifest['export_id'][:12]}")
+            reason = (f"bundle from another export: device {rank} runs export {str(meta.get('export_id'))[:12]}, "
+                      f"device {self.rank} runs {self.manifest['export_id'][:12]}")
+            if not self.ready:  # no cluster can form; a running cluster ignores the stranger instead
+                self.fatal = f"device {self.rank} refused device {rank} at the handshake: {reason}"
+            return refuse(reason)
         if rank == self.rank:
             return refuse(f"two runners claim rank {rank}")
         if rank not in self.peers:
