@@ -16,7 +16,7 @@ import onnx
 from .. import __version__, models
 from ..errors import BundleError, PrismError
 from ..reference import prism_model
-from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, sha256_file
 from ..runtime.preprocess import DEFAULT_IMAGE_CONFIG
 from ..runtime.wire import check_wire_dtype
 from .graphs import DEFAULT_OPSET, export_graph, graph_specs
@@ -71,6 +71,25 @@ class Graphs:
     opset: int = DEFAULT_OPSET
     source: str = ""
     config_summary: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_export(cls, export_dir: str | Path) -> "Graphs":
+        """The graphs of an existing export (device-0's copy), to lay out bundles with other settings:
+        the graphs do not depend on P, CR, the split or the wire precision."""
+        root = Path(export_dir)
+        m = read_manifest(root / MANIFEST)
+        spec = models.ModelSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in m["model"].items()})
+        return cls(root / "device-0", spec, dict(m["graphs"]), m["io"], m["preprocessing"], m["quantize"], m["opset"],
+                   m["source"], m["config_summary"])
+
+
+def settings_of(manifest: dict, **overrides) -> "ExportSettings":
+    """The ExportSettings an export was made with, with some replaced."""
+    s = dict(devices=manifest["devices"], compression_ratio=manifest["compression_ratio"],
+             max_seq_len=manifest["max_seq_len"], max_batch=manifest["max_batch"], wire_dtype=manifest["wire_dtype"],
+             quantize=manifest["quantize"], opset=manifest["opset"], count_bias=manifest["count_bias"],
+             keep_sinks=manifest["keep_sinks"], split_weights=manifest["split"]["weights"])
+    return ExportSettings(**{**s, **overrides})
 
 
 def _value_info(v) -> dict:

@@ -48,9 +48,11 @@ class Client:
     def status(self, timeout: float = 2.0) -> dict:
         return self._call(Kind.STATUS, {}, timeout=timeout)[0]
 
-    def infer(self, *, texts=None, images=None, input_ids=None, attention_mask=None, pixel_values=None):
-        """-> (outputs {name: array}, stats). Raises PrismError with the server's message on failure."""
-        meta, arrays = {}, {}
+    def infer(self, *, texts=None, images=None, input_ids=None, attention_mask=None, pixel_values=None,
+              outputs=None):
+        """-> (outputs {name: array}, stats). `outputs`: names to return (default all). Raises PeerError
+        with the server's message on failure."""
+        meta, arrays = ({"outputs": list(outputs)} if outputs else {}), {}
         if texts:
             meta["texts"] = list(texts)
         elif images:

@@ -40,8 +40,11 @@ class Engine:
             name: ort.InferenceSession(str(bundle.graph(name)), opts, providers=["CPUExecutionProvider"])
             for name in self.manifest["graphs"]
         }
+        self.recorder: list | None = None  # set to a list to record every (graph, feeds) run (benchmarks)
 
     def run(self, name: str, feeds: dict[str, np.ndarray], timings: dict | None = None) -> list[np.ndarray]:
+        if self.recorder is not None:
+            self.recorder.append((name, feeds))
         t0 = time.perf_counter()
         out = self.sessions[name].run(None, feeds)
         if timings is not None:
@@ -77,9 +80,10 @@ def own_slice(spec: dict, token_inputs: dict[str, np.ndarray], plan: Plan, rank:
 
 
 def run_device(engine: Engine, plan: Plan, rank: int, own_inputs: dict[str, np.ndarray], exchange: Exchange,
-               request: int) -> DeviceResult:
+               request: int, outputs: set[str] | None = None) -> DeviceResult:
     """Device `rank`'s whole program for one request: embed, then per layer exchange + layer, then heads.
-    `own_inputs` are the token-level inputs of its own span only (see own_slice)."""
+    `own_inputs` are the token-level inputs of its own span only (see own_slice); `outputs` limits the
+    heads run and the outputs returned (default: all)."""
     spec = engine.spec
     s, e = plan.span(rank)
     timings: dict[str, float] = {}
@@ -104,20 +108,33 @@ def run_device(engine: Engine, plan: Plan, rank: int, own_inputs: dict[str, np.n
                 (h,) = engine.run(f"layer_{i}", feeds, timings)
     finally:
         traffic = exchange.finish(request)
-    outputs = {}
-    if engine.bundle.has_graph("token_head"):
-        outputs.update(zip(spec["token_outputs"], engine.run("token_head", {"hidden": h}, timings)))
-    if rank == 0 and engine.bundle.has_graph("pooled_head"):
+    want = set(spec["token_outputs"]) | set(spec["pooled_outputs"]) if outputs is None else set(outputs)
+    result = {}
+    if engine.bundle.has_graph("token_head") and want & set(spec["token_outputs"]):
+        result.update(zip(spec["token_outputs"], engine.run("token_head", {"hidden": h}, timings)))
+    if rank == 0 and engine.bundle.has_graph("pooled_head") and want & set(spec["pooled_outputs"]):
         first = np.ascontiguousarray(h[:, 0, :])
-        outputs.update(zip(spec["pooled_outputs"], engine.run("pooled_head", {"first": first}, timings)))
-    return DeviceResult(rank, outputs, timings, traffic)
+        result.update(zip(spec["pooled_outputs"], engine.run("pooled_head", {"first": first}, timings)))
+    return DeviceResult(rank, {k: v for k, v in result.items() if k in want}, timings, traffic)
+
+
+def check_outputs(spec: dict, outputs) -> set[str] | None:
+    """Validate a request's choice of outputs (None = all)."""
+    if outputs is None:
+        return None
+    known = set(spec["token_outputs"]) | set(spec["pooled_outputs"])
+    unknown = set(outputs) - known
+    if unknown or not outputs:
+        raise InputError(f"unknown outputs {sorted(unknown)}; this model returns {sorted(known)}")
+    return set(outputs)
 
 
 def gather_outputs(spec: dict, results: list[DeviceResult]) -> dict[str, np.ndarray]:
     """Token outputs concatenated along the sequence in rank order; pooled outputs from rank 0."""
     results = sorted(results, key=lambda r: r.rank)
-    out = {name: np.concatenate([r.outputs[name] for r in results], axis=1) for name in spec["token_outputs"]}
-    out.update({name: results[0].outputs[name] for name in spec["pooled_outputs"]})
+    out = {name: np.concatenate([r.outputs[name] for r in results], axis=1) for name in spec["token_outputs"]
+           if name in results[0].outputs}
+    out.update({name: results[0].outputs[name] for name in spec["pooled_outputs"] if name in results[0].outputs})
     return out
 
 

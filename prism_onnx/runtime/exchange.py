@@ -24,6 +24,14 @@ from .wire import MeansFrame, decode_means, encode_means
 log = logging.getLogger("prism.exchange")
 
 
+@dataclass(frozen=True)
+class Abort:
+    """Put in a device's inbox by its I/O thread: the coordinator gave up on `request`."""
+
+    request: int
+    reason: str
+
+
 @dataclass
 class Traffic:
     """Bytes one device sent and received, per exchange point, measured on the frames' payloads."""
@@ -63,8 +71,8 @@ class Exchange:
     def _send(self, dst: int, parts: list) -> None:
         raise NotImplementedError
 
-    def _recv(self, timeout: float) -> list | None:
-        """The parts of one incoming means frame, or None when `timeout` seconds pass without one."""
+    def _recv(self, timeout: float) -> list | Abort | None:
+        """The parts of one incoming means frame (or an Abort), or None when `timeout` seconds pass."""
         raise NotImplementedError
 
     # ---- the exchange
@@ -111,6 +119,10 @@ class Exchange:
                                 f"device(s) {missing} within {self.timeout:g} s")
             parts = self._recv(remaining)
             if parts is None:
+                continue
+            if isinstance(parts, Abort):
+                if parts.request == request:
+                    raise PeerError(f"request {request} aborted by the coordinator: {parts.reason}")
                 continue
             nbytes = sum(len(p) for p in parts)
             try:

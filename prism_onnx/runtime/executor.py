@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Export
-from .device import DeviceResult, Engine, Requests, gather_outputs, own_slice, run_device
+from .device import DeviceResult, Engine, Requests, check_outputs, gather_outputs, own_slice, run_device
 from .exchange import LocalHub
 
 
@@ -42,12 +42,14 @@ class Executor:
         self._ids = itertools.count(1)
         self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="prism-device")
 
-    def run(self, inputs: dict) -> Result:
-        """inputs: transformers-style (input_ids/attention_mask/token_type_ids or pixel_values)."""
+    def run(self, inputs: dict, outputs=None) -> Result:
+        """inputs: transformers-style (input_ids/attention_mask/token_type_ids or pixel_values);
+        outputs: the output names to compute and return (default: all)."""
         token_inputs, plan = self.requests.prepare(inputs)
+        want = check_outputs(self.spec, outputs)
         request = next(self._ids)
         futures = [self._pool.submit(run_device, eng, plan, p, own_slice(self.spec, token_inputs, plan, p),
-                                     self.hub.endpoints[p], request)
+                                     self.hub.endpoints[p], request, want)
                    for p, eng in enumerate(self.engines)]
         results = [f.result() for f in futures]
         return Result(gather_outputs(self.spec, results), results)

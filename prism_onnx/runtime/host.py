@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +31,8 @@ import zmq
 from ..errors import BundleError, FrameError, PeerError, PrismError
 from ..plan import plan_from_manifest
 from .bundle import DeviceBundle
-from .device import DeviceResult, Engine, Requests, own_slice, run_device
-from .exchange import Exchange, Traffic
+from .device import DeviceResult, Engine, Requests, check_outputs, own_slice, run_device
+from .exchange import Abort, Exchange, Traffic
 from .protocol import Kind, decode, encode, kind_of
 
 log = logging.getLogger("prism.run")
@@ -79,6 +80,7 @@ class Peer:
     nonce: str | None = None
     last_seen: float = 0.0
     heard_us: bool = False  # its last HELLO says it hears our HELLOs: both directions work
+    ready: bool = False  # its last HELLO says it hears, and is heard by, all its peers
     rejected_frames: int = 0
 
     def alive(self, now: float) -> bool:
@@ -92,6 +94,7 @@ class Job:
     attention_mask: np.ndarray
     own_inputs: dict[str, np.ndarray]
     deadline: float
+    outputs: set[str] | None = None
 
 
 @dataclass
@@ -112,7 +115,7 @@ class ZmqExchange(Exchange):
         self.data, self.inbox = data, inbox
 
     def _send(self, dst, parts):
-        if not send_within(self.data[dst], parts, SEND_WAIT_S):
+        if not send_within(self.data[dst], parts, self.timeout):  # a restarted peer may still be reconnecting
             raise PeerError(f"device {self.rank} cannot send to device {dst}: not connected")
 
     def _recv(self, timeout):
@@ -146,6 +149,7 @@ class DeviceHost:
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.inbox: queue.Queue = queue.Queue(maxsize=4096)
         self.pending: dict[int, Pending] = {}
+        self.aborted: deque[int] = deque(maxlen=1024)  # requests the coordinator gave up on
         self.ids = itertools.count(time.time_ns() // 1000)  # increasing across coordinator restarts
         self.fatal: str | None = None
 
@@ -249,10 +253,14 @@ class DeviceHost:
         meta = {"rank": self.rank, "nonce": self.nonce, "export_id": self.manifest["export_id"],
                 "devices": self.manifest["devices"], "serving": self.serve is not None,
                 "heard_from": sorted(q for q, p in self.peers.items() if p.nonce is not None),
+                "ready": self.ready,
                 "rejected_frames": self.exchange.traffic.rejected_frames}
         msg = encode(Kind.HELLO, meta)
-        for q in self.peers:
-            self._send_ctl(q, msg)
+        for q, peer in self.peers.items():
+            # IMMEDIATE sockets refuse to send without a live connection: the runner at q's address is gone
+            if not self._send_ctl(q, msg) and peer.last_seen:
+                log.warning("device %d: lost the connection to device %d", self.rank, q)
+                peer.last_seen, peer.heard_us, peer.ready = 0.0, False, False
 
     def _on_hello(self, identity: bytes, meta: dict):
         def refuse(reason):
@@ -281,6 +289,7 @@ class DeviceHost:
             log.info("device %d: device %d connected", self.rank, rank)
         peer.nonce, peer.last_seen = nonce, now
         peer.heard_us = self.rank in meta.get("heard_from", [])
+        peer.ready = bool(meta.get("ready"))
         peer.rejected_frames = int(meta.get("rejected_frames", 0))
 
     def _on_refuse(self, parts):
@@ -317,6 +326,8 @@ class DeviceHost:
                 self._on_start(meta, arrays)
             elif k == Kind.RESULT:
                 self._on_result(int(meta["rank"]), meta, arrays)
+            elif k == Kind.ABORT:
+                self._abort_local(int(meta["request"]), str(meta.get("reason", "")))
             else:
                 self._reject(f"unexpected {k.name} from a peer", nbytes)
         except (FrameError, KeyError, TypeError, ValueError) as e:
@@ -324,8 +335,24 @@ class DeviceHost:
 
     def _on_start(self, meta: dict, arrays: dict):
         mask = arrays.pop("attention_mask")
+        outputs = meta.get("outputs")
         self.jobs.put(Job(int(meta["request"]), int(meta["coordinator"]), mask, arrays,
-                          time.monotonic() + float(meta["budget_s"])))
+                          time.monotonic() + float(meta["budget_s"]), set(outputs) if outputs else None))
+
+    def _abort_local(self, request: int, reason: str):
+        """Skip the request if still queued; wake the worker if it is waiting for the request's means."""
+        self.aborted.append(request)
+        try:
+            self.inbox.put_nowait(Abort(request, reason))
+        except queue.Full:
+            pass
+
+    def _abort(self, request: int, reason: str):
+        """Coordinator: a request failed; tell every device to drop it."""
+        msg = encode(Kind.ABORT, {"request": request, "reason": reason})
+        for q in self.peers:
+            self._send_ctl(q, msg)
+        self._abort_local(request, reason)
 
     # ------------------------------------------------------------------------------------------- worker
     def _worker(self):
@@ -338,9 +365,11 @@ class DeviceHost:
             try:
                 if time.monotonic() > job.deadline:
                     raise PeerError(f"request {job.request} expired before device {self.rank} could start it")
+                if job.request in self.aborted:
+                    raise PeerError(f"request {job.request} was aborted before device {self.rank} started it")
                 plan = plan_from_manifest(self.manifest, job.attention_mask)
                 res: DeviceResult = run_device(self.engine, plan, self.rank, job.own_inputs, self.exchange,
-                                               job.request)
+                                               job.request, job.outputs)
                 meta.update(ok=True, timings=res.timings, traffic=res.traffic.to_dict())
                 arrays = res.outputs
             except PrismError as e:
@@ -354,7 +383,7 @@ class DeviceHost:
             msg = encode(Kind.RESULT, meta, arrays)
             if job.coordinator == self.rank:
                 self.results_out.send_multipart(msg)
-            elif not send_within(self.data[job.coordinator], msg, SEND_WAIT_S):
+            elif not send_within(self.data[job.coordinator], msg, self.timeout):
                 log.error("device %d: coordinator %d unreachable, result of request %d lost", self.rank,
                           job.coordinator, job.request)
 
@@ -374,12 +403,13 @@ class DeviceHost:
             return self._reply(client, self.status(now))
         if kind != Kind.REQUEST:
             return self._reply(client, {"ok": False, "error": f"unexpected {kind.name}"})
-        missing = [q for q, p in self.peers.items() if not p.alive(now)]
+        missing = [q for q, p in self.peers.items() if not (p.alive(now) and p.ready)]
         if missing or not self.ready:
             return self._reply(client, {"ok": False, "error": f"devices {missing} are not connected"})
         try:
             inputs = self.requests.model_inputs(**self._request_inputs(meta, arrays))
             token_inputs, plan = self.requests.prepare(inputs)
+            want = check_outputs(self.manifest["model"], meta.get("outputs"))
         except PrismError as e:
             return self._reply(client, {"ok": False, "error": f"{type(e).__name__}: {e}"})
         request = next(self.ids)
@@ -387,11 +417,13 @@ class DeviceHost:
         for p in range(plan.devices):
             own = own_slice(self.manifest["model"], token_inputs, plan, p)
             if p == self.rank:
-                self.jobs.put(Job(request, self.rank, plan.attention_mask, own, now + budget))
+                self.jobs.put(Job(request, self.rank, plan.attention_mask, own, now + budget, want))
                 continue
-            msg = encode(Kind.START, {"request": request, "coordinator": self.rank, "budget_s": budget},
+            msg = encode(Kind.START, {"request": request, "coordinator": self.rank, "budget_s": budget,
+                                      "outputs": sorted(want) if want else None},
                          {"attention_mask": np.asarray(plan.attention_mask, np.int64), **own})
             if not self._send_ctl(p, msg, SEND_WAIT_S):
+                self._abort(request, f"device {p} is not connected")
                 self._reply(client, {"ok": False, "error": f"device {p} is not connected"})
                 return
         self.pending[request] = Pending(client, now, now + budget)
@@ -414,6 +446,7 @@ class DeviceHost:
             return  # already answered (an error came first) or expired
         if not meta.get("ok"):
             del self.pending[int(meta["request"])]
+            self._abort(int(meta["request"]), meta.get("error", "device failed"))
             return self._reply(p.client, {"ok": False, "error": meta.get("error", "device failed")})
         p.results[rank] = (meta, dict(arrays))
         if len(p.results) == self.manifest["devices"]:
@@ -423,8 +456,10 @@ class DeviceHost:
     def _assemble(self, p: Pending) -> tuple[dict, dict]:
         spec = self.manifest["model"]
         ranks = sorted(p.results)
-        outputs = {n: np.concatenate([p.results[r][1][n] for r in ranks], axis=1) for n in spec["token_outputs"]}
-        outputs.update({n: p.results[0][1][n] for n in spec["pooled_outputs"]})
+        first = p.results[0][1]
+        outputs = {n: np.concatenate([p.results[r][1][n] for r in ranks], axis=1) for n in spec["token_outputs"]
+                   if n in first}
+        outputs.update({n: first[n] for n in spec["pooled_outputs"] if n in first})
         traffic = [p.results[r][0]["traffic"] for r in ranks]
         stats = {
             "bytes_sent": [t["bytes_sent"] for t in traffic], "bytes_received": [t["bytes_received"] for t in traffic],
@@ -440,11 +475,12 @@ class DeviceHost:
             if now > p.deadline:
                 del self.pending[request]
                 missing = [q for q in range(self.manifest["devices"]) if q not in p.results]
+                self._abort(request, f"timed out waiting for devices {missing}")
                 self._reply(p.client, {"ok": False, "error": f"request timed out waiting for devices {missing}"})
 
     def status(self, now: float) -> dict:
         return {
-            "ok": True, "ready": self.ready and all(p.alive(now) for p in self.peers.values()),
+            "ok": True, "ready": self.ready and all(p.alive(now) and p.ready for p in self.peers.values()),
             "export_id": self.manifest["export_id"], "devices": self.manifest["devices"], "coordinator": self.rank,
             "connected": sorted([self.rank] + [q for q, p in self.peers.items() if p.alive(now)]),
             "rejected_frames": {str(self.rank): self.exchange.traffic.rejected_frames,

@@ -33,6 +33,7 @@ class Kind(IntEnum):
     REQUEST = 5  # client -> coordinator: inputs + options
     REPLY = 6  # coordinator -> client: outputs + stats, or an error
     STATUS = 7  # client -> coordinator: is the cluster ready?
+    ABORT = 8  # coordinator -> devices: request r failed, drop it (frees devices waiting on a dead peer)
 
 
 def kind_of(parts: list) -> str:

@@ -1,0 +1,1 @@
+"""Evaluation: task models with real weights and the measurements made on them."""
