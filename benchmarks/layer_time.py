@@ -9,7 +9,6 @@ that machine noise hits both alike; reports medians and their ratio.
 from __future__ import annotations
 
 import json
-import logging
 import statistics
 import tempfile
 import time
@@ -35,7 +34,6 @@ from prism_onnx.reference import prism_model
 @click.option("--repeats", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def main(model, devices, cr, seq_len, rank, repeats, as_json):
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     hf = models.load(model)
     pm = prism_model(hf)

@@ -9,7 +9,6 @@ bundle size and the cosine of every output row against `simulate` on SST-2 dev s
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,7 +27,6 @@ from prism_onnx.validate import validate
 @click.option("--samples", default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def main(model, devices, cr, samples, as_json):
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     hf = models.load(model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

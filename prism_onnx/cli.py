@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 import numpy as np
@@ -162,19 +163,15 @@ def _print_simulate(r):
 def export(model, devices, cr, out, max_seq_len, max_batch, wire_dtype, quantize, opset, count_bias, keep_sinks,
            split, overwrite):
     """Export MODEL (hub id or folder) to one ONNX bundle per device in OUT/device-K."""
-    import logging
     import time
 
     from .exporters.bundle import ExportSettings, export as do_export
 
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     settings = ExportSettings(devices=devices, compression_ratio=cr, max_seq_len=max_seq_len, max_batch=max_batch,
                               wire_dtype=wire_dtype, quantize=quantize, opset=opset, count_bias=count_bias,
                               keep_sinks=keep_sinks, split_weights=_parse_split(split))
     t0 = time.perf_counter()
     path = do_export(model, out, settings, overwrite=overwrite, progress=True)
-    from pathlib import Path
-
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
     click.echo(f"exported {model} to {path}: {devices} device bundles, {size / 1e6:.1f} MB, "
                f"{time.perf_counter() - t0:.1f} s")
@@ -220,7 +217,6 @@ def validate(export_dir, samples, model, as_json):
 def inspect(export_dir, as_json):
     """Manifest, file sizes and op counts per graph of an export (or of one device bundle)."""
     from collections import Counter
-    from pathlib import Path
 
     import onnx
 
@@ -369,6 +365,106 @@ def demo(out, devices, cr, as_json):
     report = run_demo(out, devices, cr, echo=(lambda *_: None) if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+
+
+# -------------------------------------------------------------------------------------- bench, evaluate
+@main.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--bandwidth", default="100mbit", show_default=True, help="Link rate for the latency run (tc tbf).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per request (default: max).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--sweep", default=None, help="More bandwidths for the latency plot, e.g. 10mbit,1gbit.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: latency vs bandwidth.")
+@click.option("--no-latency", is_flag=True, help="Skip the multi-process latency run.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, as_json):
+    """Bytes, per-device FLOPs and time, and latency of EXPORT_DIR vs CR=1 and vs one device."""
+    from .evaluate.bench import bench as run_bench
+
+    report = run_bench(export_dir, bandwidth=bandwidth, seq_len=seq_len, repeats=repeats, latency=not no_latency,
+                       sweep=sweep.split(",") if sweep else None, plot=plot,
+                       echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)))
+
+    def human(r):
+        click.echo(f"{r['model']} P={r['devices']} CR={r['compression_ratio']} wire={r['wire_dtype']} "
+                   f"sinks={'kept' if r['keep_sinks'] else 'averaged'}, {r['tokens']} tokens, outputs {r['outputs']}")
+        b = r["bytes_per_inference"]
+        click.echo(f"  bytes per inference: PRISM {b['prism']:,}, CR=1 baseline {b['baseline']:,} "
+                   f"({100 * r['bytes_ratio_vs_baseline']:.3f}%)")
+        f = r["flops_per_device"]
+        c = r["flops_cut_vs_baseline"]
+        click.echo(f"  GFLOPs per device: PRISM {[round(x / 1e9, 2) for x in f['prism']]}, baseline "
+                   f"{[round(x / 1e9, 2) for x in f['baseline']]}, single device {round(f['single_device'][0] / 1e9, 2)}")
+        click.echo(f"  FLOPs cut vs baseline (busiest device): total {100 * c['total']:.1f}%, linear layers "
+                   f"{100 * c['linear']:.1f}% (bound ignoring attention {100 * c['linear_bound']:.1f}%)")
+        t = r["compute_ms_per_device"]
+        click.echo(f"  onnxruntime ms per device (1 thread): PRISM {t['prism']}, baseline {t['baseline']}, "
+                   f"single {t['single_device']}")
+        if r.get("latency_ms"):
+            lat = r["latency_ms"]
+            click.echo(f"  latency at {r['bandwidth']}: PRISM {lat['prism']:.1f} ms, baseline {lat['baseline']:.1f} ms, "
+                       f"single device {lat['single_device']:.1f} ms: PRISM {r['speedup_vs_single_device']:.2f}x "
+                       f"faster than one device")
+        elif "latency_skipped" in r:
+            click.echo(f"  latency skipped: {r['latency_skipped']}")
+
+    emit(report, as_json, human)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got '{text}'") from None
+
+
+def _switch(text: str) -> list[bool]:
+    return {"both": [True, False], "on": [True], "off": [False]}[text]
+
+
+@main.command()
+@click.option("--task", type=click.Choice(["sst2", "longtext", "digits", "wikitext"]), required=True)
+@click.option("--devices", "-P", default="2,4", show_default=True, help="Comma-separated P values.")
+@click.option("--compression-ratio", "--cr", "crs", default="1,4,16,64,128", show_default=True)
+@click.option("--count-bias", type=click.Choice(["both", "on", "off"]), default="both", show_default=True)
+@click.option("--sinks", type=click.Choice(["both", "on", "off"]), default="both", show_default=True)
+@click.option("--samples", type=click.IntRange(min=1), default=None, help="Inputs to evaluate (default: task's).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: metric vs CR and vs bytes.")
+@click.option("--save", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, as_json):
+    """Task metric of the full model and of PRISM (through exported bundles) over P, CR and the switches."""
+    from .evaluate.evaluate import evaluate as run_eval, plot as plot_report, summarize
+
+    report = run_eval(task, devices=_int_list(devices), compression_ratios=_int_list(crs),
+                      count_bias=_switch(count_bias), keep_sinks=_switch(sinks), samples=samples,
+                      echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)))
+    report["summary"] = summarize(report)
+    if plot:
+        plot_report(report, plot)
+        report["plot"] = plot
+    if save:
+        Path(save).write_text(json.dumps(report, indent=2))
+
+    def human(r):
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{r['task']} ({r['metric']}), full model {r['full_model']:.4f}, {r['inputs']} inputs")
+        for col in ("P", "CR", "count bias", "sinks", r["metric"], "delta", "bytes/inference", "vs CR=1"):
+            table.add_column(col, justify="right")
+        for row in r["rows"]:
+            table.add_row(str(row["devices"]), str(row["compression_ratio"]), "on" if row["count_bias"] else "off",
+                          "on" if row["keep_sinks"] else "off", f"{row[r['metric']]:.4f}", f"{row['delta']:+.4f}",
+                          f"{row['bytes_per_inference']:,.0f}",
+                          f"{100 * row['bytes_vs_cr1']:.2f}%" if row["bytes_vs_cr1"] else "")
+        Console().print(table)
+        for k, v in r["summary"].items():
+            click.echo(f"  {k}: {v}")
+
+    emit(report, as_json, human)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,7 +9,6 @@ from PyTorch.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,6 @@ def _export(out: Path, devices: int, cr: int, echo) -> Path:
             echo(f"reusing the export in {out} (delete it to export again)")
             return out
     echo(f"exporting {MODEL} to {devices} device bundles at CR={cr} in {out} ...")
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     return export(MODEL, out, ExportSettings(devices=devices, compression_ratio=cr), overwrite=True, progress=True)
 
 

@@ -90,12 +90,9 @@ EXPORT_ARCHS = ["BertModel", "ViTForImageClassification", "GPT2LMHeadModel"]
 def exported_graphs(tiny_dirs, tmp_path_factory):
     """{architecture: Graphs}: each tiny model traced to ONNX once per session. The graphs do not depend
     on P, CR or the wire precision, so `make_bundle` lays out bundles for any settings in milliseconds."""
-    import logging
 
     from prism_onnx import models
     from prism_onnx.exporters.bundle import export_graphs
-
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     root = tmp_path_factory.mktemp("graphs")
     out = {}
     for arch in EXPORT_ARCHS:

@@ -118,8 +118,11 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = True) -> None:
 def export_graphs(model, folder: Path, *, opset: int = DEFAULT_OPSET, quantize: str = "none",
                   progress: bool = False) -> Graphs:
     """Trace every step graph of `model` into `folder` (and quantize it), plus preprocessing files."""
+    import logging
+
     from tqdm.auto import tqdm
 
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its registry warns about torchvision ops
     pm = prism_model(model)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

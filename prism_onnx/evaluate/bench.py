@@ -1,0 +1,202 @@
+"""`prism bench`: bytes on the wire, per-device FLOPs and time, end-to-end latency, in one run.
+
+Three deployments of the same graphs are compared (bundles laid out from the export's own graphs, so
+nothing is re-traced):
+    prism      the export as given (its P, CR, wire precision, sinks)
+    baseline   the same P at CR=1, no sinks, float32 wire: uncompressed position-wise partitioning
+               (Voltage): every device receives every other token's hidden state
+    single     the whole model on one device (P=1)
+
+Bytes come from the runtime's counters, FLOPs from the graphs' shapes (flops.py) for exactly the calls
+each device made, time from replaying each device's own calls on one onnxruntime thread, latency from
+real runner processes pinned to cores in network namespaces joined by tbf-limited links.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..exporters.bundle import Graphs, settings_of, write_bundles
+from ..runtime.bundle import MANIFEST, read_manifest
+from ..runtime.client import LocalCluster
+from ..runtime.executor import Executor
+from .flops import AVERAGER, graph_flops
+
+
+def bench_inputs(manifest: dict, seq_len: int | None, seed: int = 0) -> dict:
+    """One request: random token ids of `seq_len` (all real tokens), or one random image."""
+    spec = manifest["model"]
+    rng = np.random.default_rng(seed)
+    if spec["input_kind"] == "image":
+        S, C = spec["image_size"], spec["num_channels"]
+        return {"pixel_values": rng.standard_normal((1, C, S, S)).astype(np.float32)}
+    n = seq_len or manifest["max_seq_len"]
+    return {"input_ids": rng.integers(1000 if spec["vocab_size"] > 2000 else 0, spec["vocab_size"], (1, n))}
+
+
+def requested_outputs(manifest: dict) -> list[str] | None:
+    """The pooled outputs when the model has them (a classifier's answer lives on device 0; token outputs
+    would be gathered across the network), else everything."""
+    return list(manifest["model"]["pooled_outputs"]) or None
+
+
+def device_work(executor: Executor, inputs: dict, outputs, repeats: int, count_means: bool = True) -> list[dict]:
+    """Per device: FLOPs of the graph calls it made (by category) and the median time to replay them
+    alone on one onnxruntime thread."""
+    for e in executor.engines:
+        e.recorder = []
+    executor.run(inputs, outputs)
+    work = []
+    for e in executor.engines:
+        calls, e.recorder = e.recorder, None
+        cats: dict[str, int] = {}
+        for name, feeds in calls:
+            f = graph_flops(e.bundle.graph(name), {k: list(v.shape) for k, v in feeds.items()})
+            for c, v in f["by_category"].items():
+                cats[c] = cats.get(c, 0) + v
+        if not count_means:  # the baseline sends raw hidden states: its identity averager is not real work
+            cats.pop("segment_means", None)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for name, feeds in calls:
+                e.sessions[name].run(None, feeds)
+            times.append(time.perf_counter() - t0)
+        work.append({"flops": sum(cats.values()), "by_category": cats, "time_ms": 1e3 * statistics.median(times)})
+    return work
+
+
+def latency_ms(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repeats: int, timeout: float) -> float:
+    """Median end-to-end latency of `repeats` requests: one runner per device, each in its own network
+    namespace behind a `bandwidth` tbf link, pinned to its own core, one onnxruntime thread."""
+    from ..testbed import Testbed
+
+    P = read_manifest(bundle / MANIFEST)["devices"]
+    cores = os.cpu_count() or 1
+    with Testbed(P, rate=bandwidth) as net:
+        pin = lambda k: [*net.prefix(k), "taskset", "-c", str(k % cores)]  # noqa: E731
+        with LocalCluster(bundle, hosts=net.addresses, prefix=pin, timeout=timeout) as cluster:
+            cluster.client.timeout = max(cluster.client.timeout, 20 * timeout)
+            kw = {"outputs": outputs, **{k: v for k, v in inputs.items()}}
+            cluster.client.infer(**kw)  # warm-up
+            times = []
+            for _ in range(repeats):
+                times.append(cluster.client.infer(**kw)[1]["latency_ms"])
+    return statistics.median(times)
+
+
+def cut(a: float, b: float) -> float:
+    return 1 - a / b if b else 0.0
+
+
+def linear_bound(manifest: dict) -> float:
+    """Cut of the linear layers' FLOPs, ignoring attention: PRISM projects Q, O and the FFN for n rows and
+    K, V for n (+ a few means) rows; the baseline projects K, V for all N rows. With r = I / D:
+    1 - (4 + 2r) n / ((2 + 2r) n + 2N), i.e. 1 - 12 / (10 + 2P) for BERT (r = 4) and an even split."""
+    cfg, P = manifest["config_summary"], manifest["devices"]
+    D = manifest["model"]["hidden_size"]
+    inter = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * D
+    r = inter / D
+    return 1 - (4 + 2 * r) / ((2 + 2 * r) + 2 * P)
+
+
+def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | None = None, repeats: int = 3,
+          latency: bool = True, sweep: list[str] | None = None, plot: str | Path | None = None,
+          timeout: float = 60.0, echo=lambda *_: None) -> dict:
+    export_dir = Path(export_dir)
+    m = read_manifest(export_dir / MANIFEST)
+    graphs = Graphs.from_export(export_dir)
+    inputs = bench_inputs(m, seq_len)
+    outputs = requested_outputs(m)
+    n_tokens = inputs["input_ids"].shape[1] if "input_ids" in inputs else m["model"]["max_positions"]
+    report = {"export": str(export_dir), "model": m["model"]["architecture"], "config": m["config_summary"],
+              "devices": m["devices"], "compression_ratio": m["compression_ratio"], "wire_dtype": m["wire_dtype"],
+              "keep_sinks": m["keep_sinks"], "tokens": int(n_tokens), "outputs": outputs or "all",
+              "bandwidth": bandwidth}
+    with tempfile.TemporaryDirectory(prefix="prism-bench-", dir=export_dir.parent) as tmp:
+        bundles = {
+            "prism": export_dir,
+            "baseline": write_bundles(graphs, Path(tmp) / "baseline", settings_of(
+                m, compression_ratio=1, keep_sinks=False, wire_dtype="float32")),
+            "single_device": write_bundles(graphs, Path(tmp) / "single", settings_of(
+                m, devices=1, compression_ratio=1, keep_sinks=False, wire_dtype="float32", split_weights=None)),
+        }
+        bytes_, work = {}, {}
+        for name, b in bundles.items():
+            echo(f"measuring bytes and compute: {name}")
+            ex = Executor(b)
+            res = ex.run(inputs, outputs)
+            bytes_[name] = {"total": int(sum(res.stats()["bytes_sent"])), "sent_per_device": res.stats()["bytes_sent"]}
+            work[name] = device_work(ex, inputs, outputs, repeats, count_means=name == "prism")
+            ex.close()
+        report["bytes_per_inference"] = {"prism": bytes_["prism"]["total"], "baseline": bytes_["baseline"]["total"]}
+        report["bytes_ratio_vs_baseline"] = bytes_["prism"]["total"] / bytes_["baseline"]["total"]
+        report["bytes_sent_per_device"] = {k: v["sent_per_device"] for k, v in bytes_.items()}
+        report["flops_per_device"] = {k: [w["flops"] for w in v] for k, v in work.items()}
+        report["flops_by_category"] = {k: [w["by_category"] for w in v] for k, v in work.items()}
+        report["compute_ms_per_device"] = {k: [round(w["time_ms"], 2) for w in v] for k, v in work.items()}
+        pf, bf = max(report["flops_per_device"]["prism"]), max(report["flops_per_device"]["baseline"])
+        lin = lambda k: max(c["linear"] for c in report["flops_by_category"][k])  # noqa: E731
+        report["flops_cut_vs_baseline"] = {"total": cut(pf, bf), "linear": cut(lin("prism"), lin("baseline")),
+                                           "linear_bound": linear_bound(m)}
+        pt, bt = max(report["compute_ms_per_device"]["prism"]), max(report["compute_ms_per_device"]["baseline"])
+        report["compute_time_cut_vs_baseline"] = cut(pt, bt)
+
+        if latency:
+            from ..testbed import Testbed
+
+            ok, why = Testbed.available()
+            if not ok:
+                report["latency_ms"] = None
+                report["latency_skipped"] = why
+            else:
+                rates = list(dict.fromkeys([bandwidth, *(sweep or [])]))
+                table = {}
+                for rate in rates:
+                    table[rate] = {}
+                    for name, b in bundles.items():
+                        echo(f"measuring latency at {rate}: {name}")
+                        table[rate][name] = latency_ms(b, inputs, outputs, rate, repeats, timeout)
+                report["latency_ms"] = table[bandwidth]
+                report["speedup_vs_single_device"] = table[bandwidth]["single_device"] / table[bandwidth]["prism"]
+                report["latency_vs_bandwidth_ms"] = table
+                if plot and len(rates) > 1:
+                    plot_latency(table, plot, title=f"{m['model']['architecture']} P={m['devices']} "
+                                                    f"CR={m['compression_ratio']} N={n_tokens}")
+                    report["plot"] = str(plot)
+    return report
+
+
+def _mbit(rate: str) -> float:
+    for unit, f in (("kbit", 1e-3), ("mbit", 1.0), ("gbit", 1e3)):
+        if rate.endswith(unit):
+            return float(rate[: -len(unit)]) * f
+    raise ValueError(rate)
+
+
+def plot_latency(table: dict, path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted(table, key=_mbit)
+    x = [_mbit(r) for r in rates]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, style in (("prism", "o-"), ("baseline", "s--"), ("single_device", "^:")):
+        ax.plot(x, [table[r][name] for r in rates], style, label=name.replace("_", " "))
+    ax.set_xscale("log")
+    ax.set_xlabel("link bandwidth (Mbit/s)")
+    ax.set_ylabel("latency per inference (ms)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

