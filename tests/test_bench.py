@@ -1,0 +1,58 @@
+"""`prism bench` on a tiny export: the pipeline end to end, and numbers that must hold by construction."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from prism_onnx.cli import main
+from prism_onnx.evaluate.bench import bench, linear_bound
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "export"
+    r = CliRunner().invoke(main, ["export", str(tiny_dirs["BertForSequenceClassification"]), "-P", "2", "--cr", "16",
+                                  "--no-keep-sinks", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_bench_bytes_flops_and_time(tiny_export):
+    r = bench(tiny_export, latency=False, seq_len=64, repeats=1)
+    b = r["bytes_per_inference"]
+    # 64 tokens, P=2, CR=16: each device sends 2 rows instead of 32 (plus the fixed frame overhead)
+    assert 0.05 < b["prism"] / b["baseline"] < 0.1
+    f = r["flops_per_device"]
+    assert len(f["prism"]) == len(f["baseline"]) == 2 and len(f["single_device"]) == 1
+    assert max(f["prism"]) < max(f["baseline"]) < f["single_device"][0]
+    # the baseline's identity averager is not counted; PRISM's segment means are
+    assert all("segment_means" not in c for c in r["flops_by_category"]["baseline"])
+    assert all(c["segment_means"] > 0 for c in r["flops_by_category"]["prism"])
+    cut = r["flops_cut_vs_baseline"]
+    assert cut["linear"] <= cut["linear_bound"] + 1e-9  # the means add K/V rows: never better than the bound
+    assert cut["linear_bound"] - cut["linear"] < 0.05
+    assert all(t > 0 for t in r["compute_ms_per_device"]["prism"])
+
+
+def test_linear_bound_formula():
+    m = {"config_summary": {"intermediate_size": 3072}, "model": {"hidden_size": 768}}
+    assert [round(linear_bound({**m, "devices": P}), 4) for P in (2, 4, 8)] == \
+        [round(1 - 12 / (10 + 2 * P), 4) for P in (2, 4, 8)]
+
+
+def test_bench_cli_latency_over_emulated_links(tiny_export, tmp_path):
+    from prism_onnx.testbed import Testbed
+
+    ok, why = Testbed.available()
+    if not ok:
+        pytest.skip(f"latency needs network namespaces: {why}")
+    png = tmp_path / "lat.png"
+    r = CliRunner().invoke(main, ["bench", str(tiny_export), "--seq-len", "32", "--repeats", "2",
+                                  "--sweep", "1gbit", "--plot", str(png), "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert set(rep["latency_ms"]) == {"prism", "baseline", "single_device"}
+    assert all(v > 0 for v in rep["latency_ms"].values())
+    assert set(rep["latency_vs_bandwidth_ms"]) == {"100mbit", "1gbit"}
+    assert png.stat().st_size > 1000
