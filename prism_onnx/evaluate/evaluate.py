@@ -207,7 +207,8 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
         graphs.source = str(t.model_source())
         spec = graphs.spec.to_dict()
         max_len = spec["max_positions"]
-        first = write_bundles(graphs, tmp / "first", ExportSettings(devices=1, compression_ratio=1, max_seq_len=max_len))
+        first = write_bundles(graphs, tmp / "first", ExportSettings(devices=1, compression_ratio=1, max_seq_len=max_len),
+                              link=True)
         req = Executor(first).requests
         data = t.batches(req)
         full = [run_torch(model, inputs) for inputs, _ in data]
@@ -221,7 +222,7 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
         for i, s in enumerate(settings):
             if s.compression_ratio == 1 and (not s.count_bias or not s.keep_sinks):
                 continue  # at CR=1 both switches are exact no-ops: one row is enough
-            bundle = write_bundles(graphs, tmp / f"b{i}", ExportSettings(**asdict(s), max_seq_len=max_len))
+            bundle = write_bundles(graphs, tmp / f"b{i}", ExportSettings(**asdict(s), max_seq_len=max_len), link=True)
             ex = Executor(bundle)
             results = [ex.run(inputs) for inputs, _ in data]
             ex.close()

@@ -172,9 +172,24 @@ def write_preprocessing(model, spec, folder: Path) -> dict:
     return pre
 
 
-def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, overwrite: bool = False) -> Path:
+def place(src: Path, dst: Path, link: bool) -> None:
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass  # another filesystem: copy
+    shutil.copyfile(src, dst)
+
+
+def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, overwrite: bool = False,
+                  link: bool = False) -> Path:
     """Lay out DIR/manifest.json and DIR/device-K/ from exported graphs. Atomic: a failed write leaves no
-    half bundle, and an existing non-empty DIR is only replaced with overwrite=True."""
+    half bundle, and an existing non-empty DIR is only replaced with overwrite=True.
+
+    link=True hard-links the graph files instead of copying them (local sweeps and benchmarks: P copies
+    of a BERT-base graph set is GBs); bundles meant for boards are copies.
+    """
     out = Path(out)
     settings = settings.check(graphs.spec)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -198,6 +213,7 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
                                              if k in ("tokenizer", "config") and v]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))  # same filesystem as out
+    digests: dict[str, str] = {}  # every device holds the same files: hash each once
     try:
         all_files = {}
         for k in range(settings.devices):
@@ -205,8 +221,9 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
             dev.mkdir()
             files = {}
             for name in payload:
-                shutil.copyfile(graphs.folder / name, dev / name)
-                files[name] = sha256_file(dev / name)
+                place(graphs.folder / name, dev / name, link)
+                files[name] = digests.get(name) or sha256_file(dev / name)
+                digests[name] = files[name]
             (dev / MANIFEST).write_text(json.dumps({**common, "rank": k, "files": files}, indent=2))
             all_files.update({f"device-{k}/{n}": d for n, d in files.items()})
             all_files[f"device-{k}/{MANIFEST}"] = sha256_file(dev / MANIFEST)
