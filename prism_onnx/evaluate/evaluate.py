@@ -160,16 +160,17 @@ class Digits(Task):
 class WikiTextLM(Task):
     metric = "perplexity"
 
-    def __init__(self, samples: int | None = 64, context: int = 256, root=None, **build_settings):
-        self.samples, self.context, self.root, self.build_settings = samples or 64, context, root, build_settings
+    def __init__(self, samples: int | None = 64, window: int = 256, root=None, **build_settings):
+        """samples windows of `window` tokens from wikitext2/test; build_settings go to build_gpt2_wikitext."""
+        self.samples, self.window, self.root, self.build_settings = samples or 64, window, root, build_settings
 
     def model_source(self):
         return str(tasks.cached("gpt2-wikitext", tasks.build_gpt2_wikitext, self.root, **self.build_settings))
 
     def batches(self, req):
         ids = np.asarray(req.text.tokenizer.encode(wikitext("test")).ids, np.int64)
-        n = min(len(ids) // self.context, self.samples)
-        windows = ids[: n * self.context].reshape(n, self.context)  # [n, context]
+        n = min(len(ids) // self.window, self.samples)
+        windows = ids[: n * self.window].reshape(n, self.window)  # [n, window]
         return [({"input_ids": w, "attention_mask": np.ones_like(w)}, None) for w in batches(windows, 8)]
 
     def score(self, outputs, data):
