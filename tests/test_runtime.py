@@ -143,6 +143,29 @@ def test_many_requests_in_a_row_queued_and_bounded_memory(make_bundle):
     assert max(growth) < 20_000
 
 
+def test_runners_stop_cleanly_on_sigint_and_sigterm_and_launch_leaves_none_behind(make_bundle):
+    bundle = make_bundle("BertModel", devices=2, compression_ratio=2)
+    inputs = inputs_for_arch("BertModel")
+
+    def runners():  # pids of this bundle's `prism run` processes still alive
+        out = subprocess.run(["pgrep", "-f", f"prism_onnx.cli run {bundle}/"], capture_output=True, text=True)
+        return out.stdout.split()
+
+    with LocalCluster(bundle) as cluster:
+        cluster.client.infer(**request_kwargs(inputs))
+        assert len(runners()) == 2
+        cluster.stop_device(1, signal.SIGINT)  # Ctrl-C on a board
+    # rank 0 got SIGTERM from LocalCluster.close; both finished their loop and exited 0
+    assert [p.returncode for p in cluster.procs] == [0, 0]
+    assert all("stopped" in log.read_text() for log in cluster.logs)
+    assert runners() == []
+
+    # `prism launch` whose request fails: exit 1 with the error, and every runner it started is gone
+    r = CliRunner().invoke(main, ["launch", str(bundle), "--input-ids", ",".join(["5"] * 65)])
+    assert r.exit_code == 1 and "longer than" in r.output
+    assert runners() == []
+
+
 # -------------------------------------------------------------------------------------------- failures
 def run_cmd(bundle_dir, rank, peers, *extra):
     return [sys.executable, "-m", "prism_onnx.cli", "run", str(bundle_dir), "--rank", str(rank), "--peers", peers,
