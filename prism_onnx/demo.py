@@ -36,17 +36,11 @@ def _export(out: Path, devices: int, cr: int, echo) -> Path:
     return export(MODEL, out, ExportSettings(devices=devices, compression_ratio=cr), overwrite=True, progress=True)
 
 
-def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """sentence-transformers' pooling for MiniLM: mean over real tokens, then L2-normalise."""
-    m = mask[..., None].astype(np.float32)
-    v = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
-    return v / np.linalg.norm(v, axis=-1, keepdims=True)
-
-
 def run_demo(out: str | Path = "out/demo", devices: int = 2, cr: int = 8, text: str = TEXT, echo=print) -> dict:
     import torch
 
     from . import models
+    from .evaluate.probe import mean_pool
     from .plan import make_plan
     from .reference import prism_model, run_devices
     from .runtime.bundle import DeviceBundle

@@ -42,6 +42,8 @@ def test_wikitext_perplexity_through_bundles(tmp_path):
     ppl = {r["compression_ratio"]: r["perplexity"] for r in report["rows"]}
     print({cr: round(v, 5) for cr, v in ppl.items()}, "full", report["full_model"])
     check_sweep(report, rel_tol=1e-5)  # fp32 logits, log-sum-exp in float64
+    assert report["inputs"] == 6  # six 64-token windows of the test text, not one truncated request
+    assert report["tokens_per_input"] == {"min": 64, "mean": 64.0, "max": 64}
     # The bundles' perplexity at CR=16 is the PyTorch reference's (simulate) perplexity at CR=16, and not the
     # full model's: a 30-step model barely uses context, so "different" is all that can be asked of it here.
     model = models.load(task.model_source())
@@ -76,6 +78,7 @@ def test_cli_evaluate_longtext(tmp_path):
     assert "longtext (cosine)" in r.output
     rep = json.loads(saved.read_text())
     rows = {row["compression_ratio"]: row for row in rep["rows"]}
+    assert 256 <= rep["tokens_per_input"]["min"] and rep["tokens_per_input"]["max"] <= 512  # long paragraphs
     assert rep["full_model"] == pytest.approx(1.0, abs=1e-6) and rows[1]["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert 0.5 < rows[64]["cosine"] < 1.0
     assert png.is_file()

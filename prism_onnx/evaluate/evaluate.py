@@ -46,6 +46,17 @@ class Setting:
     keep_sinks: bool
 
 
+def untruncated(req):
+    """The bundle's tokenizer without its truncation to --max-seq-len and without padding: for counting
+    tokens and cutting a long text into windows (a request itself is truncated as on the board)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(req.text.tokenizer.to_str())
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
 def batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -112,12 +123,12 @@ class LongText(Task):
         return MINILM
 
     def batches(self, req):
-        paragraphs = []
+        paragraphs, tok = [], untruncated(req)
         for line in wikitext("test").splitlines():
             line = line.strip()
             if not line or line.startswith("="):
                 continue
-            n = len(req.text.tokenizer.encode(line).ids)
+            n = len(tok.encode(line).ids)
             if 256 <= n <= 512:
                 paragraphs.append(line)
             if len(paragraphs) == self.samples:
@@ -168,7 +179,7 @@ class WikiTextLM(Task):
         return str(tasks.cached("gpt2-wikitext", tasks.build_gpt2_wikitext, self.root, **self.build_settings))
 
     def batches(self, req):
-        ids = np.asarray(req.text.tokenizer.encode(wikitext("test")).ids, np.int64)
+        ids = np.asarray(untruncated(req).encode(wikitext("test")).ids, np.int64)  # [T]
         n = min(len(ids) // self.window, self.samples)
         windows = ids[: n * self.window].reshape(n, self.window)  # [n, window]
         return [({"input_ids": w, "attention_mask": np.ones_like(w)}, None) for w in batches(windows, 8)]
@@ -187,6 +198,13 @@ class WikiTextLM(Task):
 def make_task(name: str, samples: int | None = None) -> Task:
     return {"sst2": lambda: SST2Probe(samples), "longtext": lambda: LongText(samples),
             "digits": lambda: Digits(samples), "wikitext": lambda: WikiTextLM(samples)}[name]()
+
+
+def input_lengths(inputs: dict, spec: dict) -> np.ndarray:
+    """Real tokens of each input of a batch: the attention mask's row sums, or an image's fixed length."""
+    if "attention_mask" in inputs:
+        return np.asarray(inputs["attention_mask"]).sum(axis=1)
+    return np.full(len(next(iter(inputs.values()))), spec["max_positions"])
 
 
 @torch.no_grad()
@@ -217,7 +235,9 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
             t.reference = full
         full_metric = t.score(full, data)
         n_inputs = sum(len(next(iter(inputs.values()))) for inputs, _ in data)
-        echo(f"{task}: full model {t.metric} {full_metric:.4f} on {n_inputs} inputs")
+        lengths = np.concatenate([input_lengths(inputs, spec) for inputs, _ in data])  # real tokens per input
+        echo(f"{task}: full model {t.metric} {full_metric:.4f} on {n_inputs} inputs of {lengths.min()}-"
+             f"{lengths.max()} tokens")
         rows = []
         settings = [Setting(*s) for s in itertools.product(devices, compression_ratios, count_bias, keep_sinks)]
         for i, s in enumerate(settings):
@@ -240,7 +260,8 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
         b = base.get(r["devices"])
         r["bytes_vs_cr1"] = r["bytes_per_inference"] / b if b else None
     return {"task": task, "metric": t.metric, "model": t.model_source(), "full_model": full_metric,
-            "inputs": n_inputs, "rows": rows,
+            "inputs": n_inputs, "tokens_per_input": {"min": int(lengths.min()), "mean": float(lengths.mean()),
+                                                     "max": int(lengths.max())}, "rows": rows,
             "n512": cr_for_traffic_cut(spec, devices, compression_ratios, keep_sinks)}
 
 

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every number in docs/RESULTS.md, in the order the page gives them. Run from the repository root after
+# `make venv`; results go to out/results/, plots to docs/. Takes about 1.5 hours on 2 cores, most of it the
+# accuracy sweeps; the task models are trained once and cached in .cache/tasks (PRISM_CACHE moves it).
+# The latency runs need root (ip netns, tc); without it `prism bench` reports why it skipped them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+P=.venv/bin/prism
+PY=.venv/bin/python
+R=out/results
+mkdir -p "$R" docs out/bench
+
+# 1. Accuracy through exported bundles (onnxruntime), full model vs PRISM, count bias and sinks on/off
+$P evaluate --task sst2 -P 2,4 --cr 1,2,4,8,16,32,64,128,256 --plot docs/sst2.png --save $R/sst2.json > $R/sst2.txt
+$P evaluate --task longtext -P 2,4 --cr 1,2,4,8,16,32,64,128,256 --plot docs/longtext.png --save $R/longtext.json > $R/longtext.txt
+$P evaluate --task digits -P 2,4 --cr 1,2,4,8,16,32 --plot docs/digits.png --save $R/digits.json > $R/digits.txt
+$P evaluate --task wikitext -P 2,4,8 --cr 1,2,4,8,16,32,64,128 --plot docs/wikitext.png --save $R/wikitext.json > $R/wikitext.txt
+
+# 2. BERT-base shape (random weights): bytes, FLOPs, per-device time, latency over 100 Mbit/s links
+$PY benchmarks/random_model.py --shape bert-base --out out/bench/bert-base
+$P export out/bench/bert-base -P 2 --cr 128 --out out/bench/bert-base-p2-cr128 --overwrite
+$P bench out/bench/bert-base-p2-cr128 --seq-len 512 --bandwidth 100mbit --sweep 10mbit,1gbit --repeats 5 \
+    --plot docs/latency_vs_bandwidth.png --json > $R/bench_bert_base_p2_cr128.json
+$PY benchmarks/paper_table.py --export out/bench/bert-base-p2-cr128 --seq-len 512 --devices 2,4,8 --cr 128 \
+    --json $R/paper_table.json > $R/paper_table.txt
+
+# 3. Exporter: MiniLM at P=4 (time, size), per-layer onnxruntime vs PyTorch eager, int8 weights
+/usr/bin/time -f "%e s wall, %M kB max RSS" $P export sentence-transformers/all-MiniLM-L6-v2 -P 4 --cr 8 \
+    --out out/bench/minilm-p4-cr8 --overwrite 2> $R/export_minilm_p4.txt
+$P inspect out/bench/minilm-p4-cr8 --json > $R/inspect_minilm_p4.json
+$PY benchmarks/layer_time.py --devices 4 --cr 8 --seq-len 256 --json > $R/layer_time_minilm.json
+$PY benchmarks/layer_time.py --model out/bench/bert-base --devices 2 --cr 128 --seq-len 512 --repeats 20 \
+    --json > $R/layer_time_bert_base.json
+$PY benchmarks/quantization.py --samples 32 > $R/quantization.txt
