@@ -10,8 +10,10 @@ from click.testing import CliRunner
 
 from prism_onnx import models, simulate
 from prism_onnx.cli import main
-from prism_onnx.evaluate.evaluate import Digits, SST2Probe, WikiTextLM, evaluate, plot, summarize
+from prism_onnx.evaluate.evaluate import (Digits, LongText, SST2Probe, WikiTextLM, evaluate, plot,
+                                         same_length_batches, summarize)
 from prism_onnx.runtime.preprocess import TextPreprocessor
+from conftest import minilm_path
 from test_tasks import GPT2_TINY, VIT_TINY
 
 SWEEP = dict(devices=(2,), compression_ratios=(1, 4, 16), count_bias=(True,), keep_sinks=(True,))
@@ -54,6 +56,25 @@ def test_wikitext_perplexity_through_bundles(tmp_path):
     assert ppl[16] == pytest.approx(expected, rel=1e-5)
     assert abs(expected - report["full_model"]) > 1e-6 * report["full_model"]
     assert summarize(report) == {}  # loss summaries are for accuracy tasks
+
+
+def test_same_length_batches_never_pad():
+    lengths = [5, 7, 5, 5, 9, 7, 5]
+    got = same_length_batches(lengths, 3)
+    assert sorted(i for b in got for i in b) == list(range(7))  # every input once
+    assert all(len(b) <= 3 and len({lengths[i] for i in b}) == 1 for b in got)
+    assert [list(b) for b in got] == [[0, 2, 3], [6], [1, 5], [4]]
+
+
+def test_sst2_and_longtext_inputs_are_unpadded():
+    """Each input is split over its own tokens: no batch carries padding (the plan splits the padded length)."""
+    tp = TextPreprocessor(minilm_path() / "tokenizer.json", 512, 0)
+    req = SimpleNamespace(text=tp, model_inputs=lambda texts: tp(texts))
+    for task in (SST2Probe(samples=100), LongText(samples=6)):
+        data = task.batches(req)
+        assert sum(len(inputs["input_ids"]) for inputs, _ in data) == (100 if isinstance(task, SST2Probe) else 6)
+        assert all(inputs["attention_mask"].all() for inputs, _ in data)
+    assert all(256 <= inputs["input_ids"].shape[1] <= 512 for inputs, _ in data)  # long paragraphs
 
 
 @pytest.mark.slow

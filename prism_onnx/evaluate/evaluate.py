@@ -9,7 +9,8 @@ Tasks (each with real weights, see tasks.py):
 
 The model is traced once; every (P, CR, count_bias, sinks) setting is a bundle laid out from those graphs
 and run by the in-process executor (onnxruntime). Bytes per inference are the runtime's own counters
-over the whole run divided by the number of inputs (inputs go in batches, padded to the longest).
+over the whole run divided by the number of inputs. Inputs are batched only with inputs of the same
+length (no padding), so each is split over its own tokens as it would be alone on the devices.
 """
 
 from __future__ import annotations
@@ -62,6 +63,20 @@ def batches(items: list, size: int):
         yield items[i:i + size]
 
 
+def same_length_batches(lengths, size: int) -> list[np.ndarray]:
+    """Index batches of at most `size` inputs that all have the same token count.
+
+    The partition plan splits a batch's padded length, so a short input padded beside a long one would be
+    split as if it were long (its real tokens all on the first devices). Batching equal lengths only makes
+    every input split over its own tokens, as it would be alone on the devices.
+    """
+    lengths = np.asarray(lengths)
+    out = []
+    for n in np.unique(lengths):
+        out.extend(batches(np.flatnonzero(lengths == n), size))
+    return out
+
+
 # --------------------------------------------------------------------------------------------- tasks
 class Task:
     """A task: its model, its inputs (batches of transformers inputs), and a metric over outputs."""
@@ -96,8 +111,9 @@ class SST2Probe(Task):
 
     def batches(self, req):
         texts, labels = sst2("dev", limit=self.samples)
-        return [(req.model_inputs(texts=t), np.asarray(y))
-                for t, y in zip(batches(texts, 32), batches(list(labels), 32))]
+        tok = untruncated(req)
+        groups = same_length_batches([len(tok.encode(t).ids) for t in texts], 32)
+        return [(req.model_inputs(texts=[texts[i] for i in idx]), labels[idx]) for idx in groups]
 
     def score(self, outputs, data):
         coef, intercept = self.probe()
@@ -123,7 +139,7 @@ class LongText(Task):
         return MINILM
 
     def batches(self, req):
-        paragraphs, tok = [], untruncated(req)
+        paragraphs, lengths, tok = [], [], untruncated(req)
         for line in wikitext("test").splitlines():
             line = line.strip()
             if not line or line.startswith("="):
@@ -131,9 +147,11 @@ class LongText(Task):
             n = len(tok.encode(line).ids)
             if 256 <= n <= 512:
                 paragraphs.append(line)
+                lengths.append(n)
             if len(paragraphs) == self.samples:
                 break
-        return [(req.model_inputs(texts=p), None) for p in batches(paragraphs, 4)]
+        return [(req.model_inputs(texts=[paragraphs[i] for i in idx]), None)
+                for idx in same_length_batches(lengths, 4)]
 
     def full_outputs(self, model, data):
         return [{"last_hidden_state": run_torch(model, inputs)["last_hidden_state"]} for inputs, _ in data]
