@@ -16,6 +16,7 @@ $P evaluate --task sst2 -P 2,4 --cr 1,2,4,8,16,32,64,128,256 --plot docs/sst2.pn
 $P evaluate --task longtext -P 2,4 --cr 1,2,4,8,16,32,64,128,256 --plot docs/longtext.png --save $R/longtext.json > $R/longtext.txt
 $P evaluate --task digits -P 2,4 --cr 1,2,4,8,16,32 --plot docs/digits.png --save $R/digits.json > $R/digits.txt
 $P evaluate --task wikitext -P 2,4,8 --cr 1,2,4,8,16,32,64,128 --plot docs/wikitext.png --save $R/wikitext.json > $R/wikitext.txt
+$PY benchmarks/lm_context.py --devices 2,4,8 --json $R/lm_context.json  # how much context the GPT-2 uses
 
 # 2. BERT-base shape (random weights): bytes, FLOPs, per-device time, latency over 100 Mbit/s links
 $PY benchmarks/random_model.py --shape bert-base --out out/bench/bert-base
