@@ -248,6 +248,31 @@ def test_declared_size_beyond_limits_is_refused_before_allocating():
         decode_means([header, b"", b""], wire_dtype="float32", hidden=384, max_rows=10, max_batch=8)
 
 
+def test_early_frame_that_does_not_fit_the_plan_is_rejected_when_its_turn_comes():
+    """A frame for a later request waits in the stash; when that request reaches the exchange point, the
+    frame is checked against the plan like any other and a wrong one is rejected, not used."""
+    from prism_onnx.plan import make_plan
+    from prism_onnx.runtime.exchange import LocalHub
+
+    plan = make_plan({"causal": False, "sinks": []}, np.ones((1, 10), np.int64), devices=2, compression_ratio=2)
+    hub = LocalHub(2, wire_dtype="float32", hidden=4, layers=1, export_tag=7, max_rows=8, max_batch=2, timeout=2.0)
+    dev1 = hub.endpoints[1]
+    counts = plan.segments[0].counts  # [1, 3]: device 0 sends 3 means of its 5 tokens
+    frame = lambda request, c: encode_means(MeansFrame(request, 0, 0, 1, 7, c, np.full((1, c.shape[1], 4), float(request),  # noqa: E731
+                                                                                         np.float32)), "float32")
+    box = hub.inboxes[1]
+    box.put(frame(2, np.ones((1, 1), np.int32)))  # early, and one row where the plan says three
+    box.put(frame(1, counts))
+    mine = np.zeros((1, plan.segments[1].rows, 4), np.float32)
+    assert np.all(dev1.all_gather(1, 0, mine, plan) == 1.0)  # request 1 goes through; the bad frame is stashed
+    dev1.finish(1)
+    assert dev1.traffic.rejected_frames == 0
+    box.put(frame(2, counts))  # the real frame of request 2
+    got = dev1.all_gather(2, 0, mine, plan)
+    assert got.shape == (1, 3, 4) and np.all(got == 2.0)
+    assert dev1.traffic.rejected_frames == 1
+
+
 def test_runners_of_different_exports_are_refused(make_bundle):
     a = make_bundle("BertModel", devices=2, compression_ratio=2)
     b = make_bundle("BertModel", devices=2, compression_ratio=2)

@@ -4,7 +4,7 @@
 `Exchange` holds what every transport shares: encoding in the wire precision, byte counters, checking
 each frame against the plan, and matching frames to (request, layer, source) while frames of later
 requests wait in a bounded stash. Subclasses only move bytes: `LocalExchange` (in memory, for the
-in-process executor) and `ZmqExchange` (runtime/transport.py).
+in-process executor) and `ZmqExchange` (runtime/host.py).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Exchange:
         self.traffic = Traffic(layers)  # totals since start
         self._per_request: dict[int, Traffic] = {}  # the same counts, attributed to each request
         self.max_pending = max_pending
-        self._pending: OrderedDict[tuple[int, int, int], MeansFrame] = OrderedDict()
+        self._pending: OrderedDict[tuple[int, int, int], tuple[MeansFrame, int]] = OrderedDict()  # (frame, bytes)
         self._done_below = 0  # requests < this are finished here: their late frames are dropped
 
     # ---- transport hooks
@@ -109,7 +109,11 @@ class Exchange:
         log.warning("device %d rejected a frame (%d bytes): %s", self.rank, nbytes, why)
 
     def _collect(self, request: int, layer: int, sources: list[int], plan: Plan) -> dict[int, MeansFrame]:
-        got = {q: self._pending.pop((request, layer, q)) for q in sources if (request, layer, q) in self._pending}
+        got = {}
+        for q in sources:  # frames that arrived early, while this device was at an earlier exchange point
+            f, nbytes = self._pending.pop((request, layer, q), (None, 0))
+            if f is not None and self._fits_plan(f, plan, nbytes):
+                got[q] = f
         deadline = time.monotonic() + self.timeout
         while len(got) < len(sources):
             remaining = deadline - time.monotonic()
@@ -139,20 +143,26 @@ class Exchange:
                 if f.src not in sources or f.src in got:
                     self._reject(nbytes, f"unexpected or duplicate frame from device {f.src}")
                     continue
-                expected = plan.segments[f.src].counts
-                if f.counts.shape != expected.shape or not np.array_equal(f.counts, expected):
-                    self._reject(nbytes, f"frame from device {f.src} has counts {f.counts.shape} that do not match "
-                                         f"the plan {expected.shape}")
+                if not self._fits_plan(f, plan, nbytes):
                     continue
                 self._count("received", request, layer, nbytes)
                 got[f.src] = f
             else:  # a later exchange point or request: keep it until we get there
                 self._count("received", f.request, f.layer, nbytes)
-                self._pending[(f.request, f.layer, f.src)] = f
+                self._pending[(f.request, f.layer, f.src)] = (f, nbytes)
                 while len(self._pending) > self.max_pending:
                     old, _ = self._pending.popitem(last=False)
                     log.warning("device %d: frame stash full, dropped request %d layer %d", self.rank, old[0], old[1])
         return got
+
+    def _fits_plan(self, f: MeansFrame, plan: Plan, nbytes: int) -> bool:
+        """A frame's counts must be exactly what the request's plan says its source sends; else it is rejected."""
+        expected = plan.segments[f.src].counts
+        if f.counts.shape == expected.shape and np.array_equal(f.counts, expected):
+            return True
+        self._reject(nbytes, f"frame from device {f.src} has counts {f.counts.shape} that do not match the plan "
+                             f"{expected.shape}")
+        return False
 
     def _check_header(self, f: MeansFrame) -> None:
         if f.dst != self.rank:
