@@ -271,6 +271,8 @@ def test_early_frame_that_does_not_fit_the_plan_is_rejected_when_its_turn_comes(
     got = dev1.all_gather(2, 0, mine, plan)
     assert got.shape == (1, 3, 4) and np.all(got == 2.0)
     assert dev1.traffic.rejected_frames == 1
+    good = sum(len(p) for p in frame(1, counts))
+    assert dev1.traffic.received == [2 * good]  # bytes received: accepted frames only
 
 
 def test_runners_of_different_exports_are_refused(make_bundle):

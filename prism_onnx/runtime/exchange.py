@@ -113,6 +113,7 @@ class Exchange:
         for q in sources:  # frames that arrived early, while this device was at an earlier exchange point
             f, nbytes = self._pending.pop((request, layer, q), (None, 0))
             if f is not None and self._fits_plan(f, plan, nbytes):
+                self._count("received", request, layer, nbytes)
                 got[q] = f
         deadline = time.monotonic() + self.timeout
         while len(got) < len(sources):
@@ -147,8 +148,7 @@ class Exchange:
                     continue
                 self._count("received", request, layer, nbytes)
                 got[f.src] = f
-            else:  # a later exchange point or request: keep it until we get there
-                self._count("received", f.request, f.layer, nbytes)
+            else:  # a later exchange point or request: keep it until we get there (counted when accepted)
                 self._pending[(f.request, f.layer, f.src)] = (f, nbytes)
                 while len(self._pending) > self.max_pending:
                     old, _ = self._pending.popitem(last=False)
