@@ -14,15 +14,16 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 import numpy as np
 import torch
 
 from prism_onnx import models
-from prism_onnx.data import wikitext
-from prism_onnx.evaluate import tasks
+from prism_onnx.evaluate.evaluate import WikiTextLM
 from prism_onnx.plan import split_tokens
+from prism_onnx.runtime.preprocess import TextPreprocessor
 
 
 @torch.no_grad()
@@ -41,13 +42,12 @@ def nll(model, windows: torch.Tensor, devices: int) -> float:
 @click.option("--window", default=256, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 def main(devices, windows, window, json_path):
-    folder = tasks.gpt2_wikitext()
+    task = WikiTextLM(samples=windows, window=window)  # the windows `prism evaluate --task wikitext` scores
+    folder = Path(task.model_source())
     model = models.load(str(folder))
-    from tokenizers import Tokenizer
-
-    ids = np.asarray(Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).encode(wikitext("test")).ids)
-    n = min(len(ids) // window, windows)
-    w = torch.from_numpy(ids[: n * window].reshape(n, window)).long()  # [n, window]
+    req = SimpleNamespace(text=TextPreprocessor(folder / "tokenizer.json", window))
+    w = torch.from_numpy(np.concatenate([inputs["input_ids"] for inputs, _ in task.batches(req)]))  # [n, window]
+    n = len(w)
     rows = {"full": nll(model, w, 1)}
     for P in map(int, devices.split(",")):
         rows[f"P={P} no exchange"] = nll(model, w, P)
