@@ -28,6 +28,7 @@ def check_sweep(report, rel_tol=0.0):
     assert rows[1]["bytes_vs_cr1"] == 1.0
 
 
+@pytest.mark.long
 def test_digits_accuracy_through_bundles(tmp_path):
     task = Digits(samples=48, root=tmp_path, **VIT_TINY)
     report = evaluate("digits", task_obj=task, **SWEEP)
@@ -38,6 +39,7 @@ def test_digits_accuracy_through_bundles(tmp_path):
     assert (tmp_path / "digits.png").stat().st_size > 1000
 
 
+@pytest.mark.long
 def test_wikitext_perplexity_through_bundles(tmp_path):
     task = WikiTextLM(samples=6, window=64, root=tmp_path, **GPT2_TINY)
     report = evaluate("wikitext", task_obj=task, **SWEEP)
@@ -77,7 +79,7 @@ def test_sst2_and_longtext_inputs_are_unpadded():
     assert all(256 <= inputs["input_ids"].shape[1] <= 512 for inputs, _ in data)  # long paragraphs
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_sst2_probe_through_bundles(tmp_path):
     task = SST2Probe(samples=24, probe_root=tmp_path, train_samples=300)
     report = evaluate("sst2", task_obj=task, devices=(2,), compression_ratios=(1, 4, 128), count_bias=(True, False),
@@ -91,6 +93,7 @@ def test_sst2_probe_through_bundles(tmp_path):
     assert s["P=2 sinks=on count_bias=on"]["cr_99pct_cut"] is None
 
 
+@pytest.mark.long
 def test_cli_evaluate_longtext(tmp_path):
     png, saved = tmp_path / "long.png", tmp_path / "long.json"
     r = CliRunner().invoke(main, ["evaluate", "--task", "longtext", "-P", "2", "--cr", "1,64", "--count-bias", "on",

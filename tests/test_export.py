@@ -225,7 +225,7 @@ def test_cli_export_bad_input(tiny_dirs, tmp_path, args, match):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_minilm_real_weights_export_and_validate(tmp_path):
     """The real MiniLM (6 layers, hidden 384) exports, every sha256 checks, and validates on SST-2."""
     r = CliRunner().invoke(main, ["export", "sentence-transformers/all-MiniLM-L6-v2", "-P", "2", "--cr", "4",

@@ -121,7 +121,7 @@ def test_trace_records_what_each_device_sends(tiny):
     assert [tuple(m.shape) for m in trace.sent[0]] == [(2, 3, 32), (2, 2, 32)]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_minilm_real_weights_cr1_exact_and_cr8_close():
     from transformers import AutoModel, AutoTokenizer
 

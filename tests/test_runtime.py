@@ -331,7 +331,7 @@ def test_multi_host_network_namespaces_with_rate_limited_links(make_bundle):
             assert sent >= stats["bytes_received"][1]  # device 1's means came through the limited link
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_demo_minilm_over_two_runner_processes(tmp_path):
     """`make demo`: real MiniLM over 2 runners; traffic cut >= 75% by the runners' own counters, equal to
     simulate to fp32 rounding."""

@@ -64,6 +64,7 @@ def test_random_shift_moves_each_image_and_fills_the_border():
         assert sum(torch.equal(out, w) for w in windows) == 1  # exactly one shift in [-2, 2]^2 explains it
 
 
+@pytest.mark.long
 def test_vit_folder_loads_and_reproduces_recorded_accuracy(vit_dir):
     record = task_json(vit_dir)
     assert record["task"] == "digits"
@@ -80,12 +81,14 @@ def test_vit_folder_loads_and_reproduces_recorded_accuracy(vit_dir):
     assert tasks.accuracy(model, pixels, torch.from_numpy(labels[idx])) == record["test_accuracy"]
 
 
+@pytest.mark.long
 def test_vit_cache_hit_does_not_retrain(vit_dir):
     mtime = (vit_dir / "model.safetensors").stat().st_mtime_ns
     assert tasks.cached("vit", tasks.build_vit_digits, vit_dir.parent, **VIT_TINY) == vit_dir
     assert (vit_dir / "model.safetensors").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.long
 def test_vit_same_seed_same_weights(vit_dir, tmp_path):
     record = tasks.build_vit_digits(tmp_path, **VIT_TINY)
     assert record["test_accuracy"] == task_json(vit_dir)["test_accuracy"]
@@ -95,6 +98,7 @@ def test_vit_same_seed_same_weights(vit_dir, tmp_path):
 # ---------------------------------------------------------------- GPT-2 WikiText
 
 
+@pytest.mark.long
 def test_gpt2_folder_loads_and_reproduces_recorded_perplexity(gpt2_dir):
     record = task_json(gpt2_dir)
     assert record["task"] == "wikitext"
@@ -111,12 +115,14 @@ def test_gpt2_folder_loads_and_reproduces_recorded_perplexity(gpt2_dir):
     assert tasks.perplexity(model, ids, context=64, batch=32) == pytest.approx(record["test_perplexity"], rel=1e-6)
 
 
+@pytest.mark.long
 def test_gpt2_same_seed_same_weights_and_perplexity(gpt2_dir, tmp_path):
     record = tasks.build_gpt2_wikitext(tmp_path, **GPT2_TINY)
     assert record["test_perplexity"] == task_json(gpt2_dir)["test_perplexity"]
     assert (tmp_path / "model.safetensors").read_bytes() == (gpt2_dir / "model.safetensors").read_bytes()
 
 
+@pytest.mark.long
 def test_perplexity_is_exp_of_mean_cross_entropy(gpt2_dir):
     model = tf.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
     ids = np.random.default_rng(0).integers(0, 300, size=2 * 64 + 21)  # two full windows and a short one
