@@ -21,7 +21,8 @@ import torch
 
 from prism_onnx import models
 from prism_onnx.exporters.bundle import export_graphs
-from prism_onnx.plan import make_plan
+from prism_onnx.manifest import PrismSettings
+from prism_onnx.plan import plan_for
 from prism_onnx.reference import prism_model
 
 
@@ -37,21 +38,25 @@ def main(model, devices, cr, seq_len, rank, repeats, as_json):
     torch.set_num_threads(1)
     hf = models.load(model)
     pm = prism_model(hf)
-    D = pm.spec.hidden_size
-    plan = make_plan(pm.spec, np.ones((1, seq_len), np.int64), devices=devices, compression_ratio=cr)
+    spec = pm.spec
+    plan = plan_for(spec, np.ones((1, seq_len), np.int64), PrismSettings(devices, cr))
     s, e = plan.span(rank)
+    n, R = e - s, plan.remote_counts(rank).shape[1]
     rng = np.random.default_rng(0)
-    feeds = {"hidden": rng.standard_normal((1, e - s, D)).astype(np.float32),
-             "remote": rng.standard_normal((1, plan.remote_counts(rank).shape[1], D)).astype(np.float32),
-             "local_bias": plan.local_bias(rank), "remote_bias": plan.remote_bias(rank),
-             "averager": plan.averager(rank)}
+    kv = rng.standard_normal((1, spec.kv_heads, n, spec.head_dim)).astype(np.float32)
+    values = {"value:hidden": rng.standard_normal((1, n, spec.hidden_size)).astype(np.float32), "value:k": kv,
+              "value:v": kv, "recv:": rng.standard_normal((1, R, spec.row_width)).astype(np.float32),
+              "plan:local_bias": plan.local_bias(rank), "plan:remote_bias": plan.remote_bias(rank),
+              "plan:averager": plan.averager(rank), "plan:position_ids": plan.position_ids(rank)}
     with tempfile.TemporaryDirectory() as tmp:
         graphs = export_graphs(hf, Path(tmp))
+        step_decl = next(st for st in graphs.program.steps if st.graph == "layer_0")
+        feeds = {k: values[ref if not ref.startswith("recv:") else "recv:"] for k, ref in step_decl.inputs.items()}
         opts = ort.SessionOptions()
         opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
-        sess = ort.InferenceSession(str(Path(tmp) / graphs.files["layer_0"]), opts, providers=["CPUExecutionProvider"])
-        step = pm.layer_step(0)
-        targs = [torch.from_numpy(feeds[k]) for k in ("hidden", "remote", "local_bias", "remote_bias", "averager")]
+        sess = ort.InferenceSession(str(graphs.path("layer_0")), opts, providers=["CPUExecutionProvider"])
+        step = pm.step_modules()["layer_0"]
+        targs = [torch.from_numpy(v) for v in feeds.values()]
         t_ort, t_torch = [], []
         with torch.no_grad():
             for _ in range(5):  # warm-up

@@ -40,9 +40,11 @@ def nll(model, windows: torch.Tensor, devices: int) -> float:
 @click.option("--devices", default="2,4,8", show_default=True)
 @click.option("--windows", default=64, show_default=True, help="Test windows (as prism evaluate --task wikitext).")
 @click.option("--window", default=256, show_default=True)
+@click.option("--task", type=click.Choice(sorted(WikiTextLM.MODELS)), default="wikitext", show_default=True,
+              help="Which task model (wikitext: the GPT-2; wikitext-llama: the Llama).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
-def main(devices, windows, window, json_path):
-    task = WikiTextLM(samples=windows, window=window)  # the windows `prism evaluate --task wikitext` scores
+def main(devices, windows, window, task, json_path):
+    task = WikiTextLM(samples=windows, window=window, task=task)  # the windows `prism evaluate` scores
     folder = Path(task.model_source())
     model = models.load(str(folder))
     req = SimpleNamespace(text=TextPreprocessor(folder / "tokenizer.json", window))

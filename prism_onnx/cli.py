@@ -12,6 +12,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InputError, PrismError
+from .manifest import ExportSettings, PrismSettings
 
 
 def friendly_errors(fn):
@@ -62,6 +63,37 @@ def one_input_kind(texts, images, input_ids):
     return given[0]
 
 
+def settings_options(cls, exclude: tuple[str, ...] = ()):
+    """Click options for the fields of a settings dataclass (manifest.PrismSettings, ExportSettings), built
+    from the fields' own metadata: one statement of each setting's name, type, default and help."""
+    from .manifest import setting_fields, field_default
+
+    def decorate(fn):
+        for f in reversed(setting_fields(cls)):
+            if f.name in exclude:
+                continue
+            meta = f.metadata
+            flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+            names = [flag] + ([meta["short"]] if "short" in meta else [])
+            default = field_default(f)
+            kw = {"help": meta["help"], "default": default, "show_default": default is not None}
+            if f.type in ("bool", bool):
+                names = [f"{flag}/--no-{flag[2:]}"]
+            elif "choices" in meta:
+                kw["type"] = click.Choice(list(meta["choices"]))
+            elif f.type in ("int", "int | None", int):
+                kw["type"] = click.IntRange(min=meta.get("min"))
+            if f.name == "split_weights":
+                kw["callback"] = lambda ctx, param, value: _parse_split(value)
+            if default is None and f.name in ("devices", "compression_ratio"):
+                kw["required"] = True
+                kw.pop("default")
+            fn = click.option(*names, f.name, **kw)(fn)
+        return fn
+
+    return decorate
+
+
 def emit(obj, as_json: bool, human):
     if as_json:
         click.echo(json.dumps(obj, indent=2, default=_json_default))
@@ -86,28 +118,17 @@ def main():
 # ----------------------------------------------------------------------------------------------- simulate
 @main.command()
 @click.argument("model")
-@click.option("--devices", "-P", type=click.IntRange(min=1), required=True, help="Number of devices P.")
-@click.option("--compression-ratio", "--cr", "cr", type=click.IntRange(min=1), required=True,
-              help="Segment length CR: one mean row per CR tokens.")
-@click.option("--count-bias/--no-count-bias", default=True, show_default=True,
-              help="Add log(count) to the score of a mean row.")
-@click.option("--keep-sinks/--no-keep-sinks", default=True, show_default=True,
-              help="Send sink tokens ([CLS], [SEP], first token) as segments of their own.")
-@click.option("--split", default=None, help="Uneven split: per-device weights, e.g. 2,1,1.")
-@click.option("--wire-dtype", type=click.Choice(["float32", "float16", "int8"]), default="float32", show_default=True)
+@settings_options(PrismSettings)
 @input_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly_errors
-def simulate(model, devices, cr, count_bias, keep_sinks, split, wire_dtype, texts, images, input_ids, as_json):
+def simulate(model, texts, images, input_ids, as_json, **settings):
     """Run MODEL as P simulated devices (PyTorch) and compare with the unpartitioned model."""
     from .reference import simulate_report
 
     kind = one_input_kind(texts, images, input_ids)
-    report = simulate_report(
-        model, kind=kind, texts=texts, images=images, input_ids=parse_ids(input_ids) if input_ids else None,
-        devices=devices, compression_ratio=cr, count_bias=count_bias, keep_sinks=keep_sinks,
-        split_weights=_parse_split(split), wire_dtype=wire_dtype,
-    )
+    report = simulate_report(model, PrismSettings(**settings), kind=kind, texts=texts, images=images,
+                             input_ids=parse_ids(input_ids) if input_ids else None)
     emit(report, as_json, _print_simulate)
 
 
@@ -143,37 +164,21 @@ def _print_simulate(r):
 # ------------------------------------------------------------------------------------------------- export
 @main.command()
 @click.argument("model")
-@click.option("--devices", "-P", type=click.IntRange(min=1), required=True, help="Number of devices P.")
-@click.option("--compression-ratio", "--cr", "cr", type=click.IntRange(min=1), required=True,
-              help="Segment length CR: one mean row per CR tokens.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="Output folder.")
-@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
-              help="Longest sequence the bundles accept (default: the model's positions).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--wire-dtype", type=click.Choice(["float32", "float16", "int8"]), default="float32",
-              show_default=True, help="Precision of the means on the wire (int8: one scale per row).")
-@click.option("--quantize", type=click.Choice(["none", "int8"]), default="none", show_default=True,
-              help="int8: dynamic int8 weights (onnxruntime.quantization).")
-@click.option("--opset", type=click.IntRange(min=18), default=20, show_default=True)
-@click.option("--count-bias/--no-count-bias", default=True, show_default=True)
-@click.option("--keep-sinks/--no-keep-sinks", default=True, show_default=True)
-@click.option("--split", default=None, help="Uneven split: per-device weights, e.g. 2,1,1.")
+@settings_options(ExportSettings)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @friendly_errors
-def export(model, devices, cr, out, max_seq_len, max_batch, wire_dtype, quantize, opset, count_bias, keep_sinks,
-           split, overwrite):
+def export(model, out, overwrite, **settings):
     """Export MODEL (hub id or folder) to one ONNX bundle per device in OUT/device-K."""
     import time
 
-    from .exporters.bundle import ExportSettings, export as do_export
+    from .exporters.bundle import export as do_export
 
-    settings = ExportSettings(devices=devices, compression_ratio=cr, max_seq_len=max_seq_len, max_batch=max_batch,
-                              wire_dtype=wire_dtype, quantize=quantize, opset=opset, count_bias=count_bias,
-                              keep_sinks=keep_sinks, split_weights=_parse_split(split))
+    settings = ExportSettings(**settings)
     t0 = time.perf_counter()
     path = do_export(model, out, settings, overwrite=overwrite, progress=True)
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    click.echo(f"exported {model} to {path}: {devices} device bundles, {size / 1e6:.1f} MB, "
+    click.echo(f"exported {model} to {path}: {settings.devices} device bundles, {size / 1e6:.1f} MB, "
                f"{time.perf_counter() - t0:.1f} s")
 
 
@@ -224,26 +229,29 @@ def inspect(export_dir, as_json):
 
     root = Path(export_dir)
     manifest = read_manifest(root / MANIFEST)
-    dev = root if "rank" in manifest else root / "device-0"
+    dev = root if manifest.rank is not None else root / "device-0"
     graphs = {}
-    for name, fname in manifest["graphs"].items():
-        proto = onnx.load(str(dev / fname), load_external_data=False)
-        graphs[name] = {"file": fname, "bytes": (dev / fname).stat().st_size,
+    for name, g in manifest.graphs.items():
+        proto = onnx.load(str(dev / g.file), load_external_data=False)
+        graphs[name] = {"file": g.file, "bytes": (dev / g.file).stat().st_size,
                         "ops": dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
                         "domains": sorted({n.domain or "ai.onnx" for n in proto.graph.node})}
-    files = {rel: (root / rel).stat().st_size for rel in manifest["files"]}
-    report = {k: manifest[k] for k in ("export_id", "package_version", "created", "source", "devices",
-                                       "compression_ratio", "split", "count_bias", "keep_sinks", "wire_dtype",
-                                       "quantize", "opset", "max_seq_len", "max_batch")}
-    report.update(model=manifest["model"], graphs=graphs, files=files, total_bytes=sum(files.values()))
+    files = {rel: (root / rel).stat().st_size for rel in manifest.files}
+    report = {"export_id": manifest.export_id, "package_version": manifest.package_version,
+              "created": manifest.created, "source": manifest.source, "settings": manifest.settings.to_dict(),
+              "model": manifest.model.to_dict(),
+              "exchange_points": [p.name for p in manifest.program.points], "graphs": graphs, "files": files,
+              "total_bytes": sum(files.values())}
 
     def human(r):
-        m = r["model"]
+        m, s = r["model"], r["settings"]
         click.echo(f"export {r['export_id'][:12]} ({r['created']}, prism-onnx {r['package_version']}) of {r['source']}")
-        click.echo(f"  {m['model_type']} {m['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}")
-        click.echo(f"  P={r['devices']} ({r['split']['policy']} split) CR={r['compression_ratio']} "
-                   f"wire={r['wire_dtype']} quantize={r['quantize']} opset={r['opset']} "
-                   f"count_bias={r['count_bias']} keep_sinks={r['keep_sinks']} max_seq_len={r['max_seq_len']}")
+        click.echo(f"  {m['model_type']} {m['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}, "
+                   f"{m['exchange']} exchange ({len(r['exchange_points'])} points)")
+        split = ",".join(f"{w:g}" for w in s["split_weights"]) if s["split_weights"] else "even"
+        click.echo(f"  P={s['devices']} (split {split}) CR={s['compression_ratio']} "
+                   f"wire={s['wire_dtype']} quantize={s['quantize']} opset={s['opset']} "
+                   f"count_bias={s['count_bias']} keep_sinks={s['keep_sinks']} max_seq_len={s['max_seq_len']}")
         for name, g in r["graphs"].items():
             ops = ", ".join(f"{k} {v}" for k, v in g["ops"].items())
             click.echo(f"  {name:<12} {g['bytes'] / 1e6:8.2f} MB  {ops}")
@@ -424,7 +432,7 @@ def _switch(text: str) -> list[bool]:
 
 
 @main.command()
-@click.option("--task", type=click.Choice(["sst2", "longtext", "digits", "wikitext"]), required=True)
+@click.option("--task", type=click.Choice(["sst2", "longtext", "digits", "wikitext", "wikitext-llama"]), required=True)
 @click.option("--devices", "-P", default="2,4", show_default=True, help="Comma-separated P values.")
 @click.option("--compression-ratio", "--cr", "crs", default="1,4,16,64,128", show_default=True)
 @click.option("--count-bias", type=click.Choice(["both", "on", "off"]), default="both", show_default=True)
@@ -453,13 +461,12 @@ def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, as_json
         from rich.table import Table
 
         table = Table(title=f"{r['task']} ({r['metric']}), full model {r['full_model']:.4f}, {r['inputs']} inputs")
-        for col in ("P", "CR", "count bias", "sinks", r["metric"], "delta", "bytes/inference", "vs CR=1"):
+        for col in ("P", "CR", "count bias", "sinks", r["metric"], "delta", "bytes/inference", "vs baseline"):
             table.add_column(col, justify="right")
         for row in r["rows"]:
             table.add_row(str(row["devices"]), str(row["compression_ratio"]), "on" if row["count_bias"] else "off",
                           "on" if row["keep_sinks"] else "off", f"{row[r['metric']]:.4f}", f"{row['delta']:+.4f}",
-                          f"{row['bytes_per_inference']:,.0f}",
-                          f"{100 * row['bytes_vs_cr1']:.2f}%" if row["bytes_vs_cr1"] else "")
+                          f"{row['bytes_per_inference']:,.0f}", f"{100 * row['bytes_vs_baseline']:.2f}%")
         Console().print(table)
         for k, v in r["summary"].items():
             click.echo(f"  {k}: {v}")

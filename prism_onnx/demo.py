@@ -41,12 +41,11 @@ def run_demo(out: str | Path = "out/demo", devices: int = 2, cr: int = 8, text: 
 
     from . import models
     from .evaluate.probe import mean_pool
-    from .plan import make_plan
     from .reference import prism_model, run_devices
     from .runtime.bundle import DeviceBundle
     from .runtime.client import LocalCluster
     from .runtime.device import Requests
-    from .runtime.wire import plan_traffic
+    from .runtime.wire import baseline_bytes_per_layer
 
     bundle = _export(Path(out), devices, cr, echo)
     with LocalCluster(bundle) as cluster:
@@ -63,9 +62,7 @@ def run_demo(out: str | Path = "out/demo", devices: int = 2, cr: int = 8, text: 
     hidden = outputs["last_hidden_state"]
     emb, emb_full = mean_pool(hidden, mask), mean_pool(full, mask)
 
-    spec = req.spec
-    baseline = make_plan(spec, mask, devices=devices, compression_ratio=1, keep_sinks=False)
-    base_bytes = sum(map(sum, plan_traffic(baseline, spec["hidden_size"], spec["num_layers"], "float32")[0]))
+    base_bytes = req.spec.num_layers * baseline_bytes_per_layer(req.spec, mask, req.manifest.settings)
     sent = sum(stats["bytes_sent"])
     report = {
         "tokens": int(mask.sum()), "devices": devices, "compression_ratio": cr,

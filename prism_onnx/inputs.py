@@ -35,19 +35,19 @@ def patchify(pixel_values: np.ndarray, patch_size: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([cls_slot, x], axis=1).astype(np.float32))
 
 
-def prepare(spec: Mapping, inputs: Mapping) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def prepare(spec, inputs: Mapping) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Validate a request against the model spec; return (token-level inputs, attention mask [B, N]).
 
-    `spec` is `ModelSpec.to_dict()` (also stored in every bundle manifest).
+    `spec` is the model's ModelSpec (every bundle manifest carries it).
     """
-    if spec["input_kind"] == IMAGE:
+    if spec.input_kind == IMAGE:
         return _prepare_image(spec, inputs)
     return _prepare_text(spec, inputs)
 
 
 def _prepare_text(spec, inputs):
     if "input_ids" not in inputs or inputs["input_ids"] is None:
-        raise InputError(f"{spec['model_type']} needs input_ids (got {sorted(inputs)})")
+        raise InputError(f"{spec.model_type} needs input_ids (got {sorted(inputs)})")
     ids = _as_numpy(inputs["input_ids"])
     if ids.ndim == 1:
         ids = ids[None, :]
@@ -56,12 +56,12 @@ def _prepare_text(spec, inputs):
     B, N = ids.shape
     if N < 1:
         raise InputError("input_ids is empty")
-    if N > spec["max_positions"]:
+    if N > spec.max_positions:
         raise InputError(
-            f"sequence of {N} tokens is longer than the model's {spec['max_positions']} positions"
+            f"sequence of {N} tokens is longer than the model's {spec.max_positions} positions"
         )
-    if ids.min() < 0 or ids.max() >= spec["vocab_size"]:
-        raise InputError(f"input_ids out of range [0, {spec['vocab_size']}): min {ids.min()}, max {ids.max()}")
+    if ids.min() < 0 or ids.max() >= spec.vocab_size:
+        raise InputError(f"input_ids out of range [0, {spec.vocab_size}): min {ids.min()}, max {ids.max()}")
     mask = inputs.get("attention_mask")
     mask = np.ones((B, N), np.int64) if mask is None else _as_numpy(mask)
     if mask.ndim == 1:
@@ -71,7 +71,7 @@ def _prepare_text(spec, inputs):
     if not np.all(mask.astype(bool).any(axis=1)):
         raise InputError("every batch row needs at least one real token (attention_mask is all zero in a row)")
     token_inputs = {"input_ids": ids.astype(np.int64)}
-    if "token_type_ids" in spec["embed_inputs"]:
+    if "token_type_ids" in spec.embed_inputs:
         tt = inputs.get("token_type_ids")
         tt = np.zeros((B, N), np.int64) if tt is None else _as_numpy(tt)
         if tt.shape != (B, N):
@@ -82,14 +82,14 @@ def _prepare_text(spec, inputs):
 
 def _prepare_image(spec, inputs):
     if "pixel_values" not in inputs or inputs["pixel_values"] is None:
-        raise InputError(f"{spec['model_type']} needs pixel_values (got {sorted(inputs)})")
+        raise InputError(f"{spec.model_type} needs pixel_values (got {sorted(inputs)})")
     px = _as_numpy(inputs["pixel_values"]).astype(np.float32)
     if px.ndim == 3:
         px = px[None]
-    C, S = spec["num_channels"], spec["image_size"]
+    C, S = spec.num_channels, spec.image_size
     if px.ndim != 4 or px.shape[1:] != (C, S, S):
         raise InputError(
             f"image of the wrong size: the model takes pixel_values [batch, {C}, {S}, {S}], got {list(px.shape)}"
         )
-    patches = patchify(px, spec["patch_size"])
+    patches = patchify(px, spec.patch_size)
     return {"patches": patches}, np.ones(patches.shape[:2], np.int64)

@@ -181,6 +181,11 @@ class Plan:
         seg = self.segments[p].averager
         return seg if self.receivers(p) else seg[:, :0, :]
 
+    def position_ids(self, p: int) -> np.ndarray:
+        """[n_p] global positions of device p's tokens (int64)."""
+        s, e = self.spans[p]
+        return np.arange(s, e, dtype=np.int64)
+
     def valid(self, p: int) -> np.ndarray:
         s, e = self.spans[p]
         return np.asarray(self.attention_mask)[:, s:e].astype(bool)
@@ -208,20 +213,20 @@ class Plan:
 
 def make_plan(spec, attention_mask, *, devices: int, compression_ratio: int, count_bias: bool = True,
               keep_sinks: bool = True, split_weights=None) -> Plan:
-    """The plan for a model (a ModelSpec or its dict) and a request's [B, N] attention mask."""
-    spec = spec if isinstance(spec, dict) else spec.to_dict()
+    """The plan for a model (its ModelSpec: `causal`, `sinks`) and a request's [B, N] attention mask."""
     return Plan(
         attention_mask=attention_mask, devices=devices, compression_ratio=compression_ratio,
-        causal=spec["causal"], sinks=tuple(spec["sinks"]) if keep_sinks else (), count_bias=count_bias,
+        causal=spec.causal, sinks=tuple(spec.sinks) if keep_sinks else (), count_bias=count_bias,
         weights=tuple(split_weights) if split_weights else None,
     )
 
 
-def plan_from_manifest(manifest: dict, attention_mask) -> Plan:
-    """The plan a bundle's settings give for a request (every device computes the same one)."""
-    return make_plan(manifest["model"], attention_mask, devices=manifest["devices"],
-                     compression_ratio=manifest["compression_ratio"], count_bias=manifest["count_bias"],
-                     keep_sinks=manifest["keep_sinks"], split_weights=manifest["split"]["weights"])
+def plan_for(spec, attention_mask, settings, split_weights=None) -> Plan:
+    """The plan of PrismSettings (P, CR, switches, split) for a request; `split_weights` overrides the
+    settings' split (a run-time choice)."""
+    return make_plan(spec, attention_mask, devices=settings.devices, compression_ratio=settings.compression_ratio,
+                     count_bias=settings.count_bias, keep_sinks=settings.keep_sinks,
+                     split_weights=split_weights if split_weights is not None else settings.split_weights)
 
 
 def max_rows(max_tokens: int, compression_ratio: int) -> int:

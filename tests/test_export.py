@@ -59,8 +59,8 @@ def test_bundles_equal_model_at_cr1_and_simulate_at_cr4(arch, devices, tiny_dirs
 @pytest.mark.parametrize("arch", EXPORT_ARCHS)
 def test_graphs_are_standard_onnx(arch, exported_graphs):
     g = exported_graphs[arch]
-    for name, fname in g.files.items():
-        proto = onnx.load(str(g.folder / fname))
+    for name in g.files:
+        proto = onnx.load(str(g.path(name)))
         onnx.checker.check_model(proto, full_check=True)
         assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}, name
         assert not proto.functions
@@ -116,7 +116,7 @@ def test_quantized_export_uses_onnxruntime_quantization_and_validates(make_bundl
     g.source = exported_graphs["BertModel"].source
     out = write_bundles(g, tmp_path / "bundle", ExportSettings(devices=2, compression_ratio=2))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["quantize"] == "int8"
+    assert manifest["settings"]["quantize"] == "int8"
     ops = {n.op_type for n in onnx.load(str(out / "device-0" / "layer_0.onnx")).graph.node}
     assert "MatMulInteger" in ops and "DynamicQuantizeLinear" in ops
     report = validate(out, samples=4)
@@ -131,12 +131,14 @@ def test_manifest_records_settings_and_hashes(make_bundle):
     top = json.loads((out / "manifest.json").read_text())
     dev = json.loads((out / "device-2" / "manifest.json").read_text())
     assert dev["rank"] == 2 and dev["export_id"] == top["export_id"]
-    for key in ("devices", "compression_ratio", "wire_dtype", "opset", "package_version", "split", "model"):
+    for key in ("settings", "package_version", "model", "program", "graphs"):
         assert dev[key] == top[key]
-    assert top["wire_dtype"] == "int8" and top["model"]["max_positions"] == 17
+    assert top["settings"]["wire_dtype"] == "int8" and top["model"]["max_positions"] == 17
     assert "device-2/preprocessor_config.json" in top["files"]
     assert all(sha256_file(out / rel) == digest for rel, digest in top["files"].items())
-    assert [e["name"] for e in top["exchange_points"]] == ["attn_in.0", "attn_in.1"]
+    points = top["program"]["exchange_points"]
+    assert [(e["name"], e["producer"], e["consumer"], e["width"]) for e in points] == [
+        ("attn_in.0", "embed", "layer_0", 32), ("attn_in.1", "layer_0", "layer_1", 32)]
 
 
 def test_tampered_file_is_refused_naming_it(make_bundle):

@@ -40,8 +40,8 @@ def layers(tmp_path_factory):
     int8 = {}
     for name in ("layer_0", f"layer_{LAYERS - 1}"):
         int8[name] = root / f"{name}.int8.onnx"
-        quantize_int8(graphs.folder / graphs.files[name], int8[name])
-    return {"fp32": {name: graphs.folder / f for name, f in graphs.files.items()}, "int8": int8}
+        quantize_int8(graphs.path(name), int8[name])
+    return {"fp32": {name: graphs.path(name) for name in graphs.files}, "int8": int8}
 
 
 def layer_inputs(B, n, R, S, last=False) -> dict[str, list[int]]:

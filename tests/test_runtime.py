@@ -41,15 +41,14 @@ def assert_same(a: dict, b: dict):
 def assert_traffic_is_analytic(executor: Executor, inputs: dict, stats: dict):
     _, plan = executor.requests.prepare(inputs)
     m = executor.manifest
-    sent, received = plan_traffic(plan, m["model"]["hidden_size"], m["model"]["num_layers"], m["wire_dtype"])
+    sent, received = plan_traffic(plan, m.model.row_width, m.model.num_layers, m.settings.wire_dtype)
     assert stats["bytes_sent"] == [sum(s) for s in sent]
     assert stats["bytes_received"] == [sum(r) for r in received]
     assert [d["sent"] for d in stats["per_layer"]] == sent
     assert [d["received"] for d in stats["per_layer"]] == received
 
 
-@pytest.mark.parametrize("arch", EXPORT_ARCHS)
-@pytest.mark.parametrize("devices", [2, 3])
+@pytest.mark.parametrize("arch,devices", [(a, 3) for a in EXPORT_ARCHS] + [("BertModel", 2), ("GPT2LMHeadModel", 2)])
 def test_launch_equals_executor_and_counts_bytes(arch, devices, make_bundle):
     bundle = make_bundle(arch, devices=devices, compression_ratio=3)
     inputs = inputs_for_arch(arch)
@@ -65,7 +64,7 @@ def test_launch_equals_executor_and_counts_bytes(arch, devices, make_bundle):
     assert_same(outputs2, ex.run(other).outputs)
     assert_traffic_is_analytic(ex, inputs, stats)
     assert_traffic_is_analytic(ex, other, stats2)
-    assert stats["bytes_sent"] == expected.stats()["bytes_sent"]
+    assert stats["bytes_sent"] == expected.stats.bytes_sent
 
 
 @pytest.mark.parametrize("wire", ["float16", "int8"])
@@ -201,7 +200,8 @@ def test_peer_dying_mid_request_fails_that_request_and_recovers(make_bundle):
         assert_same(cluster.client.infer(**request_kwargs(inputs))[0], expected)
         # killed peer: requests fail clearly; once it is restarted, the survivors serve again
         cluster.stop_device(2, signal.SIGKILL)
-        with pytest.raises(PeerError, match="device"):
+        with pytest.raises(PeerError, match=r"device 2 is not connected|devices \[2\] are not connected|"
+                                            r"no means from device\(s\) \[2\]"):
             cluster.client.infer(**request_kwargs(inputs))
         cluster.start_device(2)
         cluster.wait_ready(30)
@@ -254,8 +254,11 @@ def test_early_frame_that_does_not_fit_the_plan_is_rejected_when_its_turn_comes(
     from prism_onnx.plan import make_plan
     from prism_onnx.runtime.exchange import LocalHub
 
-    plan = make_plan({"causal": False, "sinks": []}, np.ones((1, 10), np.int64), devices=2, compression_ratio=2)
-    hub = LocalHub(2, wire_dtype="float32", hidden=4, layers=1, export_tag=7, max_rows=8, max_batch=2, timeout=2.0)
+    from types import SimpleNamespace
+
+    plan = make_plan(SimpleNamespace(causal=False, sinks=()), np.ones((1, 10), np.int64), devices=2, compression_ratio=2)
+    hub = LocalHub(2, wire_dtype="float32", width=4, points=["attn_in.0"], export_tag=7, max_rows=8, max_batch=2,
+                   timeout=2.0)
     dev1 = hub.endpoints[1]
     counts = plan.segments[0].counts  # [1, 3]: device 0 sends 3 means of its 5 tokens
     frame = lambda request, c: encode_means(MeansFrame(request, 0, 0, 1, 7, c, np.full((1, c.shape[1], 4), float(request),  # noqa: E731

@@ -18,32 +18,33 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..exporters.bundle import Graphs, settings_of, write_bundles
+from ..exporters.bundle import Graphs, write_bundles
 from ..runtime.bundle import MANIFEST, read_manifest
 from ..runtime.client import LocalCluster
 from ..runtime.executor import Executor
 from .flops import AVERAGER, graph_flops
 
 
-def bench_inputs(manifest: dict, seq_len: int | None, seed: int = 0) -> dict:
+def bench_inputs(manifest, seq_len: int | None, seed: int = 0) -> dict:
     """One request: random token ids of `seq_len` (all real tokens), or one random image."""
-    spec = manifest["model"]
+    spec = manifest.model
     rng = np.random.default_rng(seed)
-    if spec["input_kind"] == "image":
-        S, C = spec["image_size"], spec["num_channels"]
+    if spec.input_kind == "image":
+        S, C = spec.image_size, spec.num_channels
         return {"pixel_values": rng.standard_normal((1, C, S, S)).astype(np.float32)}
-    n = seq_len or manifest["max_seq_len"]
-    return {"input_ids": rng.integers(1000 if spec["vocab_size"] > 2000 else 0, spec["vocab_size"], (1, n))}
+    n = seq_len or manifest.settings.max_seq_len
+    return {"input_ids": rng.integers(1000 if spec.vocab_size > 2000 else 0, spec.vocab_size, (1, n))}
 
 
-def requested_outputs(manifest: dict) -> list[str] | None:
+def requested_outputs(manifest) -> list[str] | None:
     """The pooled outputs when the model has them (a classifier's answer lives on device 0; token outputs
     would be gathered across the network), else everything."""
-    return list(manifest["model"]["pooled_outputs"]) or None
+    return list(manifest.model.pooled_outputs) or None
 
 
 _FLOPS: dict[tuple, dict] = {}
@@ -52,26 +53,38 @@ _FLOPS: dict[tuple, dict] = {}
 def _flops(bundle, name: str, shapes: tuple) -> dict:
     """graph_flops, memoised by the graph's sha256 and the shapes: every device (and every bundle laid out
     from the same graphs) runs identical files."""
-    key = (bundle.manifest["files"][bundle.manifest["graphs"][name]], shapes)
+    key = (bundle.manifest.files[bundle.manifest.graphs[name].file], shapes)
     if key not in _FLOPS:
         _FLOPS[key] = graph_flops(bundle.graph(name), {k: list(v) for k, v in shapes})
     return _FLOPS[key]
 
 
+def received_inputs(program) -> dict[str, set[str]]:
+    """Per graph: the inputs that carry received rows (recv:*) or their bias: their axis 1 is R."""
+    return {step.graph: {n for n, ref in step.inputs.items() if ref.startswith("recv:") or ref == "plan:remote_bias"}
+            for step in program.steps}
+
+
 def device_work(executor: Executor, inputs: dict, outputs, repeats: int, count_means: bool = True) -> list[dict]:
-    """Per device: FLOPs of the graph calls it made (by category) and the median time to replay them
-    alone on one onnxruntime thread."""
+    """Per device: FLOPs of the graph calls it made (by category), the linear FLOPs of the same calls
+    with no received rows (R = 0: the bound that PRISM's means approach from above), and the median time
+    to replay the calls alone on one onnxruntime thread."""
     for e in executor.engines:
         e.recorder = []
     executor.run(inputs, outputs)
+    remote = received_inputs(executor.program)
     work = []
     for e in executor.engines:
         calls, e.recorder = e.recorder, None
         cats: dict[str, int] = {}
+        linear_alone = 0
         for name, feeds in calls:
-            f = _flops(e.bundle, name, tuple((k, v.shape) for k, v in feeds.items()))
+            shapes = tuple((k, v.shape) for k, v in feeds.items())
+            f = _flops(e.bundle, name, shapes)
             for c, v in f["by_category"].items():
                 cats[c] = cats.get(c, 0) + v
+            alone = tuple((k, (s[0], 0, *s[2:]) if k in remote[name] else s) for k, s in shapes)
+            linear_alone += _flops(e.bundle, name, alone)["by_category"]["linear"]
         if not count_means:  # the baseline sends raw hidden states: its identity averager is not real work
             cats.pop("segment_means", None)
         times = []
@@ -80,7 +93,7 @@ def device_work(executor: Executor, inputs: dict, outputs, repeats: int, count_m
             for name, feeds in calls:
                 e.sessions[name].run(None, feeds)
             times.append(time.perf_counter() - t0)
-        work.append({"flops": sum(cats.values()), "by_category": cats,
+        work.append({"flops": sum(cats.values()), "by_category": cats, "linear_alone": linear_alone,
                      "time_ms": 1e3 * statistics.median(times) if times else None})
     return work
 
@@ -90,7 +103,7 @@ def latency_ms(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repea
     namespace behind a `bandwidth` tbf link, pinned to its own core, one onnxruntime thread."""
     from ..testbed import Testbed
 
-    P = read_manifest(bundle / MANIFEST)["devices"]
+    P = read_manifest(bundle / MANIFEST).devices
     cores = os.cpu_count() or 1
     with Testbed(P, rate=bandwidth) as net:
         pin = lambda k: [*net.prefix(k), "taskset", "-c", str(k % cores)]  # noqa: E731
@@ -108,17 +121,6 @@ def cut(a: float, b: float) -> float:
     return 1 - a / b if b else 0.0
 
 
-def linear_bound(manifest: dict) -> float:
-    """Cut of the linear layers' FLOPs, ignoring attention: PRISM projects Q, O and the FFN for n rows and
-    K, V for n (+ a few means) rows; the baseline projects K, V for all N rows. With r = I / D:
-    1 - (4 + 2r) n / ((2 + 2r) n + 2N), i.e. 1 - 12 / (10 + 2P) for BERT (r = 4) and an even split."""
-    cfg, P = manifest["config_summary"], manifest["devices"]
-    D = manifest["model"]["hidden_size"]
-    inter = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * D
-    r = inter / D
-    return 1 - (4 + 2 * r) / ((2 + 2 * r) + 2 * P)
-
-
 def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | None = None, repeats: int = 3,
           latency: bool = True, sweep: list[str] | None = None, plot: str | Path | None = None,
           timeout: float = 60.0, echo=lambda *_: None) -> dict:
@@ -127,26 +129,25 @@ def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | 
     graphs = Graphs.from_export(export_dir)
     inputs = bench_inputs(m, seq_len)
     outputs = requested_outputs(m)
-    n_tokens = inputs["input_ids"].shape[1] if "input_ids" in inputs else m["model"]["max_positions"]
-    report = {"export": str(export_dir), "model": m["model"]["architecture"], "config": m["config_summary"],
-              "devices": m["devices"], "compression_ratio": m["compression_ratio"], "wire_dtype": m["wire_dtype"],
-              "keep_sinks": m["keep_sinks"], "tokens": int(n_tokens), "outputs": outputs or "all",
+    n_tokens = inputs["input_ids"].shape[1] if "input_ids" in inputs else m.model.max_positions
+    s = m.settings
+    report = {"export": str(export_dir), "model": m.model.architecture, "config": m.config_summary,
+              "devices": s.devices, "compression_ratio": s.compression_ratio, "wire_dtype": s.wire_dtype,
+              "keep_sinks": s.keep_sinks, "tokens": int(n_tokens), "outputs": outputs or "all",
               "bandwidth": bandwidth}
     with tempfile.TemporaryDirectory(prefix="prism-bench-", dir=export_dir.parent) as tmp:
         bundles = {
             "prism": export_dir,
-            "baseline": write_bundles(graphs, Path(tmp) / "baseline", settings_of(
-                m, compression_ratio=1, keep_sinks=False, wire_dtype="float32"), link=True),
-            "single_device": write_bundles(graphs, Path(tmp) / "single", settings_of(
-                m, devices=1, compression_ratio=1, keep_sinks=False, wire_dtype="float32", split_weights=None),
-                link=True),
+            "baseline": write_bundles(graphs, Path(tmp) / "baseline", s.baseline(), link=True),
+            "single_device": write_bundles(graphs, Path(tmp) / "single",
+                                           replace(s.baseline(), devices=1, split_weights=None), link=True),
         }
         bytes_, work = {}, {}
         for name, b in bundles.items():
             echo(f"measuring bytes and compute: {name}")
             ex = Executor(b)
             res = ex.run(inputs, outputs)
-            bytes_[name] = {"total": int(sum(res.stats()["bytes_sent"])), "sent_per_device": res.stats()["bytes_sent"]}
+            bytes_[name] = {"total": int(sum(res.stats.bytes_sent)), "sent_per_device": res.stats.bytes_sent}
             work[name] = device_work(ex, inputs, outputs, repeats, count_means=name == "prism")
             ex.close()
         report["bytes_per_inference"] = {"prism": bytes_["prism"]["total"], "baseline": bytes_["baseline"]["total"]}
@@ -157,8 +158,10 @@ def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | 
         report["compute_ms_per_device"] = {k: [round(w["time_ms"], 2) for w in v] for k, v in work.items()}
         pf, bf = max(report["flops_per_device"]["prism"]), max(report["flops_per_device"]["baseline"])
         lin = lambda k: max(c["linear"] for c in report["flops_by_category"][k])  # noqa: E731
+        # the bound: the same calls with no received rows (PRISM with infinitely long segments)
+        bound = max(w["linear_alone"] for w in work["prism"])
         report["flops_cut_vs_baseline"] = {"total": cut(pf, bf), "linear": cut(lin("prism"), lin("baseline")),
-                                           "linear_bound": linear_bound(m)}
+                                           "linear_bound": cut(bound, lin("baseline"))}
         pt, bt = max(report["compute_ms_per_device"]["prism"]), max(report["compute_ms_per_device"]["baseline"])
         report["compute_time_cut_vs_baseline"] = cut(pt, bt)
 
@@ -181,8 +184,8 @@ def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | 
                 report["speedup_vs_single_device"] = table[bandwidth]["single_device"] / table[bandwidth]["prism"]
                 report["latency_vs_bandwidth_ms"] = table
                 if plot and len(rates) > 1:
-                    plot_latency(table, plot, title=f"{m['model']['architecture']} P={m['devices']} "
-                                                    f"CR={m['compression_ratio']} N={n_tokens}")
+                    plot_latency(table, plot, title=f"{m.model.architecture} P={s.devices} "
+                                                    f"CR={s.compression_ratio} N={n_tokens}")
                     report["plot"] = str(plot)
     return report
 

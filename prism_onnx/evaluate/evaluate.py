@@ -6,6 +6,7 @@ Tasks (each with real weights, see tasks.py):
     longtext   MiniLM embedding cosine against the full model on WikiText-2 paragraphs of 256-512 tokens
     digits     a small ViT trained on scikit-learn digits (32x32, 4x4 patches); held-out accuracy
     wikitext   a small GPT-2 trained on WikiText-2 valid; perplexity on test windows of 256 tokens
+    wikitext-llama   the same with a small Llama (rotary, grouped-query attention: key/value exchange)
 
 The model is traced once; every (P, CR, count_bias, sinks) setting is a bundle laid out from those graphs
 and run by the in-process executor (onnxruntime). Bytes per inference are the runtime's own counters
@@ -20,7 +21,7 @@ import json
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,23 +29,15 @@ import torch
 
 from .. import models
 from ..data import digits_images, sst2, wikitext
-from ..exporters.bundle import ExportSettings, export_graphs, write_bundles
-from ..plan import make_plan
+from ..exporters.bundle import export_graphs, write_bundles
+from ..manifest import ExportSettings, PrismSettings
 from ..runtime.executor import Executor
-from ..runtime.wire import plan_traffic
+from ..runtime.wire import baseline_bytes_per_layer
 from . import tasks
 from .probe import MINILM, mean_pool, sst2_probe
 
-TASKS = ("sst2", "longtext", "digits", "wikitext")
+TASKS = ("sst2", "longtext", "digits", "wikitext", "wikitext-llama")
 HIGHER_IS_BETTER = {"accuracy": True, "cosine": True, "perplexity": False}
-
-
-@dataclass(frozen=True)
-class Setting:
-    devices: int
-    compression_ratio: int
-    count_bias: bool
-    keep_sinks: bool
 
 
 def untruncated(req):
@@ -188,13 +181,18 @@ class Digits(Task):
 
 class WikiTextLM(Task):
     metric = "perplexity"
+    MODELS = {"wikitext": ("gpt2-wikitext", tasks.build_gpt2_wikitext),
+              "wikitext-llama": ("llama-wikitext", tasks.build_llama_wikitext)}
 
-    def __init__(self, samples: int | None = 64, window: int = 256, root=None, **build_settings):
-        """samples windows of `window` tokens from wikitext2/test; build_settings go to build_gpt2_wikitext."""
+    def __init__(self, samples: int | None = 64, window: int = 256, root=None, task: str = "wikitext",
+                 **build_settings):
+        """samples windows of `window` tokens from wikitext2/test, scored with the task model of `task`
+        (wikitext: the GPT-2, wikitext-llama: the Llama); build_settings go to its builder."""
         self.samples, self.window, self.root, self.build_settings = samples or 64, window, root, build_settings
+        self.folder, self.builder = self.MODELS[task]
 
     def model_source(self):
-        return str(tasks.cached("gpt2-wikitext", tasks.build_gpt2_wikitext, self.root, **self.build_settings))
+        return str(tasks.cached(self.folder, self.builder, self.root, **self.build_settings))
 
     def batches(self, req):
         ids = np.asarray(untruncated(req).encode(wikitext("test")).ids, np.int64)  # [T]
@@ -215,14 +213,22 @@ class WikiTextLM(Task):
 
 def make_task(name: str, samples: int | None = None) -> Task:
     return {"sst2": lambda: SST2Probe(samples), "longtext": lambda: LongText(samples),
-            "digits": lambda: Digits(samples), "wikitext": lambda: WikiTextLM(samples)}[name]()
+            "digits": lambda: Digits(samples), "wikitext": lambda: WikiTextLM(samples),
+            "wikitext-llama": lambda: WikiTextLM(samples, task="wikitext-llama")}[name]()
 
 
-def input_lengths(inputs: dict, spec: dict) -> np.ndarray:
+def input_lengths(inputs: dict, spec) -> np.ndarray:
     """Real tokens of each input of a batch: the attention mask's row sums, or an image's fixed length."""
     if "attention_mask" in inputs:
         return np.asarray(inputs["attention_mask"]).sum(axis=1)
-    return np.full(len(next(iter(inputs.values()))), spec["max_positions"])
+    return np.full(len(next(iter(inputs.values()))), spec.max_positions)
+
+
+def batch_mask(inputs: dict, spec) -> np.ndarray:
+    """The [B, N] attention mask of a batch of model inputs (all ones for images)."""
+    if "attention_mask" in inputs:
+        return np.asarray(inputs["attention_mask"])
+    return np.ones((len(next(iter(inputs.values()))), spec.max_positions), np.int64)
 
 
 @torch.no_grad()
@@ -242,8 +248,8 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
         echo(f"{task}: tracing {t.model_source()} once")
         graphs = export_graphs(model, tmp / "graphs")
         graphs.source = str(t.model_source())
-        spec = graphs.spec.to_dict()
-        max_len = spec["max_positions"]
+        spec = graphs.spec
+        max_len = spec.max_positions
         first = write_bundles(graphs, tmp / "first", ExportSettings(devices=1, compression_ratio=1, max_seq_len=max_len),
                               link=True)
         req = Executor(first).requests
@@ -257,7 +263,9 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
         echo(f"{task}: full model {t.metric} {full_metric:.4f} on {n_inputs} inputs of {lengths.min()}-"
              f"{lengths.max()} tokens")
         rows = []
-        settings = [Setting(*s) for s in itertools.product(devices, compression_ratios, count_bias, keep_sinks)]
+        settings = [PrismSettings(*s) for s in itertools.product(devices, compression_ratios)]
+        settings = [replace(s, count_bias=cb, keep_sinks=sk) for s in settings for cb in count_bias
+                    for sk in keep_sinks]
         for i, s in enumerate(settings):
             if s.compression_ratio == 1 and (not s.count_bias or not s.keep_sinks):
                 continue  # at CR=1 both switches are exact no-ops: one row is enough
@@ -266,35 +274,33 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
             results = [ex.run(inputs) for inputs, _ in data]
             ex.close()
             metric = t.score([r.outputs for r in results], data)
-            sent = sum(sum(r.stats()["bytes_sent"]) for r in results)  # the runtime's own counters
-            rows.append({**asdict(s), t.metric: metric, "delta": metric - full_metric,
-                         "bytes_per_inference": sent / n_inputs})
+            sent = sum(sum(r.stats.bytes_sent) for r in results)  # the runtime's own counters
+            baseline = spec.num_layers * sum(baseline_bytes_per_layer(spec, batch_mask(inputs, spec), s)
+                                             for inputs, _ in data)  # Voltage, analytic
+            rows.append({"devices": s.devices, "compression_ratio": s.compression_ratio, "count_bias": s.count_bias,
+                         "keep_sinks": s.keep_sinks, t.metric: metric, "delta": metric - full_metric,
+                         "bytes_per_inference": sent / n_inputs, "bytes_vs_baseline": sent / baseline})
             echo(f"  P={s.devices} CR={s.compression_ratio} count_bias={s.count_bias} sinks={s.keep_sinks}: "
                  f"{t.metric} {metric:.4f} ({metric - full_metric:+.4f})")
             shutil.rmtree(tmp / f"b{i}", ignore_errors=True)
-    base = {s: r["bytes_per_inference"] for r in rows if r["compression_ratio"] == 1
-            for s in [r["devices"]]}
-    for r in rows:
-        b = base.get(r["devices"])
-        r["bytes_vs_cr1"] = r["bytes_per_inference"] / b if b else None
     return {"task": task, "metric": t.metric, "model": t.model_source(), "full_model": full_metric,
             "inputs": n_inputs, "tokens_per_input": {"min": int(lengths.min()), "mean": float(lengths.mean()),
                                                      "max": int(lengths.max())}, "rows": rows,
             "n512": cr_for_traffic_cut(spec, devices, compression_ratios, keep_sinks)}
 
 
-def cr_for_traffic_cut(spec: dict, devices, crs, keep_sinks, cut: float = 0.99, n: int = 512) -> dict:
+def cr_for_traffic_cut(spec, devices, crs, keep_sinks, cut: float = 0.99, n: int = 512) -> dict:
     """Per (P, sinks): the smallest CR of the sweep whose traffic for one n-token input is <= 1 - cut of
-    the CR=1, float32 baseline (the issue's 'N=512 inputs' operating point)."""
-    n = min(n, spec["max_positions"])
-    mask = np.ones((1, n), np.int64)
+    uncompressed position-wise partitioning (the issue's 'N=512 inputs' operating point)."""
+    from ..plan import plan_for
+    from ..runtime.wire import plan_traffic
+
+    mask = np.ones((1, min(n, spec.max_positions)), np.int64)
     out = {}
     for P, sinks in itertools.product(devices, keep_sinks):
-        base = sum(map(sum, plan_traffic(make_plan(spec, mask, devices=P, compression_ratio=1, keep_sinks=False),
-                                         spec["hidden_size"], 1, "float32")[0]))
-        ok = [cr for cr in sorted(crs) if sum(map(sum, plan_traffic(make_plan(
-            spec, mask, devices=P, compression_ratio=cr, keep_sinks=sinks), spec["hidden_size"], 1, "float32")[0]))
-            <= (1 - cut) * base]
+        base = baseline_bytes_per_layer(spec, mask, PrismSettings(P, 1))
+        ok = [cr for cr in sorted(crs) if sum(row[0] for row in plan_traffic(plan_for(
+            spec, mask, PrismSettings(P, cr, keep_sinks=sinks)), spec.row_width, 1, "float32")[0]) <= (1 - cut) * base]
         out[f"P={P} sinks={'on' if sinks else 'off'}"] = ok[0] if ok else None
     return out
 

@@ -1,7 +1,9 @@
-"""Two small task models with real, reproducibly trained weights, cached on disk.
+"""Small task models with real, reproducibly trained weights, cached on disk.
 
     vit_digits()      ViTForImageClassification on scikit-learn's digits (upscaled to 32x32 RGB)
     gpt2_wikitext()   GPT2LMHeadModel with its own byte-level BPE tokenizer, trained on WikiText-2 valid
+    llama_wikitext()  LlamaForCausalLM (RMSNorm, rotary, grouped-query attention, gated MLP), the same data,
+                      tokenizer recipe and training loop
 
 Each builder writes a `from_pretrained` folder plus `task.json` (task metric, training time, the settings
 it was built with). `cached` rebuilds a folder only when the requested settings differ from the recorded ones.
@@ -100,6 +102,11 @@ def vit_digits(root: Path | str | None = None) -> Path:
 def gpt2_wikitext(root: Path | str | None = None) -> Path:
     """The cached GPT-2 WikiText-2 language model with its tokenizer (default settings)."""
     return cached("gpt2-wikitext", build_gpt2_wikitext, root)
+
+
+def llama_wikitext(root: Path | str | None = None) -> Path:
+    """The cached Llama WikiText-2 language model with its tokenizer (default settings)."""
+    return cached("llama-wikitext", build_llama_wikitext, root)
 
 
 # ---------------------------------------------------------------- shared
@@ -264,14 +271,44 @@ def build_gpt2_wikitext(out_dir: Path | str, *, steps: int = 800, seed: int = 0,
     test perplexity (windows of `context` tokens) in `task.json`. Returns the task.json dict."""
     settings = {k: v for k, v in locals().items() if k != "out_dir"}
 
+    def model(tokenizer):
+        eot = tokenizer.eos_token_id
+        return tf.GPT2LMHeadModel(tf.GPT2Config(
+            vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+            bos_token_id=eot, eos_token_id=eot, pad_token_id=eot))
+
+    return _build_wikitext_lm(out_dir, model, settings, steps=steps, seed=seed, vocab_size=vocab_size,
+                              positions=n_positions, context=context, lr=lr, batch_size=batch_size, warmup=warmup)
+
+
+def build_llama_wikitext(out_dir: Path | str, *, steps: int = 800, seed: int = 0, vocab_size: int = 4096,
+                         hidden: int = 128, layers: int = 4, heads: int = 4, kv_heads: int = 2, intermediate: int = 352,
+                         positions: int = 512, context: int = 256, lr: float = 3e-3, batch_size: int = 8,
+                         warmup: int = 50) -> dict:
+    """The Llama counterpart of build_gpt2_wikitext: a LlamaForCausalLM of about the GPT-2 task model's size
+    (grouped-query attention: `kv_heads` < `heads`; gated MLP of `intermediate` ~ 8/3 hidden, tied embeddings),
+    on the same data with the same tokenizer recipe and training loop."""
+    settings = {k: v for k, v in locals().items() if k != "out_dir"}
+
+    def model(tokenizer):
+        eot = tokenizer.eos_token_id
+        return tf.LlamaForCausalLM(tf.LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+            num_key_value_heads=kv_heads, intermediate_size=intermediate, max_position_embeddings=positions,
+            tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot))
+
+    return _build_wikitext_lm(out_dir, model, settings, steps=steps, seed=seed, vocab_size=vocab_size,
+                              positions=positions, context=context, lr=lr, batch_size=batch_size, warmup=warmup)
+
+
+def _build_wikitext_lm(out_dir, make_model: Callable, settings: dict, *, steps: int, seed: int, vocab_size: int,
+                       positions: int, context: int, lr: float, batch_size: int, warmup: int) -> dict:
+    """Tokenizer and `make_model(tokenizer)` trained on WikiText-2 valid; saved with task.json (test perplexity)."""
     text = wikitext("valid")
-    tokenizer = train_tokenizer(text, vocab_size, n_positions)
+    tokenizer = train_tokenizer(text, vocab_size, positions)
     train_ids = torch.from_numpy(encode(tokenizer, text))  # [T]
     with deterministic(seed):
-        cfg = tf.GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                            n_head=n_head, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.eos_token_id)
-        model = tf.GPT2LMHeadModel(cfg)
+        model = make_model(tokenizer)
         start = time.perf_counter()
         _train_lm(model, train_ids, steps=steps, context=context, lr=lr, batch_size=batch_size, warmup=warmup,
                   seed=seed)

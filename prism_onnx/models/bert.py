@@ -1,4 +1,4 @@
-"""BERT (post-LN encoder): BertModel, BertForSequenceClassification."""
+"""BERT (post-LN encoder, hidden-state exchange): BertModel, BertForSequenceClassification."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions, SequenceClassifierOutput
 
 from ..errors import ModelLoadError
-from ..prism import Block
-from .base import ModelSpec, PrismModel, TupleHead, expect_shape
+from ..manifest import ModelSpec
+from .base import FeedForward, HiddenAttention, PostNormBlock, PrismModel, TupleHead, expect_linears, expect_shape
 
 MODEL_TYPE = "bert"
 ARCHITECTURES = ("BertModel", "BertForSequenceClassification")  # the first is the default
@@ -29,38 +29,38 @@ class Embed(nn.Module):
         return self.ln(x)
 
 
-def _block(layer, config, i: int) -> Block:
+def block(layer, config, i: int) -> PostNormBlock:
+    """One BertLayer (also RobertaLayer: the same layout) as a post-LN PRISM block."""
     D, I = config.hidden_size, config.intermediate_size
     att = layer.attention
-    for name, mod, shape in [
-        ("query", att.self.query, (D, D)), ("key", att.self.key, (D, D)), ("value", att.self.value, (D, D)),
-        ("attention.output.dense", att.output.dense, (D, D)),
-        ("intermediate.dense", layer.intermediate.dense, (I, D)), ("output.dense", layer.output.dense, (D, I)),
-    ]:
-        expect_shape(f"encoder.layer.{i}.{name}.weight", mod.weight, shape)
-    return Block(
-        norm="post",
-        ln_attn=att.output.LayerNorm,  # post-LN: applied after the attention residual
-        ln_mlp=layer.output.LayerNorm,
-        q=att.self.query, k=att.self.key, v=att.self.value, o=att.output.dense,
-        fc_in=layer.intermediate.dense, fc_out=layer.output.dense, act=layer.intermediate.intermediate_act_fn,
-        num_heads=config.num_attention_heads, causal=False,
-    )
+    expect_linears(f"encoder.layer.{i}", [
+        ("attention.self.query", att.self.query, (D, D)), ("attention.self.key", att.self.key, (D, D)),
+        ("attention.self.value", att.self.value, (D, D)), ("attention.output.dense", att.output.dense, (D, D)),
+        ("intermediate.dense", layer.intermediate.dense, (I, D)), ("output.dense", layer.output.dense, (D, I))])
+    attn = HiddenAttention(att.self.query, att.self.key, att.self.value, att.output.dense,
+                           config.num_attention_heads, causal=False)
+    mlp = FeedForward(layer.intermediate.dense, layer.intermediate.intermediate_act_fn, layer.output.dense)
+    return PostNormBlock(attn, att.output.LayerNorm, mlp, layer.output.LayerNorm)
+
+
+def check_encoder_config(config, family: str):
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        raise ModelLoadError(f"{family}: only absolute position embeddings are supported, got "
+                             f"{config.position_embedding_type}")
+    if getattr(config, "is_decoder", False):
+        raise ModelLoadError(f"{family}: decoder (is_decoder=True) models are not supported")
 
 
 def convert(model) -> PrismModel:
     config = model.config
     arch = type(model).__name__
-    if getattr(config, "position_embedding_type", "absolute") != "absolute":
-        raise ModelLoadError(f"bert: only absolute position embeddings are supported, got {config.position_embedding_type}")
-    if config.is_decoder:
-        raise ModelLoadError("bert: decoder (is_decoder=True) BERT models are not supported")
+    check_encoder_config(config, MODEL_TYPE)
     bert = model.base_model
     D = config.hidden_size
     expect_shape("embeddings.word_embeddings.weight", bert.embeddings.word_embeddings.weight, (config.vocab_size, D))
     expect_shape("embeddings.position_embeddings.weight", bert.embeddings.position_embeddings.weight,
                  (config.max_position_embeddings, D))
-    blocks = [_block(layer, config, i) for i, layer in enumerate(bert.encoder.layer)]
+    blocks = [block(layer, config, i) for i, layer in enumerate(bert.encoder.layer)]
 
     token_head, token_outputs = None, ()
     pooled_head, pooled_outputs = None, ()

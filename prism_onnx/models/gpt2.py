@@ -1,4 +1,4 @@
-"""GPT-2 (pre-LN decoder, causal): GPT2Model, GPT2LMHeadModel."""
+"""GPT-2 (pre-LN decoder, causal, hidden-state exchange): GPT2Model, GPT2LMHeadModel."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, CausalLMOutputWithCrossAttentions
 
 from ..errors import ModelLoadError
-from ..prism import Block
-from .base import ModelSpec, PrismModel, TupleHead, expect_shape, linear_from_conv1d
+from ..manifest import ModelSpec
+from .base import FeedForward, HiddenAttention, PreNormBlock, PrismModel, TupleHead, expect_shape, linear_from_conv1d
 
 MODEL_TYPE = "gpt2"
 ARCHITECTURES = ("GPT2Model", "GPT2LMHeadModel")  # the first is the default
@@ -26,7 +26,7 @@ class Embed(nn.Module):
         return self.wte(input_ids) + self.wpe(position_ids)[None, :, :]  # [B, n, D]
 
 
-def _block(layer, config, i: int) -> Block:
+def block(layer, config, i: int) -> PreNormBlock:
     D = config.hidden_size
     I = config.n_inner if config.n_inner is not None else 4 * D
     attn, mlp = layer.attn, layer.mlp
@@ -37,14 +37,12 @@ def _block(layer, config, i: int) -> Block:
     scale = (1.0 / dh**0.5) if config.scale_attn_weights else 1.0
     if config.scale_attn_by_inverse_layer_idx:
         scale /= float(i + 1)
-    return Block(
-        norm="pre", ln_attn=layer.ln_1, ln_mlp=layer.ln_2,
-        # c_attn packs q|k|v column-wise; PRISM projects Q for own rows only, so split it
-        q=linear_from_conv1d(attn.c_attn, slice(0, D)), k=linear_from_conv1d(attn.c_attn, slice(D, 2 * D)),
-        v=linear_from_conv1d(attn.c_attn, slice(2 * D, 3 * D)), o=attn.c_proj,
-        fc_in=mlp.c_fc, fc_out=mlp.c_proj, act=mlp.act,
-        num_heads=config.num_attention_heads, causal=True, scale=scale,
-    )
+    # c_attn packs q|k|v column-wise; PRISM projects Q for own rows only, so split it
+    attention = HiddenAttention(
+        linear_from_conv1d(attn.c_attn, slice(0, D)), linear_from_conv1d(attn.c_attn, slice(D, 2 * D)),
+        linear_from_conv1d(attn.c_attn, slice(2 * D, 3 * D)), attn.c_proj, config.num_attention_heads,
+        causal=True, scale=scale)
+    return PreNormBlock(layer.ln_1, attention, layer.ln_2, FeedForward(mlp.c_fc, mlp.act, mlp.c_proj))
 
 
 def convert(model) -> PrismModel:
@@ -56,7 +54,7 @@ def convert(model) -> PrismModel:
     D = config.hidden_size
     expect_shape("wte.weight", gpt2.wte.weight, (config.vocab_size, D))
     expect_shape("wpe.weight", gpt2.wpe.weight, (config.n_positions, D))
-    blocks = [_block(layer, config, i) for i, layer in enumerate(gpt2.h)]
+    blocks = [block(layer, config, i) for i, layer in enumerate(gpt2.h)]
 
     if arch == "GPT2Model":
         output_class = BaseModelOutputWithPastAndCrossAttentions

@@ -1,4 +1,5 @@
-"""ViT (pre-LN encoder over image patches + class token): ViTModel, ViTForImageClassification."""
+"""ViT (pre-LN encoder over image patches + class token, hidden-state exchange): ViTModel,
+ViTForImageClassification."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 
 from ..errors import ModelLoadError
-from ..prism import Block
-from .base import ModelSpec, PrismModel, TupleHead, expect_shape
+from ..manifest import ModelSpec
+from .base import FeedForward, HiddenAttention, PreNormBlock, PrismModel, TupleHead, expect_linears, expect_shape
 
 MODEL_TYPE = "vit"
 ARCHITECTURES = ("ViTModel", "ViTForImageClassification")  # the first is the default
@@ -31,21 +32,16 @@ class Embed(nn.Module):
         return x + self.pos[:, position_ids, :]  # [B, n, D]
 
 
-def _block(layer, config, i: int) -> Block:
+def block(layer, config, i: int) -> PreNormBlock:
     D, I = config.hidden_size, config.intermediate_size
     sa, out = layer.attention.attention, layer.attention.output
-    for name, mod, shape in [
+    expect_linears(f"encoder.layer.{i}", [
         ("attention.attention.query", sa.query, (D, D)), ("attention.attention.key", sa.key, (D, D)),
         ("attention.attention.value", sa.value, (D, D)), ("attention.output.dense", out.dense, (D, D)),
-        ("intermediate.dense", layer.intermediate.dense, (I, D)), ("output.dense", layer.output.dense, (D, I)),
-    ]:
-        expect_shape(f"encoder.layer.{i}.{name}.weight", mod.weight, shape)
-    return Block(
-        norm="pre", ln_attn=layer.layernorm_before, ln_mlp=layer.layernorm_after,
-        q=sa.query, k=sa.key, v=sa.value, o=out.dense,
-        fc_in=layer.intermediate.dense, fc_out=layer.output.dense, act=layer.intermediate.intermediate_act_fn,
-        num_heads=config.num_attention_heads, causal=False,
-    )
+        ("intermediate.dense", layer.intermediate.dense, (I, D)), ("output.dense", layer.output.dense, (D, I))])
+    attn = HiddenAttention(sa.query, sa.key, sa.value, out.dense, config.num_attention_heads, causal=False)
+    mlp = FeedForward(layer.intermediate.dense, layer.intermediate.intermediate_act_fn, layer.output.dense)
+    return PreNormBlock(layer.layernorm_before, attn, layer.layernorm_after, mlp)
 
 
 def convert(model) -> PrismModel:
@@ -62,7 +58,7 @@ def convert(model) -> PrismModel:
                  (D, config.num_channels, ps, ps))
     expect_shape("embeddings.cls_token", vit.embeddings.cls_token, (1, 1, D))
     expect_shape("embeddings.position_embeddings", vit.embeddings.position_embeddings, (1, n_tokens, D))
-    blocks = [_block(layer, config, i) for i, layer in enumerate(vit.encoder.layer)]
+    blocks = [block(layer, config, i) for i, layer in enumerate(vit.encoder.layer)]
 
     final_ln = vit.layernorm
     token_head, token_outputs, pooled_head, pooled_outputs = None, (), None, ()

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BundleError
+from ..manifest import FORMAT, FORMAT_VERSION, Manifest
 
 MANIFEST = "manifest.json"
-FORMAT = "prism-onnx-bundle"
-FORMAT_VERSION = 1
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "DeviceBundle", "Export", "read_manifest", "sha256_file",
+           "verify_files"]
 
 
 def sha256_file(path: Path) -> str:
@@ -32,19 +33,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> Manifest:
+    """The typed manifest at `path`; BundleError naming the file when it is missing or does not fit."""
     try:
-        manifest = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise BundleError(f"{path}: no manifest (is this a prism export or device bundle?)") from None
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BundleError(f"{path}: unreadable manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format version {manifest.get('format_version')}, this prism reads "
-                          f"{FORMAT_VERSION}; re-export it")
-    return manifest
+    return Manifest.from_dict(raw, str(path))
 
 
 def verify_files(root: Path, files: dict[str, str], label: str = "") -> None:
@@ -63,29 +60,29 @@ class DeviceBundle:
     """One device's folder, verified."""
 
     root: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def rank(self) -> int:
-        return int(self.manifest["rank"])
+        return int(self.manifest.rank)
 
     @property
     def export_id(self) -> str:
-        return self.manifest["export_id"]
+        return self.manifest.export_id
 
     @property
-    def spec(self) -> dict:
-        return self.manifest["model"]
+    def spec(self):
+        return self.manifest.model
 
     @property
     def devices(self) -> int:
-        return int(self.manifest["devices"])
+        return self.manifest.devices
 
     def graph(self, name: str) -> Path:
-        return self.root / self.manifest["graphs"][name]
+        return self.root / self.manifest.graphs[name].file
 
     def has_graph(self, name: str) -> bool:
-        return name in self.manifest["graphs"]
+        return name in self.manifest.graphs
 
     @classmethod
     def load(cls, root: str | Path, verify: bool = True) -> "DeviceBundle":
@@ -93,10 +90,10 @@ class DeviceBundle:
         if not root.is_dir():
             raise BundleError(f"{root}: no such bundle folder")
         manifest = read_manifest(root / MANIFEST)
-        if "rank" not in manifest:
+        if manifest.rank is None:
             raise BundleError(f"{root / MANIFEST}: this is an export folder, not a device bundle (use {root}/device-K)")
         if verify:
-            verify_files(root, manifest["files"], label=f"{root.name}/")
+            verify_files(root, manifest.files, label=f"{root.name}/")
         return cls(root, manifest)
 
 
@@ -105,28 +102,28 @@ class Export:
     """An export folder: its manifest and all P device bundles, cross-checked."""
 
     root: Path
-    manifest: dict
+    manifest: Manifest
     devices: list[DeviceBundle]
 
     @property
     def export_id(self) -> str:
-        return self.manifest["export_id"]
+        return self.manifest.export_id
 
     @classmethod
     def load(cls, root: str | Path, verify: bool = True) -> "Export":
         root = Path(root)
         manifest = read_manifest(root / MANIFEST)
-        if "rank" in manifest:
+        if manifest.rank is not None:
             raise BundleError(f"{root}: this is one device's bundle; give the export folder that holds device-K/")
         if verify:
-            verify_files(root, manifest["files"])
+            verify_files(root, manifest.files)
         devices = []
-        for k in range(int(manifest["devices"])):
+        for k in range(manifest.devices):
             folder = root / f"device-{k}"
             dev = DeviceBundle.load(folder, verify=verify)
-            if dev.export_id != manifest["export_id"]:
+            if dev.export_id != manifest.export_id:
                 raise BundleError(f"device-{k}/{MANIFEST}: belongs to export {dev.export_id[:12]}, not to this export "
-                                  f"{manifest['export_id'][:12]} (a device folder from another export)")
+                                  f"{manifest.export_id[:12]} (a device folder from another export)")
             if dev.rank != k:
                 raise BundleError(f"device-{k}/{MANIFEST}: claims rank {dev.rank}")
             devices.append(dev)

@@ -1,5 +1,6 @@
-"""Exchange points: before layer i, every device sends the segment means of layer i's attention input
-("attn_in.i") to its receivers and gathers those of its sources. This is the only traffic per layer.
+"""Exchange points: at each point the device program declares (`attn_in.i` or `kv.i`, see program.py),
+every device sends its segment-mean rows to its receivers and gathers those of its sources. This is the
+only traffic per layer.
 
 `Exchange` holds what every transport shares: encoding in the wire precision, byte counters, checking
 each frame against the plan, and matching frames to (request, layer, source) while frames of later
@@ -34,7 +35,8 @@ class Abort:
 
 @dataclass
 class Traffic:
-    """Bytes one device sent and received, per exchange point, measured on the frames' payloads."""
+    """Bytes one device sent and received, per exchange point (`layers` of them, one per layer), measured
+    on the frames' payloads."""
 
     layers: int
     sent: list[int] = field(default_factory=list)
@@ -51,17 +53,25 @@ class Traffic:
                 "per_layer": {"sent": list(self.sent), "received": list(self.received)},
                 "rejected_frames": self.rejected_frames}
 
+    @classmethod
+    def from_dict(cls, d: dict, layers: int) -> "Traffic":
+        """Inverse of to_dict (a device's traffic as its RESULT message reports it)."""
+        return cls(layers, [int(x) for x in d["per_layer"]["sent"]], [int(x) for x in d["per_layer"]["received"]],
+                   int(d.get("rejected_frames", 0)))
+
 
 class Exchange:
     """One device's endpoint of the all-gather of segment means."""
 
-    def __init__(self, rank: int, *, wire_dtype: str, hidden: int, layers: int, export_tag: int, max_rows: int,
+    def __init__(self, rank: int, *, wire_dtype: str, width: int, points: list[str], export_tag: int, max_rows: int,
                  max_batch: int, timeout: float = 30.0, max_pending: int = 256):
+        """width: values per row at every point; points: the exchange point names, in program order."""
         self.rank = rank
-        self.wire_dtype, self.hidden, self.layers = wire_dtype, hidden, layers
+        self.wire_dtype, self.width, self.points = wire_dtype, width, list(points)
+        self.layers = len(self.points)
         self.export_tag, self.max_rows, self.max_batch = export_tag, max_rows, max_batch
         self.timeout = timeout
-        self.traffic = Traffic(layers)  # totals since start
+        self.traffic = Traffic(self.layers)  # totals since start
         self._per_request: dict[int, Traffic] = {}  # the same counts, attributed to each request
         self.max_pending = max_pending
         self._pending: OrderedDict[tuple[int, int, int], tuple[MeansFrame, int]] = OrderedDict()  # (frame, bytes)
@@ -76,18 +86,26 @@ class Exchange:
         raise NotImplementedError
 
     # ---- the exchange
-    def all_gather(self, request: int, layer: int, means: np.ndarray, plan: Plan) -> np.ndarray:
-        """Send my means [B, S, D] for exchange point `layer`; return the sources' rows [B, R, D] in device order."""
+    def send(self, request: int, point: int, rows: np.ndarray, plan: Plan) -> None:
+        """Send my rows [B, S, W] at exchange point `point` to every device that receives from me."""
         counts = plan.segments[self.rank].counts
         for dst in plan.receivers(self.rank):
-            parts = encode_means(MeansFrame(request, layer, self.rank, dst, self.export_tag, counts, means),
+            parts = encode_means(MeansFrame(request, point, self.rank, dst, self.export_tag, counts, rows),
                                  self.wire_dtype)
             self._send(dst, parts)
-            self._count("sent", request, layer, sum(len(p) for p in parts))
+            self._count("sent", request, point, sum(len(p) for p in parts))
+
+    def gather(self, request: int, point: int, plan: Plan) -> np.ndarray:
+        """The rows [B, R, W] of my sources at exchange point `point`, in device order (waits for them)."""
         sources = plan.sources(self.rank)
-        frames = self._collect(request, layer, sources, plan)
+        frames = self._collect(request, point, sources, plan)
         rows = [frames[q].means for q in sources]
-        return np.concatenate(rows, axis=1) if rows else np.zeros((plan.batch, 0, self.hidden), np.float32)
+        return np.concatenate(rows, axis=1) if rows else np.zeros((plan.batch, 0, self.width), np.float32)
+
+    def all_gather(self, request: int, point: int, rows: np.ndarray, plan: Plan) -> np.ndarray:
+        """send, then gather."""
+        self.send(request, point, rows, plan)
+        return self.gather(request, point, plan)
 
     def finish(self, request: int) -> Traffic:
         """Request done (or failed) on this device: drop its stashed frames and any that arrive later.
@@ -120,8 +138,8 @@ class Exchange:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = [q for q in sources if q not in got]
-                raise PeerError(f"device {self.rank}, request {request}, exchange attn_in.{layer}: no means from "
-                                f"device(s) {missing} within {self.timeout:g} s")
+                raise PeerError(f"device {self.rank}, request {request}, exchange {self.points[layer]}: no means "
+                                f"from device(s) {missing} within {self.timeout:g} s")
             parts = self._recv(remaining)
             if parts is None:
                 continue
@@ -131,7 +149,7 @@ class Exchange:
                 continue
             nbytes = sum(len(p) for p in parts)
             try:
-                f = decode_means(parts, wire_dtype=self.wire_dtype, hidden=self.hidden, max_rows=self.max_rows,
+                f = decode_means(parts, wire_dtype=self.wire_dtype, hidden=self.width, max_rows=self.max_rows,
                                  max_batch=self.max_batch)
                 self._check_header(f)
             except FrameError as e:

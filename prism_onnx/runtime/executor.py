@@ -1,4 +1,4 @@
-"""The in-process executor: all P device bundles in one process (one thread each), means passed in memory
+"""The in-process executor: all P device bundles in one process (one thread each), rows passed in memory
 through the same wire encoding the network uses. onnxruntime + numpy only."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..program import DeviceResult, RequestStats, gather_outputs, own_slice, run_device
 from .bundle import Export
-from .device import DeviceResult, Engine, Requests, check_outputs, gather_outputs, own_slice, run_device
+from .device import Engine, Requests, check_outputs
 from .exchange import LocalHub
 
 
@@ -19,14 +20,7 @@ from .exchange import LocalHub
 class Result:
     outputs: dict[str, np.ndarray]
     devices: list[DeviceResult]
-
-    def stats(self) -> dict:
-        return {
-            "bytes_sent": [d.traffic.to_dict()["bytes_sent"] for d in self.devices],
-            "bytes_received": [d.traffic.to_dict()["bytes_received"] for d in self.devices],
-            "per_layer": [d.traffic.to_dict()["per_layer"] for d in self.devices],
-            "compute_ms": [round(1e3 * d.compute_s, 3) for d in self.devices],
-        }
+    stats: RequestStats
 
 
 class Executor:
@@ -35,24 +29,26 @@ class Executor:
     def __init__(self, export_dir: str | Path | Export, threads: int = 1, timeout: float = 60.0):
         self.export = export_dir if isinstance(export_dir, Export) else Export.load(export_dir)
         self.manifest = self.export.manifest
-        self.spec = self.manifest["model"]
+        self.spec = self.manifest.model
+        self.program = self.manifest.program
         self.engines = [Engine(b, threads) for b in self.export.devices]
         self.requests = Requests(self.export.devices[0])
         self.hub = LocalHub(len(self.engines), **self.engines[0].exchange_kwargs(timeout))
         self._ids = itertools.count(1)
         self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="prism-device")
 
-    def run(self, inputs: dict, outputs=None) -> Result:
+    def run(self, inputs: dict, outputs=None, split_weights=None) -> Result:
         """inputs: transformers-style (input_ids/attention_mask/token_type_ids or pixel_values);
-        outputs: the output names to compute and return (default: all)."""
-        token_inputs, plan = self.requests.prepare(inputs)
+        outputs: the output names to compute and return (default: all); split_weights: this request's
+        split (default: the export's)."""
+        token_inputs, plan = self.requests.prepare(inputs, split_weights)
         want = check_outputs(self.spec, outputs)
         request = next(self._ids)
-        futures = [self._pool.submit(run_device, eng, plan, p, own_slice(self.spec, token_inputs, plan, p),
+        futures = [self._pool.submit(run_device, self.program, eng, plan, p, own_slice(token_inputs, plan, p),
                                      self.hub.endpoints[p], request, want)
                    for p, eng in enumerate(self.engines)]
         results = [f.result() for f in futures]
-        return Result(gather_outputs(self.spec, results), results)
+        return Result(gather_outputs(self.program, results), results, RequestStats.of(results, plan))
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         return self.run(inputs).outputs

@@ -29,9 +29,9 @@ import numpy as np
 import zmq
 
 from ..errors import BundleError, FrameError, PeerError, PrismError
-from ..plan import plan_from_manifest
 from .bundle import DeviceBundle
-from .device import DeviceResult, Engine, Requests, check_outputs, own_slice, run_device
+from ..program import DeviceResult, RequestStats, gather_outputs, own_slice, run_device
+from .device import Engine, Requests, check_outputs
 from .exchange import Abort, Exchange, Traffic
 from .protocol import Kind, decode, encode, kind_of
 
@@ -63,13 +63,13 @@ def parse_peers(peers: str) -> list[tuple[str, int]]:
     return out
 
 
-def max_message_bytes(manifest: dict) -> int:
+def max_message_bytes(manifest) -> int:
     """Largest array part a legitimate message of this bundle can carry (inputs, means or outputs)."""
-    spec = manifest["model"]
-    B, N, D = manifest["max_batch"], manifest["max_seq_len"], spec["hidden_size"]
-    widest = max([D] + [int(o["shape"][-1]) for io in manifest["io"].values() for o in io["outputs"]
-                        if isinstance(o["shape"][-1], int)])
-    per_token_in = 4 * spec["num_channels"] * spec["patch_size"] ** 2 if spec["input_kind"] == "image" else 8
+    spec, s = manifest.model, manifest.settings
+    B, N, D = s.max_batch, s.max_seq_len, max(spec.hidden_size, spec.row_width)
+    widest = max([D] + [int(o.shape[-1]) for g in manifest.graphs.values() for o in g.outputs
+                        if isinstance(o.shape[-1], int)])
+    per_token_in = 4 * spec.num_channels * spec.patch_size ** 2 if spec.input_kind == "image" else 8
     return max(B * N * widest * 4, B * N * per_token_in, B * N * 8) + (1 << 16)
 
 
@@ -104,6 +104,7 @@ class Pending:
     client: bytes
     t0: float
     deadline: float
+    plan: object = None
     results: dict[int, tuple[dict, dict]] = field(default_factory=dict)
 
 
@@ -134,8 +135,8 @@ class DeviceHost:
         if self.rank != self.bundle.rank:
             raise BundleError(f"{bundle} is the bundle of device {self.bundle.rank}, not of rank {self.rank}")
         addrs = parse_peers(peers)
-        if len(addrs) != m["devices"]:
-            raise PrismError(f"--peers lists {len(addrs)} devices, this export has {m['devices']}")
+        if len(addrs) != m.devices:
+            raise PrismError(f"--peers lists {len(addrs)} devices, this export has {m.devices}")
         self.peers = {q: Peer(q, f"tcp://{h}:{p}") for q, (h, p) in enumerate(addrs) if q != self.rank}
         self.port = addrs[self.rank][1]
         self.serve, self.timeout, self.peer_timeout = serve, float(timeout), float(peer_timeout)
@@ -201,8 +202,8 @@ class DeviceHost:
         for s in [self.peer_in, self.results_in, *self.ctl.values()] + ([self.clients] if self.clients else []):
             poller.register(s, zmq.POLLIN)
         started, last_hello = time.monotonic(), 0.0
-        log.info("device %d/%d up on port %d (export %s)%s", self.rank, self.manifest["devices"], self.port,
-                 self.manifest["export_id"][:12], f", serving clients on port {self.serve}" if self.serve else "")
+        log.info("device %d/%d up on port %d (export %s)%s", self.rank, self.manifest.devices, self.port,
+                 self.manifest.export_id[:12], f", serving clients on port {self.serve}" if self.serve else "")
         try:
             while not self.stop.is_set() and self.fatal is None:
                 now = time.monotonic()
@@ -250,8 +251,8 @@ class DeviceHost:
 
     # ------------------------------------------------------------------------------------------ handshake
     def _hello(self):
-        meta = {"rank": self.rank, "nonce": self.nonce, "export_id": self.manifest["export_id"],
-                "devices": self.manifest["devices"], "serving": self.serve is not None,
+        meta = {"rank": self.rank, "nonce": self.nonce, "export_id": self.manifest.export_id,
+                "devices": self.manifest.devices, "serving": self.serve is not None,
                 "heard_from": sorted(q for q, p in self.peers.items() if p.nonce is not None),
                 "ready": self.ready,
                 "rejected_frames": self.exchange.traffic.rejected_frames}
@@ -268,16 +269,16 @@ class DeviceHost:
             self.peer_in.send_multipart([identity, *encode(Kind.REFUSE, {"reason": reason, "from": self.rank})])
 
         rank, nonce = meta.get("rank"), str(meta.get("nonce"))
-        if meta.get("export_id") != self.manifest["export_id"]:
+        if meta.get("export_id") != self.manifest.export_id:
             reason = (f"bundle from another export: device {rank} runs export {str(meta.get('export_id'))[:12]}, "
-                      f"device {self.rank} runs {self.manifest['export_id'][:12]}")
+                      f"device {self.rank} runs {self.manifest.export_id[:12]}")
             if not self.ready:  # no cluster can form; a running cluster ignores the stranger instead
                 self.fatal = f"device {self.rank} refused device {rank} at the handshake: {reason}"
             return refuse(reason)
         if rank == self.rank:
             return refuse(f"two runners claim rank {rank}")
         if rank not in self.peers:
-            return refuse(f"rank {rank} is not in 0..{self.manifest['devices'] - 1}")
+            return refuse(f"rank {rank} is not in 0..{self.manifest.devices - 1}")
         if meta.get("serving") and self.serve is not None:
             return refuse(f"devices {rank} and {self.rank} both serve clients; only one may")
         peer, now = self.peers[rank], time.monotonic()
@@ -367,9 +368,9 @@ class DeviceHost:
                     raise PeerError(f"request {job.request} expired before device {self.rank} could start it")
                 if job.request in self.aborted:
                     raise PeerError(f"request {job.request} was aborted before device {self.rank} started it")
-                plan = plan_from_manifest(self.manifest, job.attention_mask)
-                res: DeviceResult = run_device(self.engine, plan, self.rank, job.own_inputs, self.exchange,
-                                               job.request, job.outputs)
+                plan = self.manifest.plan(job.attention_mask)
+                res: DeviceResult = run_device(self.manifest.program, self.engine, plan, self.rank, job.own_inputs,
+                                               self.exchange, job.request, job.outputs)
                 meta.update(ok=True, timings=res.timings, traffic=res.traffic.to_dict())
                 arrays = res.outputs
             except PrismError as e:
@@ -409,13 +410,13 @@ class DeviceHost:
         try:
             inputs = self.requests.model_inputs(**self._request_inputs(meta, arrays))
             token_inputs, plan = self.requests.prepare(inputs)
-            want = check_outputs(self.manifest["model"], meta.get("outputs"))
+            want = check_outputs(self.manifest.model, meta.get("outputs"))
         except PrismError as e:
             return self._reply(client, {"ok": False, "error": f"{type(e).__name__}: {e}"})
         request = next(self.ids)
-        budget = self.timeout * (self.manifest["model"]["num_layers"] + 2)
+        budget = self.timeout * (self.manifest.model.num_layers + 2)
         for p in range(plan.devices):
-            own = own_slice(self.manifest["model"], token_inputs, plan, p)
+            own = own_slice(token_inputs, plan, p)
             if p == self.rank:
                 self.jobs.put(Job(request, self.rank, plan.attention_mask, own, now + budget, want))
                 continue
@@ -426,7 +427,7 @@ class DeviceHost:
                 self._abort(request, f"device {p} is not connected")
                 self._reply(client, {"ok": False, "error": f"device {p} is not connected"})
                 return
-        self.pending[request] = Pending(client, now, now + budget)
+        self.pending[request] = Pending(client, now, now + budget, plan)
 
     @staticmethod
     def _request_inputs(meta: dict, arrays: dict) -> dict:
@@ -449,39 +450,30 @@ class DeviceHost:
             self._abort(int(meta["request"]), meta.get("error", "device failed"))
             return self._reply(p.client, {"ok": False, "error": meta.get("error", "device failed")})
         p.results[rank] = (meta, dict(arrays))
-        if len(p.results) == self.manifest["devices"]:
+        if len(p.results) == self.manifest.devices:
             del self.pending[int(meta["request"])]
             self._reply(p.client, *self._assemble(p))
 
     def _assemble(self, p: Pending) -> tuple[dict, dict]:
-        spec = self.manifest["model"]
-        ranks = sorted(p.results)
-        first = p.results[0][1]
-        outputs = {n: np.concatenate([p.results[r][1][n] for r in ranks], axis=1) for n in spec["token_outputs"]
-                   if n in first}
-        outputs.update({n: first[n] for n in spec["pooled_outputs"] if n in first})
-        traffic = [p.results[r][0]["traffic"] for r in ranks]
-        stats = {
-            "bytes_sent": [t["bytes_sent"] for t in traffic], "bytes_received": [t["bytes_received"] for t in traffic],
-            "per_layer": [t["per_layer"] for t in traffic],
-            "compute_ms": [round(1e3 * sum(p.results[r][0]["timings"].values()), 3) for r in ranks],
-            "latency_ms": round(1e3 * (time.monotonic() - p.t0), 3),
-        }
-        return {"ok": True, "stats": stats}, outputs
+        """The devices' results -> the client's outputs (program.gather_outputs) and stats (RequestStats)."""
+        results = [DeviceResult(r, arrays, meta["timings"], Traffic.from_dict(meta["traffic"], self.exchange.layers))
+                   for r, (meta, arrays) in p.results.items()]
+        stats = RequestStats.of(results, p.plan, latency_ms=1e3 * (time.monotonic() - p.t0))
+        return {"ok": True, "stats": stats.to_dict()}, gather_outputs(self.manifest.program, results)
 
     def _expire(self):
         now = time.monotonic()
         for request, p in list(self.pending.items()):
             if now > p.deadline:
                 del self.pending[request]
-                missing = [q for q in range(self.manifest["devices"]) if q not in p.results]
+                missing = [q for q in range(self.manifest.devices) if q not in p.results]
                 self._abort(request, f"timed out waiting for devices {missing}")
                 self._reply(p.client, {"ok": False, "error": f"request timed out waiting for devices {missing}"})
 
     def status(self, now: float) -> dict:
         return {
             "ok": True, "ready": self.ready and all(p.alive(now) and p.ready for p in self.peers.values()),
-            "export_id": self.manifest["export_id"], "devices": self.manifest["devices"], "coordinator": self.rank,
+            "export_id": self.manifest.export_id, "devices": self.manifest.devices, "coordinator": self.rank,
             "connected": sorted([self.rank] + [q for q, p in self.peers.items() if p.alive(now)]),
             "rejected_frames": {str(self.rank): self.exchange.traffic.rejected_frames,
                                 **{str(q): p.rejected_frames for q, p in self.peers.items()}},

@@ -125,8 +125,19 @@ def decode_means(parts: list[bytes], *, wire_dtype: str, hidden: int, max_rows: 
     return MeansFrame(req, layer, src, dst, tag, counts, means)
 
 
+def baseline_bytes_per_layer(spec, attention_mask, settings) -> int:
+    """Bytes all devices send per layer under uncompressed position-wise partitioning (Voltage) for this
+    request: the plan of `settings.baseline()` with hidden states (D values per row) in float32 on the wire,
+    whatever the model's own exchange kind. Analytic: the reference that reductions are measured against."""
+    from ..plan import plan_for
+
+    sent, _ = plan_traffic(plan_for(spec, attention_mask, settings.baseline()), spec.hidden_size, 1, "float32")
+    return sum(row[0] for row in sent)
+
+
 def plan_traffic(plan, hidden: int, layers: int, wire_dtype: str) -> tuple[list[list[int]], list[list[int]]]:
-    """Analytic bytes per device and exchange point: (sent[p][layer], received[p][layer]).
+    """Analytic bytes per device and exchange point: (sent[p][layer], received[p][layer]) for rows of
+    `hidden` values (the exchange's row width).
 
     Device p sends one frame of its S_p rows to each receiver at every exchange point; the runtime's
     byte counters must equal these numbers.

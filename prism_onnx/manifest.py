@@ -1,0 +1,304 @@
+"""Typed, torch-free descriptions of a model, a deployment's settings and a bundle's manifest.
+
+    ModelSpec        the facts about a model that the plan, the exporter and the runtime need
+    PrismSettings    what decides the partition plan and the wire: P, CR, split, switches, wire precision;
+                     `baseline()` is uncompressed position-wise partitioning (Voltage): CR=1, no sinks, float32
+    ExportSettings   PrismSettings + what is fixed at export: limits, weight quantization, opset
+    Manifest         what `manifest.json` holds (export and device bundles), read with checked types
+
+Every module reads a manifest through `Manifest` attributes, never by string keys: `Manifest.from_dict` is
+the one place that knows the JSON layout, and it refuses a manifest that does not fit, naming the file.
+The CLI builds its options from the dataclass fields' metadata (help text, choices), so an option and the
+setting it fills cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any
+
+from .errors import BundleError, PlanError
+from .program import Program
+
+FORMAT = "prism-onnx-bundle"
+FORMAT_VERSION = 2
+WIRE_DTYPES = ("float32", "float16", "int8")
+QUANTIZE = ("none", "int8")
+EXCHANGES = ("hidden", "kv")
+DEFAULT_OPSET = 20
+
+
+def _tuple(v) -> tuple:
+    return tuple(v) if v is not None else ()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model family's `convert` reports about a model (JSON-serialisable, torch-free).
+
+    exchange: "hidden" = devices send Segment Means of the next layer's attention input ([B, S, D]);
+              "kv" = they send Segment Means of their rotated keys and values ([B, S, 2 * kv_heads * head_dim]),
+              for rotary models (PRISM.md, "Rotary models").
+    """
+
+    model_type: str  # config.model_type, e.g. bert, llama
+    architecture: str  # the transformers class, e.g. BertForSequenceClassification
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    max_positions: int  # tokens the position embeddings allow (ViT: 1 + patches, fixed)
+    causal: bool  # decoder: partition-aware causal mask
+    sinks: tuple[str, ...]  # sink tokens of this family ("first", "last"), sent as own segments when kept
+    input_kind: str  # "text" | "image"
+    embed_inputs: tuple[str, ...]  # token-level inputs of the embed graph, before position_ids
+    token_outputs: tuple[str, ...]  # per-token outputs (gathered along the sequence)
+    pooled_outputs: tuple[str, ...]  # outputs read from token 0 on device 0
+    exchange: str = "hidden"
+    kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = num_heads
+    head_dim: int = 0  # 0 = hidden_size // num_heads
+    vocab_size: int = 0
+    image_size: int = 0
+    patch_size: int = 0
+    num_channels: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("sinks", "embed_inputs", "token_outputs", "pooled_outputs"):
+            object.__setattr__(self, name, _tuple(getattr(self, name)))
+        if not self.kv_heads:
+            object.__setattr__(self, "kv_heads", self.num_heads)
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {self.exchange!r}")
+
+    @property
+    def row_width(self) -> int:
+        """Values per row on the wire: D for hidden exchange, 2 * kv_heads * head_dim for kv exchange."""
+        return self.hidden_size if self.exchange == "hidden" else 2 * self.kv_heads * self.head_dim
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.token_outputs + self.pooled_outputs
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSpec":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _opt(help: str, **more) -> dict:
+    """Field metadata the CLI turns into an option."""
+    return {"help": help, **more}
+
+
+@dataclass(frozen=True)
+class PrismSettings:
+    """What decides a request's partition plan and what travels on the wire."""
+
+    devices: int = field(metadata=_opt("Number of devices P.", flag="--devices", short="-P", min=1))
+    compression_ratio: int = field(metadata=_opt("Segment length CR: one mean row per CR tokens.",
+                                                 flag="--compression-ratio", short="--cr", min=1))
+    split_weights: tuple[float, ...] | None = field(default=None, metadata=_opt(
+        "Uneven split: one positive weight per device, e.g. 2,1,1 (default: even).", flag="--split"))
+    count_bias: bool = field(default=True, metadata=_opt("Add log(count) to the attention score of a mean row."))
+    keep_sinks: bool = field(default=True, metadata=_opt(
+        "Send sink tokens ([CLS], [SEP], the first token) as segments of their own."))
+    wire_dtype: str = field(default="float32", metadata=_opt(
+        "Precision of the means on the wire (int8: one scale per row).", choices=WIRE_DTYPES))
+
+    def __post_init__(self):
+        if self.split_weights is not None:
+            object.__setattr__(self, "split_weights", tuple(float(w) for w in self.split_weights))
+        if not isinstance(self.devices, int) or self.devices < 1:
+            raise PlanError(f"devices must be an integer >= 1, got {self.devices!r}")
+        if not isinstance(self.compression_ratio, int) or self.compression_ratio < 1:
+            raise PlanError(f"compression ratio must be an integer >= 1, got {self.compression_ratio!r}")
+        if self.wire_dtype not in WIRE_DTYPES:
+            raise PlanError(f"unknown wire dtype '{self.wire_dtype}'; choose one of {', '.join(WIRE_DTYPES)}")
+        w = self.split_weights
+        if w is not None:
+            if len(w) != self.devices:
+                raise PlanError(f"--split has {len(w)} weights for {self.devices} devices")
+            if not all(math.isfinite(x) and x > 0 for x in w):
+                raise PlanError(f"--split weights must be positive numbers, got {','.join(f'{x:g}' for x in w)}")
+
+    def baseline(self) -> "PrismSettings":
+        """Uncompressed position-wise partitioning (Voltage) on the same devices and split: CR=1, no sink
+        rows, float32 on the wire. The reference that traffic and compute reductions are measured against."""
+        return replace(self, compression_ratio=1, keep_sinks=False, wire_dtype="float32")
+
+    def prism(self) -> "PrismSettings":
+        """Only the plan-and-wire part (drops export-time fields of subclasses)."""
+        return PrismSettings(**{f.name: getattr(self, f.name) for f in fields(PrismSettings)})
+
+
+@dataclass(frozen=True)
+class ExportSettings(PrismSettings):
+    """PrismSettings plus what is fixed when the graphs are written (recorded in every manifest)."""
+
+    max_seq_len: int | None = field(default=None, metadata=_opt(
+        "Longest sequence the bundles accept (default: the model's positions).", min=1))
+    max_batch: int = field(default=64, metadata=_opt(
+        "Largest batch a request (and a means frame) may carry; runners refuse more.", min=1))
+    quantize: str = field(default="none", metadata=_opt(
+        "int8: dynamic int8 weights, per channel (onnxruntime.quantization).", choices=QUANTIZE))
+    opset: int = field(default=DEFAULT_OPSET, metadata=_opt("ONNX opset of the exported graphs.", min=18))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.quantize not in QUANTIZE:
+            raise PlanError(f"unknown quantization '{self.quantize}'; choose one of {', '.join(QUANTIZE)}")
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise PlanError(f"max batch must be an integer >= 1, got {self.max_batch!r}")
+
+    def for_model(self, spec: ModelSpec) -> "ExportSettings":
+        """These settings checked against a model, with max_seq_len resolved."""
+        max_len = self.max_seq_len or spec.max_positions
+        if max_len > spec.max_positions or max_len < self.devices:
+            raise PlanError(f"max sequence length {max_len} must be between the devices ({self.devices}) and the "
+                            f"model's positions ({spec.max_positions})")
+        if spec.input_kind == "image" and self.max_seq_len not in (None, spec.max_positions):
+            raise PlanError(f"an image model has a fixed length of {spec.max_positions} tokens")
+        return replace(self, max_seq_len=max_len)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["split_weights"] = list(self.split_weights) if self.split_weights else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExportSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}")
+        return cls(**d)
+
+
+def setting_fields(cls) -> list:
+    """The dataclass fields of a settings class, in order (for building CLI options)."""
+    return [f for f in fields(cls) if f.metadata]
+
+
+def field_default(f) -> Any:
+    return None if f.default is MISSING else f.default
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple  # ints and symbolic names
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """One ONNX file of a bundle and its inputs and outputs."""
+
+    file: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GraphFile":
+        tensors = lambda key: tuple(TensorInfo(str(t["name"]), str(t["dtype"]), tuple(t["shape"]))  # noqa: E731
+                                    for t in d[key])
+        return cls(str(d["file"]), tensors("inputs"), tensors("outputs"))
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a board turns raw inputs into model inputs: a tokenizer.json (text) or an image config."""
+
+    kind: str  # "text" | "image"
+    tokenizer: str | None = None  # file in the bundle (text)
+    pad_id: int = 0
+    config: str | None = None  # preprocessor_config.json (image)
+
+    def files(self) -> list[str]:
+        return [f for f in (self.tokenizer, self.config) if f]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json of an export folder (rank None) or of one device bundle (rank K)."""
+
+    export_id: str
+    model: ModelSpec
+    settings: ExportSettings
+    program: Program
+    graphs: dict[str, GraphFile]
+    preprocessing: Preprocessing
+    files: dict[str, str]  # relative path -> sha256
+    source: str = ""
+    created: str = ""
+    package_version: str = ""
+    config_summary: dict = field(default_factory=dict)
+    rank: int | None = None
+
+    @property
+    def devices(self) -> int:
+        return self.settings.devices
+
+    def to_dict(self) -> dict:
+        d = {"format": FORMAT, "format_version": FORMAT_VERSION, "export_id": self.export_id,
+             "package_version": self.package_version, "created": self.created, "source": self.source,
+             "model": self.model.to_dict(), "config_summary": self.config_summary,
+             "settings": self.settings.to_dict(), "program": self.program.to_dict(),
+             "graphs": {k: g.to_dict() for k, g in self.graphs.items()},
+             "preprocessing": self.preprocessing.to_dict()}
+        if self.rank is not None:
+            d["rank"] = self.rank
+        d["files"] = dict(self.files)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "manifest.json") -> "Manifest":
+        """Parse and check a manifest's JSON object; any problem is a BundleError naming `where`."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise BundleError(f"{where}: not a {FORMAT} manifest")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"{where}: bundle format version {d.get('format_version')}, this prism reads "
+                              f"{FORMAT_VERSION}; re-export it")
+        try:
+            rank = d.get("rank")
+            m = cls(
+                export_id=str(d["export_id"]), model=ModelSpec.from_dict(d["model"]),
+                settings=ExportSettings.from_dict(d["settings"]), program=Program.from_dict(d["program"]),
+                graphs={str(k): GraphFile.from_dict(g) for k, g in d["graphs"].items()},
+                preprocessing=Preprocessing(**d["preprocessing"]),
+                files={str(k): str(v) for k, v in d["files"].items()},
+                source=str(d.get("source", "")), created=str(d.get("created", "")),
+                package_version=str(d.get("package_version", "")), config_summary=dict(d.get("config_summary", {})),
+                rank=None if rank is None else int(rank),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError, PlanError) as e:
+            raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+        missing = sorted(set(m.program.graphs()) - set(m.graphs))
+        if missing:
+            raise BundleError(f"{where}: the device program runs graphs {missing} that the manifest does not list")
+        if m.rank is not None and not 0 <= m.rank < m.devices:
+            raise BundleError(f"{where}: rank {m.rank} outside 0..{m.devices - 1}")
+        return m
+
+    def plan(self, attention_mask, split_weights=None):
+        """The partition plan of a request under these settings (every device computes the same one)."""
+        from .plan import plan_for
+
+        return plan_for(self.model, attention_mask, self.settings, split_weights)
