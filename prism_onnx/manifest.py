@@ -149,11 +149,16 @@ class ExportSettings(PrismSettings):
     quantize: str = field(default="none", metadata=_opt(
         "int8: dynamic int8 weights, per channel (onnxruntime.quantization).", choices=QUANTIZE))
     opset: int = field(default=DEFAULT_OPSET, metadata=_opt("ONNX opset of the exported graphs.", min=18))
+    exchange: str = field(default="auto", metadata=_opt(
+        "What devices exchange: hidden (Segment Means of the attention input, the paper) or kv (of the rotated "
+        "keys and values; needed for generation). auto: the family's default.", choices=("auto",) + EXCHANGES))
 
     def __post_init__(self):
         super().__post_init__()
         if self.quantize not in QUANTIZE:
             raise PlanError(f"unknown quantization '{self.quantize}'; choose one of {', '.join(QUANTIZE)}")
+        if self.exchange not in ("auto",) + EXCHANGES:
+            raise PlanError(f"unknown exchange '{self.exchange}'; choose one of auto, {', '.join(EXCHANGES)}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise PlanError(f"max batch must be an integer >= 1, got {self.max_batch!r}")
 

@@ -182,9 +182,13 @@ class Plan:
         return seg if self.receivers(p) else seg[:, :0, :]
 
     def position_ids(self, p: int) -> np.ndarray:
-        """[n_p] global positions of device p's tokens (int64)."""
+        """[B, n_p] positions of device p's tokens in their own row: the real tokens before them, so a row
+        padded on the left counts from its first real token, as transformers' generate does; with right or
+        no padding these are the global indices s_p..e_p-1 (padding takes its neighbour's position, unused)."""
         s, e = self.spans[p]
-        return np.arange(s, e, dtype=np.int64)
+        mask = np.asarray(self.attention_mask).astype(bool)
+        pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # [B, N]
+        return np.ascontiguousarray(pos[:, s:e], dtype=np.int64)
 
     def valid(self, p: int) -> np.ndarray:
         s, e = self.spans[p]

@@ -8,7 +8,8 @@ the exchange points have one definition. Torch-free: boards import this.
 References in `Step.inputs` (graph input -> where its value comes from):
     input:NAME     a token-level request input, the device's own span: ids [B, n] or patches [B, n, C*ps*ps]
     plan:NAME      from the request's partition plan, for this device:
-                       position_ids [n] (global positions), averager [B, S, n], local_bias [B, n], remote_bias [B, R]
+                       position_ids [B, n] (in-row positions: Plan.position_ids), averager [B, S, n],
+                       local_bias [B, n], remote_bias [B, R]
     value:NAME     a tensor an earlier step of this device produced: hidden [B, n, D]; k, v [B, Hkv, n, dh]
     recv:POINT     the rows this device gathers at exchange point POINT: [B, R, W], sources in device order
     first:NAME     value NAME at token 0: [B, D]. A step reading it runs only on the device owning token 0 (rank 0)
@@ -222,9 +223,11 @@ class DeviceRun:
     """One device's state while it runs one request's program: the values it holds, its outputs."""
 
     def __init__(self, program: Program, backend: Backend, plan, rank: int, inputs: dict, exchange: Exchange,
-                 request: int = 0, outputs: set[str] | None = None):
+                 request: int = 0, outputs: set[str] | None = None, on_step: Callable | None = None):
+        """`plan`: anything with position_ids, averager, local_bias, remote_bias and span per rank (a Plan, or
+        generate.DecodePlan); `on_step(step, feeds, results)` is called after every step this device runs."""
         self.program, self.backend, self.plan, self.rank = program, backend, plan, rank
-        self.inputs, self.exchange, self.request = inputs, exchange, request
+        self.inputs, self.exchange, self.request, self.on_step = inputs, exchange, request, on_step
         self.want = set(program.token_outputs) | set(program.pooled_outputs) if outputs is None else set(outputs)
         self.values: dict[str, Any] = {}
         self.outputs: dict[str, Any] = {}
@@ -274,17 +277,19 @@ class DeviceRun:
                 self.exchange.send(self.request, self.program.point_index(key), value, self.plan)
             elif key in self.want:
                 self.outputs[key] = value
+        if self.on_step is not None:
+            self.on_step(step, feeds, results)
 
     def result(self, traffic=None) -> DeviceResult:
         return DeviceResult(self.rank, self.outputs, self.timings, traffic)
 
 
 def run_device(program: Program, backend: Backend, plan, rank: int, inputs: dict, exchange, request: int,
-               outputs: set[str] | None = None) -> DeviceResult:
+               outputs: set[str] | None = None, on_step: Callable | None = None) -> DeviceResult:
     """Device `rank`'s whole program for one request. `inputs` are the token-level inputs of its own span
     (see own_slice); `outputs` limits the heads run and the outputs returned (default: all). The exchange's
     per-request state is released whatever happens (`exchange.finish`)."""
-    run = DeviceRun(program, backend, plan, rank, inputs, exchange, request, outputs)
+    run = DeviceRun(program, backend, plan, rank, inputs, exchange, request, outputs, on_step)
     traffic = None
     try:
         for step in program.steps:
@@ -296,11 +301,12 @@ def run_device(program: Program, backend: Backend, plan, rank: int, inputs: dict
 
 
 def run_lockstep(program: Program, backend: Backend, plan, inputs: dict, exchanges: list, request: int = 0,
-                 outputs: set[str] | None = None) -> list[DeviceResult]:
+                 outputs: set[str] | None = None, hooks: dict | None = None) -> list[DeviceResult]:
     """All devices in one thread, one step at a time across devices (the reference's loop): every exchange
-    point's rows are sent by all devices before any device gathers them."""
-    runs = [DeviceRun(program, backend, plan, p, own_slice(inputs, plan, p), exchanges[p], request, outputs)
-            for p in range(plan.devices)]
+    point's rows are sent by all devices before any device gathers them. `hooks`: {rank: on_step}."""
+    hooks = hooks or {}
+    runs = [DeviceRun(program, backend, plan, p, own_slice(inputs, plan, p), exchanges[p], request, outputs,
+                      hooks.get(p)) for p in range(plan.devices)]
     for step in program.steps:
         for run in runs:
             run.step(step)

@@ -7,6 +7,7 @@ the rows as tensors, so gradients flow through it (calibration) when the wire is
 
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +27,14 @@ from .runtime.wire import check_wire_dtype, roundtrip
 _converted: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def prism_model(model) -> PrismModel:
-    """The PrismModel for a transformers model (converted once per model object)."""
+def prism_model(model, exchange: str | None = None) -> PrismModel:
+    """The PrismModel for a transformers model (converted once per model object), exchanging `exchange`
+    rows (hidden | kv; None: the family's default)."""
     if isinstance(model, PrismModel):
-        return model
+        return model.with_exchange(exchange)
     if model not in _converted:
         _converted[model] = models.convert(model)
-    return _converted[model]
+    return _converted[model].with_exchange(exchange)
 
 
 def _tensor(x):
@@ -40,13 +42,15 @@ def _tensor(x):
 
 
 class TorchBackend:
-    """Runs a program step with the family's PyTorch step module (the graph the exporter traces)."""
+    """Runs a program step with the family's PyTorch step module (the graph the exporter traces).
+    numpy=True returns numpy arrays (the decoder's numpy code runs on either backend)."""
 
-    def __init__(self, pm: PrismModel):
-        self.modules = pm.step_modules()
+    def __init__(self, pm: PrismModel, numpy: bool = False):
+        self.modules, self.numpy = pm.step_modules(), numpy
 
     def run(self, graph: str, feeds: dict) -> list:
-        return list(self.modules[graph](*[_tensor(v) for v in feeds.values()]))
+        out = list(self.modules[graph](*[_tensor(v) for v in feeds.values()]))
+        return [o.detach().numpy() for o in out] if self.numpy else out
 
 
 @dataclass
@@ -72,6 +76,7 @@ class _TensorEndpoint:
         self.hub, self.rank = hub, rank
 
     def send(self, request, point, rows, plan):
+        rows = _tensor(rows)
         if self.hub.wire_dtype != "float32":
             wired = torch.from_numpy(roundtrip(rows.detach().numpy(), self.hub.wire_dtype))
             rows = rows + (wired - rows).detach()
@@ -99,16 +104,17 @@ def run_devices(pm: PrismModel, token_inputs: dict[str, np.ndarray], plan: Plan,
 
 
 def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_bias: bool = True,
-             keep_sinks: bool = True, split_weights=None, wire_dtype: str = "float32",
+             keep_sinks: bool = True, split_weights=None, wire_dtype: str = "float32", exchange: str | None = None,
              trace: DeviceTrace | None = None, **kwargs):
     """Drop-in for `model(**inputs)` that runs PRISM over `devices` simulated devices.
 
     Returns the transformers output class of `model` with the same fields (`last_hidden_state`,
     `pooler_output`, `logits`). `inputs` are what the tokenizer or image processor returns (or keyword
     arguments like `input_ids=`, `attention_mask=`, `pixel_values=`). Padding (`attention_mask`) works.
-    `wire_dtype` (float32, float16, int8) applies the wire precision to every exchanged row.
+    `wire_dtype` (float32, float16, int8) applies the wire precision to every exchanged row; `exchange`
+    (hidden, kv) chooses what the devices exchange (default: the family's).
     """
-    pm = prism_model(model)
+    pm = prism_model(model, exchange)
     settings = PrismSettings(devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
                              keep_sinks=keep_sinks, split_weights=split_weights, wire_dtype=check_wire_dtype(wire_dtype))
     inputs = {**(dict(inputs) if inputs is not None else {}), **kwargs}
@@ -116,6 +122,33 @@ def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_
     plan = plan_for(pm.spec, mask, settings)
     with torch.no_grad():
         return pm.output_class(**run_devices(pm, token_inputs, plan, trace, settings.wire_dtype))
+
+
+def generate(model, inputs=None, *, devices: int, compression_ratio: int, count_bias: bool = True,
+             keep_sinks: bool = True, split_weights=None, wire_dtype: str = "float32", config=None, **kwargs):
+    """The reference of distributed generation (like `model.generate`): PRISM prefill over `devices`
+    simulated devices exchanging keys and values, then decoding on the tail device from its compressed
+    prefix cache. `config` is a GenerationConfig (default: 16 greedy tokens, stop at the model's EOS);
+    `inputs` as for simulate, left-padded when batched. Returns a generate.Generation."""
+    from .generate import CacheCollector, GenerationConfig, decode, stop_ids
+
+    pm = prism_model(model, "kv")
+    settings = PrismSettings(devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
+                             keep_sinks=keep_sinks, split_weights=split_weights, wire_dtype=check_wire_dtype(wire_dtype))
+    inputs = {**(dict(inputs) if inputs is not None else {}), **kwargs}
+    if config is None:
+        config = GenerationConfig(stop_token_ids=stop_ids(model.config.to_dict()))
+    token_inputs, mask = prepare(pm.spec, inputs)
+    plan = plan_for(pm.spec, mask, settings)
+    program = build_program(pm.spec)
+    tail = plan.devices - 1
+    collector = CacheCollector(program)
+    backend = TorchBackend(pm, numpy=True)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        run_lockstep(program, backend, plan, token_inputs, TensorHub(plan.devices, wire_dtype).endpoints,
+                     outputs=set(), hooks={tail: collector})
+        return decode(program, backend, collector, token_inputs["input_ids"], mask, config, tail, t0)
 
 
 def cli_inputs(source, spec, *, kind: str, texts=(), images=(), input_ids=None) -> dict:

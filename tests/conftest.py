@@ -140,6 +140,19 @@ def make_bundle(exported_graphs, tmp_path):
     return make
 
 
+def hf_forward(model, inputs: dict):
+    """The unpartitioned transformers model on `inputs`. Decoders get position ids counted from each row's
+    first real token (transformers' forward would count left padding; its generate does not, nor does
+    PRISM's plan: see Plan.position_ids)."""
+    import torch
+
+    feeds = {k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}
+    if type(model).__name__ in DECODERS and "attention_mask" in feeds:
+        feeds["position_ids"] = (feeds["attention_mask"].cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(**feeds)
+
+
 def inputs_for_arch(arch: str, seed: int = 0, lengths=(13, 9)) -> dict:
     """Batch 2: text rows of 13 and 9 tokens (padding: left for decoders, right for encoders), or 2 random
     16x16 images (17 tokens)."""

@@ -15,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import EXPORT_ARCHS, inputs_for_arch
+from conftest import EXPORT_ARCHS, hf_forward, inputs_for_arch
 from prism_onnx import models, simulate
 from prism_onnx.cli import main
 from prism_onnx.errors import BundleError
@@ -45,7 +45,7 @@ def test_bundles_equal_model_at_cr1_and_simulate_at_cr4(arch, devices, tiny_dirs
     model = models.load(tiny_dirs[arch])
     inputs = inputs_for_arch(arch)  # 13 / 9 tokens or 17 patches: not divisible by P=2,3 or CR=4
     with torch.no_grad():
-        ref = model(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+        ref = hf_forward(model, inputs)
     out = Executor(make_bundle(arch, devices=devices, compression_ratio=1)).run(inputs).outputs
     assert set(out) == set(k for k in ("last_hidden_state", "pooler_output", "logits") if getattr(ref, k, None) is not None)
     assert max_diff(out, ref, inputs) <= TOL

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import inputs_for_arch, tiny_model
+from conftest import hf_forward, inputs_for_arch
 from prism_onnx import models, simulate
 from prism_onnx.runtime.executor import Executor
 from prism_onnx.runtime.wire import MEANS_HEADER, WIRE_DTYPES
@@ -78,7 +78,7 @@ def test_a_family_file_is_all_it_takes(tmp_path):
     try:
         assert "pocketgpt" in models.supported()
         with torch.no_grad():
-            ref = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).logits.numpy()
+            ref = hf_forward(model, inputs).logits.numpy()
         mask = inputs["attention_mask"].astype(bool)
         out = simulate(model, inputs, devices=3, compression_ratio=1).logits.numpy()
         assert np.abs(out[mask] - ref[mask]).max() <= 1e-5

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ARCHS, DECODERS, inputs_for_arch, minilm_path, sst2_sentences, text_batch, tiny_model
+from conftest import ARCHS, hf_forward, inputs_for_arch, minilm_path, sst2_sentences, text_batch, tiny_model
 from prism_onnx import simulate
 from prism_onnx.errors import InputError, ModelLoadError, PlanError
 from prism_onnx.reference import DeviceTrace
@@ -38,8 +38,7 @@ def outputs_match(out, ref, mask, atol):
 
 
 def run_both(model, inputs, **kw):
-    with torch.no_grad():
-        ref = model(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()})
+    ref = hf_forward(model, inputs)
     out = simulate(model, inputs, **kw)
     mask = torch.from_numpy(inputs["attention_mask"]).bool() if "attention_mask" in inputs else None
     return out, ref, mask
@@ -193,3 +192,27 @@ def test_image_of_wrong_size_is_refused(tiny):
     with pytest.raises(InputError, match=r"image of the wrong size.*\[batch, 3, 16, 16\], got \[1, 3, 32, 32\]"):
         simulate(tiny["ViTModel"], {"pixel_values": np.zeros((1, 3, 32, 32), np.float32)}, devices=2,
                  compression_ratio=1)
+
+
+HIDDEN_FAMILIES = ["BertModel", "ViTForImageClassification", "GPT2LMHeadModel", "RobertaModel", "DistilBertModel"]
+
+
+@pytest.mark.parametrize("arch", HIDDEN_FAMILIES)
+def test_kv_exchange_is_the_same_math_as_hidden_exchange(tiny, arch):
+    """The projections are affine and a segment's weights sum to one, so the means of keys and values equal
+    the keys and values of the mean hidden state: a family that exchanges hidden states computes the same
+    outputs when it exchanges keys and values instead (PRISM.md, "Rotary models"), at CR=1 (exact) and at
+    CR=4 (to float rounding: 1e-5)."""
+    model = tiny[arch]
+    inputs = inputs_for(model)
+    out, ref, mask = run_both(model, inputs, devices=3, compression_ratio=1, exchange="kv")
+    assert outputs_match(out, ref, mask, EXACT) <= EXACT
+    hidden = simulate(model, inputs, devices=3, compression_ratio=4, exchange="hidden")
+    kv = simulate(model, inputs, devices=3, compression_ratio=4, exchange="kv")
+    assert outputs_match(kv, hidden, mask, EXACT) <= EXACT
+    assert outputs_match(kv, ref, mask, 0) > 1e-3  # and CR=4 did compress
+
+
+def test_rotary_models_refuse_hidden_exchange(tiny):
+    with pytest.raises(ModelLoadError, match="llama cannot exchange 'hidden' rows; it supports kv"):
+        simulate(tiny["LlamaForCausalLM"], text_batch(300), devices=2, compression_ratio=2, exchange="hidden")

@@ -86,15 +86,15 @@ def quantize_int8(src: Path, dst: Path, per_channel: bool = True) -> None:
 
 
 def export_graphs(model, folder: Path, *, opset: int = DEFAULT_OPSET, quantize: str = "none",
-                  progress: bool = False) -> Graphs:
+                  exchange: str | None = None, progress: bool = False) -> Graphs:
     """Trace every step graph of `model`'s device program into `folder` (and quantize it), plus the
-    preprocessing files."""
+    preprocessing files. `exchange`: hidden | kv | None or "auto" (the family's default)."""
     import logging
 
     from tqdm.auto import tqdm
 
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its registry warns about torchvision ops
-    pm = prism_model(model)
+    pm = prism_model(model, None if exchange == "auto" else exchange)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     program = build_program(pm.spec)
@@ -159,8 +159,9 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
     of a BERT-base graph set is GBs); bundles meant for boards are copies.
     """
     out = Path(out)
-    # quantization and opset describe the graph files themselves: they come from the graphs
-    settings = replace(settings.for_model(graphs.spec), quantize=graphs.quantize, opset=graphs.opset)
+    # quantization, opset and exchange kind describe the graph files themselves: they come from the graphs
+    settings = replace(settings.for_model(graphs.spec), quantize=graphs.quantize, opset=graphs.opset,
+                       exchange=graphs.spec.exchange)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BundleError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     common = Manifest(
@@ -203,12 +204,14 @@ def export(source, out: str | Path, settings: ExportSettings, *, overwrite: bool
            progress: bool = False) -> Path:
     """The whole `prism export`: load, trace, quantize, lay out bundles."""
     model = models.load(source)
-    settings.for_model(prism_model(model).spec)  # fail before minutes of tracing
+    pm = prism_model(model, None if settings.exchange == "auto" else settings.exchange)  # fail before minutes
+    settings.for_model(pm.spec)                                                          # of tracing
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BundleError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     with tempfile.TemporaryDirectory(prefix="prism-graphs-") as tmp:
-        graphs = export_graphs(model, Path(tmp), opset=settings.opset, quantize=settings.quantize, progress=progress)
+        graphs = export_graphs(model, Path(tmp), opset=settings.opset, quantize=settings.quantize,
+                               exchange=settings.exchange, progress=progress)
         if isinstance(source, (str, os.PathLike)):
             graphs.source = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
         return write_bundles(graphs, out, settings, overwrite=overwrite)

@@ -48,7 +48,7 @@ def example(ref: str, pm: PrismModel, token_inputs: dict) -> tuple[torch.Tensor,
         return token_inputs[name], {0: a.batch, 1: a.tokens}
     if kind == "plan":
         return {
-            "position_ids": (torch.arange(3, 3 + _N), {0: a.tokens}),
+            "position_ids": (torch.arange(3, 3 + _N).repeat(_B, 1), {0: a.batch, 1: a.tokens}),
             "averager": (torch.rand(_B, _S, _N), {0: a.batch, 1: a.segments, 2: a.tokens}),
             "local_bias": (torch.zeros(_B, _N), {0: a.batch, 1: a.tokens}),
             "remote_bias": (torch.zeros(_B, _R), {0: a.batch, 1: a.remote}),

@@ -1,24 +1,26 @@
 """What every model family builds: a `PrismModel` (embed, blocks, heads) whose step modules are the graphs
 of the device program (`prism_onnx.program.build_program`), plus building blocks families may share.
 
-A family's blocks implement one of two interfaces, by the exchange kind its ModelSpec declares:
+A family's blocks implement one or both of two interfaces, one per exchange kind (ModelSpec.exchange):
     hidden   block.attn_input(h) -> z [B, n, D]                  (what devices average and send)
              block(h, remote [B, R, D], local_bias, remote_bias) -> h
     kv       block.keys_values(h, position_ids) -> k, v [B, Hkv, n, dh]   (rotated; what devices average)
-             block(h, k, v, remote [B, R, 2*Hkv*dh], local_bias, remote_bias, position_ids) -> h
+             block.forward_kv(h, k, v, rows [B, R, 2*Hkv*dh], local_bias, remote_bias, position_ids) -> h
+The kv interface also decodes: a key/value cache is passed as received rows (PRISM.md, "Generation").
 The step modules below turn those into the graph signatures the program declares.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from ..errors import ModelLoadError
 from ..manifest import ModelSpec
-from ..prism import kv_rows, prism_attention, segment_means
+from ..prism import kv_rows, prism_attention, segment_means, split_kv_rows
 
 
 def heads(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -47,6 +49,18 @@ class HiddenAttention(nn.Module):
         v = heads(self.v(kv_in), self.num_heads, self.head_dim)
         return self.o(prism_attention(q, k, v, local_bias, remote_bias, causal=self.causal, scale=self.scale))
 
+    def keys_values(self, z):
+        """kv exchange: own keys and values [B, H, n, dh] (means of them equal the projections of means)."""
+        return heads(self.k(z), self.num_heads, self.head_dim), heads(self.v(z), self.num_heads, self.head_dim)
+
+    def attend(self, z, k, v, rows, local_bias, remote_bias):
+        """kv exchange: attention over [own k, v; received key/value rows [B, R, 2*H*dh]]."""
+        q = heads(self.q(z), self.num_heads, self.head_dim)
+        k_rem, v_rem = split_kv_rows(rows, self.num_heads, self.head_dim)
+        out = prism_attention(q, torch.cat([k, k_rem], dim=2), torch.cat([v, v_rem], dim=2), local_bias, remote_bias,
+                              causal=self.causal, scale=self.scale)
+        return self.o(out)
+
 
 class FeedForward(nn.Module):
     """fc_out(act(fc_in(x))): the MLP of BERT-like, ViT and GPT-2 blocks."""
@@ -73,6 +87,13 @@ class PreNormBlock(nn.Module):
         h = h + self.attn(self.ln_attn(h), remote, local_bias, remote_bias)  # [B, n, D]
         return h + self.mlp(self.ln_mlp(h))
 
+    def keys_values(self, h, position_ids):  # positions enter through the embeddings
+        return self.attn.keys_values(self.ln_attn(h))
+
+    def forward_kv(self, h, k, v, rows, local_bias, remote_bias, position_ids):
+        h = h + self.attn.attend(self.ln_attn(h), k, v, rows, local_bias, remote_bias)  # [B, n, D]
+        return h + self.mlp(self.ln_mlp(h))
+
 
 class PostNormBlock(nn.Module):
     """ln_attn(h + attn(h)), then ln_mlp(h + mlp(h)) (BERT, RoBERTa, DistilBERT). The attention input is h."""
@@ -86,6 +107,13 @@ class PostNormBlock(nn.Module):
 
     def forward(self, h, remote, local_bias, remote_bias):
         h = self.ln_attn(h + self.attn(h, remote, local_bias, remote_bias))  # [B, n, D]
+        return self.ln_mlp(h + self.mlp(h))
+
+    def keys_values(self, h, position_ids):
+        return self.attn.keys_values(h)
+
+    def forward_kv(self, h, k, v, rows, local_bias, remote_bias, position_ids):
+        h = self.ln_attn(h + self.attn.attend(h, k, v, rows, local_bias, remote_bias))  # [B, n, D]
         return self.ln_mlp(h + self.mlp(h))
 
 
@@ -140,7 +168,7 @@ class KVLayerStep(nn.Module):
         self.block, self.next_block = block, next_block
 
     def forward(self, hidden, k, v, remote, local_bias, remote_bias, position_ids, averager=None):
-        h = self.block(hidden, k, v, remote, local_bias, remote_bias, position_ids)  # [B, n, D]
+        h = self.block.forward_kv(hidden, k, v, remote, local_bias, remote_bias, position_ids)  # [B, n, D]
         if self.next_block is None:
             return (h,)
         k, v = self.next_block.keys_values(h, position_ids)
@@ -169,6 +197,22 @@ class PrismModel(nn.Module):
         self.pooled_head = pooled_head
         self.output_class = output_class
         self.eval()
+
+    def exchanges(self) -> tuple[str, ...]:
+        """The exchange kinds this model's blocks implement (see the module docstring)."""
+        b = self.blocks[0]
+        kinds = {"hidden": hasattr(b, "attn_input"), "kv": hasattr(b, "keys_values") and hasattr(b, "forward_kv")}
+        return tuple(k for k, ok in kinds.items() if ok)
+
+    def with_exchange(self, exchange: str | None) -> "PrismModel":
+        """This model with another exchange kind (None: as converted). The modules are shared, not copied."""
+        if exchange in (None, self.spec.exchange):
+            return self
+        if exchange not in self.exchanges():
+            raise ModelLoadError(f"{self.spec.model_type} cannot exchange '{exchange}' rows; it supports "
+                                 f"{', '.join(self.exchanges())}")
+        return PrismModel(replace(self.spec, exchange=exchange), self.embed, list(self.blocks), self.token_head,
+                          self.pooled_head, self.output_class)
 
     def step_modules(self) -> dict[str, nn.Module]:
         """{graph name: module} for every step of the device program; each module's forward takes the

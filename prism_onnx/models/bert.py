@@ -23,9 +23,9 @@ class Embed(nn.Module):
             emb.word_embeddings, emb.token_type_embeddings, emb.position_embeddings, emb.LayerNorm)
 
     def forward(self, input_ids, token_type_ids, position_ids):
-        # input_ids, token_type_ids [B, n] int64; position_ids [n] int64
+        # input_ids, token_type_ids, position_ids [B, n] int64
         x = self.word(input_ids) + self.token_type(token_type_ids)  # [B, n, D]
-        x = x + self.pos(position_ids)[None, :, :]
+        x = x + self.pos(position_ids)
         return self.ln(x)
 
 

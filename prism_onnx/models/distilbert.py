@@ -22,8 +22,8 @@ class Embed(nn.Module):
         self.word, self.pos, self.ln = emb.word_embeddings, emb.position_embeddings, emb.LayerNorm
 
     def forward(self, input_ids, position_ids):
-        # input_ids [B, n] int64; position_ids [n] int64
-        return self.ln(self.word(input_ids) + self.pos(position_ids)[None, :, :])  # [B, n, D]
+        # input_ids, position_ids [B, n] int64
+        return self.ln(self.word(input_ids) + self.pos(position_ids))  # [B, n, D]
 
 
 def block(layer, config, i: int) -> PostNormBlock:

@@ -22,8 +22,8 @@ class Embed(nn.Module):
         self.wte, self.wpe = gpt2.wte, gpt2.wpe
 
     def forward(self, input_ids, position_ids):
-        # input_ids [B, n] int64; position_ids [n] int64
-        return self.wte(input_ids) + self.wpe(position_ids)[None, :, :]  # [B, n, D]
+        # input_ids, position_ids [B, n] int64
+        return self.wte(input_ids) + self.wpe(position_ids)  # [B, n, D]
 
 
 def block(layer, config, i: int) -> PreNormBlock:

@@ -31,12 +31,12 @@ class Embed(nn.Module):
         self.embed_tokens = embed_tokens
 
     def forward(self, input_ids, position_ids):
-        # input_ids [B, n] int64; position_ids [n] (used by the blocks, not here)
+        # input_ids [B, n] int64; position_ids [B, n] (used by the blocks, not here)
         return self.embed_tokens(input_ids)  # [B, n, D]
 
 
 class Rotary(nn.Module):
-    """cos, sin [n, dh] for global positions [n], from the model's inverse frequencies and scaling."""
+    """cos, sin [B, 1, n, dh] for positions [B, n], from the model's inverse frequencies and scaling."""
 
     def __init__(self, rotary_emb):
         super().__init__()
@@ -44,13 +44,13 @@ class Rotary(nn.Module):
         self.scaling = float(rotary_emb.attention_scaling)
 
     def forward(self, position_ids):
-        freqs = position_ids.float()[:, None] * self.inv_freq[None, :]  # [n, dh/2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [n, dh]
+        freqs = position_ids.float()[:, :, None] * self.inv_freq[None, None, :]  # [B, n, dh/2]
+        emb = torch.cat([freqs, freqs], dim=-1)[:, None]  # [B, 1, n, dh]: the same for every head
         return emb.cos() * self.scaling, emb.sin() * self.scaling
 
 
 def rotate(x, cos, sin):
-    """Rotary embedding of x [B, heads, n, dh] at the positions of cos, sin [n, dh]."""
+    """Rotary embedding of x [B, heads, n, dh] at the positions of cos, sin [B, 1, n, dh]."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
@@ -99,7 +99,7 @@ class Block(nn.Module):
     def keys_values(self, h, position_ids):
         return self.attn.keys_values(self.norm_attn(h), *self.rotary(position_ids))
 
-    def forward(self, h, k, v, remote, local_bias, remote_bias, position_ids):
+    def forward_kv(self, h, k, v, remote, local_bias, remote_bias, position_ids):
         cos, sin = self.rotary(position_ids)
         h = h + self.attn(self.norm_attn(h), k, v, remote, local_bias, remote_bias, cos, sin)  # [B, n, D]
         return h + self.mlp(self.norm_mlp(h))

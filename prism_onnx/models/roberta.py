@@ -31,9 +31,9 @@ class Embed(nn.Module):
         self.padding_idx = int(emb.padding_idx)
 
     def forward(self, input_ids, token_type_ids, position_ids):
-        # input_ids, token_type_ids [B, n] int64; position_ids [n] int64 (global index)
+        # input_ids, token_type_ids, position_ids [B, n] int64 (positions from 0)
         pad = self.padding_idx
-        pos = torch.where(input_ids != pad, position_ids[None, :] + (pad + 1), torch.full_like(input_ids, pad))
+        pos = torch.where(input_ids != pad, position_ids + (pad + 1), torch.full_like(input_ids, pad))
         x = self.word(input_ids) + self.token_type(token_type_ids)  # [B, n, D]
         return self.ln(x + self.pos(pos))
 

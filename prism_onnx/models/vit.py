@@ -26,10 +26,10 @@ class Embed(nn.Module):
         self.pos = emb.position_embeddings  # [1, 1 + patches, D]
 
     def forward(self, patches, position_ids):
-        # patches [B, n, C*ps*ps] float32 (row of position 0 is a placeholder); position_ids [n] int64
+        # patches [B, n, C*ps*ps] float32 (row of position 0 is a placeholder); position_ids [B, n] int64
         x = F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)  # [B, n, D]
-        x = torch.where((position_ids == 0)[None, :, None], self.cls, x)  # class token
-        return x + self.pos[:, position_ids, :]  # [B, n, D]
+        x = torch.where((position_ids == 0)[:, :, None], self.cls, x)  # class token
+        return x + self.pos[0][position_ids]  # [B, n, D]
 
 
 def block(layer, config, i: int) -> PreNormBlock:

@@ -50,6 +50,29 @@ class Executor:
         results = [f.result() for f in futures]
         return Result(gather_outputs(self.program, results), results, RequestStats.of(results, plan))
 
+    def generate(self, inputs: dict, config=None, on_tokens=None, split_weights=None):
+        """Distributed prefill over all devices, then decoding on the tail device (generate.py).
+        -> (Generation, RequestStats of the prefill). `config`: a GenerationConfig (default: 16 greedy
+        tokens, stop at the model's EOS); on_tokens(step, ids [B]) streams the tokens as they come."""
+        import time
+
+        from ..generate import CacheCollector, GenerationConfig, check_generates, decode, stop_ids
+
+        check_generates(self.program)
+        config = config or GenerationConfig(stop_token_ids=stop_ids(self.manifest.config_summary))
+        t0 = time.perf_counter()
+        token_inputs, plan = self.requests.prepare(inputs, split_weights)
+        tail = plan.devices - 1
+        collector = CacheCollector(self.program)
+        request = next(self._ids)
+        futures = [self._pool.submit(run_device, self.program, eng, plan, p, own_slice(token_inputs, plan, p),
+                                     self.hub.endpoints[p], request, set(), collector if p == tail else None)
+                   for p, eng in enumerate(self.engines)]
+        results = [f.result() for f in futures]
+        gen = decode(self.program, self.engines[tail], collector, token_inputs["input_ids"], plan.attention_mask, config,
+                     tail, t0, on_tokens=on_tokens)
+        return gen, RequestStats.of(results, plan)
+
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         return self.run(inputs).outputs
 

@@ -1,0 +1,139 @@
+"""Generation: distributed prefill, then decoding on the tail device from its compressed prefix cache.
+
+At CR=1 every step is exact, so greedy decoding must pick the same tokens as the unpartitioned
+transformers model's `generate(do_sample=False)`, for every decoder family (GPT-2 exported with the key/
+value exchange), P in {1, 2, 3}, a single prompt and a left-padded batch, in the PyTorch reference and
+through the exported graphs on onnxruntime.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import text_batch, tiny_model
+from prism_onnx.errors import InputError
+from prism_onnx.generate import GenerationConfig, Sampler, kv_rows
+from prism_onnx.prism import kv_rows as torch_kv_rows
+from prism_onnx.reference import generate
+from prism_onnx.runtime.executor import Executor
+
+DECODER_LMS = ["GPT2LMHeadModel", "LlamaForCausalLM", "Qwen2ForCausalLM"]
+
+
+def hf_greedy(model, inputs, n):
+    """transformers' greedy generation: the n new ids of each row (finished rows padded with -1)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.from_numpy(inputs["input_ids"]),
+                             attention_mask=torch.from_numpy(inputs["attention_mask"]), max_new_tokens=n,
+                             do_sample=False, pad_token_id=-1)
+    return [[t for t in row if t != -1] for row in out[:, inputs["input_ids"].shape[1]:].tolist()]
+
+
+@pytest.fixture(scope="module")
+def lms():
+    return {a: tiny_model(a) for a in DECODER_LMS}
+
+
+@pytest.mark.parametrize("arch", DECODER_LMS)
+@pytest.mark.parametrize("lengths", [(13,), (13, 9)], ids=["one", "left-padded"])
+def test_greedy_at_cr1_equals_transformers_generate(lms, arch, lengths):
+    model = lms[arch]
+    inputs = text_batch(300, np.random.default_rng(1), lengths, left=True)
+    expected = hf_greedy(model, inputs, 16)
+    for devices in (1, 2, 3):
+        got = generate(model, inputs, devices=devices, compression_ratio=1,
+                       config=GenerationConfig(max_new_tokens=16))
+        assert got.ids == expected, devices
+
+
+@pytest.fixture(scope="module")
+def decoder_graphs(tmp_path_factory):
+    """{arch: Graphs} of the decoder LMs traced once with the key/value exchange."""
+    from prism_onnx.exporters.bundle import export_graphs
+
+    root = tmp_path_factory.mktemp("gen-graphs")
+    return {arch: export_graphs(tiny_model(arch), root / arch, exchange="kv") for arch in DECODER_LMS}
+
+
+def bundle(decoder_graphs, tmp_path, arch, **settings):
+    from prism_onnx.exporters.bundle import write_bundles
+    from prism_onnx.manifest import ExportSettings
+
+    return write_bundles(decoder_graphs[arch], tmp_path / f"{arch}-{len(list(tmp_path.iterdir()))}",
+                         ExportSettings(**settings))
+
+
+@pytest.mark.parametrize("arch", DECODER_LMS)
+def test_bundles_generate_like_transformers_at_cr1(lms, decoder_graphs, tmp_path, arch):
+    inputs = text_batch(300, np.random.default_rng(2), (13, 9), left=True)
+    expected = hf_greedy(lms[arch], inputs, 16)
+    for devices in (1, 2, 3):
+        gen, _ = Executor(bundle(decoder_graphs, tmp_path, arch, devices=devices, compression_ratio=1)).generate(
+            inputs, GenerationConfig(max_new_tokens=16))
+        assert gen.ids == expected, devices
+
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_compressed_decoding_first_token_is_the_prefill_argmax_and_moves_no_bytes(lms, decoder_graphs, tmp_path,
+                                                                                 arch):
+    """At CR=4 decoding runs from the compressed cache: its first token is the argmax of the prefill's last
+    logits (the same export scoring the prompt), and the exchange's byte counters do not move while the
+    tail device decodes; the bundle matches the PyTorch reference token for token."""
+    b = bundle(decoder_graphs, tmp_path, arch, devices=3, compression_ratio=4)
+    inputs = text_batch(300, np.random.default_rng(3), (21,), left=True)
+    ex = Executor(b)
+    prefill_logits = ex.run(inputs).outputs["logits"]  # [1, 21, V]
+    counters = []
+    gen, stats = ex.generate(inputs, GenerationConfig(max_new_tokens=12),
+                             on_tokens=lambda step, ids: counters.append(
+                                 [sum(e.traffic.sent) + sum(e.traffic.received) for e in ex.hub.endpoints]))
+    assert gen.ids[0][0] == int(prefill_logits[0, -1].argmax())
+    assert len(counters) == 12 and all(c == counters[0] for c in counters)  # no traffic after the prefill
+    assert sum(stats.bytes_sent) > 0  # the prefill did exchange
+    ref = generate(lms[arch], inputs, devices=3, compression_ratio=4, config=GenerationConfig(max_new_tokens=12))
+    assert gen.ids == ref.ids
+    assert gen.stats.generated == 12 and gen.stats.decode_tokens_per_s > 0
+
+
+def test_sampling_is_reproducible_with_a_seed_and_stop_tokens_end_rows(lms):
+    model = lms["LlamaForCausalLM"]
+    inputs = text_batch(300, np.random.default_rng(4), (11, 7), left=True)
+    cfg = GenerationConfig(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=7)
+    a = generate(model, inputs, devices=2, compression_ratio=2, config=cfg)
+    b = generate(model, inputs, devices=2, compression_ratio=2, config=cfg)
+    c = generate(model, inputs, devices=2, compression_ratio=2, config=GenerationConfig(
+        max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=8))
+    assert a.ids == b.ids and a.ids != c.ids
+    stop = a.ids[0][3]  # a token the first row produces: with it as a stop token, that row ends there
+    d = generate(model, inputs, devices=2, compression_ratio=2, config=GenerationConfig(
+        max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=7, stop_token_ids=(stop,)))
+    first = a.ids[0].index(stop)
+    assert d.ids[0] == a.ids[0][:first + 1] and d.finish_reasons[0] == "stop"
+
+
+def test_sampler_filters():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    history = np.zeros((1, 0), np.int64)
+    top1 = Sampler(GenerationConfig(temperature=1.0, top_k=1, seed=0))
+    assert all(top1(logits, history)[0] == 0 for _ in range(20))
+    nucleus = Sampler(GenerationConfig(temperature=1.0, top_p=0.7, seed=0))  # keeps {0.5, 0.3}
+    assert set(int(nucleus(logits, history)[0]) for _ in range(200)) == {0, 1}
+    penalized = Sampler(GenerationConfig(repetition_penalty=10.0))
+    assert penalized(logits, np.array([[0]]))[0] == 1  # the repeated best token falls behind
+
+
+def test_numpy_kv_rows_match_the_torch_layout():
+    k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    assert np.array_equal(kv_rows(k.numpy(), v.numpy()), torch_kv_rows(k, v).numpy())
+
+
+def test_generation_refuses_what_it_cannot_do(lms, tiny_dirs):
+    from prism_onnx import models
+
+    right_padded = text_batch(300, np.random.default_rng(5), (9, 5), left=False)
+    with pytest.raises(InputError, match="pad on the left"):
+        generate(lms["GPT2LMHeadModel"], right_padded, devices=2, compression_ratio=1)
+    with pytest.raises(InputError, match="language-model head"):
+        generate(models.load(tiny_dirs["LlamaModel"]), text_batch(300), devices=2, compression_ratio=1)
