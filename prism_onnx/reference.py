@@ -63,10 +63,15 @@ class DeviceTrace:
 class TensorHub:
     """In-memory exchange for the lockstep reference: each device's sent rows, after the wire precision
     (float32 passes the tensor itself, so autograd flows; float16/int8 round-trip through the wire codec,
-    with a straight-through gradient)."""
+    with a straight-through gradient).
 
-    def __init__(self, devices: int, wire_dtype: str = "float32", trace: DeviceTrace | None = None):
-        self.wire_dtype, self.trace = wire_dtype, trace
+    received: {(point, rank): rows [B, R, W]} replaces what device `rank` gathers at `point` (validate
+    replays the rows a bundle's devices really received); on_sent(point, rank, rows) sees every device's
+    rows before the wire."""
+
+    def __init__(self, devices: int, wire_dtype: str = "float32", trace: DeviceTrace | None = None,
+                 received: dict | None = None, on_sent=None):
+        self.wire_dtype, self.trace, self.received, self.on_sent = wire_dtype, trace, received or {}, on_sent
         self.rows: dict[tuple[int, int], torch.Tensor] = {}  # (point, src) -> [B, S, W]
         self.endpoints = [_TensorEndpoint(self, p) for p in range(devices)]
 
@@ -77,6 +82,8 @@ class _TensorEndpoint:
 
     def send(self, request, point, rows, plan):
         rows = _tensor(rows)
+        if self.hub.on_sent is not None:
+            self.hub.on_sent(point, self.rank, rows)
         if self.hub.wire_dtype != "float32":
             wired = torch.from_numpy(roundtrip(rows.detach().numpy(), self.hub.wire_dtype))
             rows = rows + (wired - rows).detach()
@@ -87,6 +94,8 @@ class _TensorEndpoint:
             self.hub.trace.sent[point].append(rows)
 
     def gather(self, request, point, plan):
+        if (point, self.rank) in self.hub.received:
+            return _tensor(self.hub.received[(point, self.rank)])
         parts = [self.hub.rows[(point, q)] for q in plan.sources(self.rank)]
         if not parts:
             width = self.hub.rows[(point, self.rank)].shape[-1]
@@ -95,10 +104,12 @@ class _TensorEndpoint:
 
 
 def run_devices(pm: PrismModel, token_inputs: dict[str, np.ndarray], plan: Plan, trace: DeviceTrace | None = None,
-                wire_dtype: str = "float32", program: Program | None = None) -> dict[str, torch.Tensor]:
-    """The reference run of one request: {output name: tensor}, token outputs gathered along the sequence."""
+                wire_dtype: str = "float32", program: Program | None = None, received: dict | None = None,
+                on_sent=None) -> dict[str, torch.Tensor]:
+    """The reference run of one request: {output name: tensor}, token outputs gathered along the sequence.
+    `received`, `on_sent`: see TensorHub."""
     program = program or build_program(pm.spec)
-    hub = TensorHub(plan.devices, wire_dtype, trace)
+    hub = TensorHub(plan.devices, wire_dtype, trace, received, on_sent)
     results = run_lockstep(program, TorchBackend(pm), plan, token_inputs, hub.endpoints)
     return gather_outputs(program, results, concat=torch.cat)
 

@@ -37,15 +37,16 @@ class Executor:
         self._ids = itertools.count(1)
         self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="prism-device")
 
-    def run(self, inputs: dict, outputs=None, split_weights=None) -> Result:
+    def run(self, inputs: dict, outputs=None, split_weights=None, on_step: dict | None = None) -> Result:
         """inputs: transformers-style (input_ids/attention_mask/token_type_ids or pixel_values);
         outputs: the output names to compute and return (default: all); split_weights: this request's
-        split (default: the export's)."""
+        split (default: the export's); on_step: {rank: hook(step, feeds, results)} (see program.DeviceRun)."""
         token_inputs, plan = self.requests.prepare(inputs, split_weights)
         want = check_outputs(self.spec, outputs)
         request = next(self._ids)
+        hooks = on_step or {}
         futures = [self._pool.submit(run_device, self.program, eng, plan, p, own_slice(token_inputs, plan, p),
-                                     self.hub.endpoints[p], request, want)
+                                     self.hub.endpoints[p], request, want, hooks.get(p))
                    for p, eng in enumerate(self.engines)]
         results = [f.result() for f in futures]
         return Result(gather_outputs(self.program, results), results, RequestStats.of(results, plan))
