@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import onnx
 from .. import __version__, models
 from ..errors import BundleError, PrismError
 from ..reference import prism_model
-from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, read_manifest, sha256_file
+from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, content_digest, read_manifest, sha256_file
+from ..runtime.keys import generate_keys
 from ..runtime.preprocess import DEFAULT_IMAGE_CONFIG
 from ..runtime.wire import check_wire_dtype
 from .graphs import DEFAULT_OPSET, export_graph, graph_specs
@@ -189,14 +189,16 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
 
     link=True hard-links the graph files instead of copying them (local sweeps and benchmarks: P copies
     of a BERT-base graph set is GBs); bundles meant for boards are copies.
+
+    The export id is the digest of the content (runtime/bundle.py content_digest); the CurveZMQ keys of
+    every device and of one client are generated too (runtime/keys.py), outside every file table.
     """
     out = Path(out)
     settings = settings.check(graphs.spec)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BundleError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
-    export_id = uuid.uuid4().hex
     common = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "export_id": export_id, "package_version": __version__,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "package_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "source": graphs.source,
         "model": graphs.spec.to_dict(), "config_summary": graphs.config_summary,
         "devices": settings.devices, "compression_ratio": settings.compression_ratio,
@@ -209,25 +211,29 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
              "consumer": f"layer_{i}"} for i in range(graphs.spec.num_layers)],
         "preprocessing": graphs.preprocessing,
     }
+    common = json.loads(json.dumps(common))  # exactly what the manifests hold (lists, not tuples), for the digest
     payload = list(graphs.files.values()) + [v for k, v in graphs.preprocessing.items()
                                              if k in ("tokenizer", "config") and v]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))  # same filesystem as out
-    digests: dict[str, str] = {}  # every device holds the same files: hash each once
     try:
-        all_files = {}
+        files = {}  # every device holds the same files: hash each once
         for k in range(settings.devices):
             dev = staging / f"device-{k}"
             dev.mkdir()
-            files = {}
             for name in payload:
                 place(graphs.folder / name, dev / name, link)
-                files[name] = digests.get(name) or sha256_file(dev / name)
-                digests[name] = files[name]
+                if name not in files:
+                    files[name] = sha256_file(dev / name)
+        common = {**common, "export_id": content_digest(common, files)}
+        all_files = {}
+        for k in range(settings.devices):
+            dev = staging / f"device-{k}"
             (dev / MANIFEST).write_text(json.dumps({**common, "rank": k, "files": files}, indent=2))
             all_files.update({f"device-{k}/{n}": d for n, d in files.items()})
             all_files[f"device-{k}/{MANIFEST}"] = sha256_file(dev / MANIFEST)
         (staging / MANIFEST).write_text(json.dumps({**common, "files": all_files}, indent=2))
+        generate_keys(staging, settings.devices)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(staging, out)

@@ -6,15 +6,20 @@
     DIR/device-K/*.onnx         the graphs (identical on every device: the split is computed at run time)
     DIR/device-K/tokenizer.json or preprocessor_config.json
 
-Loading checks every sha256 and the export id, so a changed file, or a device folder from another
-export, is refused with an error that names the file.
+The export id is a digest of the export's content: every manifest setting and every file's sha256
+(`content_digest`), the same for every device. Loading checks every sha256 and recomputes the export id,
+so a changed file, an edited manifest, or a device folder from another export is refused with an error
+that names the file. Keys (DIR/device-K/keys, runtime/keys.py) are not content: they rotate without a
+re-export and are in no file table.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from ..errors import BundleError
@@ -45,6 +50,33 @@ def read_manifest(path: Path) -> dict:
         raise BundleError(f"{path}: bundle format version {manifest.get('format_version')}, this prism reads "
                           f"{FORMAT_VERSION}; re-export it")
     return manifest
+
+
+NOT_CONTENT = ("export_id", "rank", "files")  # the id itself, and what differs between the devices' manifests
+# Settings two runners must share to run one export; compared at the handshake so that a refusal can name them.
+HANDSHAKE_SETTINGS = ("devices", "compression_ratio", "wire_dtype", "count_bias", "keep_sinks", "max_seq_len",
+                      "max_batch", "quantize", "package_version")
+
+
+def content_digest(manifest: dict, files: dict[str, str]) -> str:
+    """The export id: sha256 of every manifest setting (all fields but NOT_CONTENT) and of the payload
+    files' sha256 (names relative to a device folder). Independent of rank: every device computes the same."""
+    settings = {k: v for k, v in manifest.items() if k not in NOT_CONTENT}
+    blob = json.dumps({"settings": settings, "files": dict(sorted(files.items()))}, sort_keys=True,
+                      separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_export_id(manifest: dict, files: dict[str, str], path: Path) -> None:
+    """Refuse a manifest whose export id is not the digest of its content (it was edited after export)."""
+    try:
+        digest = content_digest(manifest, files)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{path}: manifest cannot be digested ({e})") from None
+    if manifest.get("export_id") != digest:
+        raise BundleError(f"{path}: export id {str(manifest.get('export_id'))[:12]} does not match the manifest's "
+                          f"content (digest {digest[:12]}): the manifest was edited after export, or predates "
+                          f"content-addressed export ids; re-export it")
 
 
 def verify_files(root: Path, files: dict[str, str], label: str = "") -> None:
@@ -84,6 +116,24 @@ class DeviceBundle:
     def graph(self, name: str) -> Path:
         return self.root / self.manifest["graphs"][name]
 
+    @property
+    def path(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def keys_dir(self) -> Path:
+        """Where `prism keys` puts this device's keys (runtime/keys.py)."""
+        return self.root / "keys"
+
+    @property
+    def handshake_settings(self) -> dict:
+        """The settings peers compare at the handshake (with the export id), to name what differs."""
+        return {k: self.manifest.get(k) for k in HANDSHAKE_SETTINGS}
+
+    @cached_property
+    def limits(self) -> "Limits":
+        return Limits.of(self.manifest)
+
     def has_graph(self, name: str) -> bool:
         return name in self.manifest["graphs"]
 
@@ -97,6 +147,7 @@ class DeviceBundle:
             raise BundleError(f"{root / MANIFEST}: this is an export folder, not a device bundle (use {root}/device-K)")
         if verify:
             verify_files(root, manifest["files"], label=f"{root.name}/")
+            check_export_id(manifest, manifest["files"], Path(root.name) / MANIFEST)
         return cls(root, manifest)
 
 
@@ -120,6 +171,10 @@ class Export:
             raise BundleError(f"{root}: this is one device's bundle; give the export folder that holds device-K/")
         if verify:
             verify_files(root, manifest["files"])
+            prefix = "device-0/"
+            files = {k[len(prefix):]: v for k, v in manifest["files"].items()
+                     if k.startswith(prefix) and k != prefix + MANIFEST}
+            check_export_id(manifest, files, root / MANIFEST)
         devices = []
         for k in range(int(manifest["devices"])):
             folder = root / f"device-{k}"
@@ -131,3 +186,51 @@ class Export:
                 raise BundleError(f"device-{k}/{MANIFEST}: claims rank {dev.rank}")
             devices.append(dev)
         return cls(root, manifest, devices)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a runner accepts, from the manifest: requests, control messages and frames are checked against
+    these numbers before anything is tokenized, decoded or allocated."""
+
+    devices: int
+    max_batch: int
+    max_seq_len: int
+    max_rows: int  # mean rows one device can send per exchange point
+    hidden: int
+    layers: int
+    wire_dtype: str
+    input_kind: str  # "text" | "image"
+    vocab_size: int
+    embed_inputs: tuple[str, ...]
+    token_inputs: dict  # embed input -> (dtype, trailing width or None): [B, n] or [B, n, width]
+    outputs: tuple[str, ...]
+    image: tuple[int, int]  # (channels, size) of pixel_values
+    max_text_chars: int  # per text, checked before tokenizing
+    max_image_bytes: int  # per encoded image file
+    max_image_pixels: int  # per decoded image, checked before decoding it
+    max_message_bytes: int  # largest legitimate array part between runners
+    max_client_bytes: int  # largest client message
+
+    @classmethod
+    def of(cls, m: dict) -> "Limits":
+        from ..plan import max_rows
+
+        spec = m["model"]
+        B, N, D = int(m["max_batch"]), int(m["max_seq_len"]), int(spec["hidden_size"])
+        token_inputs = {}
+        for name in spec["embed_inputs"]:
+            io = next(i for i in m["io"]["embed"]["inputs"] if i["name"] == name)
+            token_inputs[name] = (io["dtype"], int(io["shape"][-1]) if len(io["shape"]) == 3 else None)
+        outs = [int(o["shape"][-1]) for io in m["io"].values() for o in io["outputs"] if isinstance(o["shape"][-1], int)]
+        per_token_in = max([8] + [4 * w for _, w in token_inputs.values() if w])
+        biggest = max(B * N * max([D] + outs) * 4, B * N * per_token_in, B * N * 8) + (1 << 16)
+        image = (int(spec["num_channels"]), int(spec["image_size"]))
+        return cls(devices=int(m["devices"]), max_batch=B, max_seq_len=N,
+                   max_rows=max_rows(N, int(m["compression_ratio"])), hidden=D, layers=int(spec["num_layers"]),
+                   wire_dtype=m["wire_dtype"], input_kind=spec["input_kind"], vocab_size=int(spec["vocab_size"]),
+                   embed_inputs=tuple(spec["embed_inputs"]), token_inputs=token_inputs,
+                   outputs=tuple(spec["token_outputs"]) + tuple(spec["pooled_outputs"]), image=image,
+                   max_text_chars=max(4096, 32 * N), max_image_bytes=16 << 20,
+                   max_image_pixels=max(4096 * 4096, math.prod(image) * 4),
+                   max_message_bytes=biggest, max_client_bytes=max(biggest, 32 << 20))
