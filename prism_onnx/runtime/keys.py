@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import zmq.auth
-from zmq.utils import z85
 
 from ..errors import BundleError
 from .bundle import MANIFEST, read_manifest
@@ -127,7 +126,8 @@ def loose_permissions(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class RunnerKeys:
-    """What one runner needs: its keypair, the peers' public keys (by rank), the allowed clients' keys."""
+    """What one runner needs: its keypair, the peers' public keys (by rank), the allowed clients' keys.
+    Keys are z85-encoded bytes, as zmq.auth.load_certificate returns them and socket options take them."""
 
     public: bytes
     secret: bytes
@@ -154,8 +154,8 @@ class RunnerKeys:
 
     def user_ids(self) -> dict[bytes, str]:
         """z85 public key -> the name the authenticator gives its connections ("device-K" or the client)."""
-        ids = {z85.encode(k): f"device-{q}" for q, k in self.peers.items()}
-        ids.update({z85.encode(k): name for name, k in self.clients.items()})
+        ids = {k: f"device-{q}" for q, k in self.peers.items()}
+        ids.update({k: name for name, k in self.clients.items()})
         return ids
 
 

@@ -55,6 +55,17 @@ def kind_of(parts: list) -> str:
     return {MEANS_MAGIC: "means", CONTROL_MAGIC: "control"}.get(head, "garbage")
 
 
+def peek_kind(parts: list) -> Kind | None:
+    """The kind a control message claims (to choose its array rules before decoding), or None."""
+    if not parts or len(parts[0]) != CONTROL_HEADER.size:
+        return None
+    magic, version, kind = CONTROL_HEADER.unpack(bytes(parts[0]))
+    try:
+        return Kind(kind) if magic == CONTROL_MAGIC and version == VERSION else None
+    except ValueError:
+        return None
+
+
 def encode(kind: Kind, meta: dict, arrays: dict[str, np.ndarray] | None = None) -> list[bytes]:
     arrays = {k: np.ascontiguousarray(v) for k, v in (arrays or {}).items()}
     for k, v in arrays.items():
