@@ -35,18 +35,18 @@ def request_rules(limits: Limits) -> ArrayRules:
         if dtype not in ("int64", "int32") or len(shape) not in (1, 2):
             return f"{dtype} {list(shape)}: must be int64 [batch, tokens]"
         B, N = _batch_len(shape)
-        if not 1 <= B <= limits.max_batch:
-            return f"batch of {B}: this export takes 1 to {limits.max_batch} (--max-batch)"
-        if not 1 <= N <= limits.max_seq_len:
-            return f"{N} tokens: this export takes 1 to {limits.max_seq_len} (--max-seq-len)"
-        return None
+        if B > limits.max_batch:
+            return f"batch of {B} is larger than this export's --max-batch {limits.max_batch}"
+        if N > limits.max_seq_len:
+            return f"sequence of {N} tokens is longer than this export's --max-seq-len {limits.max_seq_len}"
+        return None if B and N else f"empty {list(shape)}: a request needs at least one row of one token"
 
     def image_array(name, dtype, shape):
         if name == "pixel_values":
             if dtype != "float32" or len(shape) not in (3, 4) or tuple(shape[-3:]) != (C, S, S):
                 return f"{dtype} {list(shape)}: must be float32 [batch, {C}, {S}, {S}]"
             if not 1 <= (shape[0] if len(shape) == 4 else 1) <= limits.max_batch:
-                return f"batch of {shape[0]}: this export takes 1 to {limits.max_batch} (--max-batch)"
+                return f"batch of {shape[0]}: this export takes 1 to {limits.max_batch} images (--max-batch)"
             return None
         if name.startswith("image_"):
             if dtype != "uint8" or len(shape) != 1 or not 0 < shape[0] <= limits.max_image_bytes:

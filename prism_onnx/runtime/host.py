@@ -31,7 +31,7 @@ from .device import Engine, Requests
 from .dispatch import PeerMessages
 from .keys import RunnerKeys, loose_permissions
 from .membership import DEAD_AFTER_S, HEARTBEAT_S, Membership
-from .protocol import ArrayRules, Kind, decode, encode, peek_kind
+from .protocol import ArrayRules, Kind, decode, encode, peek_call, peek_kind
 from .transport import Transport
 from .wire import frame_nbytes
 from .worker import Inbox, Worker, ZmqExchange
@@ -103,7 +103,7 @@ class DeviceHost:
         for s in t.sockets():
             poller.register(s, zmq.POLLIN)
         handlers = {t.peer_in: self.peer_messages.on_peer, t.outbox_in: self.peer_messages.on_outbox,
-                    t.clients: self._on_client, **{m: t.on_monitor for m in t.monitors},
+                    t.clients: self._on_client, **{m: self._on_monitor for m in t.monitors},
                     **{s: self.peer_messages.on_dealer(q) for q, s in t.out.items()}}
         started, next_hello, was_ready = time.monotonic(), 0.0, False
         log.info("device %d/%d up on port %s (export %s)%s%s", self.rank, self.bundle.devices,
@@ -148,6 +148,11 @@ class DeviceHost:
             self.counters.event("internal_errors")
             log.exception("device %d: internal error while handling a message (the runner keeps serving)", self.rank)
 
+    def _on_monitor(self, m) -> None:
+        q = self.transport.on_monitor(m)
+        if q is not None:
+            self.membership.on_disconnect(q)
+
     def _hello(self, now: float) -> None:
         msg = encode(Kind.HELLO, self.membership.hello(now, self.rejected_total))
         for q in self.membership.peers:
@@ -179,7 +184,7 @@ class DeviceHost:
             _, meta, arrays = decode(parts, self.client_rules if kind == Kind.REQUEST else ArrayRules(0, 0))
         except FrameError as e:
             self.counters.reject("client message", str(e), sum(len(p) for p in parts), user or "")
-            return self._reply_client(client, {"ok": False, "error": f"malformed request: {e}"})
+            return self._reply_client(client, {"ok": False, "error": f"FrameError: {e}", "call": peek_call(parts)})
         call = meta.get("call") if type(meta.get("call")) is int else None
         if kind == Kind.STATUS:
             self.counters.accept("status")

@@ -41,6 +41,7 @@ class PeerState:
     rejected: int = 0
     up: bool = False  # the verdict of the last tick, for edge detection
     ever_up: bool = False
+    gone: str | None = None  # why our connection to it closed, until its next HELLO
 
     def alive(self, now: float, dead_after: float) -> bool:
         return now - self.last_hello < dead_after and now - self.echo < dead_after
@@ -138,12 +139,19 @@ class Membership:
             self.peers[rank] = p = PeerState(rank, p.address, up=p.up, ever_up=p.ever_up)
         elif p.session != session:
             note = f"device {rank} reconnected"
-        p.nonce, p.session, p.last_hello, p.their_t = nonce, session, now, t
+        p.nonce, p.session, p.last_hello, p.their_t, p.gone = nonce, session, now, t, None
         if echo is not None:
             p.echo = max(p.echo, float(echo)) if echo <= now else p.echo  # never trust a time from our future
         p.sees, p.serving, p.rejected = sees, serving, rejected
         del ready  # a peer's own verdict is recomputed from `sees`
         return Verdict(True, note=note)
+
+    def on_disconnect(self, q: int, why: str = "closed the connection") -> None:
+        """Our connection to q closed (its process died, or ZeroMQ's own heartbeat gave up): q is not alive
+        until a new HELLO echoes a new one of ours; a restarted runner may take its rank at once."""
+        p = self.peers[q]
+        if p.nonce is not None and p.gone is None:
+            p.last_hello, p.echo, p.gone = NEVER, NEVER, why
 
     def on_refuse(self, reason: str) -> str | None:
         """A peer refused our HELLO: fatal during start-up, ignored (logged) once the cluster has run."""
@@ -169,6 +177,8 @@ class Membership:
         p = self.peers[q]
         if p.nonce is None:
             return f"device {q} ({p.address}) never connected"
+        if p.gone:
+            return f"device {q} {p.gone}"
         silent = now - p.last_hello
         if silent >= self.dead_after or (now - p.echo >= self.dead_after and silent > 2 * HEARTBEAT_S):
             return f"device {q} sent no heartbeat for {silent:.1f} s"

@@ -66,6 +66,15 @@ def peek_kind(parts: list) -> Kind | None:
         return None
 
 
+def peek_call(parts: list) -> int | None:
+    """The client's call id of a message that failed to decode, when its JSON part is readable."""
+    try:
+        call = parse_json(bytes(parts[1])).get("call") if len(parts) > 1 else None
+    except FrameError:
+        return None
+    return call if type(call) is int else None
+
+
 def encode(kind: Kind, meta: dict, arrays: dict[str, np.ndarray] | None = None) -> list[bytes]:
     arrays = {k: np.ascontiguousarray(v) for k, v in (arrays or {}).items()}
     for k, v in arrays.items():
@@ -123,7 +132,7 @@ def _array_spec(spec) -> tuple[str, str, tuple[int, ...]]:
     name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
     if not isinstance(name, str) or not 0 < len(name) <= 64:
         raise FrameError("array name must be a string of 1 to 64 characters")
-    if dtype not in ARRAY_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ARRAY_DTYPES:
         raise FrameError(f"array {name}: dtype {str(dtype)[:20]!r} not allowed ({', '.join(sorted(ARRAY_DTYPES))})")
     if not isinstance(shape, list) or len(shape) > MAX_RANK:
         raise FrameError(f"array {name}: shape must be a list of at most {MAX_RANK} sizes")

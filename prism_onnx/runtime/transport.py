@@ -86,7 +86,7 @@ class Transport:
             client_keys = {k: n for n, k in keys.clients.items()}
             self.auth.configure_curve_callback("peers", KeyCheck(peer_keys, counters, "peer"))
             self.auth.configure_curve_callback("clients", KeyCheck(client_keys, counters, "client"))
-        self.monitors: dict[zmq.Socket, str] = {}
+        self.monitors: dict[zmq.Socket, tuple[str, int | None]] = {}  # monitor -> (label, peer rank of a DEALER)
         self.peer_in = self._server("peers", max_peer_bytes, 256)
         self._bind(self.peer_in, bind, port, f"is another runner already device {rank} on this host?")
         self.out = {q: self._dealer(q, address) for q, address in peers.items()}
@@ -101,10 +101,10 @@ class Transport:
         self.outbox = Outbox(push)
 
     # ------------------------------------------------------------------------------------------- setup
-    def _monitor(self, sock: zmq.Socket, name: str) -> None:
-        m = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL |
-                                    zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-        self.monitors[m] = name
+    def _monitor(self, sock: zmq.Socket, name: str, peer: int | None = None) -> None:
+        events = zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | \
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | (zmq.EVENT_DISCONNECTED if peer is not None else 0)
+        self.monitors[sock.get_monitor_socket(events)] = (name, peer)
 
     def _server(self, domain: str, max_bytes: int, hwm: int) -> zmq.Socket:
         s = self.ctx.socket(zmq.ROUTER)
@@ -138,7 +138,7 @@ class Transport:
         if self.keys is not None:
             s.curve_secretkey, s.curve_publickey = self.keys.secret, self.keys.public
             s.curve_serverkey = self.keys.peers[q]
-        self._monitor(s, f"connection to device {q}")
+        self._monitor(s, f"connection to device {q}", q)
         s.connect(address)
         return s
 
@@ -172,14 +172,19 @@ class Transport:
         except zmq.ZMQError:
             pass
 
-    def on_monitor(self, m: zmq.Socket) -> None:
+    def on_monitor(self, m: zmq.Socket) -> int | None:
+        """Count a failed handshake; return the peer rank when our connection to that peer closed."""
         ev = recv_monitor_message(m)
+        label, peer = self.monitors[m]
+        if ev["event"] == zmq.EVENT_DISCONNECTED:
+            return peer
         name = HANDSHAKE_EVENTS.get(ev["event"])
         if name:
             self.counters.event(name)
             self.counters.log.warning("%s: CURVE handshake failed (%s, %s): a peer or client without this "
-                                      "export's keys, or plain text", self.monitors[m], name,
+                                      "export's keys, or plain text", label, name,
                                       ev.get("endpoint", b"").decode(errors="replace"))
+        return None
 
     def close(self) -> None:
         for m in self.monitors:
