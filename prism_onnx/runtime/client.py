@@ -45,6 +45,7 @@ class Client:
         self.server_rank = server_rank
         self.ctx = zmq.Context.instance()
         self.sock = self.monitor = None
+        self._answered = False
         self._calls = itertools.count(1)
 
     def _socket(self, server_rank: int | None) -> tuple[zmq.Socket, zmq.Socket]:
@@ -90,6 +91,7 @@ class Client:
             if s is not None:
                 s.close(linger=0)
         self.sock = self.monitor = None
+        self._answered = False
 
     def _call(self, kind: Kind, meta: dict, arrays: dict | None = None, timeout: float | None = None,
               watch: bool = True):
@@ -122,12 +124,16 @@ class Client:
                     raise PeerError(f"{self.address} refused this client's key (CURVE handshake failed): is it "
                                     f"in the serving device's keys/clients?")
                 if ev["event"] == zmq.EVENT_DISCONNECTED:
-                    self._reset()
+                    answered, _ = self._answered, self._reset()
+                    if not answered and self.keys is not None:
+                        raise PeerError(f"{self.address} closed the connection before any answer: the CURVE "
+                                        f"handshake failed (not device {self.server_rank}'s key, or another "
+                                        f"export's keys)")
                     raise PeerError(f"{self.address} closed the connection (the coordinator stopped, or the "
                                     f"message was over its size limit)")
             if self.sock in events:
                 _, rmeta, rarrays = decode(self.sock.recv_multipart(), REPLY_RULES)
-                heard = time.monotonic()
+                heard, self._answered = time.monotonic(), True
                 if rmeta.get("call") == call:
                     return rmeta, rarrays
 

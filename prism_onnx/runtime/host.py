@@ -154,7 +154,7 @@ class DeviceHost:
             self.membership.on_disconnect(q)
 
     def _hello(self, now: float) -> None:
-        msg = encode(Kind.HELLO, self.membership.hello(now, self.rejected_total))
+        msg = encode(Kind.HELLO, self.membership.hello(now, self.health))
         for q in self.membership.peers:
             self.transport.send_peer(q, msg)  # IMMEDIATE: dropped while q is not connected
 
@@ -172,6 +172,14 @@ class DeviceHost:
     @property
     def rejected_total(self) -> int:
         return self.counters.total_rejected + self.exchange.traffic.rejected_frames
+
+    @property
+    def health(self) -> dict:
+        """What this runner refused or failed at: messages rejected by its checks, connections refused by
+        CurveZMQ, internal errors (bugs). Sent in every HELLO, shown per device in the coordinator's STATUS."""
+        ev = self.counters.events
+        return {"rejected": self.rejected_total, "internal_errors": ev["internal_errors"],
+                "denied": ev["auth_denied"] + sum(ev[k] for k in ("handshake_failed", "handshake_failed_protocol"))}
 
     # ------------------------------------------------------------------------------------------ clients
     def _reply_client(self, client: bytes, meta: dict, arrays: dict | None = None) -> None:
@@ -200,7 +208,9 @@ class DeviceHost:
         return {
             "ok": True, "ready": m.ready(now), "export_id": self.bundle.export_id, "devices": self.bundle.devices,
             "coordinator": self.rank, "connected": m.connected(now), "secure": self.transport.keys is not None,
-            "rejected_frames": {str(self.rank): self.rejected_total, **{str(q): p.rejected for q, p in m.peers.items()}},
+            "rejected_frames": {str(self.rank): self.rejected_total,
+                                **{str(q): p.health.get("rejected", 0) for q, p in m.peers.items()}},
+            "health": {str(self.rank): self.health, **{str(q): p.health for q, p in m.peers.items()}},
             "pending": len(self.coordinator.pending) if self.coordinator else 0,
             "counters": {**self.counters.to_dict(), "exchange_rejected": self.exchange.traffic.rejected_frames,
                          "inbox_bytes": self.exchange.inbox.nbytes},

@@ -38,7 +38,7 @@ class PeerState:
     echo: float = NEVER  # our clock: the newest HELLO of ours that it says it heard
     sees: frozenset = frozenset()  # ranks it reports alive
     serving: bool = False
-    rejected: int = 0
+    health: dict = field(default_factory=dict)  # its own counters: rejected, denied, internal errors
     up: bool = False  # the verdict of the last tick, for edge detection
     ever_up: bool = False
     gone: str | None = None  # why our connection to it closed, until its next HELLO
@@ -94,9 +94,10 @@ class Membership:
         return q in self.peers and self.peers[q].session == session
 
     # ------------------------------------------------------------------------------------------ HELLO
-    def hello(self, now: float, rejected: int = 0) -> dict:
+    def hello(self, now: float, health: dict | None = None) -> dict:
+        """Our heartbeat; `health` ({name: count}) is reported to the coordinator's STATUS."""
         return {"rank": self.rank, "nonce": self.nonce, "export_id": self.export_id, "settings": self.settings,
-                "serving": self.serving, "t": now, "ready": self.ready(now), "rejected": rejected,
+                "serving": self.serving, "t": now, "ready": self.ready(now), "health": health or {},
                 "echo": {str(q): p.their_t for q, p in self.peers.items() if p.their_t is not None},
                 "sees": [q for q in self.peers if self.alive(q, now)]}
 
@@ -113,7 +114,9 @@ class Membership:
         if echo is not None and (type(echo) not in (int, float) or abs(echo) > 1e15):
             raise FrameError("field 'echo' must map ranks to times")
         sees = frozenset(get_list(meta, "sees", int, 256, default=[]))
-        rejected = get_int(meta, "rejected", default=0)
+        health = get_dict(meta, "health", 8, default={})
+        if not all(type(v) is int for v in health.values()):
+            raise FrameError("field 'health' must map names to counts")
         if key_rank is not None and rank != key_rank:
             return Verdict(False, refuse=f"a HELLO claiming rank {rank} came with the key of device {key_rank}")
         if export_id != self.export_id:
@@ -142,7 +145,7 @@ class Membership:
         p.nonce, p.session, p.last_hello, p.their_t, p.gone = nonce, session, now, t, None
         if echo is not None:
             p.echo = max(p.echo, float(echo)) if echo <= now else p.echo  # never trust a time from our future
-        p.sees, p.serving, p.rejected = sees, serving, rejected
+        p.sees, p.serving, p.health = sees, serving, health
         del ready  # a peer's own verdict is recomputed from `sees`
         return Verdict(True, note=note)
 
