@@ -231,6 +231,7 @@ class LocalCluster:
         import tempfile
 
         log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="prism-launch-"))
+        log_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = log_dir
         log = log_dir / f"device-{k}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
