@@ -413,14 +413,17 @@ def demo(out, devices, cr, as_json):
 @click.option("--sweep", default=None, help="More bandwidths for the latency plot, e.g. 10mbit,1gbit.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: latency vs bandwidth.")
 @click.option("--no-latency", is_flag=True, help="Skip the multi-process latency run.")
+@click.option("--curve", type=click.Choice(["on", "off", "both"]), default="on", show_default=True,
+              help="Latency runs with CurveZMQ (on), without (off), or both: the export's deployment run both "
+                   "ways, interleaved in one run, and the cost of CurveZMQ reported.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, as_json):
+def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curve, as_json):
     """Bytes, per-device FLOPs and time, and latency of EXPORT_DIR vs CR=1 and vs one device."""
     from .evaluate.bench import bench as run_bench
 
     report = run_bench(export_dir, bandwidth=bandwidth, seq_len=seq_len, repeats=repeats, latency=not no_latency,
-                       sweep=sweep.split(",") if sweep else None, plot=plot,
+                       sweep=sweep.split(",") if sweep else None, plot=plot, curve=curve,
                        echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)))
 
     def human(r):
@@ -443,6 +446,11 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, as_j
             click.echo(f"  latency at {r['bandwidth']}: PRISM {lat['prism']:.1f} ms, baseline {lat['baseline']:.1f} ms, "
                        f"single device {lat['single_device']:.1f} ms: PRISM {r['speedup_vs_single_device']:.2f}x "
                        f"faster than one device")
+        if r.get("curve_cost"):
+            cc = r["curve_cost"]
+            click.echo(f"  CurveZMQ cost at {r['bandwidth']}: {cc['latency_ms_curve']:.1f} ms with, "
+                       f"{cc['latency_ms_plain']:.1f} ms without ({100 * cc['overhead']:+.2f}%, median of "
+                       f"{cc['repeats']} interleaved requests each)")
         elif "latency_skipped" in r:
             click.echo(f"  latency skipped: {r['latency_skipped']}")
 
