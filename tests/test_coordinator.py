@@ -136,3 +136,14 @@ def test_busy_when_too_many_requests_are_pending_or_the_worker_queue_is_full(coo
     coord.max_pending = 10
     request(coord)
     assert "worker queue is full" in coord.replies[1][1]["error"]
+
+
+def test_outputs_that_do_not_fit_together_fail_the_request_not_the_runner(coord):
+    request(coord)
+    r = coord.jobs[0].request
+    coord.on_result(result(r, 0), 0.1)
+    coord.on_result(result(r, 1), 0.1)
+    bad = result(r, 2)
+    bad.outputs["last_hidden_state"] = np.zeros((3, 2, D), np.float32)  # another batch size
+    coord.on_result(bad, 0.2)
+    assert "do not fit together" in coord.replies[0][1]["error"] and not coord.pending

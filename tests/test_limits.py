@@ -122,3 +122,25 @@ def test_rejection_logs_are_rate_limited_and_say_how_many_were_not_logged(caplog
     assert logged.count(True) == 3
     assert [r.getMessage() for r in caplog.records][-2:] == ["... 97 more rejections not logged in the last 10 s",
                                                              "bad again"]
+
+
+@pytest.mark.parametrize("meta,arrays,match", [
+    ({}, {}, "field 'request' is missing"),
+    ({"request": 1, "coordinator": 5, "budget_s": 1.0}, {}, "coordinator"),
+    ({"request": 1, "coordinator": 0, "budget_s": 1e9}, {}, "budget_s"),
+    ({"request": 1, "coordinator": 0, "budget_s": 1.0}, {"attention_mask": np.ones((1, 2), np.int64)},
+     "START carries no"),
+    ({"request": 1, "coordinator": 0, "budget_s": 1.0, "outputs": ["nope"]}, {}, "outputs"),
+    ({"request": 1, "coordinator": 0, "budget_s": 1.0},
+     {"attention_mask": np.ones((1, 2), np.int64), "input_ids": np.ones((1, 0), np.int64)}, "must be int64"),
+    ({"request": 1, "coordinator": 0, "budget_s": 1.0},
+     {"attention_mask": np.ones((1, 2), np.int64), "input_ids": np.full((1, 2), 10 ** 6, np.int64)}, "out of range"),
+    ({"request": 1, "coordinator": 0, "budget_s": 1.0},
+     {"attention_mask": np.full((1, 2), 3, np.int64), "input_ids": np.ones((1, 2), np.int64)}, "only 0 and 1"),
+    ({"request": 1, "coordinator": 0, "budget_s": 1.0},
+     {"attention_mask": np.ones((2, 2), np.int64), "input_ids": np.ones((1, 2), np.int64)}, "batch size"),
+])
+def test_bad_starts_are_refused_before_any_job_exists(meta, arrays, match):
+    with pytest.raises(PrismError, match=match):
+        _, meta, arrays = decode(encode(Kind.START, meta, arrays), start_rules(LIMITS))
+        check_start(meta, arrays, LIMITS)

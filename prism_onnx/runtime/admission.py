@@ -93,6 +93,8 @@ def check_outputs(outputs, limits: Limits) -> set[str] | None:
 
 
 def check_ids(ids: np.ndarray, mask: np.ndarray | None, limits: Limits) -> None:
+    if ids.size == 0:
+        raise InputError(f"input_ids of shape {list(ids.shape)} holds no token")
     if ids.min() < 0 or ids.max() >= limits.vocab_size:
         raise InputError(f"input_ids out of range [0, {limits.vocab_size}): min {ids.min()}, max {ids.max()}")
     if mask is not None:

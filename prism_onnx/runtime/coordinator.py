@@ -84,8 +84,13 @@ class Coordinator:
             return self.fail(res.request, res.error)
         p.results[res.rank] = res
         if len(p.results) == self.limits.devices:
+            try:
+                meta, outputs = self._assemble(p, now)
+            except (ValueError, KeyError) as e:  # a device sent outputs that do not fit the others'
+                return self.fail(res.request, f"request {res.request}: the devices' outputs do not fit together "
+                                              f"({type(e).__name__}: {str(e)[:200]})")
             del self.pending[res.request]
-            self._answer(p.client, p.call, *self._assemble(p, now))
+            self._answer(p.client, p.call, meta, outputs)
 
     def fail(self, request: int, error: str) -> None:
         """The request failed: answer the client, tell every device to drop it."""

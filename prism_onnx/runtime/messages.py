@@ -40,8 +40,8 @@ def start_rules(limits: Limits) -> ArrayRules:
             return f"not a token input of this model ({', '.join(limits.embed_inputs)})"
         want, width = limits.token_inputs[name]
         rank = 2 if width is None else 3
-        ok = dtype == want and len(shape) == rank and shape[0] <= limits.max_batch \
-            and shape[1] <= limits.max_seq_len and (width is None or shape[2] == width)
+        ok = dtype == want and len(shape) == rank and 1 <= shape[0] <= limits.max_batch \
+            and 1 <= shape[1] <= limits.max_seq_len and (width is None or shape[2] == width)
         return None if ok else f"{dtype} {list(shape)}: must be {want} of rank {rank}" + \
             (f" with width {width}" if width else "")
 

@@ -171,9 +171,12 @@ class Worker:
             self.current = job.request
             try:
                 meta, arrays, coordinator = self._run(job)
+                self.exchange.outbox.send(coordinator, job.request, encode(Kind.RESULT, meta, arrays))
+            except Exception:  # a bug in reporting: count it, keep the worker alive
+                self.on_internal_error()
+                log.exception("device %d: could not report request %d", self.rank, job.request)
             finally:
                 self.current = None
-            self.exchange.outbox.send(coordinator, job.request, encode(Kind.RESULT, meta, arrays))
 
     def _run(self, job) -> tuple[dict, dict, int]:
         meta, arrays = {"request": job.request, "rank": self.rank, "ok": False}, {}
