@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -207,8 +206,7 @@ class Limits:
     outputs: tuple[str, ...]
     image: tuple[int, int]  # (channels, size) of pixel_values
     max_text_chars: int  # per text, checked before tokenizing
-    max_image_bytes: int  # per encoded image file
-    max_image_pixels: int  # per decoded image, checked before decoding it
+    max_image_bytes: int  # per encoded image file (preprocess.py limits the decoded pixels)
     max_message_bytes: int  # largest legitimate array part between runners
     max_client_bytes: int  # largest client message
 
@@ -232,5 +230,4 @@ class Limits:
                    embed_inputs=tuple(spec["embed_inputs"]), token_inputs=token_inputs,
                    outputs=tuple(spec["token_outputs"]) + tuple(spec["pooled_outputs"]), image=image,
                    max_text_chars=max(4096, 32 * N), max_image_bytes=16 << 20,
-                   max_image_pixels=max(4096 * 4096, math.prod(image) * 4),
                    max_message_bytes=biggest, max_client_bytes=max(biggest, 32 << 20))
