@@ -449,8 +449,8 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curv
         if r.get("curve_cost"):
             cc = r["curve_cost"]
             click.echo(f"  CurveZMQ cost at {r['bandwidth']}: {cc['latency_ms_curve']:.1f} ms with, "
-                       f"{cc['latency_ms_plain']:.1f} ms without ({100 * cc['overhead']:+.2f}%, median of "
-                       f"{cc['repeats']} interleaved requests each)")
+                       f"{cc['latency_ms_plain']:.1f} ms without ({100 * cc['overhead']:+.2f}%; median of the "
+                       f"{cc['repeats']} paired ratios {100 * cc['overhead_paired_median']:+.2f}%)")
         elif "latency_skipped" in r:
             click.echo(f"  latency skipped: {r['latency_skipped']}")
 

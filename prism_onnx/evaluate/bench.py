@@ -90,14 +90,14 @@ def latency_ms(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repea
     """Median end-to-end latency of `repeats` requests: one runner per device, each in its own network
     namespace behind a `bandwidth` tbf link, pinned to its own core, one onnxruntime thread; CurveZMQ on
     unless `secure` is False."""
-    return latencies(bundle, inputs, outputs, bandwidth, repeats, timeout, [secure])[secure]
+    return statistics.median(latencies(bundle, inputs, outputs, bandwidth, repeats, timeout, [secure])[secure])
 
 
 def latencies(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repeats: int, timeout: float,
-              modes=(True, False)) -> dict[bool, float]:
-    """{secure: median latency} for the same deployment run with and without CurveZMQ: one cluster per
+              modes=(True, False)) -> dict[bool, list[float]]:
+    """{secure: latencies in ms} for the same deployment run with and without CurveZMQ: one cluster per
     mode, each on its own emulated network, both up at once and asked in turn (A, B, A, B, ...), so that
-    both medians see the same machine load; only one cluster computes at any time."""
+    both see the same machine load; only one cluster computes at any time."""
     from contextlib import ExitStack
 
     from ..testbed import Testbed
@@ -119,7 +119,7 @@ def latencies(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repeat
         for _ in range(repeats):
             for secure, c in clusters.items():
                 times[secure].append(c.client.infer(**kw)[1]["latency_ms"])
-    return {secure: statistics.median(t) for secure, t in times.items()}
+    return times
 
 
 def cut(a: float, b: float) -> float:
@@ -203,8 +203,12 @@ def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | 
                 if curve == "both":
                     echo(f"measuring latency at {bandwidth}: prism with and without CurveZMQ, interleaved")
                     pair = latencies(export_dir, inputs, outputs, bandwidth, repeats, timeout)
-                    report["curve_cost"] = {"latency_ms_curve": pair[True], "latency_ms_plain": pair[False],
-                                            "overhead": pair[True] / pair[False] - 1, "repeats": repeats}
+                    on, off = statistics.median(pair[True]), statistics.median(pair[False])
+                    report["curve_cost"] = {
+                        "latency_ms_curve": on, "latency_ms_plain": off, "overhead": on / off - 1, "repeats": repeats,
+                        # each request with CurveZMQ against the plain one asked right after it
+                        "overhead_paired_median": statistics.median(a / b - 1 for a, b in zip(pair[True], pair[False])),
+                        "latencies_ms": {"curve": pair[True], "plain": pair[False]}}
                 report["speedup_vs_single_device"] = table[bandwidth]["single_device"] / table[bandwidth]["prism"]
                 report["latency_vs_bandwidth_ms"] = table
                 if plot and len(rates) > 1:

@@ -179,11 +179,16 @@ class Transport:
         if ev["event"] == zmq.EVENT_DISCONNECTED:
             return peer
         name = HANDSHAKE_EVENTS.get(ev["event"])
-        if name:
+        if name and peer is None:  # someone connecting to us
             self.counters.event(name)
             self.counters.log.warning("%s: CURVE handshake failed (%s, %s): a peer or client without this "
                                       "export's keys, or plain text", label, name,
                                       ev.get("endpoint", b"").decode(errors="replace"))
+        elif name:  # our connection to a peer
+            self.counters.event("outgoing_handshake_failed")
+            self.counters.log.warning("%s: CURVE handshake failed (%s): it does not hold this device's key, or "
+                                      "this device does not hold its key (keys from another export, or rotated "
+                                      "on one board only?)", label, name)
         return None
 
     def close(self) -> None:
