@@ -287,10 +287,17 @@ def inspect(export_dir, as_json):
               help="Seconds to wait for a peer's means at one exchange point.")
 @click.option("--peer-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds to wait at start-up for every peer to come up.")
-@click.option("--bind", default="*", show_default=True, help="Interface to listen on.")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.3), default=1.0, show_default=True,
+              help="A peer silent for this long is lost: the requests it was part of fail at once.")
+@click.option("--bind", default=None, help="Address to listen on (default: this device's own HOST in --peers; "
+                                           "'*' for every interface).")
+@click.option("--keys", "keys", type=click.Path(file_okay=False), default=None,
+              help="This device's CurveZMQ keys (default: BUNDLE/keys, written by `prism keys`).")
+@click.option("--insecure", is_flag=True, help="No authentication or encryption (a trusted, isolated network only).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @friendly_errors
-def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, bind, log_level):
+def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_timeout, bind, keys, insecure,
+        log_level):
     """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM."""
     import logging
     import signal
@@ -299,10 +306,33 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, bind, log_le
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host = DeviceHost(bundle, rank=rank, peers=peers, serve=serve, threads=threads, timeout=timeout,
-                      peer_timeout=peer_timeout, bind=bind)
+                      peer_timeout=peer_timeout, bind=bind, keys=keys, insecure=insecure,
+                      dead_after=heartbeat_timeout)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: host.stop.set())
     sys.exit(host.run())
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--add-client", "add", default=None, metavar="NAME",
+              help="Add one client keypair (EXPORT_DIR/client-NAME) instead of regenerating every key.")
+@friendly_errors
+def keys(export_dir, add):
+    """(Re)generate the CurveZMQ keys of an export: one keypair per device and per client.
+
+    Without --add-client every key is replaced (rotation): copy device-K/keys to board K, the client
+    folders to their users, and restart the runners."""
+    from .runtime.keys import add_client, generate_keys
+
+    if add:
+        folder = add_client(export_dir, add)
+        click.echo(f"client key in {folder}; copy device-K/keys/clients/{folder.name}.key to every board "
+                   f"(or all of device-K/keys) and restart its runner")
+        return
+    clients = generate_keys(export_dir)
+    click.echo(f"new keys in {export_dir}/device-*/keys and {', '.join(str(c) for c in clients)}: copy each "
+               f"device-K/keys to board K and restart the runners; old keys no longer work")
 
 
 def _summarise_outputs(outputs: dict) -> dict:
@@ -342,15 +372,20 @@ def _finish(outputs, stats, save, as_json, extra=None):
 @main.command()
 @click.option("--server", required=True, help="HOST:PORT of the serving device.")
 @input_options
+@click.option("--keys", "keys", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The client folder `prism keys` wrote (EXPORT_DIR/client).")
+@click.option("--insecure", is_flag=True, help="Plain text, for a cluster started with --insecure.")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the outputs to an .npz file.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def infer(server, texts, images, input_ids, save, timeout, as_json):
+def infer(server, texts, images, input_ids, keys, insecure, save, timeout, as_json):
     """Send one request to a running cluster and print (or --save) its outputs and per-device stats."""
     from .runtime.client import Client
 
-    client = Client(server, timeout=timeout)
+    if bool(keys) == bool(insecure):
+        raise click.UsageError("give --keys EXPORT_DIR/client (or --insecure for a cluster started with --insecure)")
+    client = Client(server, timeout=timeout, keys=keys)
     try:
         outputs, stats = _request(client, texts, images, input_ids)
     finally:
@@ -364,14 +399,16 @@ def infer(server, texts, images, input_ids, save, timeout, as_json):
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the outputs to an .npz file.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
+@click.option("--insecure", is_flag=True, help="Run the runners without CurveZMQ.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def launch(export_dir, texts, images, input_ids, save, threads, timeout, as_json):
-    """Start one runner per device bundle on loopback, run the inputs, print outputs and stats, stop them."""
+def launch(export_dir, texts, images, input_ids, save, threads, timeout, insecure, as_json):
+    """Start one runner per device bundle on loopback (with the export's keys), run the inputs, print
+    outputs and stats, stop them."""
     from .runtime.client import LocalCluster
 
     one_input_kind(texts, images, input_ids)
-    with LocalCluster(export_dir, threads=threads, timeout=timeout) as cluster:
+    with LocalCluster(export_dir, threads=threads, timeout=timeout, secure=not insecure) as cluster:
         outputs, stats = _request(cluster.client, texts, images, input_ids)
     _finish(outputs, stats, save, as_json, {"devices": len(cluster.procs), "peers": cluster.peers})
 
@@ -400,14 +437,17 @@ def demo(out, devices, cr, as_json):
 @click.option("--sweep", default=None, help="More bandwidths for the latency plot, e.g. 10mbit,1gbit.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: latency vs bandwidth.")
 @click.option("--no-latency", is_flag=True, help="Skip the multi-process latency run.")
+@click.option("--curve", type=click.Choice(["on", "off", "both"]), default="on", show_default=True,
+              help="Latency runs with CurveZMQ (on), without (off), or both: the export's deployment run both "
+                   "ways, interleaved in one run, and the cost of CurveZMQ reported.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, as_json):
+def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curve, as_json):
     """Bytes, per-device FLOPs and time, and latency of EXPORT_DIR vs CR=1 and vs one device."""
     from .evaluate.bench import bench as run_bench
 
     report = run_bench(export_dir, bandwidth=bandwidth, seq_len=seq_len, repeats=repeats, latency=not no_latency,
-                       sweep=sweep.split(",") if sweep else None, plot=plot,
+                       sweep=sweep.split(",") if sweep else None, plot=plot, curve=curve,
                        echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)))
 
     def human(r):
@@ -430,6 +470,11 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, as_j
             click.echo(f"  latency at {r['bandwidth']}: PRISM {lat['prism']:.1f} ms, baseline {lat['baseline']:.1f} ms, "
                        f"single device {lat['single_device']:.1f} ms: PRISM {r['speedup_vs_single_device']:.2f}x "
                        f"faster than one device")
+        if r.get("curve_cost"):
+            cc = r["curve_cost"]
+            click.echo(f"  CurveZMQ cost at {r['bandwidth']}: {cc['latency_ms_curve']:.1f} ms with, "
+                       f"{cc['latency_ms_plain']:.1f} ms without ({100 * cc['overhead']:+.2f}%; median of the "
+                       f"{cc['repeats']} paired ratios {100 * cc['overhead_paired_median']:+.2f}%)")
         elif "latency_skipped" in r:
             click.echo(f"  latency skipped: {r['latency_skipped']}")
 

@@ -142,7 +142,8 @@ def skeleton(path, keep: int = 4096) -> onnx.ModelProto:
         if math.prod(t.dims) > keep:
             for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
                 t.ClearField(f)
-    return model
+    # a fresh message: the loaded one keeps the weights' memory in its arena even with the fields cleared
+    return onnx.ModelProto.FromString(model.SerializeToString())
 
 
 def _load(model_or_path) -> onnx.ModelProto:

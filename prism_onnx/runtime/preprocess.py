@@ -55,9 +55,10 @@ class TextPreprocessor:
 class ImagePreprocessor:
     """Images (paths, PIL images or HWC uint8 arrays) -> pixel_values [B, C, H, W] float32."""
 
-    def __init__(self, config: dict, image_size: int):
+    def __init__(self, config: dict, image_size: int, max_pixels: int = 4096 * 4096):
         self.config = {**DEFAULT_IMAGE_CONFIG, **config}
         self.image_size = int(image_size)
+        self.max_pixels = max_pixels
 
     @classmethod
     def from_file(cls, path: str | Path, image_size: int) -> "ImagePreprocessor":
@@ -68,9 +69,12 @@ class ImagePreprocessor:
 
         if isinstance(image, (str, Path, io.IOBase)):
             try:
-                opened = Image.open(image)
+                opened = Image.open(image)  # reads the header only: the size is checked before decoding
+                if opened.size[0] * opened.size[1] > self.max_pixels:
+                    raise InputError(f"image of {opened.size[0]}x{opened.size[1]} pixels exceeds the limit of "
+                                     f"{self.max_pixels:,} pixels")
                 opened.load()
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
                 name = image if isinstance(image, (str, Path)) else "sent by the client"
                 raise InputError(f"cannot read image {name}: {e}") from None
             image = opened
