@@ -48,13 +48,16 @@ def test_greedy_at_cr1_equals_transformers_generate(lms, arch, lengths):
         assert got.ids == expected, devices
 
 
-@pytest.fixture(scope="module")
-def decoder_graphs(tmp_path_factory):
-    """{arch: Graphs} of the decoder LMs traced once with the key/value exchange."""
-    from prism_onnx.exporters.bundle import export_graphs
+@pytest.fixture
+def decoder_graphs(exported_graphs):
+    """{arch: Graphs} of the decoder LMs with the key/value exchange (GPT-2's is not its default), traced on
+    first use."""
 
-    root = tmp_path_factory.mktemp("gen-graphs")
-    return {arch: export_graphs(tiny_model(arch), root / arch, exchange="kv") for arch in DECODER_LMS}
+    class WithKV(dict):
+        def __missing__(self, arch):
+            return exported_graphs[arch + "/kv" if arch.startswith("GPT2") else arch]
+
+    return WithKV()
 
 
 def bundle(decoder_graphs, tmp_path, arch, **settings):
