@@ -28,8 +28,9 @@ def friendly_errors(fn):
     return wrapper
 
 
-def parse_ids(values: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """--input-ids '1,2,3' (repeatable: one per batch row, right-padded with 0 and masked)."""
+def parse_ids(values: tuple[str, ...], left: bool = False) -> dict[str, np.ndarray]:
+    """--input-ids '1,2,3' (repeatable: one per batch row, padded with 0 and masked: on the right, or on the
+    left for generation)."""
     rows = []
     for v in values:
         try:
@@ -42,8 +43,9 @@ def parse_ids(values: tuple[str, ...]) -> dict[str, np.ndarray]:
     ids = np.zeros((len(rows), n), np.int64)
     mask = np.zeros((len(rows), n), np.int64)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
+        row = slice(n - len(r), n) if left else slice(0, len(r))
+        ids[i, row] = r
+        mask[i, row] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -294,10 +296,12 @@ def inspect(export_dir, as_json):
 @click.option("--keys", "keys", type=click.Path(file_okay=False), default=None,
               help="This device's CurveZMQ keys (default: BUNDLE/keys, written by `prism keys`).")
 @click.option("--insecure", is_flag=True, help="No authentication or encryption (a trusted, isolated network only).")
+@click.option("--max-cache-mb", type=click.FloatRange(min=0), default=1024.0, show_default=True,
+              help="Key/value cache one generation request may hold on this device (the tail decodes).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @friendly_errors
 def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_timeout, bind, keys, insecure,
-        log_level):
+        max_cache_mb, log_level):
     """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM."""
     import logging
     import signal
@@ -307,7 +311,7 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_ti
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host = DeviceHost(bundle, rank=rank, peers=peers, serve=serve, threads=threads, timeout=timeout,
                       peer_timeout=peer_timeout, bind=bind, keys=keys, insecure=insecure,
-                      dead_after=heartbeat_timeout)
+                      dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: host.stop.set())
     sys.exit(host.run())
@@ -350,8 +354,45 @@ def _print_run(r):
         click.echo(f"  {k:>6} {a:>12,} {b:>15,} {c:>11.2f}")
 
 
-def _request(client, texts, images, input_ids):
+def generation_options(fn):
+    """--max-new-tokens and the sampling options: with them, `infer` and `launch` generate text."""
+    opts = [
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+                     help="Generate this many tokens after the prompt (a decoder exported with --exchange kv)."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="0: greedy; above 0: sample."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: no top-k cut."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=click.IntRange(min=0), default=None, help="Makes sampling reproducible."),
+        click.option("--stop-token-ids", default=None, help="Comma-separated ids that end a row (default: EOS)."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     show_default=True),
+        click.option("--stream", is_flag=True, help="Print tokens as they come."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _generation_config(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, repetition_penalty, **_):
+    from .generate import GenerationConfig
+
+    stops = () if stop_token_ids is None else [int(x) for x in stop_token_ids.split(",") if x.strip()]
+    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop_token_ids=tuple(stops), repetition_penalty=repetition_penalty)
+
+
+def _request(client, texts, images, input_ids, gen=None):
+    """One request: inference, or generation when gen (the generation options) asks for new tokens."""
     kind = one_input_kind(texts, images, input_ids)
+    if gen and gen["max_new_tokens"]:
+        if kind == "--image":
+            raise click.UsageError("generation takes --text or --input-ids")
+        ids = parse_ids(input_ids, left=True) if kind == "--input-ids" else {}
+        on_tokens = _stream_printer() if gen["stream"] else None
+        return client.generate(texts=list(texts) or None, input_ids=ids.get("input_ids"),
+                               attention_mask=ids.get("attention_mask"), config=_generation_config(**gen),
+                               on_tokens=on_tokens)
     if kind == "--text":
         return client.infer(texts=list(texts))
     if kind == "--image":
@@ -360,7 +401,36 @@ def _request(client, texts, images, input_ids):
     return client.infer(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
 
 
-def _finish(outputs, stats, save, as_json, extra=None):
+def _stream_printer():
+    """Prints each row's new text (or ids) as tokens arrive, on stderr (stdout stays one report)."""
+
+    def show(step, ids, texts):
+        for b, t in enumerate(ids.tolist()):
+            if t < 0:
+                continue
+            piece = texts[b] if texts is not None else f"{t} "
+            click.echo(f"[{b}] {piece}" if len(ids) > 1 else piece, nl=False, err=True)
+        if len(ids) > 1:
+            click.echo("", err=True)
+
+    return show
+
+
+def _finish(result, save, as_json, extra=None, generated=False):
+    if generated:
+        ids, reply = result
+        g = reply["generation"]
+        report = {**(extra or {}), "generated_ids": ids, "texts": g.get("texts"),
+                  "finish_reasons": g.get("finish_reasons"),
+                  "time_to_first_token_ms": g.get("time_to_first_token_ms_at_coordinator",
+                                                  g.get("time_to_first_token_ms")),
+                  "decode_tokens_per_s": g.get("decode_tokens_per_s"), "generation": g, "stats": reply["stats"]}
+        if save:
+            width = max(map(len, ids)) if ids else 0
+            np.savez(save, generated_ids=np.array([r + [-1] * (width - len(r)) for r in ids], np.int64))
+            report["saved"] = save
+        return emit(report, as_json, _print_generation)
+    outputs, stats = result
     if save:
         np.savez(save, **outputs)
     report = {**(extra or {}), "outputs": _summarise_outputs(outputs), "stats": stats}
@@ -369,9 +439,21 @@ def _finish(outputs, stats, save, as_json, extra=None):
     emit(report, as_json, _print_run)
 
 
+def _print_generation(r):
+    for b, ids in enumerate(r["generated_ids"]):
+        text = f" {r['texts'][b]!r}" if r.get("texts") else ""
+        click.echo(f"  row {b}: {len(ids)} tokens ({r['finish_reasons'][b]}){text}: {ids}")
+    tps = r["decode_tokens_per_s"]
+    click.echo(f"  time to first token {r['time_to_first_token_ms']:.1f} ms, decoding "
+               f"{'%.1f tokens/s' % tps if tps else 'one token'} on the tail device")
+    st = r["stats"]
+    click.echo(f"  prefill bytes sent per device {st['bytes_sent']} (nothing moves between devices while decoding)")
+
+
 @main.command()
 @click.option("--server", required=True, help="HOST:PORT of the serving device.")
 @input_options
+@generation_options
 @click.option("--keys", "keys", type=click.Path(exists=True, file_okay=False), default=None,
               help="The client folder `prism keys` wrote (EXPORT_DIR/client).")
 @click.option("--insecure", is_flag=True, help="Plain text, for a cluster started with --insecure.")
@@ -379,38 +461,41 @@ def _finish(outputs, stats, save, as_json, extra=None):
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def infer(server, texts, images, input_ids, keys, insecure, save, timeout, as_json):
-    """Send one request to a running cluster and print (or --save) its outputs and per-device stats."""
+def infer(server, texts, images, input_ids, keys, insecure, save, timeout, as_json, **gen):
+    """Send one request to a running cluster and print (or --save) its outputs and per-device stats; with
+    --max-new-tokens, generate text (prefill over the devices, decoding on the last)."""
     from .runtime.client import Client
 
     if bool(keys) == bool(insecure):
         raise click.UsageError("give --keys EXPORT_DIR/client (or --insecure for a cluster started with --insecure)")
     client = Client(server, timeout=timeout, keys=keys)
     try:
-        outputs, stats = _request(client, texts, images, input_ids)
+        result = _request(client, texts, images, input_ids, gen)
     finally:
         client.close()
-    _finish(outputs, stats, save, as_json)
+    _finish(result, save, as_json, generated=bool(gen["max_new_tokens"]))
 
 
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
 @input_options
+@generation_options
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the outputs to an .npz file.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
 @click.option("--insecure", is_flag=True, help="Run the runners without CurveZMQ.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def launch(export_dir, texts, images, input_ids, save, threads, timeout, insecure, as_json):
+def launch(export_dir, texts, images, input_ids, save, threads, timeout, insecure, as_json, **gen):
     """Start one runner per device bundle on loopback (with the export's keys), run the inputs, print
-    outputs and stats, stop them."""
+    outputs and stats, stop them; with --max-new-tokens, generate text."""
     from .runtime.client import LocalCluster
 
     one_input_kind(texts, images, input_ids)
     with LocalCluster(export_dir, threads=threads, timeout=timeout, secure=not insecure) as cluster:
-        outputs, stats = _request(cluster.client, texts, images, input_ids)
-    _finish(outputs, stats, save, as_json, {"devices": len(cluster.procs), "peers": cluster.peers})
+        result = _request(cluster.client, texts, images, input_ids, gen)
+    _finish(result, save, as_json, {"devices": len(cluster.procs), "peers": cluster.peers},
+            generated=bool(gen["max_new_tokens"]))
 
 
 @main.command()

@@ -17,7 +17,7 @@ from ..errors import FrameError, InputError
 from .bundle import Limits
 from .protocol import ArrayRules
 
-REQUEST_FIELDS = {"texts", "outputs", "call"}
+REQUEST_FIELDS = {"texts", "outputs", "call", "generate", "stream"}
 ID_ARRAYS = ("input_ids", "attention_mask")
 
 
@@ -65,6 +65,8 @@ class RequestInputs:
     kwargs: dict = field(default_factory=dict)
     outputs: set[str] | None = None
     call: int | None = None
+    generate: dict | None = None  # generate.GenerationConfig.to_dict(), checked
+    stream: bool = False
 
 
 def check_texts(texts, limits: Limits) -> list[str]:
@@ -106,6 +108,25 @@ def check_ids(ids: np.ndarray, mask: np.ndarray | None, limits: Limits) -> None:
             raise InputError("every batch row needs at least one real token (attention_mask is all zero in a row)")
 
 
+def check_generate(options, limits: Limits) -> dict:
+    """A request's generation options, checked (GenerationConfig) against what this export can do."""
+    from ..generate import GenerationConfig
+
+    if not limits.generates:
+        raise InputError("this export cannot generate: it needs a language-model head (e.g. GPT2LMHeadModel, "
+                         "LlamaForCausalLM) exported with --exchange kv")
+    if not isinstance(options, dict) or len(options) > 8:
+        raise InputError("'generate' must be an object of generation options")
+    config = GenerationConfig.from_dict(options)
+    if config.max_new_tokens > limits.max_positions or len(config.stop_token_ids) > 64:
+        raise InputError(f"max_new_tokens {config.max_new_tokens} exceeds the model's {limits.max_positions} "
+                         f"positions, or more than 64 stop tokens")
+    if any(not 0 <= t < limits.vocab_size for t in config.stop_token_ids):
+        raise InputError(f"stop_token_ids must be token ids in [0, {limits.vocab_size})")
+    return {**config.to_dict(), "stop_token_ids": None if "stop_token_ids" not in options else
+            list(config.stop_token_ids)}
+
+
 def check_request(meta: dict, arrays: dict[str, np.ndarray], limits: Limits) -> RequestInputs:
     unknown = sorted(set(meta) - REQUEST_FIELDS)
     if unknown:
@@ -114,6 +135,11 @@ def check_request(meta: dict, arrays: dict[str, np.ndarray], limits: Limits) -> 
     if call is not None and (type(call) is not int or not 0 <= call < 1 << 63):
         raise FrameError("field 'call' must be a non-negative integer")
     out = RequestInputs(outputs=check_outputs(meta.get("outputs"), limits), call=call)
+    if meta.get("generate") is not None:
+        out.generate = check_generate(meta["generate"], limits)
+        out.stream = meta.get("stream") is True
+    elif meta.get("stream") is not None:
+        raise InputError("'stream' streams generated tokens: it needs 'generate'")
     given = [k for k, present in (("texts", meta.get("texts") is not None), ("arrays", bool(arrays))) if present]
     if len(given) != 1:
         raise InputError("a request needs exactly one of: texts, image files, pixel_values, input_ids")

@@ -211,6 +211,8 @@ class Limits:
     max_image_bytes: int  # per encoded image file (preprocess.py limits the decoded pixels)
     max_message_bytes: int  # largest legitimate array part between runners
     max_client_bytes: int  # largest client message
+    max_positions: int = 0  # positions of the model: a prompt plus its new tokens fit in them
+    generates: bool = False  # a decoder with a language-model head exchanging keys and values
 
     @classmethod
     def of(cls, m: Manifest) -> "Limits":
@@ -229,4 +231,6 @@ class Limits:
                    vocab_size=spec.vocab_size, embed_inputs=spec.embed_inputs, token_inputs=token_inputs,
                    outputs=spec.outputs, image=(spec.num_channels, spec.image_size),
                    max_text_chars=max(4096, 32 * N), max_image_bytes=16 << 20,
-                   max_message_bytes=biggest, max_client_bytes=max(biggest, 32 << 20))
+                   max_message_bytes=biggest, max_client_bytes=max(biggest, 32 << 20),
+                   max_positions=spec.max_positions,
+                   generates=m.program.exchange == "kv" and "logits" in m.program.token_outputs)

@@ -94,7 +94,8 @@ class Client:
         self._answered = False
 
     def _call(self, kind: Kind, meta: dict, arrays: dict | None = None, timeout: float | None = None,
-              watch: bool = True):
+              watch: bool = True, on_tokens=None):
+        """Send one message and wait for its REPLY; TOKENS of the same call go to on_tokens(meta, arrays)."""
         self._connect()
         timeout = timeout or self.timeout
         call = next(self._calls)
@@ -132,9 +133,13 @@ class Client:
                     raise PeerError(f"{self.address} closed the connection (the coordinator stopped, or the "
                                     f"message was over its size limit)")
             if self.sock in events:
-                _, rmeta, rarrays = decode(self.sock.recv_multipart(), REPLY_RULES)
+                rkind, rmeta, rarrays = decode(self.sock.recv_multipart(), REPLY_RULES)
                 heard, self._answered = time.monotonic(), True
                 if rmeta.get("call") == call:
+                    if rkind == Kind.TOKENS:
+                        if on_tokens is not None:
+                            on_tokens(rmeta, rarrays)
+                        continue
                     return rmeta, rarrays
 
     def status(self, timeout: float = 2.0) -> dict:
@@ -144,7 +149,42 @@ class Client:
               outputs=None):
         """-> (outputs {name: array}, stats). `outputs`: names to return (default all). Raises PeerError
         with the server's message on failure."""
-        meta, arrays = ({"outputs": list(outputs)} if outputs else {}), {}
+        meta, arrays = self._inputs(texts, images, input_ids, attention_mask, pixel_values)
+        if outputs:
+            meta["outputs"] = list(outputs)
+        meta, outputs = self._call(Kind.REQUEST, meta, arrays)
+        if not meta.get("ok"):
+            raise PeerError(f"request failed: {meta.get('error')}")
+        return {k: np.array(v) for k, v in outputs.items()}, meta["stats"]
+
+    def generate(self, *, texts=None, input_ids=None, attention_mask=None, config=None, on_tokens=None):
+        """Distributed prefill, then decoding on the tail device. `config`: a generate.GenerationConfig
+        (default: 16 greedy tokens, stop at the model's EOS). on_tokens(step, ids [B], texts or None) is
+        called as tokens arrive (streaming). -> (generated ids: a list per row, reply: stats, texts,
+        generation stats, and client_time_to_first_token_ms when streaming)."""
+        meta, arrays = self._inputs(texts, None, input_ids, attention_mask, None)
+        options = (config.to_dict() if config is not None else {})
+        if config is not None and not config.stop_token_ids:
+            options.pop("stop_token_ids")  # none given: the model's EOS
+        meta.update(generate=options, stream=on_tokens is not None)
+        t0, first = time.monotonic(), []
+
+        def tokens(tmeta, tarrays):
+            if not first:
+                first.append(time.monotonic())
+            on_tokens(int(tmeta.get("step", 0)), np.array(tarrays["ids"]), tmeta.get("texts"))
+
+        reply, outputs = self._call(Kind.REQUEST, meta, arrays, on_tokens=tokens if on_tokens else None)
+        if not reply.get("ok"):
+            raise PeerError(f"request failed: {reply.get('error')}")
+        ids = [[int(t) for t in row if t >= 0] for row in np.array(outputs["generated_ids"]).tolist()]
+        if first:
+            reply["generation"]["client_time_to_first_token_ms"] = round(1e3 * (first[0] - t0), 3)
+        return ids, reply
+
+    @staticmethod
+    def _inputs(texts, images, input_ids, attention_mask, pixel_values) -> tuple[dict, dict]:
+        meta, arrays = {}, {}
         if texts:
             meta["texts"] = list(texts)
         elif images:
@@ -162,10 +202,7 @@ class Client:
                 arrays["attention_mask"] = np.atleast_2d(np.asarray(attention_mask, np.int64))
         else:
             raise PrismError("nothing to send: give texts, images, pixel_values or input_ids")
-        meta, outputs = self._call(Kind.REQUEST, meta, arrays)
-        if not meta.get("ok"):
-            raise PeerError(f"request failed: {meta.get('error')}")
-        return {k: np.array(v) for k, v in outputs.items()}, meta["stats"]
+        return meta, arrays
 
     def close(self):
         self._reset()

@@ -2,7 +2,9 @@
 
     REQUEST  checked (admission.py) -> a pending entry + a PrepareJob for the local worker, which
              prepares the inputs and STARTs every other device (worker.py)
-    RESULT   one per device; the last one completes the reply (outputs gathered by `gather_outputs`)
+    RESULT   one per device; the last one completes the reply (outputs gathered by `gather_outputs`; for
+             generation the tail device's generated ids, their texts, time to first token and speed)
+    TOKENS   the tail device's new tokens while it generates: relayed to a client that asked to stream
     failure  a device's error, a lost peer (membership), an unsendable message or the deadline: the
              client gets one error naming the device, every device gets ABORT
 
@@ -22,7 +24,7 @@ from .admission import check_request
 from .bundle import DeviceBundle
 from ..program import DeviceResult, RequestStats, gather_outputs
 from .exchange import Traffic
-from .messages import Result
+from .messages import GENERATED, Result
 from .protocol import Kind, encode
 from .worker import PrepareJob
 
@@ -36,6 +38,8 @@ class Pending:
     t0: float
     deadline: float
     results: dict[int, Result] = field(default_factory=dict)
+    stream: bool = False
+    first_token: float | None = None  # when the first streamed token arrived
 
 
 @dataclass
@@ -44,7 +48,7 @@ class Coordinator:
     rank: int
     membership: object  # membership.Membership (ready, missing, describe)
     send: Callable[[int, list], bool]  # (peer rank, parts) -> sent?
-    reply: Callable[[bytes, dict, dict | None], None]  # (client, meta, arrays)
+    reply: Callable[..., None]  # (client, meta, arrays[, kind]): a REPLY, or TOKENS while streaming
     submit: Callable[[PrepareJob], bool]  # to the local worker
     timeout: float = 10.0
     max_pending: int = MAX_PENDING
@@ -71,10 +75,28 @@ class Coordinator:
         except PrismError as e:
             return self._answer(client, call, {"ok": False, "error": f"{type(e).__name__}: {e}"})
         request = next(self.ids)
-        job = PrepareJob(request, req.kwargs, req.outputs, now + self.budget, self.budget)
+        budget = self.budget
+        if req.generate is not None:  # the tail decodes after the prefill: a generous second per token
+            budget += self.timeout + req.generate["max_new_tokens"]
+        job = PrepareJob(request, req.kwargs, req.outputs, now + budget, budget, req.generate, req.stream)
         if not self.submit(job):
             return self._answer(client, call, {"ok": False, "error": "busy: the worker queue is full"})
-        self.pending[request] = Pending(client, call, now, now + self.budget)
+        self.pending[request] = Pending(client, call, now, now + budget, stream=req.stream)
+
+    def on_tokens(self, tok, now: float) -> None:
+        """The tail device's new tokens: relay them to a client that streams (ids -1: the row ended)."""
+        p = self.pending.get(tok.request)
+        if p is None or tok.rank != self.limits.devices - 1:
+            return  # finished, failed, or not from the tail device
+        if p.first_token is None:
+            p.first_token = now
+        if p.stream:
+            meta = {"request": tok.request, "step": tok.step}
+            texts = self._texts(tok.ids[:, None])
+            if texts is not None:
+                meta["texts"] = texts
+            self.reply(p.client, {**meta, "call": p.call} if p.call is not None else meta, {"ids": tok.ids},
+                       Kind.TOKENS)
 
     def on_result(self, res: Result, now: float) -> None:
         p = self.pending.get(res.request)
@@ -103,8 +125,11 @@ class Coordinator:
             self._answer(p.client, p.call, {"ok": False, "error": error})
 
     def on_peer_lost(self, q: int, why: str) -> None:
-        for request in list(self.pending):
-            self.fail(request, f"request {request} failed: {why}")
+        """A device is gone: the requests still waiting for its result fail (one whose result it has
+        delivered, e.g. a generation the tail device is decoding, carries on)."""
+        for request, p in list(self.pending.items()):
+            if q not in p.results:
+                self.fail(request, f"request {request} failed: {why}")
 
     def expire(self, now: float) -> None:
         for request, p in list(self.pending.items()):
@@ -113,9 +138,31 @@ class Coordinator:
                 self.fail(request, f"request {request} timed out waiting for devices {missing}")
 
     def _assemble(self, p: Pending, now: float) -> tuple[dict, dict]:
-        """The devices' results -> the client's outputs (program.gather_outputs) and stats (RequestStats)."""
+        """The devices' results -> the client's outputs (program.gather_outputs) and stats (RequestStats);
+        for generation the tail's generated ids, their texts and the generation stats."""
         results = [DeviceResult(r.rank, r.outputs, r.timings, Traffic.from_dict(r.traffic, self.limits.layers))
                    for r in p.results.values()]
         stats = RequestStats.of(results, latency_ms=1e3 * (now - p.t0))
         stats.spans = [list(p.results[r].span) for r in stats.ranks]
-        return {"ok": True, "stats": stats.to_dict()}, gather_outputs(self.bundle.manifest.program, results)
+        meta = {"ok": True, "stats": stats.to_dict()}
+        tail = p.results[self.limits.devices - 1]
+        if tail.generation is not None:
+            ids = tail.outputs[GENERATED]
+            meta["generation"] = {**tail.generation, "texts": self._texts(ids)}
+            if p.first_token is not None:
+                meta["generation"]["time_to_first_token_ms_at_coordinator"] = round(1e3 * (p.first_token - p.t0), 3)
+            return meta, {GENERATED: ids}
+        return meta, gather_outputs(self.bundle.manifest.program, results)
+
+    def _texts(self, ids) -> list[str] | None:
+        """Generated ids [B, T] (-1 after a row ended) as text, with the bundle's tokenizer (None: none)."""
+        if not hasattr(self, "_tokenizer"):
+            pre = self.bundle.manifest.preprocessing
+            self._tokenizer = None
+            if pre.tokenizer:
+                from .preprocess import TextPreprocessor
+
+                self._tokenizer = TextPreprocessor(self.bundle.root / pre.tokenizer, self.limits.max_seq_len, pre.pad_id)
+        if self._tokenizer is None:
+            return None
+        return [self._tokenizer.decode([t for t in row if t >= 0]) for row in ids.tolist()]

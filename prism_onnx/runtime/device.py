@@ -85,13 +85,15 @@ class Requests:
         if pre.kind == "image":
             self.image = ImagePreprocessor.from_file(bundle.root / pre.config, self.spec.image_size)
 
-    def model_inputs(self, *, texts=None, images=None, input_ids=None, attention_mask=None, pixel_values=None):
-        """The transformers-style inputs for one request."""
+    def model_inputs(self, *, texts=None, images=None, input_ids=None, attention_mask=None, pixel_values=None,
+                     left_pad: bool = False):
+        """The transformers-style inputs for one request (texts padded on the left with `left_pad`: for
+        generation)."""
         if texts:
             if self.text is None:
                 raise InputError("this bundle has no tokenizer (" + ("an image model" if self.image else
                                  "none was exported") + "); send input ids" + ("" if self.image else " instead"))
-            return self.text(list(texts))
+            return self.text(list(texts), left=left_pad)
         if images:
             if self.spec.input_kind != "image":
                 raise InputError(f"{self.spec.model_type} takes text, not images")

@@ -15,7 +15,8 @@ import time
 from ..errors import FrameError, PrismError
 from .device import export_tag
 from .membership import Verdict
-from .messages import check_abort, check_refuse, check_result, check_start, result_rules, start_rules
+from .messages import (check_abort, check_refuse, check_result, check_start, check_tokens, result_rules, start_rules,
+                       tokens_rules)
 from .protocol import ArrayRules, Kind, decode, encode, kind_of, peek_kind
 from .transport import ENVELOPE
 from .wire import check_means
@@ -30,7 +31,8 @@ class PeerMessages:
         self.host, self.rank, self.limits = host, host.rank, host.limits
         self.m, self.t, self.counters = host.membership, host.transport, host.counters
         self.tag = export_tag(host.bundle.export_id)
-        self.rules = {Kind.START: start_rules(self.limits), Kind.RESULT: result_rules(self.limits)}
+        self.rules = {Kind.START: start_rules(self.limits), Kind.RESULT: result_rules(self.limits),
+                      Kind.TOKENS: tokens_rules(self.limits)}
 
     def _reject(self, category: str, why: str, nbytes: int, who: str) -> None:
         self.counters.reject(category, why, nbytes, who)
@@ -54,7 +56,8 @@ class PeerMessages:
             if k == Kind.START:
                 s = check_start(meta, arrays, self.limits)
                 self._sender(s.coordinator, key_rank, session)
-                job = Job(s.request, s.coordinator, s.attention_mask, s.own_inputs, now + s.budget_s, s.outputs)
+                job = Job(s.request, s.coordinator, s.attention_mask, s.own_inputs, now + s.budget_s, s.outputs,
+                          s.generate, s.stream, s.prompt_ids)
                 if not self.host.worker.submit(job):
                     raise FrameError(f"START of request {s.request}: the worker queue is full")
             elif k == Kind.RESULT:
@@ -63,6 +66,12 @@ class PeerMessages:
                 res = check_result(meta, arrays, self.limits)
                 self._sender(res.rank, key_rank, session)
                 self.host.coordinator.on_result(res, now)
+            elif k == Kind.TOKENS:
+                if self.host.coordinator is None:
+                    raise FrameError("TOKENS sent to a device that does not coordinate")
+                tok = check_tokens(meta, arrays, self.limits)
+                self._sender(tok.rank, key_rank, session)
+                self.host.coordinator.on_tokens(tok, now)
             elif k == Kind.ABORT:
                 request, reason = check_abort(meta)
                 if key_rank is not None:
@@ -129,8 +138,12 @@ class PeerMessages:
         frames = sock.recv_multipart(copy=False)
         dst, request = ENVELOPE.unpack(frames[0].bytes)
         parts = frames[1:]
-        if dst == self.rank:  # our own RESULT, for our coordinator
-            _, meta, arrays = decode([f.buffer for f in parts], self.rules[Kind.RESULT])
+        if dst == self.rank:  # our own RESULT or TOKENS, for our coordinator
+            buffers = [f.buffer for f in parts]
+            kind = peek_kind(buffers)
+            _, meta, arrays = decode(buffers, self.rules[kind])
+            if kind == Kind.TOKENS:
+                return self.host.coordinator.on_tokens(check_tokens(meta, arrays, self.limits), time.monotonic())
             return self.host.coordinator.on_result(check_result(meta, arrays, self.limits), time.monotonic())
         if not self.t.send_peer(dst, parts):
             why = f"device {self.rank} cannot send to device {dst}: not connected"

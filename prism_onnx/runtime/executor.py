@@ -57,12 +57,13 @@ class Executor:
         tokens, stop at the model's EOS); on_tokens(step, ids [B]) streams the tokens as they come."""
         import time
 
-        from ..generate import CacheCollector, GenerationConfig, check_generates, decode, stop_ids
+        from ..generate import CacheCollector, GenerationConfig, check_generates, check_prompt, decode, stop_ids
 
         check_generates(self.program)
         config = config or GenerationConfig(stop_token_ids=stop_ids(self.manifest.config_summary))
         t0 = time.perf_counter()
         token_inputs, plan = self.requests.prepare(inputs, split_weights)
+        check_prompt(plan.attention_mask, config, self.spec.max_positions)
         tail = plan.devices - 1
         collector = CacheCollector(self.program)
         request = next(self._ids)

@@ -63,7 +63,8 @@ def load_keys(bundle: DeviceBundle, rank: int, keys: str | Path | None, insecure
 class DeviceHost:
     def __init__(self, bundle: str | Path, *, rank: int | None, peers: str, serve: int | None = None,
                  threads: int = 1, timeout: float = 10.0, peer_timeout: float = 60.0, bind: str | None = None,
-                 keys: str | Path | None = None, insecure: bool = False, dead_after: float = DEAD_AFTER_S):
+                 keys: str | Path | None = None, insecure: bool = False, dead_after: float = DEAD_AFTER_S,
+                 max_cache_mb: float = 1024.0):
         self.bundle = b = DeviceBundle.load(bundle)  # every sha256 and the export id, recomputed
         self.rank = b.rank if rank is None else int(rank)
         if self.rank != b.rank:
@@ -86,7 +87,8 @@ class DeviceHost:
         inbox = Inbox(per_source=4 * frame + (1 << 16), total=(4 * frame + (1 << 16)) * max(1, b.devices - 1))
         self.exchange = ZmqExchange(self.rank, t.outbox, inbox, **self.engine.exchange_kwargs(timeout))
         self.worker = Worker(self.engine, self.rank, self.exchange, Requests(b) if serve is not None else None,
-                             on_internal_error=lambda: self.counters.event("internal_errors"))
+                             on_internal_error=lambda: self.counters.event("internal_errors"),
+                             max_cache_bytes=int(max_cache_mb * 2**20))
         self.coordinator = None
         if serve is not None:
             self.coordinator = Coordinator(b, self.rank, self.membership, t.send_peer, self._reply_client,
@@ -182,8 +184,8 @@ class DeviceHost:
                 "denied": ev["auth_denied"] + sum(ev[k] for k in ("handshake_failed", "handshake_failed_protocol"))}
 
     # ------------------------------------------------------------------------------------------ clients
-    def _reply_client(self, client: bytes, meta: dict, arrays: dict | None = None) -> None:
-        self.transport.reply(self.transport.clients, client, encode(Kind.REPLY, meta, arrays))
+    def _reply_client(self, client: bytes, meta: dict, arrays: dict | None = None, kind: Kind = Kind.REPLY) -> None:
+        self.transport.reply(self.transport.clients, client, encode(kind, meta, arrays))
 
     def _on_client(self, sock) -> None:
         client, user, parts = self.transport.recv(sock)

@@ -47,6 +47,7 @@ class Kind(IntEnum):
     REPLY = 6  # coordinator -> client: outputs + stats, or an error
     STATUS = 7  # client -> coordinator: is the cluster ready?
     ABORT = 8  # coordinator -> devices: request r failed, drop it (frees devices waiting on a dead peer)
+    TOKENS = 9  # tail device -> coordinator -> client: the tokens just generated for request r (streaming)
 
 
 def kind_of(parts: list) -> str:

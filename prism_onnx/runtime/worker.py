@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import PeerError, PrismError
+from ..generate import CacheCollector, GenerationConfig, check_prompt, decode, stop_ids
 from ..program import own_slice, run_device
 from .device import Engine, Requests, check_outputs
 from .exchange import Abort, Exchange
-from .messages import start_message
+from .messages import GENERATED, start_message, tokens_message
 from .protocol import Kind, encode
 from .wire import MEANS_HEADER
 
@@ -40,6 +41,9 @@ class Job:
     own_inputs: dict[str, np.ndarray]
     deadline: float
     outputs: set[str] | None = None
+    generate: dict | None = None  # generation options: the tail device decodes after the prefill
+    stream: bool = False
+    prompt_ids: np.ndarray | None = None  # [B, N] the whole prompt, for the tail's repetition penalty
 
 
 @dataclass
@@ -51,6 +55,8 @@ class PrepareJob:
     outputs: set[str] | None
     deadline: float
     budget_s: float
+    generate: dict | None = None
+    stream: bool = False
 
 
 class Inbox:
@@ -130,6 +136,7 @@ class Worker:
     exchange: ZmqExchange
     requests: Requests | None  # the coordinator prepares requests
     on_internal_error: callable = lambda: None
+    max_cache_bytes: int | None = None  # the key/value cache a generation request may hold on this device
     jobs: queue.Queue = field(default_factory=lambda: queue.Queue(MAX_QUEUED))
     aborted: deque = field(default_factory=lambda: deque(maxlen=1024))
     current: int | None = None
@@ -189,30 +196,70 @@ class Worker:
             if isinstance(job, PrepareJob):
                 job = self._prepare(job)
             plan = self.bundle.manifest.plan(job.attention_mask)
+            if job.generate is not None:
+                return (*self._generate(job, plan, meta), coordinator)
             res = run_device(self.bundle.manifest.program, self.engine, plan, self.rank, job.own_inputs, self.exchange,
                              job.request, job.outputs)
             meta.update(ok=True, timings=res.timings, traffic=res.traffic.to_dict(), span=list(plan.span(self.rank)))
             arrays = res.outputs
         except PrismError as e:
-            meta.update(error=str(e), traffic=self.exchange.finish(job.request).to_dict())
+            meta.update(ok=False, error=str(e), traffic=self.exchange.finish(job.request).to_dict())
             log.error("device %d: request %d failed: %s", self.rank, job.request, e)
         except Exception as e:  # a bug: report it, keep serving
             self.on_internal_error()
-            meta.update(error=f"device {self.rank} internal error: {type(e).__name__}: {e}",
+            meta.update(ok=False, error=f"device {self.rank} internal error: {type(e).__name__}: {e}",
                         traffic=self.exchange.finish(job.request).to_dict())
             log.exception("device %d: request %d crashed", self.rank, job.request)
         return meta, arrays, coordinator
 
     def _prepare(self, job: PrepareJob) -> Job:
-        """Coordinator: inputs -> token arrays and plan; START every other device with its own slice."""
-        token_inputs, plan = self.requests.prepare(self.requests.model_inputs(**job.kwargs))
-        want = check_outputs(self.bundle.spec, sorted(job.outputs) if job.outputs else None)
-        mine = None
+        """Coordinator: inputs -> token arrays and plan; START every other device with its own slice. For
+        generation the texts are padded on the left, and only the tail device runs a head (its own)."""
+        generating = job.generate is not None
+        token_inputs, plan = self.requests.prepare(self.requests.model_inputs(**job.kwargs, left_pad=generating))
+        if generating:
+            check_prompt(plan.attention_mask, GenerationConfig.from_dict(job.generate), self.bundle.spec.max_positions)
+        want = set() if generating else check_outputs(self.bundle.spec, sorted(job.outputs) if job.outputs else None)
+        mine, tail = None, plan.devices - 1
+        prompt = token_inputs["input_ids"] if generating else None
         for p in range(plan.devices):
             own = own_slice(token_inputs, plan, p)
             if p == self.rank:
                 mine = own
             else:
-                self.exchange.outbox.send(p, job.request, start_message(job.request, self.rank, plan, own,
-                                                                        job.budget_s, want))
-        return Job(job.request, self.rank, plan.attention_mask, mine, job.deadline, want)
+                self.exchange.outbox.send(p, job.request, start_message(
+                    job.request, self.rank, plan, own, job.budget_s, want, job.generate, job.stream,
+                    prompt if p == tail else None))
+        return Job(job.request, self.rank, plan.attention_mask, mine, job.deadline, want, job.generate, job.stream,
+                   prompt)
+
+    def _generate(self, job: Job, plan, meta: dict) -> tuple[dict, dict]:
+        """A generation request: the prefill like any request; the tail device (the last partition) then
+        decodes from its compressed prefix cache, streaming TOKENS to the coordinator when asked, and returns
+        the generated ids. The exchange is not used after the prefill: no means move while decoding."""
+        program, tail = self.bundle.manifest.program, plan.devices - 1
+        collector = CacheCollector(program) if self.rank == tail else None
+        t0 = time.perf_counter()
+        res = run_device(program, self.engine, plan, self.rank, job.own_inputs, self.exchange, job.request, set(),
+                         collector)
+        meta.update(ok=True, timings=res.timings, traffic=res.traffic.to_dict(), span=list(plan.span(self.rank)))
+        if collector is None:
+            return meta, {}
+        options = dict(job.generate)
+        options["stop_token_ids"] = stop_ids(self.bundle.manifest.config_summary, options.get("stop_token_ids"))
+        config = GenerationConfig.from_dict(options)
+
+        def stream(step: int, ids: np.ndarray) -> None:
+            if job.stream:
+                self.exchange.outbox.send(job.coordinator, job.request, tokens_message(job.request, self.rank, step, ids))
+            if job.request in self.aborted:
+                raise PeerError(f"request {job.request} was aborted while device {self.rank} generated")
+
+        prompt = job.prompt_ids if job.prompt_ids is not None else job.own_inputs["input_ids"]
+        gen = decode(program, self.engine, collector, prompt, plan.attention_mask, config, self.rank, t0,
+                     self.max_cache_bytes, stream)
+        ids = np.full((len(gen.ids), max(map(len, gen.ids))), -1, np.int64)
+        for b, row in enumerate(gen.ids):
+            ids[b, :len(row)] = row
+        meta["generation"] = {**gen.stats.to_dict(), "finish_reasons": gen.finish_reasons}
+        return meta, {GENERATED: ids}
