@@ -321,6 +321,18 @@ def decode(program: Program, backend, collector: CacheCollector, prompt_ids: np.
     return Generation(out, stats, reasons)
 
 
+def continuation_logits(program: Program, backend, collector: CacheCollector, ids: np.ndarray,
+                        attention_mask: np.ndarray, rank: int) -> np.ndarray:
+    """Teacher forcing after a prefill: the logits [B, 1 + t, V] that predict each of ids [B, t] and the
+    token after them, from the tail device's compressed prefix cache (the first row of logits is the
+    prefill's last position). All t tokens go through the graphs in one pass, causal among themselves."""
+    head = next(s for s in program.steps if s.graph == "token_head")
+    first = np.asarray(backend.run(head.graph, {"hidden": collector.hidden[:, -1:]})[0])  # [B, 1, V]
+    cache = collector.cache(ids.shape[1])
+    positions = attention_mask.sum(1, keepdims=True) + np.arange(ids.shape[1])[None, :]  # [B, t]
+    return np.concatenate([first, _decode_step(program, backend, cache, ids, positions, rank)], axis=1)
+
+
 def _decode_step(program: Program, backend, cache: KVCache, ids: np.ndarray, positions: np.ndarray,
                  rank: int) -> np.ndarray:
     """One pass of the program over new tokens ids [B, t] at positions [B, t] -> logits [B, t, V]."""
