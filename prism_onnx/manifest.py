@@ -226,15 +226,27 @@ class GraphFile:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How a board turns raw inputs into model inputs: a tokenizer.json (text) or an image config."""
+    """How a board turns raw inputs into model inputs (a tokenizer.json, or an image config) and what it
+    needs to serve them over HTTP (prism_onnx/serve):
+
+    pooling        how a sentence embedding is pooled from last_hidden_state (prism_onnx/pooling.py):
+                   {"modes": ["mean"], "normalize": bool, "source": ...}, read at export from the model
+                   folder's sentence-transformers modules (1_Pooling/config.json, Normalize); None for image
+                   models and for exports that predate the field (then: mean pooling, not normalized)
+    chat_template  a Jinja file (chat_template.jinja) from the tokenizer's chat_template, when it has one
+    special_tokens the tokenizer's bos/eos/unk/pad token strings, which chat templates refer to
+    """
 
     kind: str  # "text" | "image"
     tokenizer: str | None = None  # file in the bundle (text)
     pad_id: int = 0
     config: str | None = None  # preprocessor_config.json (image)
+    pooling: dict | None = None
+    chat_template: str | None = None  # file in the bundle
+    special_tokens: dict = field(default_factory=dict)
 
     def files(self) -> list[str]:
-        return [f for f in (self.tokenizer, self.config) if f]
+        return [f for f in (self.tokenizer, self.config, self.chat_template) if f]
 
     def to_dict(self) -> dict:
         return asdict(self)

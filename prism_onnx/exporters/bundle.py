@@ -15,6 +15,7 @@ import onnx
 from .. import __version__, models
 from ..errors import BundleError
 from ..manifest import DEFAULT_OPSET, ExportSettings, GraphFile, Manifest, ModelSpec, Preprocessing, TensorInfo
+from ..pooling import DEFAULT as POOLING_DEFAULT, pooling_of_folder
 from ..program import Program, build_program
 from ..reference import prism_model
 from ..runtime.bundle import MANIFEST, content_digest, read_manifest, sha256_file
@@ -117,7 +118,10 @@ def export_graphs(model, folder: Path, *, opset: int = DEFAULT_OPSET, quantize: 
 
 
 def write_preprocessing(model, spec, folder: Path) -> Preprocessing:
-    """tokenizer.json (text) or preprocessor_config.json (images) for the board, when the source has one."""
+    """tokenizer.json (text) or preprocessor_config.json (images) for the board, when the source has one;
+    for text models also the pooling of sentence embeddings (prism_onnx/pooling.py: sentence-transformers'
+    modules when the source folder has them, else mean), the chat template and the special tokens' strings."""
+    named = bool(getattr(model, "name_or_path", ""))
     src = Path(models.resolve_source(getattr(model, "name_or_path", "") or "."))
     if spec.input_kind == "image":
         cfg_path = src / "preprocessor_config.json"
@@ -136,8 +140,29 @@ def write_preprocessing(model, spec, folder: Path) -> Preprocessing:
         if tok is not None and getattr(tok, "is_fast", False):
             tok.backend_tokenizer.save(str(folder / "tokenizer.json"))
             pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-            pre = Preprocessing("text", tokenizer="tokenizer.json", pad_id=int(pad))
-    return pre
+            template = chat_template_of(tok)
+            if template:
+                (folder / CHAT_TEMPLATE).write_text(template)
+            special = {k: v for k in SPECIAL_TOKENS if isinstance(v := getattr(tok, k, None), str)}
+            pre = Preprocessing("text", tokenizer="tokenizer.json", pad_id=int(pad),
+                                chat_template=CHAT_TEMPLATE if template else None, special_tokens=special)
+    return replace(pre, pooling=pooling_of_folder(src) if named and src.is_dir() else dict(POOLING_DEFAULT))
+
+
+CHAT_TEMPLATE = "chat_template.jinja"
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def chat_template_of(tok) -> str | None:
+    """The tokenizer's chat template (tokenizer_config.json's chat_template or chat_template.jinja, as
+    transformers loaded it): the one named "default" when it holds several; None when it has none."""
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    elif isinstance(template, list):  # the older on-disk form: [{"name", "template"}]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    return template if isinstance(template, str) and template.strip() else None
 
 
 def place(src: Path, dst: Path, link: bool) -> None:

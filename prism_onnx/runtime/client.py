@@ -228,15 +228,16 @@ class LocalCluster:
              ["ip", "netns", "exec", "ns1"] to run it in a network namespace, or ["taskset", "-c", "1"].
     secure:  CurveZMQ with the export's own keys (device-K/keys for the runners, client/ for the client);
              False runs every runner with --insecure and talks plain text.
+    serve_args: more arguments for the serving runner only, e.g. ["--http", "8000"] (prism_onnx/serve).
     """
 
     def __init__(self, export_dir: str | Path, *, threads: int = 1, timeout: float = 10.0,
                  hosts: list[str] | None = None, prefix=None, serve_host: str = "127.0.0.1",
                  log_dir: str | Path | None = None, ready_timeout: float = 90.0, extra_env: dict | None = None,
-                 secure: bool = True, extra_args: list[str] | None = None):
+                 secure: bool = True, extra_args: list[str] | None = None, serve_args: list[str] | None = None):
         self.export = Export.load(export_dir)  # verify everything before starting anything
         self.root = Path(export_dir)
-        self.secure, self.extra_args = secure, list(extra_args or [])
+        self.secure, self.extra_args, self.serve_args = secure, list(extra_args or []), list(serve_args or [])
         self.client_keys = ClientKeys.load(self.root / CLIENT) if secure else None
         P = len(self.export.devices)
         self.hosts = hosts or ["127.0.0.1"] * P
@@ -259,7 +260,7 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "prism_onnx.cli", "run", str(self.root / f"device-{k}"), "--rank", str(k),
                "--peers", self.peers, "--threads", str(self.threads), "--timeout", str(self.timeout)]
         if k == 0:
-            cmd += ["--serve", str(self.serve_port)]
+            cmd += ["--serve", str(self.serve_port), *self.serve_args]
         if not self.secure:
             cmd += ["--insecure"]
         return [*self.prefix(k), *cmd, *self.extra_args]

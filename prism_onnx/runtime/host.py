@@ -29,7 +29,7 @@ from .coordinator import Coordinator
 from .counters import Counters
 from .device import Engine, Requests
 from .dispatch import PeerMessages
-from .keys import RunnerKeys, loose_permissions
+from .keys import RunnerKeys, loose_permissions, with_local_client
 from .membership import DEAD_AFTER_S, HEARTBEAT_S, Membership
 from .protocol import ArrayRules, Kind, decode, encode, peek_call, peek_kind
 from .transport import Transport
@@ -49,6 +49,11 @@ def parse_peers(peers: str) -> list[tuple[str, int]]:
     return out
 
 
+def local_host(bind: str) -> str:
+    """Where a process on this machine reaches a socket bound to `bind` ('*' and 0.0.0.0: loopback)."""
+    return "127.0.0.1" if bind in ("*", "0.0.0.0", "") else bind
+
+
 def load_keys(bundle: DeviceBundle, rank: int, keys: str | Path | None, insecure: bool) -> RunnerKeys | None:
     if insecure:
         log.warning("device %d runs WITHOUT authentication or encryption (--insecure): anyone who can reach its "
@@ -64,7 +69,10 @@ class DeviceHost:
     def __init__(self, bundle: str | Path, *, rank: int | None, peers: str, serve: int | None = None,
                  threads: int = 1, timeout: float = 10.0, peer_timeout: float = 60.0, bind: str | None = None,
                  keys: str | Path | None = None, insecure: bool = False, dead_after: float = DEAD_AFTER_S,
-                 max_cache_mb: float = 1024.0):
+                 max_cache_mb: float = 1024.0, local_client: bool = False):
+        """local_client: also accept a client key made in memory (keys.with_local_client), for the HTTP
+        server in this process (`prism run --http`); it is `self.local_client_keys`, and the client port
+        is reachable from this machine at `self.local_client_address`."""
         self.bundle = b = DeviceBundle.load(bundle)  # every sha256 and the export id, recomputed
         self.rank = b.rank if rank is None else int(rank)
         if self.rank != b.rank:
@@ -76,11 +84,18 @@ class DeviceHost:
         self.stop, self.fatal = threading.Event(), None
         self.counters = Counters(log)
         peer_addrs = {q: f"tcp://{h}:{p}" for q, (h, p) in enumerate(addrs) if q != self.rank}
+        if local_client and serve is None:
+            raise PrismError("--http needs --serve PORT: the HTTP server talks to this runner's client port")
+        runner_keys, self.local_client_keys = load_keys(b, self.rank, keys, insecure), None
+        if local_client and runner_keys is not None:
+            runner_keys, self.local_client_keys = with_local_client(runner_keys, self.rank)
+        self.bind_host = bind or addrs[self.rank][0]
+        self.local_client_address = f"{local_host(self.bind_host)}:{serve}" if serve is not None else None
         self.membership = Membership(self.rank, peer_addrs, b.export_id, b.handshake_settings, uuid.uuid4().hex[:12],
                                      serving=serve is not None, dead_after=dead_after)
         self.transport = t = Transport(
-            rank=self.rank, peers=peer_addrs, port=addrs[self.rank][1], bind=bind or addrs[self.rank][0],
-            serve=serve, keys=load_keys(b, self.rank, keys, insecure), max_peer_bytes=self.limits.max_message_bytes,
+            rank=self.rank, peers=peer_addrs, port=addrs[self.rank][1], bind=self.bind_host,
+            serve=serve, keys=runner_keys, max_peer_bytes=self.limits.max_message_bytes,
             max_client_bytes=self.limits.max_client_bytes, counters=self.counters)
         self.engine = Engine(b, threads)
         frame = frame_nbytes(self.limits.max_batch, self.limits.max_rows, self.limits.hidden, self.limits.wire_dtype)

@@ -7,7 +7,9 @@
     DIR/NAME/servers/device-K.key           public keys of the devices, to authenticate the one it talks to
 
 Copy device-K/ to board K (its keys/ folder holds no other device's secret) and DIR/client/ to whoever
-sends requests. Keys are not in any manifest's file table: `prism keys DIR` rotates them all (device
+sends requests. A runner started with --http also accepts one more client key, made in memory at its start
+and never written anywhere (`with_local_client`): the HTTP server's, in the same process. Keys are not in
+any manifest's file table: `prism keys DIR` rotates them all (device
 and client keys; clients added with --add-client keep their names) without a re-export. The files are
 pyzmq's certificate format (zmq.auth.create_certificates / load_certificate).
 """
@@ -18,9 +20,10 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import zmq
 import zmq.auth
 
 from ..errors import BundleError
@@ -182,3 +185,16 @@ class ClientKeys:
         if not servers:
             raise BundleError(f"{folder / 'servers'}: no device public keys")
         return cls(public, secret, servers)
+
+
+LOCAL_CLIENT = "local-http"  # the authenticated name of the in-process HTTP server's connection
+
+
+def with_local_client(keys: RunnerKeys, rank: int) -> tuple[RunnerKeys, ClientKeys]:
+    """A fresh client keypair for the HTTP server that runs inside this runner's process (prism_onnx/serve):
+    the runner's keys with its public key added to the accepted clients (named LOCAL_CLIENT), and the
+    client's keys, which know only this device as server. The secret lives in this process's memory only
+    and changes at every start, so nothing on disk grants it, and no export's client folder is needed on
+    the board; the HTTP server still talks to the runner through the ordinary CurveZMQ client port."""
+    public, secret = zmq.curve_keypair()
+    return replace(keys, clients={**keys.clients, LOCAL_CLIENT: public}), ClientKeys(public, secret, {rank: keys.public})

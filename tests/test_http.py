@@ -1,0 +1,351 @@
+"""The HTTP API of a deployment (`prism run --serve PORT --http PORT`), driven by the official `openai`
+package and by plain HTTP, against runner processes on loopback.
+
+At CR=1 every device's output is exact, so: embeddings equal the HF model's pooled embedding as
+sentence-transformers pools it (cosine >= 0.9999); a greedy completion streamed by the `openai` package
+carries the token ids of transformers' own greedy generation, in order. Bad requests get their OpenAI-
+shaped error and status (400, 401, 404, 413), the runners keep serving after each, and /metrics (parsed
+with prometheus_client's own parser) counts exactly the requests made.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+
+from conftest import minilm_path, sst2_sentences, tiny_model
+from prism_onnx import models
+from prism_onnx.exporters.bundle import ExportSettings, write_bundles, write_preprocessing
+from prism_onnx.pooling import DEFAULT, pool, pooling_of_folder
+from prism_onnx.runtime.client import LocalCluster, free_ports
+
+openai = pytest.importorskip("openai")
+KEY = "sk-test-0123456789"
+CHAT = ("{% for m in messages %}{{ 't2' if m['role'] == 'user' else 't3' }} {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}t4{% endif %}")
+SENTENCES = ["a gripping, funny film", "dull", "it 's a charming and often affecting journey .",
+             "the acting is terrible and the plot makes no sense"]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def http(base: str, key: str | None = KEY) -> httpx.Client:
+    return httpx.Client(base_url=base, timeout=60, trust_env=False,
+                        headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
+def openai_client(base: str, key: str = KEY):
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def bundle_with_source(graphs, source: Path, out: Path, **settings) -> Path:
+    """Lay out bundles of already traced `graphs` with the preprocessing that the exporter writes for the
+    model folder `source` (tokenizer, chat template, pooling): the graphs do not depend on it."""
+    folder = out.parent / f"{out.name}-graphs"
+    folder.mkdir()
+    for g in graphs.files.values():
+        shutil.copyfile(graphs.folder / g.file, folder / g.file)
+    pre = write_preprocessing(models.load(source), graphs.spec, folder)
+    return write_bundles(replace(graphs, folder=folder, preprocessing=pre, source=str(source)), out,
+                         ExportSettings(**settings))
+
+
+def deploy(bundle: Path, *args: str) -> tuple[LocalCluster, str]:
+    port = free_ports(1)[0]
+    cluster = LocalCluster(bundle, serve_args=["--http", str(port), *args]).__enter__()
+    return cluster, f"http://127.0.0.1:{port}"
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def st_pooled(model, tokenizer, texts: list[str], modes: list[str], normalize: bool) -> np.ndarray:
+    """sentence-transformers' pooling, written out in torch over the HF model's last_hidden_state."""
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        h = model(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1).float()
+    parts = {"cls": h[:, 0], "mean": (h * m).sum(1) / m.sum(1).clamp(min=1e-9)}
+    x = torch.cat([parts[k] for k in modes], -1)
+    return (torch.nn.functional.normalize(x, p=2, dim=1) if normalize else x).numpy()
+
+
+def cosines(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+def scrape(base: str) -> dict:
+    """/metrics parsed with prometheus_client's parser: {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = http(base, None).get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def request_counts(metrics: dict) -> dict:
+    return {(dict(lab)["endpoint"], dict(lab)["status"]): v for (name, lab), v in metrics.items()
+            if name == "prism_http_requests_total"}
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def gpt2(exported_graphs, tmp_path_factory):
+    """A tiny GPT-2 (key/value exchange) with a word-level tokenizer ("t0".."t299", one word per id) and a
+    chat template, P=2 at CR=1, served over HTTP with an API key. -> (cluster, base url, HF model)."""
+    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("gpt2-http")
+    model = tiny_model("GPT2LMHeadModel")
+    model.save_pretrained(root / "model")
+    tok = Tokenizer(tok_models.WordLevel({f"t{i}": i for i in range(300)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT).save_pretrained(root / "model")
+    bundle = bundle_with_source(exported_graphs["GPT2LMHeadModel/kv"], root / "model", root / "export", devices=2,
+                                compression_ratio=1)
+    cluster, base = deploy(bundle, "--api-key", KEY)
+    try:
+        yield cluster, base, model
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def bert(exported_graphs, tiny_dirs, tmp_path_factory):
+    """The tiny BERT (MiniLM's tokenizer) as a sentence-transformers folder that pools the [CLS] token and
+    normalizes, P=2 at CR=1, served over HTTP without an API key. -> (cluster, base url, source folder)."""
+    root = tmp_path_factory.mktemp("bert-http")
+    src = root / "model"
+    shutil.copytree(tiny_dirs["BertModel"], src)
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    (src / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    bundle = bundle_with_source(exported_graphs["BertModel"], src, root / "export", devices=2, compression_ratio=1,
+                                max_seq_len=64)
+    cluster, base = deploy(bundle)
+    try:
+        yield cluster, base, src
+    finally:
+        cluster.close()
+
+
+# ----------------------------------------------------------------------------------------- embeddings
+def test_pooling_is_read_from_the_model_folder_and_recorded_in_the_bundle(tiny_dirs, tmp_path):
+    assert pooling_of_folder(tiny_dirs["BertModel"]) == DEFAULT  # no sentence-transformers modules: mean
+    assert pooling_of_folder(minilm_path()) == {"modes": ["mean"], "normalize": True,
+                                                "source": "sentence-transformers", "skipped_modules": []}
+    h = np.random.default_rng(0).standard_normal((2, 4, 3)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+    assert np.allclose(pool(h, mask), [h[0, :3].mean(0), h[1, :2].mean(0)], atol=1e-6)
+    both = pool(h, mask, {"modes": ["cls", "max"], "normalize": True})
+    assert np.allclose(np.linalg.norm(both, axis=1), 1) and both.shape == (2, 6)
+
+
+def test_openai_embeddings_equal_sentence_transformers_pooling(bert):
+    from transformers import AutoModel, AutoTokenizer
+
+    cluster, base, src = bert
+    manifest = json.loads((cluster.root / "device-1" / "manifest.json").read_text())
+    assert manifest["preprocessing"]["pooling"]["modes"] == ["cls"] and manifest["preprocessing"]["pooling"]["normalize"]
+    expected = st_pooled(AutoModel.from_pretrained(src).eval(), AutoTokenizer.from_pretrained(src), SENTENCES,
+                         ["cls"], normalize=True)
+    client = openai_client(base, "unused")  # this deployment has no API key
+    name = client.models.list().data[0].id
+    for fmt in (openai.NOT_GIVEN, "float", "base64"):  # not given: the package asks for base64 and decodes it
+        r = client.embeddings.create(model=name, input=SENTENCES, encoding_format=fmt)
+        got = np.array([np.frombuffer(base64.b64decode(d.embedding), "<f4") if fmt == "base64" else d.embedding
+                        for d in sorted(r.data, key=lambda d: d.index)])
+        assert got.shape == (len(SENTENCES), 32) and cosines(got, expected).min() >= 0.9999, fmt
+    assert r.usage.prompt_tokens == sum(len(AutoTokenizer.from_pretrained(src)(s)["input_ids"]) for s in SENTENCES)
+    # text-embeddings-inference's /embed: normalized by default; normalize=false gives the raw [CLS] pooling
+    with http(base, None) as c:
+        tei = c.post("/embed", json={"inputs": SENTENCES}).json()
+        raw = c.post("/embed", json={"inputs": SENTENCES[0], "normalize": False}).json()
+    assert cosines(tei, expected).min() >= 0.9999
+    assert len(raw) == 1 and abs(np.linalg.norm(raw[0]) - 1) > 1e-3 and cosines(raw, expected[:1])[0] >= 0.9999
+
+
+@pytest.mark.long
+def test_openai_embeddings_of_minilm_p2_equal_sentence_transformers(tmp_path):
+    """The real MiniLM (sentence-transformers folder: mean pooling, Normalize), exported P=2 at CR=1: the
+    `openai` package's embeddings of SST-2 sentences equal sentence-transformers' pooled embeddings."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from prism_onnx.exporters.bundle import export
+
+    bundle = export(minilm_path(), tmp_path / "minilm", ExportSettings(devices=2, compression_ratio=1, max_seq_len=128))
+    sentences = sst2_sentences(16)
+    expected = st_pooled(AutoModel.from_pretrained(minilm_path()).eval(), AutoTokenizer.from_pretrained(minilm_path()),
+                         sentences, ["mean"], normalize=True)
+    cluster, base = deploy(bundle, "--api-key", KEY, "--served-model-name", "all-MiniLM-L6-v2")
+    try:
+        r = openai_client(base).embeddings.create(model="all-MiniLM-L6-v2", input=sentences)
+    finally:
+        cluster.close()
+    got = np.array([d.embedding for d in sorted(r.data, key=lambda d: d.index)])
+    assert got.shape == (16, 384) and cosines(got, expected).min() >= 0.9999
+
+
+# ----------------------------------------------------------------------------------------- generation
+def test_openai_streams_a_completion_equal_to_transformers_greedy(gpt2):
+    cluster, base, model = gpt2
+    prompt = [5, 17, 42, 7, 99, 3, 250, 11, 64]
+    expected = hf_greedy(model, prompt, 12)
+    client = openai_client(base)
+    stream = client.completions.create(model="model", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"return_token_ids": True})
+    chunks = list(stream)
+    ids = [t for c in chunks for ch in c.choices for t in (ch.model_extra or {}).get("token_ids", [])]
+    text = "".join(ch.text for c in chunks for ch in c.choices)
+    assert ids == expected
+    assert text == " ".join(f"t{t}" for t in expected)  # the bundle's tokenizer decodes them
+    assert [ch.finish_reason for c in chunks for ch in c.choices if ch.finish_reason] == ["length"]
+    assert chunks[-1].usage.prompt_tokens == len(prompt) and chunks[-1].usage.completion_tokens == 12
+    # the same prompt as text, through the bundle's tokenizer, not streamed
+    r = client.completions.create(model="model", prompt=" ".join(f"t{t}" for t in prompt), max_tokens=12,
+                                  temperature=0)
+    assert r.choices[0].text == text and r.usage.total_tokens == len(prompt) + 12
+
+
+def test_chat_stop_strings_and_seeded_sampling(gpt2):
+    cluster, base, model = gpt2
+    client = openai_client(base)
+    messages = [{"role": "user", "content": "t8 t9 t10"}, {"role": "assistant", "content": "t11"},
+                {"role": "user", "content": "t12 t13"}]
+    rendered = [2, 8, 9, 10, 3, 11, 2, 12, 13, 4]  # the chat template: t2 user, t3 assistant, t4 to answer
+    expected = hf_greedy(model, rendered, 8)
+    r = client.chat.completions.create(model="model", messages=messages, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == " ".join(f"t{t}" for t in expected)
+    assert r.usage.prompt_tokens == len(rendered) and r.choices[0].finish_reason == "length"
+    streamed = client.chat.completions.create(model="model", messages=messages, max_tokens=8, temperature=0,
+                                              stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == r.choices[0].message.content
+    # a stop string ends the text before it
+    stop = f" t{expected[3]}"
+    cut = " ".join(f"t{t}" for t in expected).split(stop)[0]
+    s = client.chat.completions.create(model="model", messages=messages, max_tokens=8, temperature=0, stop=[stop])
+    assert s.choices[0].message.content == cut and s.choices[0].finish_reason == "stop"
+    # OpenAI's default temperature is 1.0: sampling, reproducible with a seed
+    a, b = (client.completions.create(model="model", prompt=[5, 6, 7], max_tokens=10, seed=3).choices[0].text
+            for _ in range(2))
+    assert a == b
+
+
+# -------------------------------------------------------------------------------------------- errors
+def test_errors_have_the_openai_shape_and_the_runners_keep_serving(gpt2):
+    cluster, base, _ = gpt2
+    before = request_counts(scrape(base))
+    made: dict = {("/metrics", "200"): 1}
+
+    def call(method, path, status, key=KEY, count=True, **kw):
+        with http(base, key) as c:
+            r = c.request(method, path, **kw)
+        assert r.status_code == status, (path, r.status_code, r.text)
+        if count:
+            endpoint = path if path in ("/v1/completions", "/health", "/v1/models", "/v1/embeddings") else "other"
+            made[(endpoint, str(status))] = made.get((endpoint, str(status)), 0) + 1
+        if status >= 400:
+            err = r.json()["error"]
+            assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+            return err
+        return r.json()
+
+    good = {"model": "model", "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}
+
+    def still_serving():
+        assert len(call("POST", "/v1/completions", 200, json=good)["choices"][0]["text"].split()) == 3
+        assert call("GET", "/health", 200)["devices"] == 2
+        assert all(p.poll() is None for p in cluster.procs)
+
+    assert call("POST", "/v1/completions", 401, key=None, json=good)["code"] == "invalid_api_key"
+    assert "incorrect" in call("POST", "/v1/completions", 401, key="sk-wrong", json=good)["message"]
+    still_serving()
+    assert "not valid JSON" in call("POST", "/v1/completions", 400, content=b'{"prompt": [5, 6',
+                                    headers={"content-type": "application/json"})["message"]
+    assert call("POST", "/v1/completions", 400, json={**good, "max_tokens": "3"})["param"] == "max_tokens"
+    assert call("POST", "/v1/completions", 400, json={**good, "prompt": 5})["param"] == "prompt"
+    assert call("POST", "/v1/completions", 400, json={**good, "temperature": True})["param"] == "temperature"
+    assert call("POST", "/v1/completions", 400, json={**good, "prompt": [5, 300]})["param"] == "prompt"
+    assert call("POST", "/v1/completions", 400, json=[1, 2])["message"].endswith("a JSON object")
+    assert call("POST", "/v1/completions", 400, json={**good, "max_tokens": 62})["param"] == "max_tokens"
+    still_serving()
+    assert call("POST", "/v1/completions", 413, json={**good, "prompt": [5] * 65})["code"] == "context_length_exceeded"
+    call("POST", "/v1/completions", 413, content=b" " * (17 << 20), headers={"content-type": "application/json"})
+    still_serving()
+    assert call("POST", "/v1/embeddings", 400, json={"input": ["t5 t6"]})["message"].startswith(
+        "this deployment's model (GPT2LMHeadModel) returns no token embeddings")
+    assert call("POST", "/v1/completions", 404, json={**good, "model": "gpt-4"})["code"] == "model_not_found"
+    assert call("GET", "/v1/nothing", 404)["code"] == "unknown_url"
+    assert call("GET", "/v1/models", 200)["data"][0]["prism"]["capabilities"] == ["completions", "chat"]
+    still_serving()
+
+    after = scrape(base)
+    counts = request_counts(after)
+    delta = {k: v - before.get(k, 0) for k, v in counts.items() if v != before.get(k, 0)}
+    assert delta == made
+    assert after[("prism_devices_in_plan", ())] == 2 and after[("prism_cluster_ready", ())] == 1
+    def layer_bytes(direction):
+        return {(dict(lab)["device"], dict(lab)["layer"]): v for (name, lab), v in after.items()
+                if name == f"prism_layer_bytes_{direction}_total"}
+
+    # a causal model: device 0 sends its means forward to device 1, at each of the 2 exchange points
+    assert set(layer_bytes("sent")) == {("0", "0"), ("0", "1")} and min(layer_bytes("sent").values()) > 0
+    assert layer_bytes("received") == {("1", "0"): layer_bytes("sent")[("0", "0")],
+                                       ("1", "1"): layer_bytes("sent")[("0", "1")]}
+    assert after[("prism_generated_tokens_total", ())] >= 3 * 4
+    assert after[("prism_decode_tokens_per_second", ())] > 0
+
+
+def test_health_is_503_while_a_device_is_down(gpt2):
+    cluster, base, _ = gpt2
+    cluster.stop_device(1)
+    try:
+        with http(base) as c:
+            deadline = time.monotonic() + 60  # the runner notices the loss within about a second
+            while (r := c.get("/health")).status_code != 503 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert r.status_code == 503 and "device 1" in r.json()["error"]["message"]
+            r = c.post("/v1/completions", json={"model": "model", "prompt": [5, 6], "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "devices_unavailable"
+    finally:
+        cluster.start_device(1)
+        cluster.wait_ready(60)
+    with http(base) as c:
+        assert c.get("/health").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_the_core_runner_imports_no_http_library_and_without_the_extra_says_what_to_install(gpt2):
+    cluster, _, _ = gpt2
+    code = ("import sys; import prism_onnx.cli, prism_onnx.runtime.host, prism_onnx.serve; "
+            "print(sorted(m for m in ('starlette', 'uvicorn', 'prometheus_client', 'jinja2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
+    # as on a board without the extra: uvicorn cannot be imported (None in sys.modules blocks an import)
+    code = "import sys; sys.modules['uvicorn'] = None; from prism_onnx.cli import main; main()"
+    out = subprocess.run([sys.executable, "-c", code, "run", str(cluster.root / "device-0"), "--peers", cluster.peers,
+                          "--serve", "1", "--http", "2"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == ('Error: MissingExtra: --http needs uvicorn, which the core install '
+                                                   'leaves out: pip install "prism-onnx[serve]"')
