@@ -325,7 +325,8 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_ti
         if serve is None:
             raise click.UsageError("--http needs --serve PORT: the HTTP server talks to this runner's client port")
         api_keys = read_api_keys(api_key, api_key_file)
-    elif api_key or api_key_file or served_model_name:
+    elif api_key_file or served_model_name or (api_key and click.get_current_context().get_parameter_source(
+            "api_key") != click.core.ParameterSource.ENVIRONMENT):
         raise click.UsageError("--api-key, --api-key-file and --served-model-name go with --http")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host = DeviceHost(bundle, rank=rank, peers=peers, serve=serve, threads=threads, timeout=timeout,

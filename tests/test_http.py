@@ -186,6 +186,20 @@ def test_openai_embeddings_equal_sentence_transformers_pooling(bert):
     assert len(raw) == 1 and abs(np.linalg.norm(raw[0]) - 1) > 1e-3 and cosines(raw, expected[:1])[0] >= 0.9999
 
 
+def test_an_overlong_input_is_413_unless_embed_truncates_it(bert):
+    cluster, base, _ = bert
+    long_text = "a gripping, funny film " * 20  # about 100 tokens; this export takes 64
+    with http(base, None) as c:
+        r = c.post("/v1/embeddings", json={"input": ["dull", long_text]})
+        assert r.status_code == 413 and r.json()["error"]["param"] == "input"
+        assert "input[1] has" in r.json()["error"]["message"] and "at most 64" in r.json()["error"]["message"]
+        assert c.post("/embed", json={"inputs": long_text}).status_code == 413
+        cut = c.post("/embed", json={"inputs": [long_text], "truncate": True})
+        assert cut.status_code == 200 and len(cut.json()[0]) == 32
+        r = c.post("/v1/embeddings", json={"input": [[101, 2000, 102], [101, 2001, 102]], "encoding_format": "float"})
+        assert r.status_code == 200 and [d["index"] for d in r.json()["data"]] == [0, 1]
+
+
 @pytest.mark.long
 def test_openai_embeddings_of_minilm_p2_equal_sentence_transformers(tmp_path):
     """The real MiniLM (sentence-transformers folder: mean pooling, Normalize), exported P=2 at CR=1: the

@@ -138,6 +138,9 @@ def create_app(gateway: Gateway, api_keys: list[str] | None = None) -> Starlette
     async def run(fn, *args, **kw):
         return await asyncio.get_running_loop().run_in_executor(g.pool, functools.partial(fn, *args, **kw))
 
+    async def probe():
+        return await asyncio.get_running_loop().run_in_executor(g.probes, g.status)
+
     def check_model(model: str | None) -> None:
         if model is not None and model != g.name:
             raise ApiError(404, f"the model '{model[:100]}' does not exist: this deployment serves '{g.name}'",
@@ -146,7 +149,7 @@ def create_app(gateway: Gateway, api_keys: list[str] | None = None) -> Starlette
     # ------------------------------------------------------------------------------------------- info
     @endpoint
     async def health(request):
-        status = await run(g.status)
+        status = await probe()
         g.metrics.status(status)
         if status is None:
             raise unavailable(f"the coordinator at {g.address} does not answer")
@@ -157,7 +160,7 @@ def create_app(gateway: Gateway, api_keys: list[str] | None = None) -> Starlette
 
     @endpoint
     async def metrics(request):
-        g.metrics.status(await run(g.status))
+        g.metrics.status(await probe())
         return Response(g.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     def card() -> dict:

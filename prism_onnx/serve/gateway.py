@@ -51,6 +51,8 @@ def cluster_error(e: PrismError) -> ApiError:
             return bad_request(msg.removeprefix(kind))
     if msg.startswith("busy"):
         return unavailable(f"the cluster is busy ({msg}); retry later", code="busy")
+    if "(--max-cache-mb)" in msg:  # the tail device's key/value cache limit: the request asks too much
+        return too_long(msg, param="max_tokens")
     return unavailable(msg)
 
 
@@ -71,6 +73,8 @@ class Gateway:
         self.dimensions = self.manifest.model.hidden_size * len(self.pooling["modes"])
         self.metrics = Metrics(self.manifest.devices)
         self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="prism-http")
+        self.probes = ThreadPoolExecutor(1, thread_name_prefix="prism-http-status")  # /health never waits for
+        # the requests in `pool`
         self._local, self._clients, self._lock = threading.local(), [], threading.Lock()
         if self.pooling.get("skipped_modules"):
             log.warning("embeddings: the model folder's sentence-transformers modules %s cannot run on a board and "
@@ -90,12 +94,13 @@ class Gateway:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.probes.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             for c in self._clients:
                 c.close()
 
     def status(self) -> dict | None:
-        """The coordinator's STATUS, or None when it does not answer."""
+        """The coordinator's STATUS, or None when it does not answer (run it in `probes`)."""
         try:
             return self.client().status(timeout=2.0)
         except PrismError:
