@@ -37,7 +37,7 @@ EMBEDDINGS = "last_hidden_state"
 def model_name(bundle: DeviceBundle) -> str:
     """The name a deployment answers to by default: the hub id it was exported from, or the folder's name."""
     source = bundle.manifest.source
-    if source and (source.startswith("/") or Path(source).is_dir()):
+    if source.startswith("/"):  # a folder of the exporting machine (export records it resolved)
         return Path(source).name
     return source or bundle.manifest.model.model_type
 
