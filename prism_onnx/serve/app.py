@@ -105,18 +105,26 @@ class Observe:
         path = scope.get("path", "")
         label = path if path in ENDPOINTS or path.startswith("/v1/models/") else "other"
         label = "/v1/models" if label.startswith("/v1/models/") else label
-        t0, status = time.perf_counter(), [500]
+        t0, status, counted = time.perf_counter(), [500], [False]
+
+        def count():
+            if not counted[0]:
+                counted[0] = True
+                self.metrics.request(label, status[0], time.perf_counter() - t0)
 
         async def observed(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False):
-                self.metrics.request(label, status[0], time.perf_counter() - t0)
+                count()
 
-        if self.keys and path not in OPEN_PATHS and not self._authorized(scope):
-            return await self._deny(scope, receive, observed)
-        return await self.app(scope, receive, observed)
+        try:
+            if self.keys and path not in OPEN_PATHS and not self._authorized(scope):
+                return await self._deny(scope, receive, observed)
+            return await self.app(scope, receive, observed)
+        finally:
+            count()  # also a stream whose client went away before its end
 
     def _authorized(self, scope) -> bool:
         header = dict(scope.get("headers") or []).get(b"authorization", b"")
