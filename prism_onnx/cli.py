@@ -290,7 +290,7 @@ def inspect(export_dir, as_json):
 @click.option("--peer-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds to wait at start-up for every peer to come up.")
 @click.option("--heartbeat-timeout", type=click.FloatRange(min=0.3), default=1.0, show_default=True,
-              help="A peer silent for this long is lost: the requests it was part of fail at once.")
+              help="A peer silent for this long is lost: the requests it was part of are rerun without it.")
 @click.option("--bind", default=None, help="Address to listen on (default: this device's own HOST in --peers; "
                                            "'*' for every interface).")
 @click.option("--keys", "keys", type=click.Path(file_okay=False), default=None,
@@ -298,11 +298,18 @@ def inspect(export_dir, as_json):
 @click.option("--insecure", is_flag=True, help="No authentication or encryption (a trusted, isolated network only).")
 @click.option("--max-cache-mb", type=click.FloatRange(min=0), default=1024.0, show_default=True,
               help="Key/value cache one generation request may hold on this device (the tail decodes).")
+@click.option("--min-devices", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --serve: below this many live devices, requests fail at once, naming the lost devices "
+                   "(above it, a lost device's requests are rerun over the others).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @friendly_errors
 def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_timeout, bind, keys, insecure,
-        max_cache_mb, log_level):
-    """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM."""
+        max_cache_mb, min_devices, log_level):
+    """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM.
+
+    Any rank may --serve clients: it coordinates the requests it receives, planned over the devices that are
+    live at that moment; when a device is lost, its requests are rerun over the others, and it rejoins from
+    the next request on when it comes back."""
     import logging
     import signal
 
@@ -311,7 +318,7 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_ti
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host = DeviceHost(bundle, rank=rank, peers=peers, serve=serve, threads=threads, timeout=timeout,
                       peer_timeout=peer_timeout, bind=bind, keys=keys, insecure=insecure,
-                      dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb)
+                      dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb, min_devices=min_devices)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: host.stop.set())
     sys.exit(host.run())

@@ -9,7 +9,11 @@ clock. A peer that stops (killed, SIGSTOP, a cable pulled) is lost `dead_after` 
 resumes is alive again after one round of HELLOs, whatever state it held before.
 
 The cluster is *ready* when every peer is alive and each reports that it sees every other device alive
-(so every ordered pair of devices has a working path). A runner instance is identified by its `nonce`
+(so every ordered pair of devices has a working path). Requests do not wait for readiness: they are
+planned over the *members* (elastic partitions): this device and the live peers that see each other,
+which after a device is lost is fewer than all. A runner has *formed* (`ever_ready`) once the whole
+cluster was ready, or once it joined members of a cluster that had formed (a runner restarted while
+another device is still down). A runner instance is identified by its `nonce`
 (new at every start): a second runner claiming a live runner's rank is refused, a restarted one
 replaces a lost one. A peer's messages other than HELLO are accepted only on the connection (`session`,
 the ZeroMQ routing id) that carried its last accepted HELLO.
@@ -38,6 +42,7 @@ class PeerState:
     echo: float = NEVER  # our clock: the newest HELLO of ours that it says it heard
     sees: frozenset = frozenset()  # ranks it reports alive
     serving: bool = False
+    formed: bool = False  # it reports that its cluster has formed (was ready once)
     health: dict = field(default_factory=dict)  # its own counters: rejected, denied, internal errors
     up: bool = False  # the verdict of the last tick, for edge detection
     ever_up: bool = False
@@ -87,6 +92,18 @@ class Membership:
                 out.append(q)
         return out
 
+    def members(self, now: float) -> list[int]:
+        """The devices a request can be planned over now: this one and the live peers, each of which sees
+        every other member (so every ordered pair of members has a working path). While some member does
+        not see all the others, the one that misses the most (ties: the highest rank) is left out."""
+        group = {self.rank} | {q for q in self.peers if self.alive(q, now)}
+        while True:
+            unseen = {q: len(group - {q} - self.peers[q].sees) for q in group if q != self.rank}
+            worst = max(unseen, key=lambda q: (unseen[q], q), default=None)
+            if worst is None or unseen[worst] == 0:
+                return sorted(group)
+            group.discard(worst)
+
     def connected(self, now: float) -> list[int]:
         return sorted([self.rank] + [q for q in self.peers if self.alive(q, now)])
 
@@ -97,7 +114,8 @@ class Membership:
     def hello(self, now: float, health: dict | None = None) -> dict:
         """Our heartbeat; `health` ({name: count}) is reported to the coordinator's STATUS."""
         return {"rank": self.rank, "nonce": self.nonce, "export_id": self.export_id, "settings": self.settings,
-                "serving": self.serving, "t": now, "ready": self.ready(now), "health": health or {},
+                "serving": self.serving, "t": now, "ready": self.ready(now), "formed": self.ever_ready,
+                "health": health or {},
                 "echo": {str(q): p.their_t for q, p in self.peers.items() if p.their_t is not None},
                 "sees": [q for q in self.peers if self.alive(q, now)]}
 
@@ -109,6 +127,7 @@ class Membership:
         export_id = get_str(meta, "export_id", 128)
         settings = get_dict(meta, "settings", 32, default={})
         serving, ready = get_bool(meta, "serving", default=False), get_bool(meta, "ready", default=False)
+        formed = get_bool(meta, "formed", default=False)
         t = get_float(meta, "t", -1e15, 1e15)
         echo = get_dict(meta, "echo", 256, default={}).get(str(self.rank))
         if echo is not None and (type(echo) not in (int, float) or abs(echo) > 1e15):
@@ -130,8 +149,6 @@ class Membership:
             return Verdict(False, refuse=f"two runners claim rank {rank}")
         if rank not in self.peers:
             return Verdict(False, refuse=f"rank {rank} is not in 0..{self.devices - 1}")
-        if serving and self.serving:
-            return Verdict(False, refuse=f"devices {rank} and {self.rank} both serve clients; only one may")
         p, note = self.peers[rank], None
         if p.nonce is None:
             note = f"device {rank} connected"
@@ -145,7 +162,7 @@ class Membership:
         p.nonce, p.session, p.last_hello, p.their_t, p.gone = nonce, session, now, t, None
         if echo is not None:
             p.echo = max(p.echo, float(echo)) if echo <= now else p.echo  # never trust a time from our future
-        p.sees, p.serving, p.health = sees, serving, health
+        p.sees, p.serving, p.health, p.formed = sees, serving, health, formed
         del ready  # a peer's own verdict is recomputed from `sees`
         return Verdict(True, note=note)
 
@@ -172,7 +189,8 @@ class Membership:
                 elif p.ever_up:
                     back.append(q)
                 p.up, p.ever_up = up, p.ever_up or up
-        if not self.ever_ready and self.ready(now):
+        if not self.ever_ready and (self.ready(now) or any(self.peers[q].formed for q in self.members(now)
+                                                           if q != self.rank)):
             self.ever_ready = True
         return lost, back
 
