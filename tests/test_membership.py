@@ -162,3 +162,19 @@ def test_a_runner_restarted_while_another_device_is_down_joins_the_formed_cluste
     lonely = cluster(3)
     run(lonely[:2], 0.0, 2.0)
     assert not lonely[0].ever_ready  # never formed: device 2 never came up
+
+
+def test_a_rejoining_device_yields_while_it_and_a_member_do_not_see_each_other_yet():
+    """Device 2 restarts: for a heartbeat or two, device 1 may not see it yet while it already sees device 1.
+    The rejoining device is the one left out (not device 1, which never left), whichever side lags."""
+    ms = cluster(3)
+    t = run(ms, 0.0, 1.0)
+    silent = {(2, q) for q in (0, 1)} | {(q, 2) for q in (0, 1)}
+    t = run(ms, t, t + DEAD_AFTER_S + 2 * HEARTBEAT_S, skip=silent)
+    t = run(ms, t, t + 3 * HEARTBEAT_S)
+    m = ms[0]
+    assert m.members(t) == [0, 1, 2] and m.peers[2].up_since > m.peers[1].up_since
+    m.peers[1].sees, m.peers[2].sees = frozenset({0}), frozenset({0, 1})  # 1 does not see 2 yet
+    assert m.members(t) == [0, 1]
+    m.peers[1].sees, m.peers[2].sees = frozenset({0, 2}), frozenset({0})  # 2 does not see 1 yet
+    assert m.members(t) == [0, 1]

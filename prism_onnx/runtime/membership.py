@@ -43,6 +43,7 @@ class PeerState:
     sees: frozenset = frozenset()  # ranks it reports alive
     serving: bool = False
     formed: bool = False  # it reports that its cluster has formed (was ready once)
+    up_since: float = NEVER  # our clock: when it last became alive (the newest member yields first)
     health: dict = field(default_factory=dict)  # its own counters: rejected, denied, internal errors
     up: bool = False  # the verdict of the last tick, for edge detection
     ever_up: bool = False
@@ -94,15 +95,17 @@ class Membership:
 
     def members(self, now: float) -> list[int]:
         """The devices a request can be planned over now: this one and the live peers, each of which sees
-        every other member (so every ordered pair of members has a working path). While some member does
-        not see all the others, the one that misses the most (ties: the highest rank) is left out."""
+        every other member (so every ordered pair of members has a working path). While two members do not
+        see each other, one of the peers involved is left out: the one that became alive last (a device
+        rejoining yields to those that stayed), then the one that misses the most, then the highest rank."""
         group = {self.rank} | {q for q in self.peers if self.alive(q, now)}
         while True:
-            unseen = {q: len(group - {q} - self.peers[q].sees) for q in group if q != self.rank}
-            worst = max(unseen, key=lambda q: (unseen[q], q), default=None)
-            if worst is None or unseen[worst] == 0:
+            unseen = {q: group - {q} - self.peers[q].sees for q in group if q != self.rank}
+            involved = {q for q, u in unseen.items() if u} | {r for u in unseen.values() for r in u}
+            involved.discard(self.rank)
+            if not involved:
                 return sorted(group)
-            group.discard(worst)
+            group.discard(max(involved, key=lambda q: (self.peers[q].up_since, len(unseen[q]), q)))
 
     def connected(self, now: float) -> list[int]:
         return sorted([self.rank] + [q for q in self.peers if self.alive(q, now)])
@@ -159,9 +162,12 @@ class Membership:
             self.peers[rank] = p = PeerState(rank, p.address, up=p.up, ever_up=p.ever_up)
         elif p.session != session:
             note = f"device {rank} reconnected"
+        was_alive = p.alive(now, self.dead_after)
         p.nonce, p.session, p.last_hello, p.their_t, p.gone = nonce, session, now, t, None
         if echo is not None:
             p.echo = max(p.echo, float(echo)) if echo <= now else p.echo  # never trust a time from our future
+        if not was_alive and p.alive(now, self.dead_after):
+            p.up_since = now
         p.sees, p.serving, p.health, p.formed = sees, serving, health, formed
         del ready  # a peer's own verdict is recomputed from `sees`
         return Verdict(True, note=note)
