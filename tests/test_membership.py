@@ -178,3 +178,28 @@ def test_a_rejoining_device_yields_while_it_and_a_member_do_not_see_each_other_y
     assert m.members(t) == [0, 1]
     m.peers[1].sees, m.peers[2].sees = frozenset({0, 2}), frozenset({0})  # 2 does not see 1 yet
     assert m.members(t) == [0, 1]
+
+
+def test_hellos_queued_before_a_connection_closed_do_not_revive_a_dead_runner():
+    """Device 0 dies while device 2 is frozen: when device 2 resumes it learns that its connection closed,
+    then reads the dead runner's last HELLOs still queued on the old session. They must neither make it
+    alive again nor block the restarted runner; a live runner whose own connection survived is bound again
+    as soon as it echoes a HELLO sent after the close."""
+    ms = cluster(3)
+    t = run(ms, 0.0, 1.0)
+    m = ms[2]
+    stale = ms[0].hello(t)
+    m.on_disconnect(0, now=t + 0.1)
+    assert not m.alive(0, t + 0.1) and not m.is_session(0, b"s0")
+    v = m.on_hello(stale, t + 0.2, b"s0", key_rank=0)
+    assert not v.accept and not v.refuse and not m.alive(0, t + 0.2)
+    fresh = Membership(0, {1: "a", 2: "b"}, "e" * 64, SETTINGS, "nonce0-again")
+    v = m.on_hello(fresh.hello(t + 0.3), t + 0.3, b"new", key_rank=0)
+    assert v.accept and v.note == "device 0 restarted" and m.is_session(0, b"new")
+    # the other case: device 1's process lives, only our connection to it closed and came back
+    m.on_disconnect(1, now=t + 0.4)
+    assert not m.on_hello(ms[1].hello(t + 0.5), t + 0.5, b"s1", key_rank=1).accept  # echoes an old HELLO of ours
+    ours = m.hello(t + 0.6)
+    ms[1].on_hello(ours, t + 0.6, b"s2", key_rank=2)
+    v = m.on_hello(ms[1].hello(t + 0.7), t + 0.7, b"s1", key_rank=1)
+    assert v.accept and m.is_session(1, b"s1") and m.alive(1, t + 0.7)

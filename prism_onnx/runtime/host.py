@@ -165,7 +165,7 @@ class DeviceHost:
     def _on_monitor(self, m) -> None:
         q = self.transport.on_monitor(m)
         if q is not None:
-            self.membership.on_disconnect(q)
+            self.membership.on_disconnect(q, now=time.monotonic())
 
     def _hello(self, now: float) -> None:
         msg = encode(Kind.HELLO, self.membership.hello(now, self.health))

@@ -44,6 +44,8 @@ class PeerState:
     serving: bool = False
     formed: bool = False  # it reports that its cluster has formed (was ready once)
     up_since: float = NEVER  # our clock: when it last became alive (the newest member yields first)
+    gone_session: bytes | None = None  # the session that was live when our connection to it closed
+    gone_at: float = NEVER  # our clock: when that happened
     health: dict = field(default_factory=dict)  # its own counters: rejected, denied, internal errors
     up: bool = False  # the verdict of the last tick, for edge detection
     ever_up: bool = False
@@ -153,6 +155,8 @@ class Membership:
         if rank not in self.peers:
             return Verdict(False, refuse=f"rank {rank} is not in 0..{self.devices - 1}")
         p, note = self.peers[rank], None
+        if session == p.gone_session and p.session is None and (echo is None or echo <= p.gone_at):
+            return Verdict(False)  # queued before its connection closed: no proof it is alive (ignored)
         if p.nonce is None:
             note = f"device {rank} connected"
         elif p.nonce != nonce:
@@ -163,7 +167,7 @@ class Membership:
         elif p.session != session:
             note = f"device {rank} reconnected"
         was_alive = p.alive(now, self.dead_after)
-        p.nonce, p.session, p.last_hello, p.their_t, p.gone = nonce, session, now, t, None
+        p.nonce, p.session, p.last_hello, p.their_t, p.gone, p.gone_session = nonce, session, now, t, None, None
         if echo is not None:
             p.echo = max(p.echo, float(echo)) if echo <= now else p.echo  # never trust a time from our future
         if not was_alive and p.alive(now, self.dead_after):
@@ -172,12 +176,16 @@ class Membership:
         del ready  # a peer's own verdict is recomputed from `sees`
         return Verdict(True, note=note)
 
-    def on_disconnect(self, q: int, why: str = "closed the connection") -> None:
+    def on_disconnect(self, q: int, why: str = "closed the connection", now: float = NEVER) -> None:
         """Our connection to q closed (its process died, or ZeroMQ's own heartbeat gave up): q is not alive
-        until a new HELLO echoes a new one of ours; a restarted runner may take its rank at once."""
+        until a new HELLO echoes a new one of ours; a restarted runner may take its rank at once. Messages
+        still queued from q's old connection (a dead process's last HELLOs, STARTs, frames) no longer count:
+        its session is closed, and a HELLO on it is ignored unless it echoes a HELLO of ours sent after
+        `now` (then q's process is alive, its connection survived, and the session is bound again)."""
         p = self.peers[q]
         if p.nonce is not None and p.gone is None:
             p.last_hello, p.echo, p.gone = NEVER, NEVER, why
+            p.gone_session, p.session, p.gone_at = p.session, None, now
 
     def on_refuse(self, reason: str) -> str | None:
         """A peer refused our HELLO: fatal during start-up, ignored (logged) once the cluster has run."""
