@@ -79,15 +79,14 @@ def freeze_and_kill(cluster, stream, victim: int, frozen: int = 2) -> tuple[dict
 
 
 def restart_and_rejoin(cluster, stream, k: int) -> tuple[float, dict]:
-    """Restart runner k while the stream goes on (a request every 50 ms); -> (seconds from the moment it is
-    up to the first reply whose plan holds it, that reply)."""
+    """Restart runner k while the stream goes on; -> (seconds from the moment it is up (its log says so) to
+    the first reply whose plan holds it, that reply)."""
     before = cluster.times_up(k)
     cluster.start_device(k)
     while cluster.times_up(k) == before:
         assert cluster.procs[k].poll() is None, cluster.log_tail(k)
         rec = stream.one()
         assert k not in rec["devices"]
-        time.sleep(0.05)
     t_up = time.monotonic()
     rec = stream.one()
     while k not in rec["devices"]:
@@ -148,15 +147,21 @@ def saved(tmp_path, index):
 def test_cr1_stream_loses_no_request_when_a_device_then_the_coordinator_dies(make_bundle, tmp_path, texts):
     """P=3, CR=1: >= 300 requests; rank 2 killed mid-request, then the coordinator (rank 0); 0 failed, every
     output equals the unpartitioned transformers model (CR=1 is exact under any membership)."""
+    import torch
+
     bundle = make_bundle("BertModel", devices=3, compression_ratio=1)
     out = run_stream_with_kills(bundle, tmp_path, texts)
     model, requests = tiny_model("BertModel"), Executor(bundle).requests
-    worst = 0.0
-    for r in out["records"]:
-        expected = hf_forward(model, requests.model_inputs(texts=[texts[r["index"] % len(texts)]]))
-        got = saved(tmp_path, r["index"])
-        for name in ("last_hidden_state", "pooler_output"):
-            worst = max(worst, float(np.abs(got[name] - getattr(expected, name).numpy()).max()))
+    worst, threads = 0.0, torch.get_num_threads()
+    torch.set_num_threads(1)  # 300 tiny forwards: one thread is 40x faster than a pool on a busy machine
+    try:
+        for r in out["records"]:
+            expected = hf_forward(model, requests.model_inputs(texts=[texts[r["index"] % len(texts)]]))
+            got = saved(tmp_path, r["index"])
+            for name in ("last_hidden_state", "pooler_output"):
+                worst = max(worst, float(np.abs(got[name] - getattr(expected, name).numpy()).max()))
+    finally:
+        torch.set_num_threads(threads)
     assert worst <= 1e-4, worst
 
 
