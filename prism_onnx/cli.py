@@ -28,6 +28,27 @@ def friendly_errors(fn):
     return wrapper
 
 
+EXPORT_EXTRA = ("torch", "transformers", "onnx")
+
+
+def needs_export_extra(fn):
+    """Commands that load PyTorch models: on a board's core install (no torch, no transformers) they say
+    what to install, in one line, instead of failing on an import."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import importlib.util
+
+        missing = [m for m in EXPORT_EXTRA if importlib.util.find_spec(m) is None]
+        if missing:
+            raise click.ClickException(f"`prism {fn.__name__}` needs {', '.join(missing)}: "
+                                       f"pip install \"prism-onnx[export]\" (a board runs, infers, launches and "
+                                       f"inspects without them)")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def parse_ids(values: tuple[str, ...], left: bool = False) -> dict[str, np.ndarray]:
     """--input-ids '1,2,3' (repeatable: one per batch row, padded with 0 and masked: on the right, or on the
     left for generation)."""
@@ -124,6 +145,7 @@ def main():
 @input_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly_errors
+@needs_export_extra
 def simulate(model, texts, images, input_ids, as_json, **settings):
     """Run MODEL as P simulated devices (PyTorch) and compare with the unpartitioned model."""
     from .reference import simulate_report
@@ -170,6 +192,7 @@ def _print_simulate(r):
 @settings_options(ExportSettings)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @friendly_errors
+@needs_export_extra
 def export(model, out, overwrite, **settings):
     """Export MODEL (hub id or folder) to one ONNX bundle per device in OUT/device-K."""
     import time
@@ -194,6 +217,7 @@ def export(model, out, overwrite, **settings):
 @click.option("--model", "model", default=None, help="PyTorch model to compare with (default: the export's source).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly_errors
+@needs_export_extra
 def validate(export_dir, samples, data, model, as_json):
     """Run EXPORT_DIR's bundles (onnxruntime) and PyTorch on the same inputs.
 
@@ -235,31 +259,38 @@ def validate(export_dir, samples, data, model, as_json):
 # ------------------------------------------------------------------------------------------------ inspect
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--verify", is_flag=True, help="Check every file's sha256 and the export id; exit 1 naming what differs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly_errors
-def inspect(export_dir, as_json):
-    """Manifest, file sizes and op counts per graph of an export (or of one device bundle)."""
+def inspect(export_dir, verify, as_json):
+    """Manifest, file sizes and op counts per graph of an export (or of one device bundle). Needs no
+    torch; the op counts need the onnx package (skipped without it)."""
+    import importlib.util
     from collections import Counter
 
-    import onnx
-
-    from .runtime.bundle import MANIFEST, read_manifest
+    from .runtime.bundle import MANIFEST, DeviceBundle, Export, read_manifest
 
     root = Path(export_dir)
     manifest = read_manifest(root / MANIFEST)
+    if verify:
+        (DeviceBundle if manifest.rank is not None else Export).load(root, verify=True)
     dev = root if manifest.rank is not None else root / "device-0"
+    has_onnx = importlib.util.find_spec("onnx") is not None
     graphs = {}
     for name, g in manifest.graphs.items():
-        proto = onnx.load(str(dev / g.file), load_external_data=False)
-        graphs[name] = {"file": g.file, "bytes": (dev / g.file).stat().st_size,
-                        "ops": dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
-                        "domains": sorted({n.domain or "ai.onnx" for n in proto.graph.node})}
+        graphs[name] = {"file": g.file, "bytes": (dev / g.file).stat().st_size}
+        if has_onnx:
+            import onnx
+
+            proto = onnx.load(str(dev / g.file), load_external_data=False)
+            graphs[name].update(ops=dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
+                                domains=sorted({n.domain or "ai.onnx" for n in proto.graph.node}))
     files = {rel: (root / rel).stat().st_size for rel in manifest.files}
     report = {"export_id": manifest.export_id, "package_version": manifest.package_version,
               "created": manifest.created, "source": manifest.source, "settings": manifest.settings.to_dict(),
               "model": manifest.model.to_dict(),
               "exchange_points": [p.name for p in manifest.program.points], "graphs": graphs, "files": files,
-              "total_bytes": sum(files.values())}
+              "total_bytes": sum(files.values()), "verified": bool(verify)}
 
     def human(r):
         m, s = r["model"], r["settings"]
@@ -271,9 +302,10 @@ def inspect(export_dir, as_json):
                    f"wire={s['wire_dtype']} quantize={s['quantize']} opset={s['opset']} "
                    f"count_bias={s['count_bias']} keep_sinks={s['keep_sinks']} max_seq_len={s['max_seq_len']}")
         for name, g in r["graphs"].items():
-            ops = ", ".join(f"{k} {v}" for k, v in g["ops"].items())
+            ops = ", ".join(f"{k} {v}" for k, v in g["ops"].items()) if "ops" in g else "(op counts need onnx)"
             click.echo(f"  {name:<12} {g['bytes'] / 1e6:8.2f} MB  {ops}")
-        click.echo(f"  {len(r['files'])} files, {r['total_bytes'] / 1e6:.1f} MB in all")
+        click.echo(f"  {len(r['files'])} files, {r['total_bytes'] / 1e6:.1f} MB in all" +
+                   ("; every sha256 and the export id verified" if r["verified"] else ""))
 
     emit(report, as_json, human)
 
@@ -608,6 +640,7 @@ def launch(export_dir, texts, images, input_ids, texts_file, ids_file, save, thr
 @click.option("--compression-ratio", "--cr", "cr", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
+@needs_export_extra
 def demo(out, devices, cr, as_json):
     """MiniLM (real weights) over P runner processes: embedding, bytes exchanged, difference from PyTorch."""
     from .demo import run_demo
@@ -631,6 +664,7 @@ def demo(out, devices, cr, as_json):
                    "ways, interleaved in one run, and the cost of CurveZMQ reported.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
+@needs_export_extra
 def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curve, as_json):
     """Bytes, per-device FLOPs and time, and latency of EXPORT_DIR vs CR=1 and vs one device."""
     from .evaluate.bench import bench as run_bench
@@ -692,6 +726,7 @@ def _switch(text: str) -> list[bool]:
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
+@needs_export_extra
 def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, as_json):
     """Task metric of the full model and of PRISM (through exported bundles) over P, CR and the switches."""
     from .evaluate.evaluate import evaluate as run_eval, plot as plot_report, summarize
