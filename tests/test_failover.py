@@ -180,3 +180,47 @@ def test_cr4_stream_outputs_are_those_of_the_plan_each_reply_reports(make_bundle
             assert np.array_equal(got[name], value), (r["index"], name)
         plans.add(tuple(r["devices"]))
     assert plans == {(0, 1, 2), (0, 1), (1, 2)}
+
+
+def test_min_devices_fails_requests_naming_the_lost_rank(make_bundle):
+    """--min-devices 3 at P=3: once rank 2 is lost, requests fail with an error that names it (never a
+    timeout, never an answer from fewer devices)."""
+    from prism_onnx.errors import PrismError
+
+    bundle = make_bundle("BertModel", devices=3, compression_ratio=1)
+    with LocalCluster(bundle, serve_all=True, extra_args=["--min-devices", "3"]) as cluster:
+        ids = np.array([[7, 8, 9, 10, 11, 12]])
+        cluster.client.infer(input_ids=ids)
+        assert cluster.client.last_reply["stats"]["ranks"] == [0, 1, 2]
+        cluster.kill(2)
+
+        def refused():
+            try:
+                cluster.client.infer(input_ids=ids)
+            except PrismError as e:
+                return str(e)
+            assert cluster.client.last_reply["stats"]["ranks"] == [0, 1, 2]  # answered before the loss was seen
+
+        error = poll_until(refused, "a request refused below --min-devices")
+        assert "--min-devices is 3" in error and "lost device [2]" in error, error
+
+
+def test_launch_kill_with_an_ids_file_loses_nothing(make_bundle, tmp_path):
+    """`prism launch --ids-file F --kill 2@0 --save DIR`: one JSON line per line of F, in order, all ok, one
+    NNNNNN.npz per request, each equal to the unpartitioned model (CR=1: exact under any membership)."""
+    bundle = make_bundle("BertModel", devices=3, compression_ratio=1)
+    rng = np.random.default_rng(3)
+    rows = [rng.integers(5, 300, size=int(rng.integers(4, 20))).tolist() for _ in range(25)]
+    (tmp_path / "ids.txt").write_text("".join(",".join(map(str, r)) + "\n" for r in rows))
+    out = subprocess.run([sys.executable, "-m", "prism_onnx.cli", "launch", str(bundle), "--ids-file",
+                          str(tmp_path / "ids.txt"), "--save", str(tmp_path / "saved"), "--kill", "2@0"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "25 requests, 0 failed" in out.stderr, out.stderr[-2000:]
+    records = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["index"] for r in records] == list(range(25)) and all(r["ok"] for r in records)
+    assert all(r["devices"] in ([0, 1, 2], [0, 1]) for r in records), [r["devices"] for r in records]
+    model = tiny_model("BertModel")
+    for i, ids in enumerate(rows):
+        expected = hf_forward(model, {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64)})
+        got = dict(np.load(tmp_path / "saved" / f"{i:06d}.npz"))
+        assert np.abs(got["last_hidden_state"] - expected.last_hidden_state.numpy()).max() <= 1e-4
