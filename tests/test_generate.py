@@ -139,7 +139,7 @@ def test_generation_refuses_what_it_cannot_do(lms, tiny_dirs):
     with pytest.raises(InputError, match="pad on the left"):
         generate(lms["GPT2LMHeadModel"], right_padded, devices=2, compression_ratio=1)
     with pytest.raises(InputError, match="language-model head"):
-        generate(models.load(tiny_dirs["LlamaModel"]), text_batch(300), devices=2, compression_ratio=1)
+        generate(models.load(tiny_dirs["LlamaModel"]), text_batch(300, left=True), devices=2, compression_ratio=1)
 
 
 # ------------------------------------------------------------------------------- over ZeroMQ runners
