@@ -15,15 +15,31 @@ from .errors import InputError, PrismError
 from .manifest import ExportSettings, PrismSettings
 
 
+class CommandError(click.ClickException):
+    """An error the CLI reports in one line: `kind` names it (a PrismError's class name such as InputError,
+    or MissingDependency, UsageError), `message` says what to change."""
+
+    def __init__(self, kind: str, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.kind, self.exit_code = kind, exit_code
+
+
+def error_kind(e: click.ClickException) -> str:
+    """The `type` of an error in the JSON error shape: the PrismError class, or click's (UsageError,
+    BadParameter, NoSuchOption, MissingParameter...)."""
+    return e.kind if isinstance(e, CommandError) else type(e).__name__
+
+
 def friendly_errors(fn):
-    """A PrismError (bad model id, bad input, tampered bundle...) -> its message on stderr, exit 1."""
+    """A PrismError (bad model id, bad input, tampered bundle...) -> one line naming it, exit 1 (printed by
+    PrismGroup: on stderr, or as the JSON error shape under --json)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except PrismError as e:
-            raise click.ClickException(f"{type(e).__name__}: {e}") from None
+            raise CommandError(type(e).__name__, f"{type(e).__name__}: {e}") from None
 
     return wrapper
 
@@ -41,12 +57,48 @@ def needs_export_extra(fn):
 
         missing = [m for m in EXPORT_EXTRA if importlib.util.find_spec(m) is None]
         if missing:
-            raise click.ClickException(f"`prism {fn.__name__}` needs {', '.join(missing)}: "
-                                       f"pip install \"prism-onnx[export]\" (a board runs, infers, launches and "
-                                       f"inspects without them)")
+            raise CommandError("MissingDependency",
+                               f"`prism {fn.__name__}` needs {', '.join(missing)}: pip install "
+                               f"\"prism-onnx[export]\" (a board runs, infers, launches and inspects without them)")
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")  # runtime.device.GRAPH_OPTIMIZATION's keys
+JSON_HELP = "Print one JSON object on stdout (errors too: {\"error\": {\"type\", \"message\"}})."
+
+
+def json_option(fn):
+    """--json: the one output shape of every command (README, "Output and errors")."""
+    return click.option("--json", "as_json", is_flag=True, help=JSON_HELP)(fn)
+
+
+class PrismGroup(click.Group):
+    """The `prism` group: every error of a subcommand, whether click's (a bad option value, a missing
+    argument) or ours, is one line on stderr (`Error: ...`), or with --json the error shape
+    `{"error": {"type": ..., "message": ...}}` on stdout; the exit code stays non-zero (2 for usage
+    errors, 1 otherwise). Bugs keep their traceback."""
+
+    def parse_args(self, ctx, args):
+        head = args[:args.index("--")] if "--" in args else args
+        ctx.meta["prism.json"] = "--json" in head
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException as e:
+            message = e.format_message()
+            if isinstance(e, click.UsageError) and e.ctx is not None and e.ctx.command is not self:
+                message += f" (see `{e.ctx.command_path} --help`)"
+            if ctx.meta.get("prism.json"):
+                click.echo(json.dumps({"error": {"type": error_kind(e), "message": message}}))
+            else:
+                click.echo(f"Error: {message}", err=True)
+            ctx.exit(e.exit_code)
 
 
 def parse_ids(values: tuple[str, ...], left: bool = False) -> dict[str, np.ndarray]:
@@ -107,7 +159,7 @@ def settings_options(cls, exclude: tuple[str, ...] = ()):
             elif f.type in ("int", "int | None", int):
                 kw["type"] = click.IntRange(min=meta.get("min"))
             if f.name == "split_weights":
-                kw["callback"] = lambda ctx, param, value: _parse_split(value)
+                kw["callback"] = lambda ctx, param, value: _parse_split(value, ctx.params.get("devices"))
             if default is None and f.name in ("devices", "compression_ratio"):
                 kw["required"] = True
                 kw.pop("default")
@@ -117,11 +169,27 @@ def settings_options(cls, exclude: tuple[str, ...] = ()):
     return decorate
 
 
-def emit(obj, as_json: bool, human):
-    if as_json:
-        click.echo(json.dumps(obj, indent=2, default=_json_default))
-    else:
-        human(obj)
+INPUT_PARAMS = ("texts", "images", "input_ids", "texts_file", "ids_file", "as_json", "api_key", "api_key_file")
+
+
+def command_options() -> dict:
+    """The options the current command was given (not its inputs, not secrets, not the unset ones): the
+    `settings` of its JSON report when the report has no settings of its own."""
+    ctx = click.get_current_context()
+    return {k: v for k, v in ctx.params.items() if k not in INPUT_PARAMS and v is not None and v != ()}
+
+
+def emit(obj: dict, as_json: bool, human, settings: dict | None = None):
+    """Print a command's report: `human(obj)` as text, or with --json the one shape of every command:
+    `{"command": NAME, "settings": {...}, ...results}`. `settings` is what the command ran with: the
+    report's own `settings` (an export's or a plan's), else `settings`, else the command's options."""
+    if not as_json:
+        return human(obj)
+    own = obj.get("settings")
+    shaped = {"command": click.get_current_context().info_name,
+              "settings": own if own is not None else (settings if settings is not None else command_options()),
+              **{k: v for k, v in obj.items() if k not in ("settings", "command")}}
+    click.echo(json.dumps(shaped, indent=2, default=_json_default))
 
 
 def _json_default(o):
@@ -132,7 +200,7 @@ def _json_default(o):
     raise TypeError(type(o))
 
 
-@click.group()
+@click.group(cls=PrismGroup)
 @click.version_option(__version__, prog_name="prism")
 def main():
     """PRISM: one Transformer inference across several devices, with Segment Means compression."""
@@ -143,7 +211,7 @@ def main():
 @click.argument("model")
 @settings_options(PrismSettings)
 @input_options
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 @friendly_errors
 @needs_export_extra
 def simulate(model, texts, images, input_ids, as_json, **settings):
@@ -156,13 +224,26 @@ def simulate(model, texts, images, input_ids, as_json, **settings):
     emit(report, as_json, _print_simulate)
 
 
-def _parse_split(split):
+def _parse_split(split, devices: int | None = None):
+    """--split '2,1,1' -> [2.0, 1.0, 1.0]: one finite, positive weight per device (refused otherwise, naming
+    the bad entry)."""
+    import math
+
     if split is None:
         return None
-    try:
-        return [float(x) for x in split.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"--split must be comma-separated numbers, got '{split}'") from None
+    weights = []
+    for x in split.split(","):
+        try:
+            w = float(x)
+        except ValueError:
+            raise click.BadParameter(f"'{split}': '{x.strip()}' is not a number (comma-separated positive "
+                                     f"weights, one per device, e.g. 2,1,1)") from None
+        if not (math.isfinite(w) and w > 0):
+            raise click.BadParameter(f"'{split}': every weight must be a positive number, got '{x.strip()}'")
+        weights.append(w)
+    if devices is not None and len(weights) != devices:
+        raise click.BadParameter(f"'{split}' has {len(weights)} weights for {devices} devices (--devices)")
+    return weights
 
 
 def _print_simulate(r):
@@ -191,20 +272,25 @@ def _print_simulate(r):
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="Output folder.")
 @settings_options(ExportSettings)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+@json_option
 @friendly_errors
 @needs_export_extra
-def export(model, out, overwrite, **settings):
+def export(model, out, overwrite, as_json, **settings):
     """Export MODEL (hub id or folder) to one ONNX bundle per device in OUT/device-K."""
     import time
 
     from .exporters.bundle import export as do_export
+    from .runtime.bundle import MANIFEST, read_manifest
 
     settings = ExportSettings(**settings)
     t0 = time.perf_counter()
-    path = do_export(model, out, settings, overwrite=overwrite, progress=True)
+    path = do_export(model, out, settings, overwrite=overwrite, progress=not as_json)
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-    click.echo(f"exported {model} to {path}: {settings.devices} device bundles, {size / 1e6:.1f} MB, "
-               f"{time.perf_counter() - t0:.1f} s")
+    report = {"settings": settings.to_dict(), "model": model, "out": str(path), "devices": settings.devices,
+              "export_id": read_manifest(Path(path) / MANIFEST).export_id, "total_bytes": size,
+              "seconds": round(time.perf_counter() - t0, 3)}
+    emit(report, as_json, lambda r: click.echo(
+        f"exported {model} to {path}: {settings.devices} device bundles, {size / 1e6:.1f} MB, {r['seconds']:.1f} s"))
 
 
 # ----------------------------------------------------------------------------------------------- validate
@@ -215,7 +301,7 @@ def export(model, out, overwrite, **settings):
 @click.option("--data", type=click.Path(exists=True), default=None,
               help="Your own inputs: a text file (one per line) or a folder of images.")
 @click.option("--model", "model", default=None, help="PyTorch model to compare with (default: the export's source).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 @friendly_errors
 @needs_export_extra
 def validate(export_dir, samples, data, model, as_json):
@@ -260,7 +346,7 @@ def validate(export_dir, samples, data, model, as_json):
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--verify", is_flag=True, help="Check every file's sha256 and the export id; exit 1 naming what differs.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 @friendly_errors
 def inspect(export_dir, verify, as_json):
     """Manifest, file sizes and op counts per graph of an export (or of one device bundle). Needs no
@@ -341,20 +427,33 @@ def inspect(export_dir, verify, as_json):
               help="A file of accepted API keys, one per line.")
 @click.option("--served-model-name", default=None,
               help="The model name of the HTTP API (default: the export's source id or folder name).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
+@click.option("--provider", "providers", default="CPU", show_default=True, metavar="NAME[,NAME]",
+              help="onnxruntime execution providers in order of preference (CPU, CUDA, TensorRT, CoreML, XNNPACK... "
+                   "as the installed onnxruntime has them; the ExecutionProvider suffix is optional); CPU is "
+                   "always the last resort.")
+@click.option("--graph-optimization", "optimization", type=click.Choice(GRAPH_OPTIMIZATION_LEVELS), default="all",
+              show_default=True, help="onnxruntime graph optimization level of the device's sessions.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="Log lines on stderr at this level and above.")
+@json_option
 @friendly_errors
 def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_timeout, bind, keys, insecure,
-        max_cache_mb, min_devices, http, api_key, api_key_file, served_model_name, log_level):
+        max_cache_mb, min_devices, http, api_key, api_key_file, served_model_name, providers, optimization, log_level,
+        as_json):
     """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM; with --http, also the HTTP API
     (/v1/embeddings, /v1/completions, /v1/chat/completions, /embed, /health, /metrics).
 
     Any rank may --serve clients: it coordinates the requests it receives, planned over the devices that are
     live at that moment; when a device is lost, its requests are rerun over the others, and it rejoins from
-    the next request on when it comes back."""
+    the next request on when it comes back. With --json, a start-up error is the JSON error shape on stdout
+    (the logs stay on stderr)."""
     import logging
     import signal
 
+    from .runtime.device import check_providers
     from .runtime.host import DeviceHost
+
+    providers = check_providers(providers)  # before anything binds: one line listing the available ones
 
     api_keys = None
     if http is not None:
@@ -371,7 +470,7 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_ti
     host = DeviceHost(bundle, rank=rank, peers=peers, serve=serve, threads=threads, timeout=timeout,
                       peer_timeout=peer_timeout, bind=bind, keys=keys, insecure=insecure,
                       dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb, min_devices=min_devices,
-                      local_client=http is not None)
+                      local_client=http is not None, providers=providers, optimization=optimization)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: host.stop.set())
     server = None
@@ -570,7 +669,7 @@ def _run_batch(client, kind, save, gen) -> None:
 @click.option("--save", type=click.Path(), default=None,
               help="Write the outputs to an .npz file (with a batch file: a folder, NNNNNN.npz per request).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @friendly_errors
 def infer(server, texts, images, input_ids, texts_file, ids_file, keys, insecure, save, timeout, as_json, **gen):
     """Send one request to a running cluster and print (or --save) its outputs and per-device stats; with
@@ -624,7 +723,7 @@ def _faults(values: tuple[str, ...], what: str, devices: int) -> list[tuple[int,
               help="Start runner RANK again at this time (repeatable): it rejoins the plan of later requests.")
 @click.option("--min-devices", type=click.IntRange(min=1), default=1, show_default=True,
               help="Requests fail, naming the lost devices, when fewer runners than this are live.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @friendly_errors
 def launch(export_dir, texts, images, input_ids, texts_file, ids_file, save, threads, timeout, insecure, kills,
            restarts, min_devices, as_json, **gen):
@@ -673,7 +772,7 @@ def launch(export_dir, texts, images, input_ids, texts_file, ids_file, save, thr
 @click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--devices", "-P", type=click.IntRange(min=2), default=2, show_default=True)
 @click.option("--compression-ratio", "--cr", "cr", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @friendly_errors
 @needs_export_extra
 def demo(out, devices, cr, as_json):
@@ -697,7 +796,7 @@ def demo(out, devices, cr, as_json):
 @click.option("--curve", type=click.Choice(["on", "off", "both"]), default="on", show_default=True,
               help="Latency runs with CurveZMQ (on), without (off), or both: the export's deployment run both "
                    "ways, interleaved in one run, and the cost of CurveZMQ reported.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @friendly_errors
 @needs_export_extra
 def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curve, as_json):
@@ -759,7 +858,7 @@ def _switch(text: str) -> list[bool]:
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Inputs to evaluate (default: task's).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: metric vs CR and vs bytes.")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @friendly_errors
 @needs_export_extra
 def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, as_json):

@@ -16,7 +16,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..errors import FrameError, PeerError, PrismError
+from ..errors import FrameError, InputError, PeerError, PrismError
 from .bundle import Export
 from .keys import CLIENT, ClientKeys
 from .preprocess import load_pixel_file
@@ -27,6 +27,18 @@ REPLY_RULES = ArrayRules(1 << 36, max_arrays=16)  # what a client accepts back f
 
 class ServerLost(PeerError):
     """The serving runner closed the connection, stopped answering, or never answered: another server may."""
+
+
+def server_address(item: str) -> str:
+    """'HOST:PORT' (or 'tcp://HOST:PORT') -> 'tcp://HOST:PORT'; anything else is refused in one line."""
+    text = item.strip().removeprefix("tcp://")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise InputError(f"--server '{item}': expected HOST:PORT, e.g. {text or 'localhost'}:5600 (the port a "
+                         f"runner serves with --serve)")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"--server '{item}': the port '{port}' is not a number in 1..65535")
+    return f"tcp://{host}:{int(port)}"
 
 
 class Client:
@@ -44,12 +56,20 @@ class Client:
     `server_rank` (one rank, or one per address), or, when that is not given, whichever device's key the
     server answers to. While a request runs, the client sends STATUS pings; a coordinator that answers
     nothing for `dead_after` seconds (stopped, killed, unreachable) fails the call then, not at `timeout`.
+    Before its first message to a server, the client waits for the TCP connection (`_await_connection`,
+    at most `dead_after` seconds): a port where nothing listens fails at once with "connection refused",
+    a host that does not answer fails after `dead_after` seconds (ServerLost: the next server is tried).
+
+    Example (the package exports it: `from prism_onnx import Client`):
+
+        client = Client("10.0.0.10:5600", keys="minilm-p2/client")
+        outputs, stats = client.infer(texts=["a gripping, funny film"])
+        client.close()
     """
 
     def __init__(self, address: str, timeout: float = 60.0, keys=None, server_rank: int | list | None = None,
                  dead_after: float = 2.0, ping_every: float = 0.5):
-        self.addresses = [a if a.startswith("tcp://") else f"tcp://{a}" for a in
-                          (x.strip() for x in str(address).split(",")) if a]
+        self.addresses = [server_address(a) for a in (x.strip() for x in str(address).split(",")) if a]
         if not self.addresses:
             raise PrismError(f"--server: '{address}' names no HOST:PORT")
         ranks = server_rank if isinstance(server_rank, (list, tuple)) else [server_rank] * len(self.addresses)
@@ -88,9 +108,43 @@ class Client:
             s.curve_secretkey, s.curve_publickey = self.keys.secret, self.keys.public
             s.curve_serverkey = self.keys.servers[server_rank]
         m = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED |
-                                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        s.connect(self.address)
+                                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED |
+                                 zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        try:
+            s.connect(self.address)
+            self._await_connection(m)
+        except zmq.ZMQError as e:
+            m.close(linger=0)
+            s.close(linger=0)
+            raise ServerLost(f"cannot connect to {self.address.removeprefix('tcp://')}: {e}") from None
+        except ServerLost:
+            m.close(linger=0)
+            s.close(linger=0)
+            raise
         return s, m
+
+    def _await_connection(self, monitor: zmq.Socket) -> None:
+        """Wait for the socket's TCP connection (its monitor's CONNECTED event), at most `dead_after`
+        seconds: a refused connection (CONNECT_RETRIED first: nothing listens on that port) or none at all
+        raises ServerLost, instead of ZeroMQ retrying silently until the request's timeout."""
+        host_port = self.address.removeprefix("tcp://")
+        deadline = time.monotonic() + self.dead_after
+        while (left := deadline - time.monotonic()) > 0:
+            if not monitor.poll(max(1, int(1000 * left))):
+                break
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                return
+            if event == zmq.EVENT_CONNECT_RETRIED:
+                host = host_port.rpartition(":")[0].strip("[]")
+                try:
+                    socket.getaddrinfo(host, None)
+                except socket.gaierror as e:
+                    raise ServerLost(f"cannot resolve the host '{host}' of {host_port}: {e.strerror}") from None
+                raise ServerLost(f"connection refused by {host_port}: nothing listens there (is a runner "
+                                 f"serving clients with --serve {host_port.rpartition(':')[2]}?)")
+        raise ServerLost(f"no TCP connection to {host_port} within {self.dead_after:g} s (host down or "
+                         f"unreachable, or a firewall drops the connection)")
 
     def _connect(self):
         if self.sock is not None:
@@ -101,7 +155,15 @@ class Client:
             self.sock, self.monitor = self._socket(rank)
             return
         # which device serves? ask each key at once; the one whose handshake succeeds answers
-        tries = {r: self._socket(r) for r in self.keys.servers}
+        tries = {}
+        try:
+            for r in self.keys.servers:
+                tries[r] = self._socket(r)
+        except ServerLost:
+            for s, m in tries.values():
+                m.close(linger=0)
+                s.close(linger=0)
+            raise
         poller = zmq.Poller()
         for s, _ in tries.values():
             s.send_multipart(encode(Kind.STATUS, {"call": 0}))

@@ -74,10 +74,12 @@ class DeviceHost:
     def __init__(self, bundle: str | Path, *, rank: int | None, peers: str, serve: int | None = None,
                  threads: int = 1, timeout: float = 10.0, peer_timeout: float = 60.0, bind: str | None = None,
                  keys: str | Path | None = None, insecure: bool = False, dead_after: float = DEAD_AFTER_S,
-                 max_cache_mb: float = 1024.0, min_devices: int = 1, local_client: bool = False):
+                 max_cache_mb: float = 1024.0, min_devices: int = 1, local_client: bool = False,
+                 providers=None, optimization: str = "all"):
         """local_client: also accept a client key made in memory (keys.with_local_client), for the HTTP
         server in this process (`prism run --http`); it is `self.local_client_keys`, and the client port
-        is reachable from this machine at `self.local_client_address`."""
+        is reachable from this machine at `self.local_client_address`. providers, optimization: the
+        onnxruntime execution providers and graph optimization level of the device's sessions (Engine)."""
         self.bundle = b = DeviceBundle.load(bundle)  # every sha256 and the export id, recomputed
         self.rank = b.rank if rank is None else int(rank)
         if self.rank != b.rank:
@@ -101,12 +103,13 @@ class DeviceHost:
         self.bind_host = bind or addrs[self.rank][0]
         self.local_client_address = f"{local_host(self.bind_host)}:{serve}" if serve is not None else None
         self.membership = Membership(self.rank, peer_addrs, b.export_id, b.handshake_settings, uuid.uuid4().hex[:12],
-                                     serving=serve is not None, dead_after=dead_after)
+                                     serving=serve is not None, dead_after=dead_after,
+                                     peer_list=tuple(f"{h}:{p}" for h, p in addrs))
         self.transport = t = Transport(
             rank=self.rank, peers=peer_addrs, port=addrs[self.rank][1], bind=self.bind_host,
             serve=serve, keys=runner_keys, max_peer_bytes=self.limits.max_message_bytes,
             max_client_bytes=self.limits.max_client_bytes, counters=self.counters)
-        self.engine = Engine(b, threads)
+        self.engine = Engine(b, threads, providers=providers, optimization=optimization)
         frame = frame_nbytes(self.limits.max_batch, self.limits.max_rows, self.limits.hidden, self.limits.wire_dtype)
         per_source = 4 * frame + (1 << 16)
 

@@ -13,7 +13,11 @@ The cluster is *ready* when every peer is alive and each reports that it sees ev
 planned over the *members* (elastic partitions): this device and the live peers that see each other,
 which after a device is lost is fewer than all. A runner has *formed* (`ever_ready`) once the whole
 cluster was ready, or once it joined members of a cluster that had formed (a runner restarted while
-another device is still down). A runner instance is identified by its `nonce`
+another device is still down). Every HELLO also carries the sender's `--peers` list (HOST:PORT by rank):
+lists that name another port (or another number of devices) can never form a cluster, so such a HELLO is
+refused naming the entries that differ (fatal during start-up, as another export is); lists that differ
+only in host names may be right (one machine's name for a board is another's IP address) and are noted
+once. A runner instance is identified by its `nonce`
 (new at every start): a second runner claiming a live runner's rank is refused, a restarted one
 replaces a lost one. A peer's messages other than HELLO are accepted only on the connection (`session`,
 the ZeroMQ routing id) that carried its last accepted HELLO.
@@ -74,10 +78,13 @@ class Membership:
     dead_after: float = DEAD_AFTER_S
     peers: dict[int, PeerState] = field(default_factory=dict)
     ever_ready: bool = False
+    peer_list: tuple[str, ...] = ()  # this runner's --peers, HOST:PORT by rank (this device included)
 
     def __post_init__(self):
         self.devices = len(self.addresses) + 1
         self.peers = {q: PeerState(q, a) for q, a in self.addresses.items()}
+        self.peer_list = tuple(self.peer_list)
+        self._noted_lists: set[tuple[int, tuple]] = set()  # (rank, its list) already noted as host-only differences
 
     # ---------------------------------------------------------------------------------------- queries
     def alive(self, q: int, now: float) -> bool:
@@ -120,7 +127,7 @@ class Membership:
         """Our heartbeat; `health` ({name: count}) is reported to the coordinator's STATUS."""
         return {"rank": self.rank, "nonce": self.nonce, "export_id": self.export_id, "settings": self.settings,
                 "serving": self.serving, "t": now, "ready": self.ready(now), "formed": self.ever_ready,
-                "health": health or {},
+                "health": health or {}, "peers": list(self.peer_list),
                 "echo": {str(q): p.their_t for q, p in self.peers.items() if p.their_t is not None},
                 "sees": [q for q in self.peers if self.alive(q, now)]}
 
@@ -141,6 +148,7 @@ class Membership:
         health = get_dict(meta, "health", 8, default={})
         if not all(type(v) is int for v in health.values()):
             raise FrameError("field 'health' must map names to counts")
+        their_list = tuple(get_list(meta, "peers", str, 256, default=[]))
         if key_rank is not None and rank != key_rank:
             return Verdict(False, refuse=f"a HELLO claiming rank {rank} came with the key of device {key_rank}")
         if export_id != self.export_id:
@@ -150,6 +158,10 @@ class Membership:
                       f"runs {self.export_id[:12]} ({what})")
             return Verdict(False, refuse=reason, fatal=None if self.ever_ready else
                            f"device {self.rank} refused device {rank} at the handshake: {reason}")
+        lists = self.compare_peers(rank, their_list)
+        if lists and lists[0]:
+            return Verdict(False, refuse=lists[1], fatal=None if self.ever_ready else
+                           f"device {self.rank} refused device {rank} at the handshake: {lists[1]}")
         if rank == self.rank:
             return Verdict(False, refuse=f"two runners claim rank {rank}")
         if rank not in self.peers:
@@ -174,7 +186,28 @@ class Membership:
             p.up_since = now
         p.sees, p.serving, p.health, p.formed = sees, serving, health, formed
         del ready  # a peer's own verdict is recomputed from `sees`
+        if lists and (rank, their_list) not in self._noted_lists:  # host names only: said once per list
+            self._noted_lists.add((rank, their_list))
+            note = f"{note}; {lists[1]}" if note else lists[1]
         return Verdict(True, note=note)
+
+    def compare_peers(self, rank: int, their_list: tuple[str, ...]) -> tuple[bool, str] | None:
+        """None when device `rank`'s --peers list (from its HELLO; empty: not sent) is ours, else (fatal,
+        line): fatal when the lists differ in length or in a port (no cluster can form), not when they
+        differ in host names only (may name the same machines). The line names the entries that differ."""
+        if not their_list or not self.peer_list or their_list == self.peer_list:
+            return None
+        if len(their_list) != len(self.peer_list):
+            return True, (f"device {rank} was started with --peers {','.join(their_list)} ({len(their_list)} devices), "
+                          f"device {self.rank} with {','.join(self.peer_list)}: give every runner the same list")
+        differ = [k for k, (a, b) in enumerate(zip(their_list, self.peer_list)) if a != b]
+        entries = "; ".join(f"rank {k}: {their_list[k]} there, {self.peer_list[k]} here" for k in differ)
+        port = any(a.rpartition(":")[2] != b.rpartition(":")[2] for a, b in zip(their_list, self.peer_list))
+        if port:
+            return True, (f"--peers lists differ: device {rank} was started with another list ({entries}); "
+                          f"give every runner the same --peers")
+        return False, (f"device {rank}'s --peers names hosts differently ({entries}); fine if they are the same "
+                       f"machines, else give every runner the same --peers")
 
     def on_disconnect(self, q: int, why: str = "closed the connection", now: float = NEVER) -> None:
         """Our connection to q closed (its process died, or ZeroMQ's own heartbeat gave up): q is not alive
