@@ -494,8 +494,9 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_ti
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--add-client", "add", default=None, metavar="NAME",
               help="Add one client keypair (EXPORT_DIR/client-NAME) instead of regenerating every key.")
+@json_option
 @friendly_errors
-def keys(export_dir, add):
+def keys(export_dir, add, as_json):
     """(Re)generate the CurveZMQ keys of an export: one keypair per device and per client.
 
     Without --add-client every key is replaced (rotation): copy device-K/keys to board K, the client
@@ -504,12 +505,13 @@ def keys(export_dir, add):
 
     if add:
         folder = add_client(export_dir, add)
-        click.echo(f"client key in {folder}; copy device-K/keys/clients/{folder.name}.key to every board "
-                   f"(or all of device-K/keys) and restart its runner")
-        return
+        return emit({"clients": [str(folder)]}, as_json, lambda r: click.echo(
+            f"client key in {folder}; copy device-K/keys/clients/{folder.name}.key to every board "
+            f"(or all of device-K/keys) and restart its runner"))
     clients = generate_keys(export_dir)
-    click.echo(f"new keys in {export_dir}/device-*/keys and {', '.join(str(c) for c in clients)}: copy each "
-               f"device-K/keys to board K and restart the runners; old keys no longer work")
+    emit({"clients": [str(c) for c in clients]}, as_json, lambda r: click.echo(
+        f"new keys in {export_dir}/device-*/keys and {', '.join(r['clients'])}: copy each "
+        f"device-K/keys to board K and restart the runners; old keys no longer work"))
 
 
 def _summarise_outputs(outputs: dict) -> dict:
@@ -535,11 +537,12 @@ def generation_options(fn):
         click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
                      help="0: greedy; above 0: sample."),
         click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: no top-k cut."),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+                     help="Nucleus sampling: keep the smallest set of tokens whose probability reaches this."),
         click.option("--seed", type=click.IntRange(min=0), default=None, help="Makes sampling reproducible."),
         click.option("--stop-token-ids", default=None, help="Comma-separated ids that end a row (default: EOS)."),
         click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
-                     show_default=True),
+                     show_default=True, help="Above 1: tokens already in the row become less likely."),
         click.option("--stream", is_flag=True, help="Print tokens as they come."),
     ]
     for o in reversed(opts):
@@ -668,7 +671,8 @@ def _run_batch(client, kind, save, gen) -> None:
 @click.option("--insecure", is_flag=True, help="Plain text, for a cluster started with --insecure.")
 @click.option("--save", type=click.Path(), default=None,
               help="Write the outputs to an .npz file (with a batch file: a folder, NNNNNN.npz per request).")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True)
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds to wait for one request's reply (a server that stops answering fails sooner).")
 @json_option
 @friendly_errors
 def infer(server, texts, images, input_ids, texts_file, ids_file, keys, insecure, save, timeout, as_json, **gen):
@@ -713,8 +717,10 @@ def _faults(values: tuple[str, ...], what: str, devices: int) -> list[tuple[int,
 @generation_options
 @click.option("--save", type=click.Path(), default=None,
               help="Write the outputs to an .npz file (with a batch file: a folder, NNNNNN.npz per request).")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="onnxruntime threads per runner.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds a runner waits for a peer's means at one exchange point.")
 @click.option("--insecure", is_flag=True, help="Run the runners without CurveZMQ.")
 @click.option("--kill", "kills", multiple=True, metavar="RANK@SECONDS",
               help="Kill runner RANK (SIGKILL) this many seconds after the requests start (repeatable). With it, "
@@ -769,9 +775,12 @@ def launch(export_dir, texts, images, input_ids, texts_file, ids_file, save, thr
 
 
 @main.command()
-@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--devices", "-P", type=click.IntRange(min=2), default=2, show_default=True)
-@click.option("--compression-ratio", "--cr", "cr", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder of the export (replaced).")
+@click.option("--devices", "-P", type=click.IntRange(min=2), default=2, show_default=True,
+              help="Number of devices (runner processes).")
+@click.option("--compression-ratio", "--cr", "cr", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Segment length CR: one mean row per CR tokens.")
 @json_option
 @friendly_errors
 @needs_export_extra
@@ -780,8 +789,7 @@ def demo(out, devices, cr, as_json):
     from .demo import run_demo
 
     report = run_demo(out, devices, cr, echo=(lambda *_: None) if as_json else click.echo)
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
+    emit(report, as_json, lambda r: None)  # the human report was echoed as it came
 
 
 # -------------------------------------------------------------------------------------- bench, evaluate
@@ -789,7 +797,8 @@ def demo(out, devices, cr, as_json):
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--bandwidth", default="100mbit", show_default=True, help="Link rate for the latency run (tc tbf).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per request (default: max).")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Runs per measurement (the median is reported).")
 @click.option("--sweep", default=None, help="More bandwidths for the latency plot, e.g. 10mbit,1gbit.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: latency vs bandwidth.")
 @click.option("--no-latency", is_flag=True, help="Skip the multi-process latency run.")
@@ -850,11 +859,15 @@ def _switch(text: str) -> list[bool]:
 
 
 @main.command()
-@click.option("--task", type=click.Choice(["sst2", "longtext", "digits", "wikitext", "wikitext-llama"]), required=True)
+@click.option("--task", type=click.Choice(["sst2", "longtext", "digits", "wikitext", "wikitext-llama"]), required=True,
+              help="Task and its model: SST-2 accuracy, long-text agreement, digits accuracy, WikiText perplexity.")
 @click.option("--devices", "-P", default="2,4", show_default=True, help="Comma-separated P values.")
-@click.option("--compression-ratio", "--cr", "crs", default="1,4,16,64,128", show_default=True)
-@click.option("--count-bias", type=click.Choice(["both", "on", "off"]), default="both", show_default=True)
-@click.option("--sinks", type=click.Choice(["both", "on", "off"]), default="both", show_default=True)
+@click.option("--compression-ratio", "--cr", "crs", default="1,4,16,64,128", show_default=True,
+              help="Comma-separated CR values.")
+@click.option("--count-bias", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
+              help="Rows with the log(count) attention bias, without, or both.")
+@click.option("--sinks", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
+              help="Rows with sink tokens kept as their own segments, averaged, or both.")
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Inputs to evaluate (default: task's).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: metric vs CR and vs bytes.")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
@@ -867,7 +880,8 @@ def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, as_json
 
     report = run_eval(task, devices=_int_list(devices), compression_ratios=_int_list(crs),
                       count_bias=_switch(count_bias), keep_sinks=_switch(sinks), samples=samples,
-                      echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)))
+                      echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)),
+                      progress=not as_json)
     report["summary"] = summarize(report)
     if plot:
         plot_report(report, plot)

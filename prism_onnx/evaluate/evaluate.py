@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -240,7 +241,12 @@ def run_torch(model, inputs: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- sweep
 def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128), count_bias=(True, False),
              keep_sinks=(True, False), samples: int | None = None, task_obj: Task | None = None,
-             echo=lambda *_: None) -> dict:
+             echo=lambda *_: None, progress: bool = False) -> dict:
+    """The sweep: the full model once, then one row per setting (P, CR, count bias, sinks). `echo` gets
+    the status lines; `progress` shows a progress bar over the settings on stderr (the status lines are
+    then printed above it)."""
+    from tqdm.auto import tqdm
+
     t = task_obj or make_task(task, samples)
     model = models.load(t.model_source())
     with tempfile.TemporaryDirectory(prefix="prism-eval-") as tmp:
@@ -266,9 +272,11 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
         settings = [PrismSettings(*s) for s in itertools.product(devices, compression_ratios)]
         settings = [replace(s, count_bias=cb, keep_sinks=sk) for s in settings for cb in count_bias
                     for sk in keep_sinks]
-        for i, s in enumerate(settings):
-            if s.compression_ratio == 1 and (not s.count_bias or not s.keep_sinks):
-                continue  # at CR=1 both switches are exact no-ops: one row is enough
+        settings = [s for s in settings if s.compression_ratio > 1 or (s.count_bias and s.keep_sinks)]
+        # (at CR=1 both switches are exact no-ops: one row is enough)
+        bar = tqdm(settings, desc=f"{task}: settings", unit="setting", disable=not progress, file=sys.stderr)
+        say = (lambda m: bar.write(m, file=sys.stderr)) if progress else echo
+        for i, s in enumerate(bar):
             bundle = write_bundles(graphs, tmp / f"b{i}", ExportSettings(**asdict(s), max_seq_len=max_len), link=True)
             ex = Executor(bundle)
             results = [ex.run(inputs) for inputs, _ in data]
@@ -280,7 +288,7 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
             rows.append({"devices": s.devices, "compression_ratio": s.compression_ratio, "count_bias": s.count_bias,
                          "keep_sinks": s.keep_sinks, t.metric: metric, "delta": metric - full_metric,
                          "bytes_per_inference": sent / n_inputs, "bytes_vs_baseline": sent / baseline})
-            echo(f"  P={s.devices} CR={s.compression_ratio} count_bias={s.count_bias} sinks={s.keep_sinks}: "
+            say(f"  P={s.devices} CR={s.compression_ratio} count_bias={s.count_bias} sinks={s.keep_sinks}: "
                  f"{t.metric} {metric:.4f} ({metric - full_metric:+.4f})")
             shutil.rmtree(tmp / f"b{i}", ignore_errors=True)
     return {"task": task, "metric": t.metric, "model": t.model_source(), "full_model": full_metric,

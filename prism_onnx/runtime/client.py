@@ -44,7 +44,7 @@ def server_address(item: str) -> str:
 class Client:
     """Talks to a serving runner: `status()`, `infer(...)`, `generate(...)`.
 
-    address: "HOST:PORT", or several, comma-separated ("H:P,H:P,..."): any runner started with --serve
+    address: "HOST:PORT", or several, comma-separated ("H:P,H:P,...") or as a list: any runner started with --serve
     coordinates the requests it receives. The client uses one server until it is lost (the connection
     closes, or it answers nothing for `dead_after` seconds), then the next one in the list, and resends the
     request in flight: inference is idempotent. A streaming generation that already received tokens is not
@@ -62,14 +62,14 @@ class Client:
 
     Example (the package exports it: `from prism_onnx import Client`):
 
-        client = Client("10.0.0.10:5600", keys="minilm-p2/client")
-        outputs, stats = client.infer(texts=["a gripping, funny film"])
-        client.close()
+        with Client(["10.0.0.10:5600", "10.0.0.11:5600"], keys="minilm-p2/client") as client:
+            outputs, stats = client.infer(texts=["a gripping, funny film"])
     """
 
     def __init__(self, address: str, timeout: float = 60.0, keys=None, server_rank: int | list | None = None,
                  dead_after: float = 2.0, ping_every: float = 0.5):
-        self.addresses = [server_address(a) for a in (x.strip() for x in str(address).split(",")) if a]
+        items = address if isinstance(address, (list, tuple)) else str(address).split(",")
+        self.addresses = [server_address(a) for a in (str(x).strip() for x in items) if a]
         if not self.addresses:
             raise PrismError(f"--server: '{address}' names no HOST:PORT")
         ranks = server_rank if isinstance(server_rank, (list, tuple)) else [server_rank] * len(self.addresses)
@@ -331,6 +331,12 @@ class Client:
 
     def close(self):
         self._reset()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def free_ports(n: int) -> list[int]:
