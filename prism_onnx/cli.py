@@ -19,9 +19,13 @@ class CommandError(click.ClickException):
     """An error the CLI reports in one line: `kind` names it (a PrismError's class name such as InputError,
     or MissingDependency, UsageError), `message` says what to change."""
 
-    def __init__(self, kind: str, message: str, exit_code: int = 1):
+    def __init__(self, kind: str, message: str, exit_code: int = 1, named: bool = False):
         super().__init__(message)
-        self.kind, self.exit_code = kind, exit_code
+        self.kind, self.exit_code, self.named = kind, exit_code, named
+
+    def format_message(self) -> str:
+        """The line on stderr: "InputError: ..." for a PrismError (`named`), the message otherwise."""
+        return f"{self.kind}: {self.message}" if self.named else self.message
 
 
 def error_kind(e: click.ClickException) -> str:
@@ -39,7 +43,7 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except PrismError as e:
-            raise CommandError(type(e).__name__, f"{type(e).__name__}: {e}") from None
+            raise CommandError(type(e).__name__, str(e), named=True) from None
 
     return wrapper
 
@@ -91,13 +95,14 @@ class PrismGroup(click.Group):
         except click.exceptions.Exit:
             raise
         except click.ClickException as e:
-            message = e.format_message()
-            if isinstance(e, click.UsageError) and e.ctx is not None and e.ctx.command is not self:
-                message += f" (see `{e.ctx.command_path} --help`)"
             if ctx.meta.get("prism.json"):
+                message = e.message if isinstance(e, CommandError) else e.format_message()
                 click.echo(json.dumps({"error": {"type": error_kind(e), "message": message}}))
             else:
-                click.echo(f"Error: {message}", err=True)
+                line = e.format_message()
+                if isinstance(e, click.UsageError) and e.ctx is not None and e.ctx.command is not self:
+                    line += f" (see `{e.ctx.command_path} --help`)"
+                click.echo(f"Error: {line}", err=True)
             ctx.exit(e.exit_code)
 
 
