@@ -203,3 +203,31 @@ def test_hellos_queued_before_a_connection_closed_do_not_revive_a_dead_runner():
     ms[1].on_hello(ours, t + 0.6, b"s2", key_rank=2)
     v = m.on_hello(ms[1].hello(t + 0.7), t + 0.7, b"s1", key_rank=1)
     assert v.accept and m.is_session(1, b"s1") and m.alive(1, t + 0.7)
+
+
+def lists_cluster(lists):
+    """Two runners, each started with its own --peers list."""
+    return [Membership(r, {1 - r: f"tcp://{lists[r][1 - r]}"}, "e" * 64, {**SETTINGS, "devices": 2}, f"nonce{r}",
+                       peer_list=tuple(lists[r])) for r in range(2)]
+
+
+def test_peers_lists_that_differ_in_a_port_are_refused_naming_the_entry():
+    a, b = lists_cluster([("h0:5000", "h1:5001"), ("h0:5000", "h1:5002")])
+    v = a.on_hello(b.hello(0.0), 0.0, b"s1", key_rank=1)
+    assert not v.accept and "rank 1 is h1:5002 for device 1, h1:5001 for device 0" in v.refuse
+    assert v.fatal and "--peers lists differ" in v.fatal  # before the cluster formed: the runner stops
+
+
+def test_peers_lists_that_differ_in_host_names_only_are_noted_once():
+    a, b = lists_cluster([("h0:5000", "h1:5001"), ("h0:5000", "10.0.0.2:5001")])
+    v = a.on_hello(b.hello(0.0), 0.0, b"s1", key_rank=1)
+    assert v.accept and "names hosts differently" in v.note and "rank 1 is 10.0.0.2:5001 for device 1" in v.note
+    v = a.on_hello(b.hello(0.2), 0.2, b"s1", key_rank=1)
+    assert v.accept and v.note is None
+
+
+def test_same_peers_lists_and_a_hello_without_one_are_accepted():
+    a, b = lists_cluster([("h0:5000", "h1:5001")] * 2)
+    assert a.on_hello(b.hello(0.0), 0.0, b"s1", key_rank=1).accept
+    old = {k: v for k, v in b.hello(0.2).items() if k != "peers"}  # a runner of an older version
+    assert a.on_hello(old, 0.2, b"s1", key_rank=1).accept

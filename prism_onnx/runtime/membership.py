@@ -201,11 +201,11 @@ class Membership:
             return True, (f"device {rank} was started with --peers {','.join(their_list)} ({len(their_list)} devices), "
                           f"device {self.rank} with {','.join(self.peer_list)}: give every runner the same list")
         differ = [k for k, (a, b) in enumerate(zip(their_list, self.peer_list)) if a != b]
-        entries = "; ".join(f"rank {k}: {their_list[k]} there, {self.peer_list[k]} here" for k in differ)
+        entries = "; ".join(f"rank {k} is {their_list[k]} for device {rank}, {self.peer_list[k]} for device "
+                            f"{self.rank}" for k in differ)
         port = any(a.rpartition(":")[2] != b.rpartition(":")[2] for a, b in zip(their_list, self.peer_list))
         if port:
-            return True, (f"--peers lists differ: device {rank} was started with another list ({entries}); "
-                          f"give every runner the same --peers")
+            return True, f"--peers lists differ: {entries}; give every runner the same --peers"
         return False, (f"device {rank}'s --peers names hosts differently ({entries}); fine if they are the same "
                        f"machines, else give every runner the same --peers")
 

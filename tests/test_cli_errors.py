@@ -1,0 +1,200 @@
+"""Every mistake a new user makes (issue 15) ends the same way: a non-zero exit code, one line on stderr
+that names the problem, no traceback; with --json, the error shape {"error": {"type", "message"}} on
+stdout. One table, each case run with and without --json (click's CliRunner: in process, no hub, tiny
+random models of tests/conftest.py). The cases that need processes (runners, a port where nothing
+listens) are the few subprocess calls below.
+
+Vocabulary: a *case* is (name, argv builder, expected error type, a fragment the message must contain);
+the argv builder gets a `Setup` (a tiny export, a tampered copy, a free port...) built once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from prism_onnx.cli import main
+
+
+@dataclass
+class Setup:
+    model: Path  # a tiny BERT folder (with MiniLM's tokenizer)
+    export: Path  # its export: 2 devices, CR 4, --max-seq-len 16
+    tampered: Path  # a copy of it with one byte of device-0's first graph changed
+    not_a_model: Path  # a folder with a text file in it
+    free_port: int  # a port where nothing listens
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_dirs, exported_graphs, tmp_path_factory) -> Setup:
+    from prism_onnx.exporters.bundle import ExportSettings, write_bundles
+    from prism_onnx.runtime.client import free_ports
+
+    root = tmp_path_factory.mktemp("cli-errors")
+    export = write_bundles(exported_graphs["BertModel"], root / "export",
+                           ExportSettings(devices=2, compression_ratio=4, max_seq_len=16))
+    tampered = root / "tampered"
+    shutil.copytree(export, tampered)
+    graph = sorted((tampered / "device-0").glob("*.onnx"))[0]
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 1
+    graph.write_bytes(bytes(data))
+    not_a_model = root / "notes"
+    not_a_model.mkdir()
+    (not_a_model / "README.txt").write_text("not a model")
+    return Setup(tiny_dirs["BertModel"], Path(export), tampered, not_a_model, free_ports(1)[0])
+
+
+def _export(s: Setup, *more: str) -> list[str]:
+    return ["export", str(s.model), "--out", str(s.model.parent / "unused-out"), "-P", "2", "--cr", "4", *more]
+
+
+# (name, argv(setup), error type under --json, a fragment of the message)
+CASES = [
+    ("split with a negative weight", lambda s: _export(s, "--split", "1,-1"), "BadParameter", "'-1'"),
+    ("split with a zero weight", lambda s: _export(s, "--split", "0,1"), "BadParameter", "positive"),
+    ("split that is not numbers", lambda s: _export(s, "--split", "1,x"), "BadParameter", "'x' is not a number"),
+    ("split with a weight too many", lambda s: _export(s, "--split", "1,1,1"), "BadParameter", "3 weights for 2"),
+    ("export of a missing folder", lambda s: ["export", str(s.model.parent / "nowhere"), "--out",
+                                              str(s.model.parent / "o"), "-P", "2", "--cr", "4"],
+     "ModelLoadError", "nowhere"),
+    ("export of a folder that is not a model", lambda s: ["export", str(s.not_a_model), "--out",
+                                                          str(s.model.parent / "o"), "-P", "2", "--cr", "4"],
+     "ModelLoadError", "notes"),
+    ("export of a hub id not cached, hub offline", lambda s: ["export", "no-such-org/no-such-model", "--out",
+                                                              str(s.model.parent / "o"), "-P", "2", "--cr", "4"],
+     "ModelLoadError", "no-such-org/no-such-model"),
+    ("export without --cr", lambda s: ["export", str(s.model), "--out", "o", "-P", "2"], "MissingParameter",
+     "--compression-ratio"),
+    ("opset below 18", lambda s: _export(s, "--opset", "11"), "BadParameter", "--opset"),
+    ("simulate with two kinds of input", lambda s: ["simulate", str(s.model), "-P", "2", "--cr", "4", "--text", "a",
+                                                    "--input-ids", "1,2"], "UsageError", "exactly one of"),
+    ("simulate with ids that are not integers", lambda s: ["simulate", str(s.model), "-P", "2", "--cr", "4",
+                                                           "--input-ids", "1,b"], "InputError", "'1,b'"),
+    ("simulate of a text longer than --max-seq-len", lambda s: ["simulate", str(s.model), "-P", "2", "--cr", "4",
+                                                                "--input-ids", ",".join(["7"] * 80)],
+     "InputError", "80 tokens"),
+    ("inspect --verify of a tampered bundle", lambda s: ["inspect", str(s.tampered), "--verify"], "BundleError",
+     "device-0"),
+    ("validate of a folder that is no export", lambda s: ["validate", str(s.not_a_model)], "BundleError", "notes"),
+    ("infer: a server without a port", lambda s: ["infer", "--server", "localhost", "--insecure", "--input-ids", "1"],
+     "InputError", "expected HOST:PORT"),
+    ("infer: a port that is not a number", lambda s: ["infer", "--server", "127.0.0.1:abc", "--insecure",
+                                                      "--input-ids", "1"], "InputError", "'abc' is not a number"),
+    ("infer: a port where nothing listens", lambda s: ["infer", "--server", f"127.0.0.1:{s.free_port}", "--insecure",
+                                                       "--input-ids", "1"], "ServerLost", "connection refused"),
+    ("infer without keys nor --insecure", lambda s: ["infer", "--server", "127.0.0.1:1", "--input-ids", "1"],
+     "UsageError", "--keys"),
+    ("run with an execution provider onnxruntime lacks", lambda s: [
+        "run", str(s.export / "device-0"), "--peers", "127.0.0.1:1,127.0.0.1:2", "--provider", "NoSuch"],
+     "InputError", "NoSuchExecutionProvider not available here; this onnxruntime has"),
+    ("run with an unknown graph optimization level", lambda s: [
+        "run", str(s.export / "device-0"), "--peers", "127.0.0.1:1,127.0.0.1:2", "--graph-optimization", "max"],
+     "BadParameter", "--graph-optimization"),
+    ("run with too few --peers", lambda s: ["run", str(s.export / "device-0"), "--peers", "127.0.0.1:1",
+                                            "--insecure"], "PrismError", "--peers lists 1 devices"),
+    ("run with a --peers entry without a port", lambda s: ["run", str(s.export / "device-0"), "--peers",
+                                                           "127.0.0.1,127.0.0.1:2", "--insecure"],
+     "PrismError", "'127.0.0.1' is not HOST:PORT"),
+    ("launch with a kill of a rank the export lacks", lambda s: ["launch", str(s.export), "--input-ids", "1,2",
+                                                                 "--kill", "5@1"], "UsageError", "--kill 5@1"),
+]
+
+
+def stderr_lines(r) -> list[str]:
+    return [ln for ln in r.stderr.splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("name, argv, kind, fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_the_json_error_shape(setup, name, argv, kind, fragment):
+    args = argv(setup)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code != 0, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)  # no uncaught error
+    lines = stderr_lines(r)
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], r.stderr
+    assert "Traceback" not in r.output and r.stdout == ""
+
+    j = CliRunner().invoke(main, [*args, "--json"])
+    assert j.exit_code == r.exit_code and "Traceback" not in j.output
+    error = json.loads(j.stdout)["error"]
+    assert error["type"] == kind and fragment in error["message"], error
+    assert not stderr_lines(j), j.stderr
+
+
+def prism(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`prism ...` in a process of its own (what a user's shell runs)."""
+    return subprocess.run([sys.executable, "-m", "prism_onnx.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_real_process_prints_one_line_and_no_traceback(setup):
+    """The table above runs in process; here the same contract holds for `python -m prism_onnx.cli`."""
+    r = prism("infer", "--server", f"127.0.0.1:{setup.free_port}", "--insecure", "--input-ids", "1,2")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "connection refused" in r.stderr
+    r = prism("infer", "--server", "localhost", "--insecure", "--input-ids", "1", "--json")
+    assert r.returncode == 1 and r.stderr == ""
+    assert json.loads(r.stdout)["error"]["type"] == "InputError"
+
+
+def test_a_text_longer_than_max_seq_len_is_refused_by_the_runners(setup):
+    """launch: the runners refuse it with its length (never cut silently), one line, exit 1."""
+    r = CliRunner().invoke(main, ["launch", str(setup.export), "--insecure", "--input-ids", ",".join(["7"] * 40)])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = stderr_lines(r)
+    assert len(lines) == 1 and "40 tokens" in lines[0] and "--max-seq-len 16" in lines[0], r.stderr
+
+
+def test_runners_given_different_peers_lists_say_so_and_stop(setup):
+    """Device 1 lists itself on another port than device 0 lists it on: device 0 hears device 1's HELLO,
+    refuses it naming the entry that differs, and both runners stop (exit 1) instead of waiting
+    --peer-timeout with 'lost' lines."""
+    from prism_onnx.runtime.client import free_ports
+
+    p0, p1, p2 = free_ports(3)
+    lists = [f"127.0.0.1:{p0},127.0.0.1:{p1}", f"127.0.0.1:{p0},127.0.0.1:{p2}"]
+    procs = [subprocess.Popen([sys.executable, "-m", "prism_onnx.cli", "run", str(setup.export / f"device-{k}"),
+                               "--peers", lists[k], "--insecure", "--peer-timeout", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    try:
+        logs = [p.communicate(timeout=120)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for k, p in enumerate(procs):
+        assert p.returncode == 1, logs[k]
+        assert f"--peers lists differ: rank 1 is 127.0.0.1:{p2} for device 1, 127.0.0.1:{p1} for device 0" \
+            in logs[k], logs[k]
+        assert "Traceback" not in logs[k]
+
+
+def test_success_has_the_one_json_shape(setup, tmp_path):
+    """Every command's --json: {"command", "settings", ...results}; `export` has --json too."""
+    r = CliRunner().invoke(main, ["inspect", str(setup.export), "--json"])
+    rep = json.loads(r.stdout)
+    assert r.exit_code == 0 and rep["command"] == "inspect" and rep["settings"]["devices"] == 2
+    r = CliRunner().invoke(main, ["export", str(setup.model), "--out", str(tmp_path / "e"), "-P", "2", "--cr", "4",
+                                  "--split", "2,1", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout)
+    assert rep["command"] == "export" and rep["settings"]["split_weights"] == [2.0, 1.0]
+    assert rep["devices"] == 2 and (tmp_path / "e" / "device-1" / "manifest.json").exists()
+    r = CliRunner().invoke(main, ["keys", str(tmp_path / "e"), "--add-client", "ci", "--json"])
+    rep = json.loads(r.stdout)
+    assert rep["command"] == "keys" and rep["settings"] == {"export_dir": str(tmp_path / "e"), "add": "ci"}
+
+
+def test_every_option_has_help():
+    import click
+
+    missing = [(name, p.opts) for name, cmd in main.commands.items() for p in cmd.params
+               if isinstance(p, click.Option) and not p.help]
+    assert not missing
