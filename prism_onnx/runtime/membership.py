@@ -158,10 +158,6 @@ class Membership:
                       f"runs {self.export_id[:12]} ({what})")
             return Verdict(False, refuse=reason, fatal=None if self.ever_ready else
                            f"device {self.rank} refused device {rank} at the handshake: {reason}")
-        lists = self.compare_peers(rank, their_list)
-        if lists and lists[0]:
-            return Verdict(False, refuse=lists[1], fatal=None if self.ever_ready else
-                           f"device {self.rank} refused device {rank} at the handshake: {lists[1]}")
         if rank == self.rank:
             return Verdict(False, refuse=f"two runners claim rank {rank}")
         if rank not in self.peers:
@@ -169,11 +165,15 @@ class Membership:
         p, note = self.peers[rank], None
         if session == p.gone_session and p.session is None and (echo is None or echo <= p.gone_at):
             return Verdict(False)  # queued before its connection closed: no proof it is alive (ignored)
+        if p.nonce not in (None, nonce) and (p.alive(now, self.dead_after) or now - p.last_hello < self.dead_after):
+            return Verdict(False, refuse=f"two runners claim rank {rank} (a live one is already connected)")
+        lists = self.compare_peers(rank, their_list)
+        if lists and lists[0]:
+            return Verdict(False, refuse=lists[1], fatal=None if self.ever_ready else
+                           f"device {self.rank} refused device {rank} at the handshake: {lists[1]}")
         if p.nonce is None:
             note = f"device {rank} connected"
         elif p.nonce != nonce:
-            if p.alive(now, self.dead_after) or now - p.last_hello < self.dead_after:
-                return Verdict(False, refuse=f"two runners claim rank {rank} (a live one is already connected)")
             note = f"device {rank} restarted"
             self.peers[rank] = p = PeerState(rank, p.address, up=p.up, ever_up=p.ever_up)
         elif p.session != session:
