@@ -108,7 +108,8 @@ def request_counts(metrics: dict) -> dict:
 @pytest.fixture(scope="module")
 def gpt2(exported_graphs, tmp_path_factory):
     """A tiny GPT-2 (key/value exchange) with a word-level tokenizer ("t0".."t299", one word per id) and a
-    chat template, P=2 at CR=1, served over HTTP with an API key. -> (cluster, base url, HF model)."""
+    chat template, P=2 at CR=1, served over HTTP with an API key and --min-devices 2 (a lost device makes
+    requests 503; with the default of 1 the survivor would serve them). -> (cluster, base url, HF model)."""
     from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -120,7 +121,7 @@ def gpt2(exported_graphs, tmp_path_factory):
     PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT).save_pretrained(root / "model")
     bundle = bundle_with_source(exported_graphs["GPT2LMHeadModel/kv"], root / "model", root / "export", devices=2,
                                 compression_ratio=1)
-    cluster, base = deploy(bundle, "--api-key", KEY)
+    cluster, base = deploy(bundle, "--api-key", KEY, "--min-devices", "2")
     try:
         yield cluster, base, model
     finally:
