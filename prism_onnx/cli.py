@@ -230,6 +230,70 @@ def validate(export_dir, samples, data, model, as_json):
         sys.exit(1)
 
 
+# ---------------------------------------------------------------------------------------------- calibrate
+def _params(ctx, param, value):
+    groups = tuple(g.strip() for g in value.split(",") if g.strip())
+    if not groups:
+        raise click.BadParameter("give at least one parameter group")
+    return groups
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("--data", required=True, type=click.Path(),
+              help="Unlabeled in-domain inputs: a text file (one input per line) or a folder of images.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder of the calibrated export.")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Optimiser steps.")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds of training at most (stops before --steps if reached).")
+@click.option("--params", default="remote,norms", show_default=True, callback=_params,
+              help="Parameter groups to train: remote (per-layer correction of received mean rows: count-bias "
+                   "scale and offset per head, low-rank row correction), norms (LayerNorm/RMSNorm affine), biases.")
+@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Rank of the remote rows' correction.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Inputs per step (inputs of equal length are batched together).")
+@click.option("--window", type=click.IntRange(min=2), default=None,
+              help="Read the text file as one running text cut into windows of this many tokens (language models).")
+@click.option("--max-inputs", type=click.IntRange(min=1), default=None, help="Use the first inputs of --data only.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@friendly_errors
+def calibrate(export_dir, data, out, steps, time_budget, params, rank, lr, batch_size, window, max_inputs, seed,
+              overwrite, as_json):
+    """Calibrate EXPORT_DIR for its own P, CR and switches on unlabeled data, without labels: the
+    unpartitioned model is the teacher, PRISM the student; writes a normal export to OUT.
+
+    \b
+    The calibrated model (OUT/model) is the source of OUT's graphs: `prism validate
+    OUT` checks them against it, and reports agreement with the model EXPORT_DIR
+    came from (cosine_vs_model). OUT/manifest.json records the data's sha256,
+    the steps and the number of trained parameters.
+    """
+    from .calibration.export import calibrate as run_calibrate
+    from .calibration.train import TrainSettings
+
+    cfg = TrainSettings(steps=steps, time_budget=time_budget, params=params, rank=rank, lr=lr, batch_size=batch_size,
+                        seed=seed)
+    report = run_calibrate(export_dir, data, out, cfg, window=window, max_inputs=max_inputs, overwrite=overwrite,
+                           progress=not as_json)
+
+    def human(r):
+        before, after = r["loss_before"], r["loss_after"]
+        loss = (f"held-out distillation loss {before:.4g} -> {after:.4g} ({r['held_out_inputs']} inputs)"
+                if before is not None else "no held-out inputs")
+        click.echo(f"calibrated {export_dir} on {r['train_inputs']} inputs of {data}: {r['steps']} steps in "
+                   f"{r['seconds']:.1f} s, {r['trained_parameters']:,} trained parameters "
+                   f"({', '.join(r['settings']['params'])}); {loss}")
+        if r["exact_steps"]:
+            click.echo(f"  {r['exact_steps']} steps changed nothing: PRISM was already exact on their inputs")
+        click.echo(f"wrote {r['export']} (export {r['export_id'][:12]}); check it with: prism validate {r['export']}")
+
+    emit(report, as_json, human)
+
+
 # ------------------------------------------------------------------------------------------------ inspect
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
