@@ -520,14 +520,35 @@ def _switch(text: str) -> list[bool]:
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Inputs to evaluate (default: task's).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: metric vs CR and vs bytes.")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
+@click.option("--calibrate-data", default=None,
+              help="Also calibrate every setting with CR > 1 (prism calibrate) and score it again: 'task' for the "
+                   "task's own calibration data (disjoint from what is scored), or a text file / image folder.")
+@click.option("--calibrate-steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--calibrate-time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds of training per setting at most.")
+@click.option("--calibrate-params", default="remote,norms", show_default=True, callback=_params)
+@click.option("--calibrate-lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True)
+@click.option("--calibrate-window", type=click.IntRange(min=2), default=None,
+              help="Read a --calibrate-data text file as running text in windows of this many tokens.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, as_json):
-    """Task metric of the full model and of PRISM (through exported bundles) over P, CR and the switches."""
-    from .evaluate.evaluate import evaluate as run_eval, plot as plot_report, summarize
+def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, calibrate_data, calibrate_steps,
+             calibrate_time_budget, calibrate_params, calibrate_lr, calibrate_window, as_json):
+    """Task metric of the full model and of PRISM (through exported bundles) over P, CR and the switches;
+    with --calibrate-data, also after calibration."""
+    from .calibration.train import TrainSettings
+    from .evaluate.evaluate import Calibration, evaluate as run_eval, plot as plot_report, summarize
 
+    calibration = None
+    if calibrate_data is not None:
+        if calibrate_data != "task" and not Path(calibrate_data).exists():
+            raise InputError(f"{calibrate_data}: no such file or folder")
+        calibration = Calibration(TrainSettings(steps=calibrate_steps, time_budget=calibrate_time_budget,
+                                                params=calibrate_params, lr=calibrate_lr),
+                                  None if calibrate_data == "task" else calibrate_data, calibrate_window)
     report = run_eval(task, devices=_int_list(devices), compression_ratios=_int_list(crs),
                       count_bias=_switch(count_bias), keep_sinks=_switch(sinks), samples=samples,
+                      calibration=calibration,
                       echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)))
     report["summary"] = summarize(report)
     if plot:
@@ -541,12 +562,16 @@ def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, as_json
         from rich.table import Table
 
         table = Table(title=f"{r['task']} ({r['metric']}), full model {r['full_model']:.4f}, {r['inputs']} inputs")
-        for col in ("P", "CR", "count bias", "sinks", r["metric"], "delta", "bytes/inference", "vs baseline"):
+        cal = r.get("calibration") is not None
+        cols = ["P", "CR", "count bias", "sinks", r["metric"], "delta"] + (["calibrated", "delta"] if cal else [])
+        for col in cols + ["bytes/inference", "vs baseline"]:
             table.add_column(col, justify="right")
         for row in r["rows"]:
+            after = ([f"{row['calibrated']:.4f}", f"{row['delta_calibrated']:+.4f}"] if "calibrated" in row
+                     else ["", ""]) if cal else []
             table.add_row(str(row["devices"]), str(row["compression_ratio"]), "on" if row["count_bias"] else "off",
                           "on" if row["keep_sinks"] else "off", f"{row[r['metric']]:.4f}", f"{row['delta']:+.4f}",
-                          f"{row['bytes_per_inference']:,.0f}", f"{100 * row['bytes_vs_baseline']:.2f}%")
+                          *after, f"{row['bytes_per_inference']:,.0f}", f"{100 * row['bytes_vs_baseline']:.2f}%")
         Console().print(table)
         for k, v in r["summary"].items():
             click.echo(f"  {k}: {v}")

@@ -61,7 +61,7 @@ def read_inputs(requests, path: str | Path, *, window: int | None = None, limit:
         raise InputError(f"{path}: no text lines")
     if window is None:
         return [requests.model_inputs(texts=[t]) for t in lines[:limit]]
-    return windows(requests, "\n".join(lines), window)[:limit]
+    return windows(requests, text, window)[:limit]
 
 
 def windows(requests, text: str, size: int) -> list[dict]:
