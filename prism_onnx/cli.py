@@ -258,11 +258,13 @@ def _params(ctx, param, value):
               help="Read the text file as one running text cut into windows of this many tokens (language models).")
 @click.option("--max-inputs", type=click.IntRange(min=1), default=None, help="Use the first inputs of --data only.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch threads while training (one is fastest on a busy machine).")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly_errors
 def calibrate(export_dir, data, out, steps, time_budget, params, rank, lr, batch_size, window, max_inputs, seed,
-              overwrite, as_json):
+              threads, overwrite, as_json):
     """Calibrate EXPORT_DIR for its own P, CR and switches on unlabeled data, without labels: the
     unpartitioned model is the teacher, PRISM the student; writes a normal export to OUT.
 
@@ -276,7 +278,7 @@ def calibrate(export_dir, data, out, steps, time_budget, params, rank, lr, batch
     from .calibration.train import TrainSettings
 
     cfg = TrainSettings(steps=steps, time_budget=time_budget, params=params, rank=rank, lr=lr, batch_size=batch_size,
-                        seed=seed)
+                        seed=seed, threads=threads)
     report = run_calibrate(export_dir, data, out, cfg, window=window, max_inputs=max_inputs, overwrite=overwrite,
                            progress=not as_json)
 

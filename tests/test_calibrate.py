@@ -34,15 +34,6 @@ IDENTITY_TOL = 1e-6
 EXACT_TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Training tiny models: one intra-op thread (two threads' autograd spin-waits cost 40x on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batches(arch, spec, seeds, rows=8, length=16):
     """One batch of `rows` unpadded inputs per seed: random ids of `length` tokens, or random 16x16 images."""
     out = []

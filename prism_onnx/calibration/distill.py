@@ -121,9 +121,15 @@ class Distiller:
         plan = plan_for(self.student.spec, batch.mask, self.settings)
         s_hidden, s_out = forward(self.student, batch, plan, self.program, self.settings.wire_dtype)
         hidden = standardised_error(s_hidden, t_hidden)
-        heads = [kl_rows(s_out[k], t_out[k]) if k == "logits" else standardised_error(s_out[k], t_out[k])
-                 for k in t_out]
+        heads = [self.output_loss(k, s_out[k], t_out[k]) for k in t_out]
         return LossParts(hidden, torch.stack(heads).mean() if heads else hidden.new_zeros(()))
+
+    def output_loss(self, name: str, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if name == "logits":
+            return kl_rows(s, t)
+        if name in self.student.spec.token_outputs:  # per token, and the mean over the sequence
+            return standardised_error(s, t) + standardised_error(s.mean(1), t.mean(1))
+        return standardised_error(s, t)
 
     @torch.no_grad()
     def mean_loss(self, batches: list[Batch]) -> float:

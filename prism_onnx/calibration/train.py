@@ -1,8 +1,10 @@
 """The calibration loop: gradient descent on the distillation loss (distill.py) over the trained parameter
 groups (params.py), with a step count and a time budget.
 
-Optimiser: Adam, learning rate warmed up linearly over the first 5% of the steps, then cosine-decayed to 0;
-no weight decay (it would pull norm weights towards 0, not towards the model's own values).
+Optimiser: Adam, learning rate warmed up linearly over the first 5% of training, then cosine-decayed to 0;
+training progress is counted in steps, or in seconds of the time budget when that runs out first (so a
+budget-limited run still ends at a small learning rate). No weight decay (it would pull norm weights
+towards 0, not towards the model's own values).
 
 A step whose loss is below EXACT_LOSS updates nothing: the student already equals the teacher up to float
 rounding (at CR=1, or on inputs so short that no device averages two tokens), and Adam would turn that
@@ -26,6 +28,10 @@ from . import params as P
 from .distill import Batch, Distiller
 
 EXACT_LOSS = 1e-9
+# Training runs with one torch thread by default. On this project's shared 2-core build machine, two threads
+# made every step 13-20x slower than one (the backward pass's workers spin while the other core is busy):
+# the digits ViT took 13-20 s per step with two threads and 1 s with one; 40 steps of a tiny BERT 42 s
+# against 0.9 s. `--threads 2` is there for an idle machine.
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class TrainSettings:
     batch_size: int = 8
     held_out: float = 0.1  # fraction of the inputs kept out of training, to report the loss on
     seed: int = 0
+    threads: int = 1  # torch intra-op threads while training (see THREADS)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -66,12 +73,15 @@ class TrainReport:
         return d
 
 
-def schedule(step: int, steps: int) -> float:
-    """Learning-rate factor at `step` of `steps`: linear warmup over 5%, then cosine to 0."""
-    warm = max(1, round(0.05 * steps))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+def schedule(progress: float) -> float:
+    """Learning-rate factor at `progress` (0 at the start, 1 at the end of training): linear warmup over the
+    first 5%, then cosine decay to 0."""
+    if progress < WARMUP:
+        return max(progress, 0.1 * WARMUP) / WARMUP
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - WARMUP) / (1 - WARMUP))))
+
+
+WARMUP = 0.05
 
 
 def calibrate_model(model, settings: PrismSettings, train: list[Batch], held_out: list[Batch],
@@ -100,13 +110,19 @@ def calibrate_model(model, settings: PrismSettings, train: list[Batch], held_out
     for p in trained.values():
         p.requires_grad_(True)
     report = TrainReport(0, 0, 0.0, P.count(trained), sum(b.size for b in held_out), None, None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
     try:
         report.loss_before = distiller.mean_loss(held_out) if held_out else None
         opt = torch.optim.Adam(trained.values(), lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, cfg.steps))
         gen = torch.Generator().manual_seed(cfg.seed)
         order: list[int] = []
         t0 = time.perf_counter()
+
+        def done_fraction(step: int) -> float:  # by steps, or by the time budget when that comes first
+            by_time = (time.perf_counter() - t0) / cfg.time_budget if cfg.time_budget else 0.0
+            return max(step / cfg.steps, by_time)
+
         bar = tqdm(total=cfg.steps, desc="calibrating", unit="step", disable=not progress)
         for step in range(cfg.steps):
             if not order:
@@ -117,10 +133,11 @@ def calibrate_model(model, settings: PrismSettings, train: list[Batch], held_out
             if value < EXACT_LOSS:
                 report.exact_steps += 1
             else:
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * schedule(done_fraction(step))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sched.step()
             report.steps = step + 1
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4g}")
@@ -130,6 +147,7 @@ def calibrate_model(model, settings: PrismSettings, train: list[Batch], held_out
         report.seconds = round(time.perf_counter() - t0, 2)
         report.loss_after = distiller.mean_loss(held_out) if held_out else None
     finally:
+        torch.set_num_threads(threads)
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
         model.eval()
