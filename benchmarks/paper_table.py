@@ -30,9 +30,9 @@ import click
 import numpy as np
 
 from prism_onnx.evaluate.bench import bench_inputs, cut
-from prism_onnx.evaluate.flops import concrete_shapes, graph_flops
+from prism_onnx.evaluate.flops import concrete_shapes, graph_flops, skeleton
 from prism_onnx.exporters.bundle import Graphs, write_bundles
-from prism_onnx.program import RequestStats, own_slice, run_device
+from prism_onnx.program import RequestStats, run_lockstep
 from prism_onnx.runtime.bundle import MANIFEST, Export, read_manifest
 from prism_onnx.runtime.device import Engine, Requests
 from prism_onnx.runtime.exchange import LocalHub
@@ -40,13 +40,18 @@ from prism_onnx.runtime.wire import baseline_bytes_per_layer
 
 
 @lru_cache(maxsize=None)
-def _shapes(path: str, shapes: tuple) -> dict:
-    return concrete_shapes(path, {k: list(v) for k, v in shapes})
+def _skeleton(digest: str, path: str):
+    return skeleton(path)  # one per distinct file (bundles of every setting hard-link the same graphs)
 
 
 @lru_cache(maxsize=None)
-def _flops(path: str, shapes: tuple) -> dict:
-    return graph_flops(path, {k: list(v) for k, v in shapes})["by_category"]
+def _shapes(digest: str, path: str, shapes: tuple) -> dict:
+    return concrete_shapes(_skeleton(digest, path), {k: list(v) for k, v in shapes})
+
+
+@lru_cache(maxsize=None)
+def _flops(digest: str, path: str, shapes: tuple) -> dict:
+    return graph_flops(_skeleton(digest, path), {k: list(v) for k, v in shapes})["by_category"]
 
 
 class ShapeBackend:
@@ -58,24 +63,28 @@ class ShapeBackend:
         self.outputs = {n: [t.name for t in g.outputs] for n, g in bundle.manifest.graphs.items()}
         self.dtypes = {n: [t.dtype for t in g.outputs] for n, g in bundle.manifest.graphs.items()}
 
+    def key(self, graph: str) -> tuple[str, str]:
+        m = self.bundle.manifest
+        return m.files[m.graphs[graph].file], str(self.bundle.graph(graph))
+
     def run(self, graph: str, feeds: dict) -> list:
         shapes = tuple((k, tuple(np.shape(v))) for k, v in feeds.items())
         self.calls.append((graph, shapes))
-        inferred = _shapes(str(self.bundle.graph(graph)), shapes)
+        inferred = _shapes(*self.key(graph), shapes)
         return [np.zeros(inferred[n], dtype) for n, dtype in zip(self.outputs[graph], self.dtypes[graph])]
 
     def flops(self) -> dict:
         out: dict[str, int] = {}
         for graph, shapes in self.calls:
-            for c, v in _flops(str(self.bundle.graph(graph)), shapes).items():
+            for c, v in _flops(*self.key(graph), shapes).items():
                 out[c] = out.get(c, 0) + v
         return out
 
 
 def measure(bundle_dir: Path, inputs: dict, outputs) -> dict:
-    """One request through every device of an export, shapes only: bytes (exchange counters) and FLOPs."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """One request through every device of an export, shapes only: bytes (exchange counters) and FLOPs.
+    The devices run in lockstep in this thread (program.run_lockstep: every point's rows are sent before
+    any is gathered), so only one graph proto is in memory at a time."""
     export = Export.load(bundle_dir, verify=False)
     program = export.manifest.program
     token_inputs, plan = Requests(export.devices[0]).prepare(inputs)
@@ -84,9 +93,9 @@ def measure(bundle_dir: Path, inputs: dict, outputs) -> dict:
     hub = LocalHub(plan.devices, **Engine.exchange_kwargs(engine, timeout=600))
     backends = [ShapeBackend(b) for b in export.devices]
     want = set(outputs) if outputs else None
-    with ThreadPoolExecutor(plan.devices) as pool:
-        results = list(pool.map(lambda p: run_device(program, backends[p], plan, p, own_slice(token_inputs, plan, p),
-                                                     hub.endpoints[p], 1, want), range(plan.devices)))
+    results = run_lockstep(program, backends, plan, token_inputs, hub.endpoints, 1, want)
+    for r in results:
+        r.traffic = hub.endpoints[r.rank].finish(1)
     stats = RequestStats.of(results, plan)
     return {"bytes": sum(stats.bytes_sent), "by_category": [b.flops() for b in backends], "plan": plan,
             "backends": backends}
@@ -98,7 +107,7 @@ def kv_projection_flops_per_row(m: dict) -> list[float]:
     out = []
     for p, backend in enumerate(m["backends"]):
         graph, shapes = next(c for c in backend.calls if c[0] == "embed")
-        cats = _flops(str(backend.bundle.graph(graph)), shapes)
+        cats = _flops(*backend.key(graph), shapes)
         s, e = m["plan"].span(p)
         out.append((sum(cats.values()) - cats["segment_means"]) / (e - s))
     return out

@@ -34,3 +34,10 @@ $PY benchmarks/layer_time.py --devices 4 --cr 8 --seq-len 256 --json > $R/layer_
 $PY benchmarks/layer_time.py --model out/bench/bert-base --devices 2 --cr 128 --seq-len 512 --repeats 20 \
     --json > $R/layer_time_bert_base.json
 $PY benchmarks/quantization.py --samples 32 > $R/quantization.txt
+
+# 4. Security (issue 8): 10,000 hostile messages per port against a live cluster; the cost of CurveZMQ
+$PY -c "import sys; sys.path.insert(0, 'tests'); from conftest import save_tiny; from pathlib import Path; save_tiny('BertModel', Path('out/bench/tiny-bert'))"
+$P export out/bench/tiny-bert -P 2 --cr 2 --out out/bench/tiny-bert-p2 --overwrite
+$PY benchmarks/fuzz_runtime.py out/bench/tiny-bert-p2 --messages 10000 > $R/fuzz_runtime.json
+$P bench out/bench/bert-base-p2-cr128 --seq-len 512 --bandwidth 100mbit --repeats 25 --curve both --json \
+    > $R/bench_curve_cost.json

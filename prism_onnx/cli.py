@@ -28,8 +28,30 @@ def friendly_errors(fn):
     return wrapper
 
 
-def parse_ids(values: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """--input-ids '1,2,3' (repeatable: one per batch row, right-padded with 0 and masked)."""
+EXPORT_EXTRA = ("torch", "transformers", "onnx")
+
+
+def needs_export_extra(fn):
+    """Commands that load PyTorch models: on a board's core install (no torch, no transformers) they say
+    what to install, in one line, instead of failing on an import."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import importlib.util
+
+        missing = [m for m in EXPORT_EXTRA if importlib.util.find_spec(m) is None]
+        if missing:
+            raise click.ClickException(f"`prism {fn.__name__}` needs {', '.join(missing)}: "
+                                       f"pip install \"prism-onnx[export]\" (a board runs, infers, launches and "
+                                       f"inspects without them)")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def parse_ids(values: tuple[str, ...], left: bool = False) -> dict[str, np.ndarray]:
+    """--input-ids '1,2,3' (repeatable: one per batch row, padded with 0 and masked: on the right, or on the
+    left for generation)."""
     rows = []
     for v in values:
         try:
@@ -42,8 +64,9 @@ def parse_ids(values: tuple[str, ...]) -> dict[str, np.ndarray]:
     ids = np.zeros((len(rows), n), np.int64)
     mask = np.zeros((len(rows), n), np.int64)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
+        row = slice(n - len(r), n) if left else slice(0, len(r))
+        ids[i, row] = r
+        mask[i, row] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -122,6 +145,7 @@ def main():
 @input_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly_errors
+@needs_export_extra
 def simulate(model, texts, images, input_ids, as_json, **settings):
     """Run MODEL as P simulated devices (PyTorch) and compare with the unpartitioned model."""
     from .reference import simulate_report
@@ -168,6 +192,7 @@ def _print_simulate(r):
 @settings_options(ExportSettings)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
 @friendly_errors
+@needs_export_extra
 def export(model, out, overwrite, **settings):
     """Export MODEL (hub id or folder) to one ONNX bundle per device in OUT/device-K."""
     import time
@@ -192,6 +217,7 @@ def export(model, out, overwrite, **settings):
 @click.option("--model", "model", default=None, help="PyTorch model to compare with (default: the export's source).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly_errors
+@needs_export_extra
 def validate(export_dir, samples, data, model, as_json):
     """Run EXPORT_DIR's bundles (onnxruntime) and PyTorch on the same inputs.
 
@@ -299,31 +325,38 @@ def calibrate(export_dir, data, out, steps, time_budget, params, rank, lr, batch
 # ------------------------------------------------------------------------------------------------ inspect
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--verify", is_flag=True, help="Check every file's sha256 and the export id; exit 1 naming what differs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @friendly_errors
-def inspect(export_dir, as_json):
-    """Manifest, file sizes and op counts per graph of an export (or of one device bundle)."""
+def inspect(export_dir, verify, as_json):
+    """Manifest, file sizes and op counts per graph of an export (or of one device bundle). Needs no
+    torch; the op counts need the onnx package (skipped without it)."""
+    import importlib.util
     from collections import Counter
 
-    import onnx
-
-    from .runtime.bundle import MANIFEST, read_manifest
+    from .runtime.bundle import MANIFEST, DeviceBundle, Export, read_manifest
 
     root = Path(export_dir)
     manifest = read_manifest(root / MANIFEST)
+    if verify:
+        (DeviceBundle if manifest.rank is not None else Export).load(root, verify=True)
     dev = root if manifest.rank is not None else root / "device-0"
+    has_onnx = importlib.util.find_spec("onnx") is not None
     graphs = {}
     for name, g in manifest.graphs.items():
-        proto = onnx.load(str(dev / g.file), load_external_data=False)
-        graphs[name] = {"file": g.file, "bytes": (dev / g.file).stat().st_size,
-                        "ops": dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
-                        "domains": sorted({n.domain or "ai.onnx" for n in proto.graph.node})}
+        graphs[name] = {"file": g.file, "bytes": (dev / g.file).stat().st_size}
+        if has_onnx:
+            import onnx
+
+            proto = onnx.load(str(dev / g.file), load_external_data=False)
+            graphs[name].update(ops=dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
+                                domains=sorted({n.domain or "ai.onnx" for n in proto.graph.node}))
     files = {rel: (root / rel).stat().st_size for rel in manifest.files}
     report = {"export_id": manifest.export_id, "package_version": manifest.package_version,
               "created": manifest.created, "source": manifest.source, "settings": manifest.settings.to_dict(),
               "model": manifest.model.to_dict(),
               "exchange_points": [p.name for p in manifest.program.points], "graphs": graphs, "files": files,
-              "total_bytes": sum(files.values())}
+              "total_bytes": sum(files.values()), "verified": bool(verify)}
 
     def human(r):
         m, s = r["model"], r["settings"]
@@ -335,9 +368,10 @@ def inspect(export_dir, as_json):
                    f"wire={s['wire_dtype']} quantize={s['quantize']} opset={s['opset']} "
                    f"count_bias={s['count_bias']} keep_sinks={s['keep_sinks']} max_seq_len={s['max_seq_len']}")
         for name, g in r["graphs"].items():
-            ops = ", ".join(f"{k} {v}" for k, v in g["ops"].items())
+            ops = ", ".join(f"{k} {v}" for k, v in g["ops"].items()) if "ops" in g else "(op counts need onnx)"
             click.echo(f"  {name:<12} {g['bytes'] / 1e6:8.2f} MB  {ops}")
-        click.echo(f"  {len(r['files'])} files, {r['total_bytes'] / 1e6:.1f} MB in all")
+        click.echo(f"  {len(r['files'])} files, {r['total_bytes'] / 1e6:.1f} MB in all" +
+                   ("; every sha256 and the export id verified" if r["verified"] else ""))
 
     emit(report, as_json, human)
 
@@ -353,10 +387,19 @@ def inspect(export_dir, as_json):
               help="Seconds to wait for a peer's means at one exchange point.")
 @click.option("--peer-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds to wait at start-up for every peer to come up.")
-@click.option("--bind", default="*", show_default=True, help="Interface to listen on.")
+@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.3), default=1.0, show_default=True,
+              help="A peer silent for this long is lost: the requests it was part of fail at once.")
+@click.option("--bind", default=None, help="Address to listen on (default: this device's own HOST in --peers; "
+                                           "'*' for every interface).")
+@click.option("--keys", "keys", type=click.Path(file_okay=False), default=None,
+              help="This device's CurveZMQ keys (default: BUNDLE/keys, written by `prism keys`).")
+@click.option("--insecure", is_flag=True, help="No authentication or encryption (a trusted, isolated network only).")
+@click.option("--max-cache-mb", type=click.FloatRange(min=0), default=1024.0, show_default=True,
+              help="Key/value cache one generation request may hold on this device (the tail decodes).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @friendly_errors
-def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, bind, log_level):
+def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_timeout, bind, keys, insecure,
+        max_cache_mb, log_level):
     """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM."""
     import logging
     import signal
@@ -365,10 +408,33 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, bind, log_le
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host = DeviceHost(bundle, rank=rank, peers=peers, serve=serve, threads=threads, timeout=timeout,
-                      peer_timeout=peer_timeout, bind=bind)
+                      peer_timeout=peer_timeout, bind=bind, keys=keys, insecure=insecure,
+                      dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: host.stop.set())
     sys.exit(host.run())
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--add-client", "add", default=None, metavar="NAME",
+              help="Add one client keypair (EXPORT_DIR/client-NAME) instead of regenerating every key.")
+@friendly_errors
+def keys(export_dir, add):
+    """(Re)generate the CurveZMQ keys of an export: one keypair per device and per client.
+
+    Without --add-client every key is replaced (rotation): copy device-K/keys to board K, the client
+    folders to their users, and restart the runners."""
+    from .runtime.keys import add_client, generate_keys
+
+    if add:
+        folder = add_client(export_dir, add)
+        click.echo(f"client key in {folder}; copy device-K/keys/clients/{folder.name}.key to every board "
+                   f"(or all of device-K/keys) and restart its runner")
+        return
+    clients = generate_keys(export_dir)
+    click.echo(f"new keys in {export_dir}/device-*/keys and {', '.join(str(c) for c in clients)}: copy each "
+               f"device-K/keys to board K and restart the runners; old keys no longer work")
 
 
 def _summarise_outputs(outputs: dict) -> dict:
@@ -386,8 +452,45 @@ def _print_run(r):
         click.echo(f"  {k:>6} {a:>12,} {b:>15,} {c:>11.2f}")
 
 
-def _request(client, texts, images, input_ids):
+def generation_options(fn):
+    """--max-new-tokens and the sampling options: with them, `infer` and `launch` generate text."""
+    opts = [
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+                     help="Generate this many tokens after the prompt (a decoder exported with --exchange kv)."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                     help="0: greedy; above 0: sample."),
+        click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True, help="0: no top-k cut."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True),
+        click.option("--seed", type=click.IntRange(min=0), default=None, help="Makes sampling reproducible."),
+        click.option("--stop-token-ids", default=None, help="Comma-separated ids that end a row (default: EOS)."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     show_default=True),
+        click.option("--stream", is_flag=True, help="Print tokens as they come."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _generation_config(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, repetition_penalty, **_):
+    from .generate import GenerationConfig
+
+    stops = () if stop_token_ids is None else [int(x) for x in stop_token_ids.split(",") if x.strip()]
+    return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            seed=seed, stop_token_ids=tuple(stops), repetition_penalty=repetition_penalty)
+
+
+def _request(client, texts, images, input_ids, gen=None):
+    """One request: inference, or generation when gen (the generation options) asks for new tokens."""
     kind = one_input_kind(texts, images, input_ids)
+    if gen and gen["max_new_tokens"]:
+        if kind == "--image":
+            raise click.UsageError("generation takes --text or --input-ids")
+        ids = parse_ids(input_ids, left=True) if kind == "--input-ids" else {}
+        on_tokens = _stream_printer() if gen["stream"] else None
+        return client.generate(texts=list(texts) or None, input_ids=ids.get("input_ids"),
+                               attention_mask=ids.get("attention_mask"), config=_generation_config(**gen),
+                               on_tokens=on_tokens)
     if kind == "--text":
         return client.infer(texts=list(texts))
     if kind == "--image":
@@ -396,7 +499,36 @@ def _request(client, texts, images, input_ids):
     return client.infer(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
 
 
-def _finish(outputs, stats, save, as_json, extra=None):
+def _stream_printer():
+    """Prints each row's new text (or ids) as tokens arrive, on stderr (stdout stays one report)."""
+
+    def show(step, ids, texts):
+        for b, t in enumerate(ids.tolist()):
+            if t < 0:
+                continue
+            piece = texts[b] if texts is not None else f"{t} "
+            click.echo(f"[{b}] {piece}" if len(ids) > 1 else piece, nl=False, err=True)
+        if len(ids) > 1:
+            click.echo("", err=True)
+
+    return show
+
+
+def _finish(result, save, as_json, extra=None, generated=False):
+    if generated:
+        ids, reply = result
+        g = reply["generation"]
+        report = {**(extra or {}), "generated_ids": ids, "texts": g.get("texts"),
+                  "finish_reasons": g.get("finish_reasons"),
+                  "time_to_first_token_ms": g.get("time_to_first_token_ms_at_coordinator",
+                                                  g.get("time_to_first_token_ms")),
+                  "decode_tokens_per_s": g.get("decode_tokens_per_s"), "generation": g, "stats": reply["stats"]}
+        if save:
+            width = max(map(len, ids)) if ids else 0
+            np.savez(save, generated_ids=np.array([r + [-1] * (width - len(r)) for r in ids], np.int64))
+            report["saved"] = save
+        return emit(report, as_json, _print_generation)
+    outputs, stats = result
     if save:
         np.savez(save, **outputs)
     report = {**(extra or {}), "outputs": _summarise_outputs(outputs), "stats": stats}
@@ -405,41 +537,63 @@ def _finish(outputs, stats, save, as_json, extra=None):
     emit(report, as_json, _print_run)
 
 
+def _print_generation(r):
+    for b, ids in enumerate(r["generated_ids"]):
+        text = f" {r['texts'][b]!r}" if r.get("texts") else ""
+        click.echo(f"  row {b}: {len(ids)} tokens ({r['finish_reasons'][b]}){text}: {ids}")
+    tps = r["decode_tokens_per_s"]
+    click.echo(f"  time to first token {r['time_to_first_token_ms']:.1f} ms, decoding "
+               f"{'%.1f tokens/s' % tps if tps else 'one token'} on the tail device")
+    st = r["stats"]
+    click.echo(f"  prefill bytes sent per device {st['bytes_sent']} (nothing moves between devices while decoding)")
+
+
 @main.command()
 @click.option("--server", required=True, help="HOST:PORT of the serving device.")
 @input_options
+@generation_options
+@click.option("--keys", "keys", type=click.Path(exists=True, file_okay=False), default=None,
+              help="The client folder `prism keys` wrote (EXPORT_DIR/client).")
+@click.option("--insecure", is_flag=True, help="Plain text, for a cluster started with --insecure.")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the outputs to an .npz file.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def infer(server, texts, images, input_ids, save, timeout, as_json):
-    """Send one request to a running cluster and print (or --save) its outputs and per-device stats."""
+def infer(server, texts, images, input_ids, keys, insecure, save, timeout, as_json, **gen):
+    """Send one request to a running cluster and print (or --save) its outputs and per-device stats; with
+    --max-new-tokens, generate text (prefill over the devices, decoding on the last)."""
     from .runtime.client import Client
 
-    client = Client(server, timeout=timeout)
+    if bool(keys) == bool(insecure):
+        raise click.UsageError("give --keys EXPORT_DIR/client (or --insecure for a cluster started with --insecure)")
+    client = Client(server, timeout=timeout, keys=keys)
     try:
-        outputs, stats = _request(client, texts, images, input_ids)
+        result = _request(client, texts, images, input_ids, gen)
     finally:
         client.close()
-    _finish(outputs, stats, save, as_json)
+    _finish(result, save, as_json, generated=bool(gen["max_new_tokens"]))
 
 
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
 @input_options
+@generation_options
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the outputs to an .npz file.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
+@click.option("--insecure", is_flag=True, help="Run the runners without CurveZMQ.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def launch(export_dir, texts, images, input_ids, save, threads, timeout, as_json):
-    """Start one runner per device bundle on loopback, run the inputs, print outputs and stats, stop them."""
+def launch(export_dir, texts, images, input_ids, save, threads, timeout, insecure, as_json, **gen):
+    """Start one runner per device bundle on loopback (with the export's keys), run the inputs, print
+    outputs and stats, stop them; with --max-new-tokens, generate text."""
     from .runtime.client import LocalCluster
 
     one_input_kind(texts, images, input_ids)
-    with LocalCluster(export_dir, threads=threads, timeout=timeout) as cluster:
-        outputs, stats = _request(cluster.client, texts, images, input_ids)
-    _finish(outputs, stats, save, as_json, {"devices": len(cluster.procs), "peers": cluster.peers})
+    with LocalCluster(export_dir, threads=threads, timeout=timeout, secure=not insecure) as cluster:
+        result = _request(cluster.client, texts, images, input_ids, gen)
+    _finish(result, save, as_json, {"devices": len(cluster.procs), "peers": cluster.peers},
+            generated=bool(gen["max_new_tokens"]))
 
 
 @main.command()
@@ -448,6 +602,7 @@ def launch(export_dir, texts, images, input_ids, save, threads, timeout, as_json
 @click.option("--compression-ratio", "--cr", "cr", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
+@needs_export_extra
 def demo(out, devices, cr, as_json):
     """MiniLM (real weights) over P runner processes: embedding, bytes exchanged, difference from PyTorch."""
     from .demo import run_demo
@@ -466,14 +621,18 @@ def demo(out, devices, cr, as_json):
 @click.option("--sweep", default=None, help="More bandwidths for the latency plot, e.g. 10mbit,1gbit.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: latency vs bandwidth.")
 @click.option("--no-latency", is_flag=True, help="Skip the multi-process latency run.")
+@click.option("--curve", type=click.Choice(["on", "off", "both"]), default="on", show_default=True,
+              help="Latency runs with CurveZMQ (on), without (off), or both: the export's deployment run both "
+                   "ways, interleaved in one run, and the cost of CurveZMQ reported.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, as_json):
+@needs_export_extra
+def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curve, as_json):
     """Bytes, per-device FLOPs and time, and latency of EXPORT_DIR vs CR=1 and vs one device."""
     from .evaluate.bench import bench as run_bench
 
     report = run_bench(export_dir, bandwidth=bandwidth, seq_len=seq_len, repeats=repeats, latency=not no_latency,
-                       sweep=sweep.split(",") if sweep else None, plot=plot,
+                       sweep=sweep.split(",") if sweep else None, plot=plot, curve=curve,
                        echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)))
 
     def human(r):
@@ -496,6 +655,11 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, as_j
             click.echo(f"  latency at {r['bandwidth']}: PRISM {lat['prism']:.1f} ms, baseline {lat['baseline']:.1f} ms, "
                        f"single device {lat['single_device']:.1f} ms: PRISM {r['speedup_vs_single_device']:.2f}x "
                        f"faster than one device")
+        if r.get("curve_cost"):
+            cc = r["curve_cost"]
+            click.echo(f"  CurveZMQ cost at {r['bandwidth']}: {cc['latency_ms_curve']:.1f} ms with, "
+                       f"{cc['latency_ms_plain']:.1f} ms without ({100 * cc['overhead']:+.2f}%; median of the "
+                       f"{cc['repeats']} paired ratios {100 * cc['overhead_paired_median']:+.2f}%)")
         elif "latency_skipped" in r:
             click.echo(f"  latency skipped: {r['latency_skipped']}")
 
@@ -534,6 +698,7 @@ def _switch(text: str) -> list[bool]:
               help="Read a --calibrate-data text file as running text in windows of this many tokens.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
+@needs_export_extra
 def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, calibrate_data, calibrate_steps,
              calibrate_time_budget, calibrate_params, calibrate_lr, calibrate_window, as_json):
     """Task metric of the full model and of PRISM (through exported bundles) over P, CR and the switches;

@@ -26,12 +26,20 @@ TEXT = (
 def _export(out: Path, devices: int, cr: int, echo) -> Path:
     from .exporters.bundle import ExportSettings, export
 
+    from .errors import BundleError
+    from .runtime.bundle import Export
+
     manifest = out / "manifest.json"
-    if manifest.is_file():
+    if manifest.is_file() and (out / "client").is_dir():
         m = json.loads(manifest.read_text())
-        if (m.get("source"), m.get("devices"), m.get("compression_ratio")) == (MODEL, devices, cr):
-            echo(f"reusing the export in {out} (delete it to export again)")
-            return out
+        s = m.get("settings") or {}
+        if (m.get("source"), s.get("devices"), s.get("compression_ratio")) == (MODEL, devices, cr):
+            try:
+                Export.load(out)  # an export from an older prism (other export ids, no keys) is made again
+                echo(f"reusing the export in {out} (delete it to export again)")
+                return out
+            except BundleError as e:
+                echo(f"exporting again: {e}")
     echo(f"exporting {MODEL} to {devices} device bundles at CR={cr} in {out} ...")
     return export(MODEL, out, ExportSettings(devices=devices, compression_ratio=cr), overwrite=True, progress=True)
 

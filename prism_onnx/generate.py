@@ -46,7 +46,8 @@ class GenerationConfig:
         checks = [(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
                   (self.temperature >= 0, "temperature must be >= 0"), (self.top_k >= 0, "top_k must be >= 0"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-                  (self.repetition_penalty > 0, "repetition_penalty must be > 0")]
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (self.seed is None or 0 <= self.seed < 2**63, "seed must be a non-negative integer")]
         for ok, message in checks:
             if not ok:
                 raise InputError(f"{message}, got {self!r}")
@@ -262,15 +263,24 @@ class Generation:
     finish_reasons: list[str] = field(default_factory=list)  # "stop" | "length"
 
 
+def check_prompt(attention_mask: np.ndarray, config: GenerationConfig, max_positions: int) -> None:
+    """A generation request fits: every row ends with a real token (left padding), and the longest row plus
+    the new tokens stays within the model's positions."""
+    if not np.all(attention_mask[:, -1]):
+        raise InputError("generation needs every row to end with a real token: pad on the left")
+    longest = int(attention_mask.sum(1).max())
+    if longest + config.max_new_tokens > max_positions:
+        raise InputError(f"a prompt of {longest} tokens and {config.max_new_tokens} new ones exceed the model's "
+                         f"{max_positions} positions")
+
+
 def decode(program: Program, backend, collector: CacheCollector, prompt_ids: np.ndarray, attention_mask: np.ndarray,
            config: GenerationConfig, rank: int, t0: float, max_cache_bytes: int | None = None,
            on_tokens: Callable[[int, np.ndarray], None] | None = None) -> Generation:
     """Decode on the tail device after its prefill (collector filled). prompt_ids/attention_mask [B, N] of
     the whole request (the tail needs only the row lengths and, for repetition_penalty, the ids).
-    on_tokens(step, ids [B]) is called as every token is chosen (streaming)."""
+    on_tokens(step, ids [B]) is called as every token is chosen (streaming; -1 for finished rows)."""
     B, N = attention_mask.shape
-    if N and not np.all(attention_mask[:, -1]):
-        raise InputError("generation needs every row to end with a real token: pad on the left")
     widths = [p.width for p in program.points]
     need = KVCache.nbytes_for(B, collector.rows[0].shape[1] + config.max_new_tokens, widths)
     if max_cache_bytes is not None and need > max_cache_bytes:
@@ -309,6 +319,18 @@ def decode(program: Program, backend, collector: CacheCollector, prompt_ids: np.
     if stats.generated > 1:
         stats.decode_seconds = time.perf_counter() - t_decode
     return Generation(out, stats, reasons)
+
+
+def continuation_logits(program: Program, backend, collector: CacheCollector, ids: np.ndarray,
+                        attention_mask: np.ndarray, rank: int) -> np.ndarray:
+    """Teacher forcing after a prefill: the logits [B, 1 + t, V] that predict each of ids [B, t] and the
+    token after them, from the tail device's compressed prefix cache (the first row of logits is the
+    prefill's last position). All t tokens go through the graphs in one pass, causal among themselves."""
+    head = next(s for s in program.steps if s.graph == "token_head")
+    first = np.asarray(backend.run(head.graph, {"hidden": collector.hidden[:, -1:]})[0])  # [B, 1, V]
+    cache = collector.cache(ids.shape[1])
+    positions = attention_mask.sum(1, keepdims=True) + np.arange(ids.shape[1])[None, :]  # [B, t]
+    return np.concatenate([first, _decode_step(program, backend, cache, ids, positions, rank)], axis=1)
 
 
 def _decode_step(program: Program, backend, cache: KVCache, ids: np.ndarray, positions: np.ndarray,

@@ -300,12 +300,14 @@ def run_device(program: Program, backend: Backend, plan, rank: int, inputs: dict
     return run.result(traffic)
 
 
-def run_lockstep(program: Program, backend: Backend, plan, inputs: dict, exchanges: list, request: int = 0,
+def run_lockstep(program: Program, backend, plan, inputs: dict, exchanges: list, request: int = 0,
                  outputs: set[str] | None = None, hooks: dict | None = None) -> list[DeviceResult]:
     """All devices in one thread, one step at a time across devices (the reference's loop): every exchange
-    point's rows are sent by all devices before any device gathers them. `hooks`: {rank: on_step}."""
+    point's rows are sent by all devices before any device gathers them. `backend`: one for all devices, or
+    a list with one per device; `hooks`: {rank: on_step}."""
     hooks = hooks or {}
-    runs = [DeviceRun(program, backend, plan, p, own_slice(inputs, plan, p), exchanges[p], request, outputs,
+    backends = backend if isinstance(backend, list) else [backend] * plan.devices
+    runs = [DeviceRun(program, backends[p], plan, p, own_slice(inputs, plan, p), exchanges[p], request, outputs,
                       hooks.get(p)) for p in range(plan.devices)]
     for step in program.steps:
         for run in runs:

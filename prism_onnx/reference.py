@@ -141,7 +141,7 @@ def generate(model, inputs=None, *, devices: int, compression_ratio: int, count_
     simulated devices exchanging keys and values, then decoding on the tail device from its compressed
     prefix cache. `config` is a GenerationConfig (default: 16 greedy tokens, stop at the model's EOS);
     `inputs` as for simulate, left-padded when batched. Returns a generate.Generation."""
-    from .generate import CacheCollector, GenerationConfig, decode, stop_ids
+    from .generate import CacheCollector, GenerationConfig, check_prompt, decode, stop_ids
 
     pm = prism_model(model, "kv")
     settings = PrismSettings(devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
@@ -150,6 +150,7 @@ def generate(model, inputs=None, *, devices: int, compression_ratio: int, count_
     if config is None:
         config = GenerationConfig(stop_token_ids=stop_ids(model.config.to_dict()))
     token_inputs, mask = prepare(pm.spec, inputs)
+    check_prompt(mask, config, pm.spec.max_positions)
     plan = plan_for(pm.spec, mask, settings)
     program = build_program(pm.spec)
     tail = plan.devices - 1

@@ -113,18 +113,23 @@ EXPORT_ARCHS = ["BertModel", "ViTForImageClassification", "GPT2LMHeadModel", "Ll
 
 @pytest.fixture(scope="session")
 def exported_graphs(tiny_dirs, tmp_path_factory):
-    """{architecture: Graphs}: each tiny model traced to ONNX once per session. The graphs do not depend
-    on P, CR or the wire precision, so `make_bundle` lays out bundles for any settings in milliseconds."""
-
+    """{architecture: Graphs}, or {"ARCH/kv": Graphs} for the key/value exchange: each tiny model traced to
+    ONNX on first use, once per session. The graphs do not depend on P, CR or the wire precision, so
+    `make_bundle` lays out bundles for any settings in milliseconds."""
     from prism_onnx import models
     from prism_onnx.exporters.bundle import export_graphs
+
     root = tmp_path_factory.mktemp("graphs")
-    out = {}
-    for arch in EXPORT_ARCHS:
-        g = export_graphs(models.load(tiny_dirs[arch]), root / arch)
-        g.source = str(tiny_dirs[arch])
-        out[arch] = g
-    return out
+
+    class Traced(dict):
+        def __missing__(self, key):
+            arch, _, exchange = key.partition("/")
+            g = export_graphs(models.load(tiny_dirs[arch]), root / key.replace("/", "-"), exchange=exchange or None)
+            g.source = str(tiny_dirs[arch])
+            self[key] = g
+            return g
+
+    return Traced()
 
 
 @pytest.fixture

@@ -51,10 +51,12 @@ def test_bench_cli_latency_over_emulated_links(tiny_export, tmp_path):
         pytest.skip(f"latency needs network namespaces: {why}")
     png = tmp_path / "lat.png"
     r = CliRunner().invoke(main, ["bench", str(tiny_export), "--seq-len", "32", "--repeats", "2",
-                                  "--sweep", "1gbit", "--plot", str(png), "--json"])
+                                  "--sweep", "1gbit", "--plot", str(png), "--curve", "both", "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     assert set(rep["latency_ms"]) == {"prism", "baseline", "single_device"}
     assert all(v > 0 for v in rep["latency_ms"].values())
     assert set(rep["latency_vs_bandwidth_ms"]) == {"100mbit", "1gbit"}
     assert png.stat().st_size > 1000
+    cc = rep["curve_cost"]  # the same deployment with and without CurveZMQ, in this one run
+    assert cc["latency_ms_curve"] > 0 and cc["latency_ms_plain"] > 0 and cc["repeats"] == 2

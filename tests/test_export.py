@@ -158,7 +158,7 @@ def test_tampered_file_is_refused_naming_it(make_bundle):
 
 def test_device_folder_from_another_export_is_refused(make_bundle):
     a = make_bundle("BertModel", devices=2, compression_ratio=2)
-    b = make_bundle("BertModel", devices=2, compression_ratio=2)
+    b = make_bundle("BertModel", devices=2, compression_ratio=3)  # other content: another export id
     shutil.rmtree(a / "device-1")
     shutil.copytree(b / "device-1", a / "device-1")
     with pytest.raises(BundleError, match="device-1/manifest.json"):
@@ -174,7 +174,9 @@ def test_missing_file_is_refused(make_bundle):
 
 def test_validate_fails_on_altered_weights_with_consistent_hashes(make_bundle):
     """Negative test for `prism validate`: a bundle whose weights are wrong but whose manifests were
-    rewritten to match (as a buggy exporter would leave it) must fail numerically, exit 1."""
+    rewritten to match, export id included (as a buggy exporter would leave it), must fail numerically."""
+    from prism_onnx.runtime.bundle import content_digest
+
     out = make_bundle("BertModel", devices=2, compression_ratio=2)
     r = CliRunner().invoke(main, ["validate", str(out), "--samples", "2", "--json"])
     assert r.exit_code == 0, r.output
@@ -189,8 +191,10 @@ def test_validate_fails_on_altered_weights_with_consistent_hashes(make_bundle):
         onnx.save(proto, str(path))
         dm = json.loads((out / f"device-{k}" / "manifest.json").read_text())
         dm["files"]["layer_1.onnx"] = sha256_file(path)
+        dm["export_id"] = export_id = content_digest(dm, dm["files"])
         (out / f"device-{k}" / "manifest.json").write_text(json.dumps(dm))
     top = json.loads((out / "manifest.json").read_text())
+    top["export_id"] = export_id
     for rel in top["files"]:
         top["files"][rel] = sha256_file(out / rel)
     (out / "manifest.json").write_text(json.dumps(top))

@@ -48,13 +48,16 @@ def test_greedy_at_cr1_equals_transformers_generate(lms, arch, lengths):
         assert got.ids == expected, devices
 
 
-@pytest.fixture(scope="module")
-def decoder_graphs(tmp_path_factory):
-    """{arch: Graphs} of the decoder LMs traced once with the key/value exchange."""
-    from prism_onnx.exporters.bundle import export_graphs
+@pytest.fixture
+def decoder_graphs(exported_graphs):
+    """{arch: Graphs} of the decoder LMs with the key/value exchange (GPT-2's is not its default), traced on
+    first use."""
 
-    root = tmp_path_factory.mktemp("gen-graphs")
-    return {arch: export_graphs(tiny_model(arch), root / arch, exchange="kv") for arch in DECODER_LMS}
+    class WithKV(dict):
+        def __missing__(self, arch):
+            return exported_graphs[arch + "/kv" if arch.startswith("GPT2") else arch]
+
+    return WithKV()
 
 
 def bundle(decoder_graphs, tmp_path, arch, **settings):
@@ -136,4 +139,80 @@ def test_generation_refuses_what_it_cannot_do(lms, tiny_dirs):
     with pytest.raises(InputError, match="pad on the left"):
         generate(lms["GPT2LMHeadModel"], right_padded, devices=2, compression_ratio=1)
     with pytest.raises(InputError, match="language-model head"):
-        generate(models.load(tiny_dirs["LlamaModel"]), text_batch(300), devices=2, compression_ratio=1)
+        generate(models.load(tiny_dirs["LlamaModel"]), text_batch(300, left=True), devices=2, compression_ratio=1)
+
+
+# ------------------------------------------------------------------------------- over ZeroMQ runners
+@pytest.mark.parametrize("arch,devices", [("GPT2LMHeadModel", 2), ("LlamaForCausalLM", 3)])
+def test_runners_generate_like_transformers_and_stream(lms, decoder_graphs, tmp_path, arch, devices):
+    """Runner processes over CurveZMQ: greedy decoding at CR=1 equals transformers' generate; the streamed
+    tokens are the returned ones, in order; the exchange counters of a generation request are those of the
+    same prompt scored without generation (nothing moves between devices while decoding)."""
+    from prism_onnx.runtime.client import LocalCluster
+
+    inputs = text_batch(300, np.random.default_rng(6), (13, 9), left=True)
+    expected = hf_greedy(lms[arch], inputs, 12)
+    b = bundle(decoder_graphs, tmp_path, arch, devices=devices, compression_ratio=1)
+    with LocalCluster(b) as cluster:
+        streamed = []
+        ids, reply = cluster.client.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                             config=GenerationConfig(max_new_tokens=12),
+                                             on_tokens=lambda step, new, texts: streamed.append((step, new.tolist())))
+        _, scored = cluster.client.infer(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    assert ids == expected
+    assert [s for s, _ in streamed] == list(range(12))
+    assert [[new[b] for _, new in streamed if new[b] >= 0] for b in range(2)] == ids
+    assert reply["stats"]["bytes_sent"] == scored["bytes_sent"]  # the prefill's frames, and no more
+    assert sum(scored["bytes_sent"]) > 0
+    g = reply["generation"]
+    assert g["generated_tokens"] == 12 and g["finish_reasons"] == ["length", "length"]
+    assert g["client_time_to_first_token_ms"] > 0 and g["decode_tokens_per_s"] > 0
+
+
+def test_a_request_over_the_cache_limit_fails_clearly_and_the_runners_keep_serving(decoder_graphs, tmp_path):
+    from prism_onnx.errors import PeerError
+    from prism_onnx.runtime.client import LocalCluster
+
+    b = bundle(decoder_graphs, tmp_path, "LlamaForCausalLM", devices=2, compression_ratio=2)
+    inputs = text_batch(300, np.random.default_rng(7), (20,), left=True)
+    # the tiny Llama's cache: 2 layers x 32 values per row (float32) and a bias: ~260 bytes per row, so a
+    # 10-token prompt and 40 new tokens need ~13 kB, over a limit of 0.01 MiB (10.5 kB); 4 new tokens fit
+    with LocalCluster(b, extra_args=["--max-cache-mb", "0.01"]) as cluster:
+        with pytest.raises(PeerError, match=r"key/value cache of .* beyond the runner's limit of 0\.0 MiB"):
+            cluster.client.generate(input_ids=inputs["input_ids"], config=GenerationConfig(max_new_tokens=40))
+        ids, _ = cluster.client.generate(input_ids=inputs["input_ids"], config=GenerationConfig(max_new_tokens=4))
+        assert len(ids[0]) == 4
+        assert cluster.client.status()["ready"]
+
+
+def test_cli_launch_generates_with_json(decoder_graphs, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from prism_onnx.cli import main
+
+    b = bundle(decoder_graphs, tmp_path, "GPT2LMHeadModel", devices=2, compression_ratio=4)
+    r = CliRunner().invoke(main, ["launch", str(b), "--input-ids", "5,6,7,8,9,10,11", "--input-ids", "12,13,14",
+                                  "--max-new-tokens", "5", "--temperature", "0.8", "--seed", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert [len(row) for row in rep["generated_ids"]] == [5, 5] and rep["finish_reasons"] == ["length", "length"]
+    assert rep["time_to_first_token_ms"] > 0 and len(rep["stats"]["bytes_sent"]) == 2
+    ex = Executor(b)  # the same seed in process: the same tokens
+    ids = np.array([[5, 6, 7, 8, 9, 10, 11], [0, 0, 0, 0, 12, 13, 14]])
+    gen, _ = ex.generate({"input_ids": ids, "attention_mask": (np.arange(7) >= np.array([[0], [4]])).astype(int)},
+                         GenerationConfig(max_new_tokens=5, temperature=0.8, seed=3, stop_token_ids=(50256,)))
+    assert gen.ids == rep["generated_ids"]
+
+
+def test_an_export_that_cannot_generate_says_so(make_bundle):
+    from click.testing import CliRunner
+
+    from prism_onnx.cli import main
+
+    for arch in ("GPT2LMHeadModel", "BertModel"):  # GPT-2 exchanging hidden states; an encoder
+        r = CliRunner().invoke(main, ["launch", str(make_bundle(arch, devices=2, compression_ratio=2)),
+                                      "--input-ids", "5,6,7", "--max-new-tokens", "3"])
+        assert r.exit_code == 1 and "this export cannot generate" in r.output, r.output
+        assert "Traceback" not in r.output

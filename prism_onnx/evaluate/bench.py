@@ -98,23 +98,41 @@ def device_work(executor: Executor, inputs: dict, outputs, repeats: int, count_m
     return work
 
 
-def latency_ms(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repeats: int, timeout: float) -> float:
+def latency_ms(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repeats: int, timeout: float,
+               secure: bool = True) -> float:
     """Median end-to-end latency of `repeats` requests: one runner per device, each in its own network
-    namespace behind a `bandwidth` tbf link, pinned to its own core, one onnxruntime thread."""
+    namespace behind a `bandwidth` tbf link, pinned to its own core, one onnxruntime thread; CurveZMQ on
+    unless `secure` is False."""
+    return statistics.median(latencies(bundle, inputs, outputs, bandwidth, repeats, timeout, [secure])[secure])
+
+
+def latencies(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repeats: int, timeout: float,
+              modes=(True, False)) -> dict[bool, list[float]]:
+    """{secure: latencies in ms} for the same deployment run with and without CurveZMQ: one cluster per
+    mode, each on its own emulated network, both up at once and asked in turn (A, B, A, B, ...), so that
+    both see the same machine load; only one cluster computes at any time."""
+    from contextlib import ExitStack
+
     from ..testbed import Testbed
 
     P = read_manifest(bundle / MANIFEST).devices
     cores = os.cpu_count() or 1
-    with Testbed(P, rate=bandwidth) as net:
-        pin = lambda k: [*net.prefix(k), "taskset", "-c", str(k % cores)]  # noqa: E731
-        with LocalCluster(bundle, hosts=net.addresses, prefix=pin, timeout=timeout) as cluster:
-            cluster.client.timeout = max(cluster.client.timeout, 20 * timeout)
-            kw = {"outputs": outputs, **{k: v for k, v in inputs.items()}}
-            cluster.client.infer(**kw)  # warm-up
-            times = []
-            for _ in range(repeats):
-                times.append(cluster.client.infer(**kw)[1]["latency_ms"])
-    return statistics.median(times)
+    kw = {"outputs": outputs, **{k: v for k, v in inputs.items()}}
+    with ExitStack() as stack:
+        clusters = {}
+        for i, secure in enumerate(modes):
+            net = stack.enter_context(Testbed(P, rate=bandwidth, subnet=f"10.{77 + i}.0"))
+            pin = (lambda n: lambda k: [*n.prefix(k), "taskset", "-c", str(k % cores)])(net)
+            c = stack.enter_context(LocalCluster(bundle, hosts=net.addresses, prefix=pin, timeout=timeout,
+                                                 secure=secure))
+            c.client.timeout = max(c.client.timeout, 20 * timeout)
+            c.client.infer(**kw)  # warm-up
+            clusters[secure] = c
+        times = {secure: [] for secure in modes}
+        for _ in range(repeats):
+            for secure, c in clusters.items():
+                times[secure].append(c.client.infer(**kw)[1]["latency_ms"])
+    return times
 
 
 def cut(a: float, b: float) -> float:
@@ -123,7 +141,10 @@ def cut(a: float, b: float) -> float:
 
 def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | None = None, repeats: int = 3,
           latency: bool = True, sweep: list[str] | None = None, plot: str | Path | None = None,
-          timeout: float = 60.0, echo=lambda *_: None) -> dict:
+          timeout: float = 60.0, curve: str = "on", echo=lambda *_: None) -> dict:
+    """curve: "on" (latencies with CurveZMQ, as deployed), "off" (--insecure runners), or "both": also
+    measure the export's own deployment without CurveZMQ, interleaved with it in the same run, and report
+    the cost of encryption and authentication."""
     export_dir = Path(export_dir)
     m = read_manifest(export_dir / MANIFEST)
     graphs = Graphs.from_export(export_dir)
@@ -175,12 +196,22 @@ def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | 
             else:
                 rates = list(dict.fromkeys([bandwidth, *(sweep or [])]))
                 table = {}
+                report["curve"] = curve
                 for rate in rates:
                     table[rate] = {}
                     for name, b in bundles.items():
                         echo(f"measuring latency at {rate}: {name}")
-                        table[rate][name] = latency_ms(b, inputs, outputs, rate, repeats, timeout)
+                        table[rate][name] = latency_ms(b, inputs, outputs, rate, repeats, timeout, curve != "off")
                 report["latency_ms"] = table[bandwidth]
+                if curve == "both":
+                    echo(f"measuring latency at {bandwidth}: prism with and without CurveZMQ, interleaved")
+                    pair = latencies(export_dir, inputs, outputs, bandwidth, repeats, timeout)
+                    on, off = statistics.median(pair[True]), statistics.median(pair[False])
+                    report["curve_cost"] = {
+                        "latency_ms_curve": on, "latency_ms_plain": off, "overhead": on / off - 1, "repeats": repeats,
+                        # each request with CurveZMQ against the plain one asked right after it
+                        "overhead_paired_median": statistics.median(a / b - 1 for a, b in zip(pair[True], pair[False])),
+                        "latencies_ms": {"curve": pair[True], "plain": pair[False]}}
                 report["speedup_vs_single_device"] = table[bandwidth]["single_device"] / table[bandwidth]["prism"]
                 report["latency_vs_bandwidth_ms"] = table
                 if plot and len(rates) > 1:

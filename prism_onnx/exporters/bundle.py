@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from ..errors import BundleError
 from ..manifest import DEFAULT_OPSET, ExportSettings, GraphFile, Manifest, ModelSpec, Preprocessing, TensorInfo
 from ..program import Program, build_program
 from ..reference import prism_model
-from ..runtime.bundle import MANIFEST, read_manifest, sha256_file
+from ..runtime.bundle import MANIFEST, content_digest, read_manifest, sha256_file
+from ..runtime.keys import generate_keys
 from ..runtime.preprocess import DEFAULT_IMAGE_CONFIG
 from .graphs import export_graph, graph_specs
 
@@ -159,6 +159,9 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
     link=True hard-links the graph files instead of copying them (local sweeps and benchmarks: P copies
     of a BERT-base graph set is GBs); bundles meant for boards are copies. `extra`: {name: folder} copied
     into DIR/name (a calibrated export keeps its model folder there); not part of any device bundle.
+
+    The export id is the digest of the content (runtime/bundle.py content_digest); the CurveZMQ keys of
+    every device and of one client are generated too (runtime/keys.py), outside every file table.
     """
     out = Path(out)
     # quantization, opset and exchange kind describe the graph files themselves: they come from the graphs
@@ -167,30 +170,34 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BundleError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     common = Manifest(
-        export_id=uuid.uuid4().hex, model=graphs.spec, settings=settings, program=graphs.program,
-        graphs=dict(graphs.files), preprocessing=graphs.preprocessing, files={}, source=graphs.source,
+        export_id="", model=graphs.spec, settings=settings, program=graphs.program, graphs=dict(graphs.files),
+        preprocessing=graphs.preprocessing, files={}, source=graphs.source,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), package_version=__version__,
         config_summary=graphs.config_summary, calibration=graphs.calibration)
     payload = [g.file for g in graphs.files.values()] + graphs.preprocessing.files()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))  # same filesystem as out
-    digests: dict[str, str] = {}  # every device holds the same files: hash each once
     try:
-        all_files = {}
+        files = {}  # every device holds the same files: hash each once
         for k in range(settings.devices):
             dev = staging / f"device-{k}"
             dev.mkdir()
-            files = {}
             for name in payload:
                 place(graphs.folder / name, dev / name, link)
-                files[name] = digests.get(name) or sha256_file(dev / name)
-                digests[name] = files[name]
+                if name not in files:
+                    files[name] = sha256_file(dev / name)
+        raw = json.loads(json.dumps(common.to_dict()))  # exactly what the manifests hold, for the digest
+        common = replace(common, export_id=content_digest(raw, files))
+        all_files = {}
+        for k in range(settings.devices):
+            dev = staging / f"device-{k}"
             write_manifest(dev / MANIFEST, replace(common, rank=k, files=files))
             all_files.update({f"device-{k}/{n}": d for n, d in files.items()})
             all_files[f"device-{k}/{MANIFEST}"] = sha256_file(dev / MANIFEST)
         write_manifest(staging / MANIFEST, replace(common, files=all_files))
         for name, folder in (extra or {}).items():
             shutil.copytree(folder, staging / name)
+        generate_keys(staging, settings.devices)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(staging, out)

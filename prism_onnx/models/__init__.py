@@ -76,22 +76,70 @@ def resolve_source(source: str | os.PathLike) -> str:
     return str(source)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) answers a TCP connection within `timeout` seconds, name
+    resolution included (run in a thread: a resolver with no network can hang for many seconds)."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    answer = []
+
+    def probe():
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+            answer.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(answer)
+
+
+def load_config(source):
+    """The transformers config of a model folder or hub id, or one clear ModelLoadError: a folder that is
+    not a model, a hub id that is not cached while the hub is offline or unreachable (checked first, so
+    that no download retries for half a minute), or one the hub does not have."""
+    from transformers import AutoConfig
+
+    path = resolve_source(source)
+    folder = Path(path)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelLoadError(f"'{source}' is a folder without a config.json: not a transformers model folder")
+    elif folder.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
+        raise ModelLoadError(f"'{source}' is not a model folder (no such folder) nor a Hugging Face hub id")
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        if folder.is_dir():
+            raise ModelLoadError(f"'{source}': config.json is not a transformers config "
+                                 f"({str(e).splitlines()[0][:160]})") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    if offline or not _hub_reachable():
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+        raise ModelLoadError(f"cannot load model '{source}': it is not a local folder, not in the Hugging Face "
+                             f"cache, and {why}")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model '{source}' from the Hugging Face hub "
+                             f"({str(e).splitlines()[0][:200]})") from None
+
+
 def load(source, *, architecture: str | None = None):
     """A transformers model from a hub id, a local folder, or an in-memory PreTrainedModel (returned as is)."""
-    from transformers import AutoConfig, PreTrainedModel
+    from transformers import PreTrainedModel
     import transformers
 
     if isinstance(source, PreTrainedModel):
         family(source.config.model_type)
         return source.eval()
     path = resolve_source(source)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(
-            f"cannot load model '{source}': not a model folder, and not found on the Hugging Face hub or in "
-            f"its local cache ({type(e).__name__}: {str(e).splitlines()[0]})"
-        ) from None
+    config = load_config(source)
     fam = family(config.model_type)
     archs = [a for a in (config.architectures or []) if a in fam.ARCHITECTURES]
     arch = architecture or (archs[0] if archs else fam.ARCHITECTURES[0])

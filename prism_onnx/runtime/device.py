@@ -27,20 +27,44 @@ def export_tag(export_id: str) -> int:
     return int(export_id[:8], 16)
 
 
+GRAPH_OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+                      "all": "ORT_ENABLE_ALL"}
+
+
+def check_providers(names) -> list[str]:
+    """onnxruntime execution providers by name, in order of preference; CPU is always the last resort. A
+    name the installed onnxruntime does not have is refused with the list of those it has."""
+    names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names or []) if n.strip()]
+    full = [n if n.endswith("ExecutionProvider") else f"{n}ExecutionProvider" for n in names] or ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    missing = [n for n in full if n not in available]
+    if missing:
+        raise InputError(f"onnxruntime execution provider(s) {', '.join(missing)} not available here; this "
+                         f"onnxruntime has {', '.join(available)}")
+    return full + ([] if "CPUExecutionProvider" in full else ["CPUExecutionProvider"])
+
+
 class Engine:
     """The onnxruntime sessions of one device bundle: the program's backend on a board.
-    `threads` = intra-op threads (1 per board core)."""
 
-    def __init__(self, bundle: DeviceBundle, threads: int = 1):
+    threads: intra-op threads (one per board core); providers: execution providers in order of preference
+    (CPU, CUDA, TensorRT, CoreML, XNNPACK... as the installed onnxruntime has them); optimization: the graph
+    optimization level (disable, basic, extended, all)."""
+
+    def __init__(self, bundle: DeviceBundle, threads: int = 1, providers=None, optimization: str = "all"):
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.spec = bundle.spec
         self.program = self.manifest.program
+        self.providers = check_providers(providers)
+        if optimization not in GRAPH_OPTIMIZATION:
+            raise InputError(f"graph optimization '{optimization}': choose one of {', '.join(GRAPH_OPTIMIZATION)}")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        self.sessions = {name: ort.InferenceSession(str(bundle.graph(name)), opts, providers=["CPUExecutionProvider"])
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[optimization])
+        self.sessions = {name: ort.InferenceSession(str(bundle.graph(name)), opts, providers=self.providers)
                          for name in self.program.graphs()}
         self.recorder: list | None = None  # set to a list to record every (graph, feeds) run (benchmarks)
 
@@ -85,13 +109,15 @@ class Requests:
         if pre.kind == "image":
             self.image = ImagePreprocessor.from_file(bundle.root / pre.config, self.spec.image_size)
 
-    def model_inputs(self, *, texts=None, images=None, input_ids=None, attention_mask=None, pixel_values=None):
-        """The transformers-style inputs for one request."""
+    def model_inputs(self, *, texts=None, images=None, input_ids=None, attention_mask=None, pixel_values=None,
+                     left_pad: bool = False):
+        """The transformers-style inputs for one request (texts padded on the left with `left_pad`: for
+        generation)."""
         if texts:
             if self.text is None:
                 raise InputError("this bundle has no tokenizer (" + ("an image model" if self.image else
                                  "none was exported") + "); send input ids" + ("" if self.image else " instead"))
-            return self.text(list(texts))
+            return self.text(list(texts), left=left_pad)
         if images:
             if self.spec.input_kind != "image":
                 raise InputError(f"{self.spec.model_type} takes text, not images")

@@ -4,8 +4,9 @@ only traffic per layer.
 
 `Exchange` holds what every transport shares: encoding in the wire precision, byte counters, checking
 each frame against the plan, and matching frames to (request, layer, source) while frames of later
-requests wait in a bounded stash. Subclasses only move bytes: `LocalExchange` (in memory, for the
-in-process executor) and `ZmqExchange` (runtime/host.py).
+requests wait in a stash bounded in count, in bytes per source and in total bytes; a stashed frame older
+than `stash_ttl` seconds (its request never started here) is dropped. Subclasses only move bytes:
+`LocalExchange` (in memory, for the in-process executor) and `ZmqExchange` (runtime/worker.py).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ import numpy as np
 
 from ..errors import FrameError, PeerError
 from ..plan import Plan
-from .wire import MeansFrame, decode_means, encode_means
+from .counters import RateLimitedLog
+from .wire import MeansFrame, decode_means, encode_means, frame_nbytes
 
 log = logging.getLogger("prism.exchange")
+rate_limited = RateLimitedLog(log)
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,8 @@ class Exchange:
     """One device's endpoint of the all-gather of segment means."""
 
     def __init__(self, rank: int, *, wire_dtype: str, width: int, points: list[str], export_tag: int, max_rows: int,
-                 max_batch: int, timeout: float = 30.0, max_pending: int = 256):
+                 max_batch: int, timeout: float = 30.0, max_pending: int = 256, stash_ttl: float | None = None,
+                 stash_bytes_per_source: int | None = None, stash_bytes: int | None = None):
         """width: values per row at every point; points: the exchange point names, in program order."""
         self.rank = rank
         self.wire_dtype, self.width, self.points = wire_dtype, width, list(points)
@@ -74,7 +78,13 @@ class Exchange:
         self.traffic = Traffic(self.layers)  # totals since start
         self._per_request: dict[int, Traffic] = {}  # the same counts, attributed to each request
         self.max_pending = max_pending
-        self._pending: OrderedDict[tuple[int, int, int], tuple[MeansFrame, int]] = OrderedDict()  # (frame, bytes)
+        # a source is at most one exchange point ahead of this device within a request, and one request ahead
+        biggest = frame_nbytes(max_batch, max_rows, width, wire_dtype)
+        self.stash_bytes_per_source = stash_bytes_per_source or 4 * biggest
+        self.stash_bytes = stash_bytes or 4 * self.stash_bytes_per_source
+        self.stash_ttl = stash_ttl or timeout * (self.layers + 2)
+        # (request, layer, src) -> (frame, bytes, arrival time), oldest first
+        self._pending: OrderedDict[tuple[int, int, int], tuple[MeansFrame, int, float]] = OrderedDict()
         self._done_below = 0  # requests < this are finished here: their late frames are dropped
 
     # ---- transport hooks
@@ -113,6 +123,7 @@ class Exchange:
         self._done_below = max(self._done_below, request + 1)
         for key in [k for k in self._pending if k[0] <= request]:
             del self._pending[key]
+        self._expire_stash(time.monotonic())
         for r in [r for r in self._per_request if r < request]:
             del self._per_request[r]
         return self._per_request.pop(request, Traffic(self.layers))
@@ -124,12 +135,35 @@ class Exchange:
     def _reject(self, nbytes: int, why: str) -> None:
         self.traffic.rejected_frames += 1
         self.traffic.rejected_bytes += nbytes
-        log.warning("device %d rejected a frame (%d bytes): %s", self.rank, nbytes, why)
+        rate_limited.warning("device %d rejected a frame (%d bytes): %s", self.rank, nbytes, why)
+
+    def _expire_stash(self, now: float) -> None:
+        for key, (_, _, t) in list(self._pending.items()):
+            if now - t > self.stash_ttl:
+                del self._pending[key]
+                rate_limited.warning("device %d: dropped a frame of request %d that never started here (%.0f s old)",
+                                     self.rank, key[0], now - t)
+
+    def _stash(self, f: MeansFrame, nbytes: int) -> None:
+        """Keep an early frame; over a bound, the oldest frames (of that source first) make room."""
+        self._pending[(f.request, f.layer, f.src)] = (f, nbytes, time.monotonic())
+
+        def evict(keys, why):
+            old = keys[0]
+            self._pending.pop(old)
+            rate_limited.warning("device %d: frame stash %s, dropped request %d layer %d from device %d", self.rank,
+                                 why, *old)
+
+        while sum(v[1] for k, v in self._pending.items() if k[2] == f.src) > self.stash_bytes_per_source:
+            evict([k for k in self._pending if k[2] == f.src], f"over {self.stash_bytes_per_source} bytes for one source")
+        while len(self._pending) > self.max_pending or sum(v[1] for v in self._pending.values()) > self.stash_bytes:
+            evict(list(self._pending), "full")
 
     def _collect(self, request: int, layer: int, sources: list[int], plan: Plan) -> dict[int, MeansFrame]:
         got = {}
+        self._expire_stash(time.monotonic())
         for q in sources:  # frames that arrived early, while this device was at an earlier exchange point
-            f, nbytes = self._pending.pop((request, layer, q), (None, 0))
+            f, nbytes, _ = self._pending.pop((request, layer, q), (None, 0, 0.0))
             if f is not None and self._fits_plan(f, plan, nbytes):
                 self._count("received", request, layer, nbytes)
                 got[q] = f
@@ -156,7 +190,7 @@ class Exchange:
                 self._reject(nbytes, str(e))
                 continue
             if f.request < self._done_below:
-                log.info("device %d dropped a late frame of finished request %d", self.rank, f.request)
+                log.debug("device %d dropped a late frame of finished request %d", self.rank, f.request)
                 continue
             if f.request == request and f.layer == layer:
                 if f.src not in sources or f.src in got:
@@ -167,10 +201,7 @@ class Exchange:
                 self._count("received", request, layer, nbytes)
                 got[f.src] = f
             else:  # a later exchange point or request: keep it until we get there (counted when accepted)
-                self._pending[(f.request, f.layer, f.src)] = (f, nbytes)
-                while len(self._pending) > self.max_pending:
-                    old, _ = self._pending.popitem(last=False)
-                    log.warning("device %d: frame stash full, dropped request %d layer %d", self.rank, old[0], old[1])
+                self._stash(f, nbytes)
         return got
 
     def _fits_plan(self, f: MeansFrame, plan: Plan, nbytes: int) -> bool:

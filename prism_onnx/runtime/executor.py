@@ -57,12 +57,24 @@ class Executor:
         tokens, stop at the model's EOS); on_tokens(step, ids [B]) streams the tokens as they come."""
         import time
 
-        from ..generate import CacheCollector, GenerationConfig, check_generates, decode, stop_ids
+        from ..generate import GenerationConfig, check_prompt, decode, stop_ids
 
-        check_generates(self.program)
         config = config or GenerationConfig(stop_token_ids=stop_ids(self.manifest.config_summary))
         t0 = time.perf_counter()
         token_inputs, plan = self.requests.prepare(inputs, split_weights)
+        check_prompt(plan.attention_mask, config, self.spec.max_positions)
+        collector, stats = self.prefill(token_inputs, plan)
+        tail = plan.devices - 1
+        gen = decode(self.program, self.engines[tail], collector, token_inputs["input_ids"], plan.attention_mask, config,
+                     tail, t0, on_tokens=on_tokens)
+        return gen, stats
+
+    def prefill(self, token_inputs: dict, plan):
+        """The distributed prefill of a generation request: every device runs the program without heads;
+        -> (the tail device's CacheCollector, RequestStats)."""
+        from ..generate import CacheCollector, check_generates
+
+        check_generates(self.program)
         tail = plan.devices - 1
         collector = CacheCollector(self.program)
         request = next(self._ids)
@@ -70,9 +82,7 @@ class Executor:
                                      self.hub.endpoints[p], request, set(), collector if p == tail else None)
                    for p, eng in enumerate(self.engines)]
         results = [f.result() for f in futures]
-        gen = decode(self.program, self.engines[tail], collector, token_inputs["input_ids"], plan.attention_mask, config,
-                     tail, t0, on_tokens=on_tokens)
-        return gen, RequestStats.of(results, plan)
+        return collector, RequestStats.of(results, plan)
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         return self.run(inputs).outputs

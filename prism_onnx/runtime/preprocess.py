@@ -25,39 +25,52 @@ DEFAULT_IMAGE_CONFIG = {
 
 
 class TextPreprocessor:
-    """Texts -> input_ids, attention_mask, token_type_ids (right padding to the longest, truncation)."""
+    """Texts -> input_ids, attention_mask, token_type_ids, padded to the longest (on the right; on the left
+    for generation, so that every row ends with its last real token). A text longer than `max_length`
+    tokens is refused, naming it: it is never cut silently."""
 
     def __init__(self, tokenizer_file: str | Path, max_length: int, pad_id: int | None = None):
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(tokenizer_file))
         self.max_length = int(max_length)
-        self.tokenizer.enable_truncation(self.max_length)
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
         if pad_id is None:
             pad = self.tokenizer.padding
             pad_id = pad["pad_id"] if pad else 0
         self.pad_id = int(pad_id)
-        self.tokenizer.enable_padding(pad_id=self.pad_id, direction="right")
 
-    def __call__(self, texts: list[str]) -> dict[str, np.ndarray]:
+    def __call__(self, texts: list[str], left: bool = False) -> dict[str, np.ndarray]:
         if isinstance(texts, str):
             texts = [texts]
         if not texts or any(not isinstance(t, str) for t in texts):
             raise InputError("text input must be one or more strings")
         enc = self.tokenizer.encode_batch(list(texts))
-        return {
-            "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
-            "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64),
-        }
+        for i, e in enumerate(enc):
+            if len(e.ids) > self.max_length:
+                raise InputError(f"text {i} has {len(e.ids)} tokens, beyond this export's --max-seq-len "
+                                 f"{self.max_length}; shorten it or export with a larger --max-seq-len")
+        n = max(len(e.ids) for e in enc)
+        out = {k: np.zeros((len(enc), n), np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        out["input_ids"][:] = self.pad_id
+        for i, e in enumerate(enc):
+            row = slice(n - len(e.ids), n) if left else slice(0, len(e.ids))
+            out["input_ids"][i, row], out["attention_mask"][i, row] = e.ids, 1
+            out["token_type_ids"][i, row] = e.type_ids
+        return out
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode([int(t) for t in ids], skip_special_tokens=True)
 
 
 class ImagePreprocessor:
     """Images (paths, PIL images or HWC uint8 arrays) -> pixel_values [B, C, H, W] float32."""
 
-    def __init__(self, config: dict, image_size: int):
+    def __init__(self, config: dict, image_size: int, max_pixels: int = 4096 * 4096):
         self.config = {**DEFAULT_IMAGE_CONFIG, **config}
         self.image_size = int(image_size)
+        self.max_pixels = max_pixels
 
     @classmethod
     def from_file(cls, path: str | Path, image_size: int) -> "ImagePreprocessor":
@@ -68,9 +81,12 @@ class ImagePreprocessor:
 
         if isinstance(image, (str, Path, io.IOBase)):
             try:
-                opened = Image.open(image)
+                opened = Image.open(image)  # reads the header only: the size is checked before decoding
+                if opened.size[0] * opened.size[1] > self.max_pixels:
+                    raise InputError(f"image of {opened.size[0]}x{opened.size[1]} pixels exceeds the limit of "
+                                     f"{self.max_pixels:,} pixels")
                 opened.load()
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
                 name = image if isinstance(image, (str, Path)) else "sent by the client"
                 raise InputError(f"cannot read image {name}: {e}") from None
             image = opened

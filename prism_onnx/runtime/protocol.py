@@ -5,12 +5,22 @@
     part 2.. raw little-endian array buffers, one per entry of "arrays" (never pickle)
 
 Means frames (wire.py, magic b"PRSM") are the other message type; `kind_of` tells them apart.
+
+`decode` checks everything before it builds anything: the JSON's size and nesting depth (before it is
+parsed), the number of arrays, each array's dtype, rank and shape (Python integers, so no product can
+overflow) against `ArrayRules` (the receiver's limits and, optionally, what the manifest allows for each
+name), and the buffer sizes. The `get_*` helpers read one typed field of the JSON or raise FrameError
+naming it. Every failure is a FrameError with one line that names the problem.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
@@ -22,6 +32,9 @@ CONTROL_MAGIC = b"PRSC"
 VERSION = 1
 CONTROL_HEADER = struct.Struct("<4sBBxx")
 MAX_JSON = 1 << 20
+MAX_DEPTH = 8  # nesting of the JSON part: legitimate messages need 4
+MAX_ARRAYS = 8
+MAX_RANK = 6
 ARRAY_DTYPES = {"int64", "int32", "float32", "float16", "int8", "uint8", "bool"}
 
 
@@ -34,12 +47,33 @@ class Kind(IntEnum):
     REPLY = 6  # coordinator -> client: outputs + stats, or an error
     STATUS = 7  # client -> coordinator: is the cluster ready?
     ABORT = 8  # coordinator -> devices: request r failed, drop it (frees devices waiting on a dead peer)
+    TOKENS = 9  # tail device -> coordinator -> client: the tokens just generated for request r (streaming)
 
 
 def kind_of(parts: list) -> str:
     """'means' | 'control' | 'garbage', from the first bytes of the first part."""
     head = bytes(parts[0][:4]) if parts and len(parts[0]) >= 4 else b""
     return {MEANS_MAGIC: "means", CONTROL_MAGIC: "control"}.get(head, "garbage")
+
+
+def peek_kind(parts: list) -> Kind | None:
+    """The kind a control message claims (to choose its array rules before decoding), or None."""
+    if not parts or len(parts[0]) != CONTROL_HEADER.size:
+        return None
+    magic, version, kind = CONTROL_HEADER.unpack(bytes(parts[0]))
+    try:
+        return Kind(kind) if magic == CONTROL_MAGIC and version == VERSION else None
+    except ValueError:
+        return None
+
+
+def peek_call(parts: list) -> int | None:
+    """The client's call id of a message that failed to decode, when its JSON part is readable."""
+    try:
+        call = parse_json(bytes(parts[1])).get("call") if len(parts) > 1 else None
+    except FrameError:
+        return None
+    return call if type(call) is int else None
 
 
 def encode(kind: Kind, meta: dict, arrays: dict[str, np.ndarray] | None = None) -> list[bytes]:
@@ -53,9 +87,68 @@ def encode(kind: Kind, meta: dict, arrays: dict[str, np.ndarray] | None = None) 
     return parts
 
 
-def decode(parts: list, max_array_bytes: int) -> tuple[Kind, dict, dict[str, np.ndarray]]:
-    """Parse and check a control message; sizes are checked against the declared shapes and the limit
-    before any array is built."""
+@dataclass(frozen=True)
+class ArrayRules:
+    """What a receiver accepts as array parts: total bytes per array, how many arrays, and `allow(name,
+    dtype, shape)` -> None or the reason to refuse (e.g. the manifest's dtypes and ranks)."""
+
+    max_bytes: int
+    max_arrays: int = MAX_ARRAYS
+    allow: Callable[[str, str, tuple], str | None] | None = None
+
+
+# a JSON string; possessive quantifiers: no backtracking state per character (the plain alternation held
+# ~100 bytes per character of a long string on the regex stack: 1 MB of text cost 116 MB)
+_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"')
+
+
+def json_depth(data: bytes) -> int:
+    """Nesting depth of a JSON text, counted without parsing it (strings removed first)."""
+    b = np.frombuffer(_STRING.sub(b"0", data), np.uint8)
+    if not len(b):
+        return 0
+    steps = (b == ord("[")).astype(np.int32) + (b == ord("{")) - (b == ord("]")) - (b == ord("}"))
+    return int(np.cumsum(steps).max())
+
+
+def _no_constants(name):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_json(data: bytes, max_bytes: int = MAX_JSON, max_depth: int = MAX_DEPTH) -> dict:
+    if len(data) > max_bytes:
+        raise FrameError(f"control JSON of {len(data)} bytes exceeds {max_bytes}")
+    if json_depth(data) > max_depth:
+        raise FrameError(f"control JSON nested deeper than {max_depth} levels")
+    try:
+        meta = json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FrameError(f"control JSON unreadable: {str(e)[:200]}") from None
+    if not isinstance(meta, dict):
+        raise FrameError("control JSON must be an object")
+    return meta
+
+
+def _array_spec(spec) -> tuple[str, str, tuple[int, ...]]:
+    if not isinstance(spec, dict):
+        raise FrameError(f"array description must be an object, got {type(spec).__name__}")
+    name, dtype, shape = spec.get("name"), spec.get("dtype"), spec.get("shape")
+    if not isinstance(name, str) or not 0 < len(name) <= 64:
+        raise FrameError("array name must be a string of 1 to 64 characters")
+    if not isinstance(dtype, str) or dtype not in ARRAY_DTYPES:
+        raise FrameError(f"array {name}: dtype {str(dtype)[:20]!r} not allowed ({', '.join(sorted(ARRAY_DTYPES))})")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise FrameError(f"array {name}: shape must be a list of at most {MAX_RANK} sizes")
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise FrameError(f"array {name}: shape {str(shape)[:80]} must hold non-negative integers")
+    return name, dtype, tuple(shape)
+
+
+def decode(parts: list, rules: ArrayRules | int, *, max_json: int = MAX_JSON) -> tuple[Kind, dict, dict[str, np.ndarray]]:
+    """Parse and check a control message; sizes are checked against the declared shapes and the rules
+    before any array is built (arrays are read-only views of the received buffers)."""
+    if isinstance(rules, int):
+        rules = ArrayRules(rules)
     if len(parts) < 2 or len(parts[0]) != CONTROL_HEADER.size:
         raise FrameError("control message needs a header and a JSON part")
     magic, version, kind = CONTROL_HEADER.unpack(bytes(parts[0]))
@@ -65,29 +158,88 @@ def decode(parts: list, max_array_bytes: int) -> tuple[Kind, dict, dict[str, np.
         kind = Kind(kind)
     except ValueError:
         raise FrameError(f"unknown control message kind {kind}") from None
-    if len(parts[1]) > MAX_JSON:
-        raise FrameError(f"control JSON of {len(parts[1])} bytes exceeds {MAX_JSON}")
-    try:
-        meta = json.loads(bytes(parts[1]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FrameError(f"control JSON unreadable: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("arrays", []), list):
-        raise FrameError("control JSON must be an object with an 'arrays' list")
+    if len(parts) - 2 > rules.max_arrays:
+        raise FrameError(f"control message carries {len(parts) - 2} arrays, at most {rules.max_arrays} allowed")
+    meta = parse_json(bytes(parts[1]), max_json)
     specs = meta.pop("arrays", [])
+    if not isinstance(specs, list):
+        raise FrameError("control JSON 'arrays' must be a list")
     if len(specs) != len(parts) - 2:
         raise FrameError(f"control message declares {len(specs)} arrays but carries {len(parts) - 2}")
-    arrays = {}
+    checked = []
     for spec, buf in zip(specs, parts[2:]):
-        try:
-            name, dtype, shape = str(spec["name"]), str(spec["dtype"]), [int(d) for d in spec["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise FrameError(f"bad array description {spec!r}") from None
-        if dtype not in ARRAY_DTYPES or any(d < 0 for d in shape) or len(shape) > 6:
-            raise FrameError(f"array {name}: dtype {dtype} shape {shape} not allowed")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if nbytes > max_array_bytes:
-            raise FrameError(f"array {name} declares {nbytes} bytes, beyond the limit {max_array_bytes}")
+        name, dtype, shape = _array_spec(spec)
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
+        if nbytes > rules.max_bytes:
+            raise FrameError(f"array {name} declares {nbytes} bytes, beyond the limit {rules.max_bytes}")
         if nbytes != len(buf):
-            raise FrameError(f"array {name}: {dtype} {shape} needs {nbytes} bytes, got {len(buf)}")
-        arrays[name] = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+            raise FrameError(f"array {name}: {dtype} {list(shape)} needs {nbytes} bytes, got {len(buf)}")
+        why = rules.allow(name, dtype, shape) if rules.allow else None
+        if why:
+            raise FrameError(f"array {name}: {why}")
+        if any(name == c[0] for c in checked):
+            raise FrameError(f"array {name} appears twice")
+        checked.append((name, dtype, shape))
+    arrays = {name: np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+              for (name, dtype, shape), buf in zip(checked, parts[2:])}
     return kind, meta, arrays
+
+
+# ------------------------------------------------------------------------------------- typed JSON fields
+_REQUIRED = object()
+
+
+def _field(meta: dict, key: str, default):
+    if key not in meta or meta[key] is None:
+        if default is _REQUIRED:
+            raise FrameError(f"field '{key}' is missing")
+        return default, False
+    return meta[key], True
+
+
+def get_int(meta: dict, key: str, lo: int = 0, hi: int = (1 << 63) - 1, default=_REQUIRED) -> int:
+    v, given = _field(meta, key, default)
+    if given and (type(v) is not int or not lo <= v <= hi):
+        raise FrameError(f"field '{key}' must be an integer in [{lo}, {hi}], got {str(v)[:40]}")
+    return v
+
+
+def get_float(meta: dict, key: str, lo: float, hi: float, default=_REQUIRED) -> float:
+    v, given = _field(meta, key, default)
+    if given and (type(v) not in (int, float) or not lo <= v <= hi):
+        raise FrameError(f"field '{key}' must be a number in [{lo:g}, {hi:g}], got {str(v)[:40]}")
+    return float(v) if v is not None else v
+
+
+def get_str(meta: dict, key: str, max_len: int = 256, default=_REQUIRED) -> str:
+    v, given = _field(meta, key, default)
+    if given and (not isinstance(v, str) or len(v) > max_len):
+        raise FrameError(f"field '{key}' must be a string of at most {max_len} characters")
+    return v
+
+
+def get_bool(meta: dict, key: str, default=_REQUIRED) -> bool:
+    v, given = _field(meta, key, default)
+    if given and type(v) is not bool:
+        raise FrameError(f"field '{key}' must be true or false")
+    return v
+
+
+def get_list(meta: dict, key: str, item: type, max_items: int, default=_REQUIRED, max_len: int = 256) -> list:
+    v, given = _field(meta, key, default)
+    if not given:
+        return v
+    if not isinstance(v, list) or len(v) > max_items:
+        raise FrameError(f"field '{key}' must be a list of at most {max_items} items")
+    ok = (lambda x: type(x) is int) if item is int else (lambda x: isinstance(x, str) and len(x) <= max_len)
+    if not all(ok(x) for x in v):
+        raise FrameError(f"field '{key}' must hold only {item.__name__}s" +
+                         (f" of at most {max_len} characters" if item is str else ""))
+    return v
+
+
+def get_dict(meta: dict, key: str, max_items: int = 64, default=_REQUIRED) -> dict:
+    v, given = _field(meta, key, default)
+    if given and (not isinstance(v, dict) or len(v) > max_items):
+        raise FrameError(f"field '{key}' must be an object of at most {max_items} entries")
+    return v

@@ -90,12 +90,20 @@ def encode_means(frame: MeansFrame, wire_dtype: str) -> list[bytes | memoryview]
     return parts
 
 
-def decode_means(parts: list[bytes], *, wire_dtype: str, hidden: int, max_rows: int, max_batch: int) -> MeansFrame:
-    """Parse a means frame, checking every size against the header *before* touching the payload.
+@dataclass(frozen=True)
+class MeansHeader:
+    request: int
+    layer: int
+    src: int
+    dst: int
+    export_tag: int
+    batch: int
+    rows: int
 
-    `max_rows` and `max_batch` are the bundle's limits: a frame declaring more is refused without
-    allocating anything for it.
-    """
+
+def check_means(parts: list, *, wire_dtype: str, hidden: int, max_rows: int, max_batch: int) -> MeansHeader:
+    """Check a means frame's header and part sizes against the bundle's limits without touching the
+    payload: the receiving I/O thread runs this before it queues a frame, the worker `decode_means`."""
     if not parts or len(parts[0]) != MEANS_HEADER.size:
         raise FrameError(f"means frame header must be {MEANS_HEADER.size} bytes, got "
                          f"{len(parts[0]) if parts else 0}")
@@ -113,16 +121,27 @@ def decode_means(parts: list[bytes], *, wire_dtype: str, hidden: int, max_rows: 
     expected = [4 * n] + ([4 * n] if wire_dtype == "int8" else []) + [n * D * WIRE_DTYPES[wire_dtype].itemsize]
     sizes = [len(p) for p in parts[1:]]
     if sizes != expected:
-        raise FrameError(f"frame parts have {sizes} bytes, header [{B}, {S}, {D}] {wire_dtype} needs {expected}")
+        raise FrameError(f"frame parts have {sizes[:4]} bytes, header [{B}, {S}, {D}] {wire_dtype} needs {expected}")
+    return MeansHeader(req, layer, src, dst, tag, B, S)
+
+
+def decode_means(parts: list[bytes], *, wire_dtype: str, hidden: int, max_rows: int, max_batch: int) -> MeansFrame:
+    """Parse a means frame, checking every size against the header *before* touching the payload.
+
+    `max_rows` and `max_batch` are the bundle's limits: a frame declaring more is refused without
+    allocating anything for it.
+    """
+    h = check_means(parts, wire_dtype=wire_dtype, hidden=hidden, max_rows=max_rows, max_batch=max_batch)
+    B, S = h.batch, h.rows
     counts = np.frombuffer(parts[1], dtype="<i4").reshape(B, S)
     scales = np.frombuffer(parts[2], dtype="<f4").reshape(B, S) if wire_dtype == "int8" else None
-    data = np.frombuffer(parts[-1], dtype=WIRE_DTYPES[wire_dtype]).reshape(B, S, D)
+    data = np.frombuffer(parts[-1], dtype=WIRE_DTYPES[wire_dtype]).reshape(B, S, hidden)
     if np.any(counts < 0):
         raise FrameError("frame counts must be >= 0")
     means = decode_values(scales, data)
     if not np.all(np.isfinite(means)):
         raise FrameError("frame holds non-finite values")
-    return MeansFrame(req, layer, src, dst, tag, counts, means)
+    return MeansFrame(h.request, h.layer, h.src, h.dst, h.export_tag, counts, means)
 
 
 def baseline_bytes_per_layer(spec, attention_mask, settings) -> int:

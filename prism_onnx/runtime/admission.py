@@ -1,0 +1,171 @@
+"""A client REQUEST, checked against the bundle's limits before anything is tokenized, decoded or queued.
+
+Order matters: the array descriptions are checked while the message is decoded (`request_rules`: names,
+dtypes, ranks, batch and length, before any array exists); then the JSON fields (`check_request`): the
+number of texts and each text's length before any tokenizer runs, the outputs asked for, ids within the
+vocabulary. Each refusal is an InputError or FrameError with one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import FrameError, InputError
+from .bundle import Limits
+from .protocol import ArrayRules
+
+REQUEST_FIELDS = {"texts", "outputs", "call", "generate", "stream"}
+ID_ARRAYS = ("input_ids", "attention_mask")
+
+
+def _batch_len(shape: tuple) -> tuple[int, int]:
+    return (1, shape[0]) if len(shape) == 1 else (shape[0], shape[1])
+
+
+def request_rules(limits: Limits) -> ArrayRules:
+    """What a REQUEST may carry, checked on the declared shapes (decode calls `allow` before building)."""
+    C, S = limits.image
+
+    def text_array(name, dtype, shape):
+        if name not in ID_ARRAYS:
+            return f"not an input of this text model (send {' and '.join(ID_ARRAYS)}, or texts)"
+        if dtype not in ("int64", "int32") or len(shape) not in (1, 2):
+            return f"{dtype} {list(shape)}: must be int64 [batch, tokens]"
+        B, N = _batch_len(shape)
+        if B > limits.max_batch:
+            return f"batch of {B} is larger than this export's --max-batch {limits.max_batch}"
+        if N > limits.max_seq_len:
+            return f"sequence of {N} tokens is longer than this export's --max-seq-len {limits.max_seq_len}"
+        return None if B and N else f"empty {list(shape)}: a request needs at least one row of one token"
+
+    def image_array(name, dtype, shape):
+        if name == "pixel_values":
+            if dtype != "float32" or len(shape) not in (3, 4) or tuple(shape[-3:]) != (C, S, S):
+                return f"{dtype} {list(shape)}: must be float32 [batch, {C}, {S}, {S}]"
+            if not 1 <= (shape[0] if len(shape) == 4 else 1) <= limits.max_batch:
+                return f"batch of {shape[0]}: this export takes 1 to {limits.max_batch} images (--max-batch)"
+            return None
+        if name.startswith("image_"):
+            if dtype != "uint8" or len(shape) != 1 or not 0 < shape[0] <= limits.max_image_bytes:
+                return f"{dtype} {list(shape)}: an image file must be 1 to {limits.max_image_bytes} bytes (uint8)"
+            return None
+        return "not an input of this image model (send pixel_values or image files)"
+
+    allow = text_array if limits.input_kind == "text" else image_array
+    return ArrayRules(limits.max_client_bytes, max_arrays=limits.max_batch + 2, allow=allow)
+
+
+@dataclass
+class RequestInputs:
+    """A checked request: keyword arguments for `Requests.model_inputs`, the outputs asked for, the call id."""
+
+    kwargs: dict = field(default_factory=dict)
+    outputs: set[str] | None = None
+    call: int | None = None
+    generate: dict | None = None  # generate.GenerationConfig.to_dict(), checked
+    stream: bool = False
+
+
+def check_texts(texts, limits: Limits) -> list[str]:
+    if not isinstance(texts, list) or not texts:
+        raise InputError("'texts' must be a non-empty list of strings")
+    if len(texts) > limits.max_batch:
+        raise InputError(f"a request of {len(texts)} texts exceeds this export's --max-batch {limits.max_batch}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise InputError(f"text {i} is a {type(t).__name__}, not a string")
+        if len(t) > limits.max_text_chars:
+            raise InputError(f"text {i} has {len(t):,} characters; the limit is {limits.max_text_chars:,} "
+                             f"(this export reads at most {limits.max_seq_len} tokens)")
+    return texts
+
+
+def check_outputs(outputs, limits: Limits) -> set[str] | None:
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list) or not outputs or len(outputs) > len(limits.outputs):
+        raise InputError(f"'outputs' must be a non-empty list of names from {list(limits.outputs)}")
+    unknown = [str(o)[:40] for o in outputs if not isinstance(o, str) or o not in limits.outputs]
+    if unknown:
+        raise InputError(f"unknown outputs {unknown}; this model returns {list(limits.outputs)}")
+    return set(outputs)
+
+
+def check_ids(ids: np.ndarray, mask: np.ndarray | None, limits: Limits) -> None:
+    if ids.size == 0:
+        raise InputError(f"input_ids of shape {list(ids.shape)} holds no token")
+    if ids.min() < 0 or ids.max() >= limits.vocab_size:
+        raise InputError(f"input_ids out of range [0, {limits.vocab_size}): min {ids.min()}, max {ids.max()}")
+    if mask is not None:
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask has shape {list(mask.shape)}, input_ids {list(ids.shape)}")
+        if not np.isin(mask, (0, 1)).all():
+            raise InputError("attention_mask must hold only 0 and 1")
+        if not np.atleast_2d(mask).any(axis=1).all():
+            raise InputError("every batch row needs at least one real token (attention_mask is all zero in a row)")
+
+
+def check_generate(options, limits: Limits) -> dict:
+    """A request's generation options, checked (GenerationConfig) against what this export can do."""
+    from ..generate import GenerationConfig
+
+    if not limits.generates:
+        raise InputError("this export cannot generate: it needs a language-model head (e.g. GPT2LMHeadModel, "
+                         "LlamaForCausalLM) exported with --exchange kv")
+    if not isinstance(options, dict) or len(options) > 8:
+        raise InputError("'generate' must be an object of generation options")
+    config = GenerationConfig.from_dict(options)
+    if config.max_new_tokens > limits.max_positions or len(config.stop_token_ids) > 64:
+        raise InputError(f"max_new_tokens {config.max_new_tokens} exceeds the model's {limits.max_positions} "
+                         f"positions, or more than 64 stop tokens")
+    if any(not 0 <= t < limits.vocab_size for t in config.stop_token_ids):
+        raise InputError(f"stop_token_ids must be token ids in [0, {limits.vocab_size})")
+    return {**config.to_dict(), "stop_token_ids": None if "stop_token_ids" not in options else
+            list(config.stop_token_ids)}
+
+
+def check_request(meta: dict, arrays: dict[str, np.ndarray], limits: Limits) -> RequestInputs:
+    unknown = sorted(set(meta) - REQUEST_FIELDS)
+    if unknown:
+        raise FrameError(f"unknown request field(s) {[u[:40] for u in unknown[:5]]}")
+    call = meta.get("call")
+    if call is not None and (type(call) is not int or not 0 <= call < 1 << 63):
+        raise FrameError("field 'call' must be a non-negative integer")
+    out = RequestInputs(outputs=check_outputs(meta.get("outputs"), limits), call=call)
+    if meta.get("generate") is not None:
+        out.generate = check_generate(meta["generate"], limits)
+        out.stream = meta.get("stream") is True
+    elif meta.get("stream") is not None:
+        raise InputError("'stream' streams generated tokens: it needs 'generate'")
+    given = [k for k, present in (("texts", meta.get("texts") is not None), ("arrays", bool(arrays))) if present]
+    if len(given) != 1:
+        raise InputError("a request needs exactly one of: texts, image files, pixel_values, input_ids")
+    if "texts" in meta and meta["texts"] is not None:
+        if limits.input_kind != "text":
+            raise InputError("this is an image model: send images or pixel_values, not texts")
+        out.kwargs["texts"] = check_texts(meta["texts"], limits)
+        return out
+    images = [k for k in sorted(arrays) if k.startswith("image_")]
+    if images:
+        if len(images) != len(arrays):
+            raise InputError("send either image files or pixel_values, not both")
+        if len(images) > limits.max_batch:
+            raise InputError(f"a request of {len(images)} images exceeds this export's --max-batch {limits.max_batch}")
+        out.kwargs["images"] = [io.BytesIO(arrays[k].tobytes()) for k in images]
+    elif "pixel_values" in arrays:
+        px = arrays["pixel_values"]
+        if not np.isfinite(px).all():
+            raise InputError("pixel_values holds non-finite values")
+        out.kwargs["pixel_values"] = np.array(px)
+    else:
+        if "input_ids" not in arrays:
+            raise InputError("attention_mask without input_ids")
+        ids, mask = arrays["input_ids"], arrays.get("attention_mask")
+        check_ids(ids, mask, limits)
+        out.kwargs["input_ids"] = np.atleast_2d(ids).astype(np.int64)
+        if mask is not None:
+            out.kwargs["attention_mask"] = np.atleast_2d(mask).astype(np.int64)
+    return out

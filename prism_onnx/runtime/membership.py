@@ -1,0 +1,191 @@
+"""Who is in the cluster, and whether each peer is reachable in both directions right now. Pure logic:
+no sockets, every method takes the time (`now`, monotonic seconds) so tests drive it with numbers.
+
+Every runner sends HELLO to every peer every HEARTBEAT_S seconds. A HELLO carries the sender's clock `t`
+and, per peer, the `t` of the last HELLO it received from that peer (`echo`). Peer q is *alive* for us
+when its last HELLO is younger than `dead_after` AND that HELLO echoes one of our own HELLOs sent less
+than `dead_after` ago: q hears us now, and we hear q now. Each side only compares times of its own
+clock. A peer that stops (killed, SIGSTOP, a cable pulled) is lost `dead_after` seconds later; one that
+resumes is alive again after one round of HELLOs, whatever state it held before.
+
+The cluster is *ready* when every peer is alive and each reports that it sees every other device alive
+(so every ordered pair of devices has a working path). A runner instance is identified by its `nonce`
+(new at every start): a second runner claiming a live runner's rank is refused, a restarted one
+replaces a lost one. A peer's messages other than HELLO are accepted only on the connection (`session`,
+the ZeroMQ routing id) that carried its last accepted HELLO.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import FrameError
+from .protocol import get_bool, get_dict, get_float, get_int, get_list, get_str
+
+HEARTBEAT_S = 0.2
+DEAD_AFTER_S = 1.0
+NEVER = -float("inf")
+
+
+@dataclass
+class PeerState:
+    rank: int
+    address: str
+    nonce: str | None = None
+    session: bytes | None = None  # routing id of the connection of its last accepted HELLO
+    last_hello: float = NEVER  # our clock, when its last HELLO arrived
+    their_t: float | None = None  # its clock, in its last HELLO (we echo it back)
+    echo: float = NEVER  # our clock: the newest HELLO of ours that it says it heard
+    sees: frozenset = frozenset()  # ranks it reports alive
+    serving: bool = False
+    health: dict = field(default_factory=dict)  # its own counters: rejected, denied, internal errors
+    up: bool = False  # the verdict of the last tick, for edge detection
+    ever_up: bool = False
+    gone: str | None = None  # why our connection to it closed, until its next HELLO
+
+    def alive(self, now: float, dead_after: float) -> bool:
+        return now - self.last_hello < dead_after and now - self.echo < dead_after
+
+
+@dataclass
+class Verdict:
+    accept: bool
+    refuse: str | None = None  # the reason sent back in a REFUSE
+    fatal: str | None = None  # no cluster can form: this runner stops
+    note: str | None = None  # worth one log line (a peer connected or restarted)
+
+
+@dataclass
+class Membership:
+    rank: int
+    addresses: dict[int, str]  # every peer's address, by rank (this device excluded)
+    export_id: str
+    settings: dict  # the settings that must agree (DeviceBundle.handshake_settings)
+    nonce: str
+    serving: bool = False
+    dead_after: float = DEAD_AFTER_S
+    peers: dict[int, PeerState] = field(default_factory=dict)
+    ever_ready: bool = False
+
+    def __post_init__(self):
+        self.devices = len(self.addresses) + 1
+        self.peers = {q: PeerState(q, a) for q, a in self.addresses.items()}
+
+    # ---------------------------------------------------------------------------------------- queries
+    def alive(self, q: int, now: float) -> bool:
+        return self.peers[q].alive(now, self.dead_after)
+
+    def ready(self, now: float) -> bool:
+        return not self.missing(now)
+
+    def missing(self, now: float) -> list[int]:
+        """Peers that are not alive, or that do not see every other device."""
+        out = []
+        for q, p in self.peers.items():
+            others = set(range(self.devices)) - {q}
+            if not p.alive(now, self.dead_after) or not others <= p.sees:
+                out.append(q)
+        return out
+
+    def connected(self, now: float) -> list[int]:
+        return sorted([self.rank] + [q for q in self.peers if self.alive(q, now)])
+
+    def is_session(self, q: int, session: bytes) -> bool:
+        return q in self.peers and self.peers[q].session == session
+
+    # ------------------------------------------------------------------------------------------ HELLO
+    def hello(self, now: float, health: dict | None = None) -> dict:
+        """Our heartbeat; `health` ({name: count}) is reported to the coordinator's STATUS."""
+        return {"rank": self.rank, "nonce": self.nonce, "export_id": self.export_id, "settings": self.settings,
+                "serving": self.serving, "t": now, "ready": self.ready(now), "health": health or {},
+                "echo": {str(q): p.their_t for q, p in self.peers.items() if p.their_t is not None},
+                "sees": [q for q in self.peers if self.alive(q, now)]}
+
+    def on_hello(self, meta: dict, now: float, session: bytes, key_rank: int | None = None) -> Verdict:
+        """A HELLO from the connection `session`; `key_rank` is the rank of the CurveZMQ key it came with
+        (None without authentication). Raises FrameError when the HELLO is malformed."""
+        rank = get_int(meta, "rank", 0, 1 << 16)
+        nonce = get_str(meta, "nonce", 64)
+        export_id = get_str(meta, "export_id", 128)
+        settings = get_dict(meta, "settings", 32, default={})
+        serving, ready = get_bool(meta, "serving", default=False), get_bool(meta, "ready", default=False)
+        t = get_float(meta, "t", -1e15, 1e15)
+        echo = get_dict(meta, "echo", 256, default={}).get(str(self.rank))
+        if echo is not None and (type(echo) not in (int, float) or abs(echo) > 1e15):
+            raise FrameError("field 'echo' must map ranks to times")
+        sees = frozenset(get_list(meta, "sees", int, 256, default=[]))
+        health = get_dict(meta, "health", 8, default={})
+        if not all(type(v) is int for v in health.values()):
+            raise FrameError("field 'health' must map names to counts")
+        if key_rank is not None and rank != key_rank:
+            return Verdict(False, refuse=f"a HELLO claiming rank {rank} came with the key of device {key_rank}")
+        if export_id != self.export_id:
+            differ = {k: (settings.get(k), v) for k, v in self.settings.items() if settings.get(k) != v}
+            what = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()) or "same settings, other files"
+            reason = (f"bundle from another export: device {rank} runs export {export_id[:12]}, device {self.rank} "
+                      f"runs {self.export_id[:12]} ({what})")
+            return Verdict(False, refuse=reason, fatal=None if self.ever_ready else
+                           f"device {self.rank} refused device {rank} at the handshake: {reason}")
+        if rank == self.rank:
+            return Verdict(False, refuse=f"two runners claim rank {rank}")
+        if rank not in self.peers:
+            return Verdict(False, refuse=f"rank {rank} is not in 0..{self.devices - 1}")
+        if serving and self.serving:
+            return Verdict(False, refuse=f"devices {rank} and {self.rank} both serve clients; only one may")
+        p, note = self.peers[rank], None
+        if p.nonce is None:
+            note = f"device {rank} connected"
+        elif p.nonce != nonce:
+            if p.alive(now, self.dead_after) or now - p.last_hello < self.dead_after:
+                return Verdict(False, refuse=f"two runners claim rank {rank} (a live one is already connected)")
+            note = f"device {rank} restarted"
+            self.peers[rank] = p = PeerState(rank, p.address, up=p.up, ever_up=p.ever_up)
+        elif p.session != session:
+            note = f"device {rank} reconnected"
+        p.nonce, p.session, p.last_hello, p.their_t, p.gone = nonce, session, now, t, None
+        if echo is not None:
+            p.echo = max(p.echo, float(echo)) if echo <= now else p.echo  # never trust a time from our future
+        p.sees, p.serving, p.health = sees, serving, health
+        del ready  # a peer's own verdict is recomputed from `sees`
+        return Verdict(True, note=note)
+
+    def on_disconnect(self, q: int, why: str = "closed the connection") -> None:
+        """Our connection to q closed (its process died, or ZeroMQ's own heartbeat gave up): q is not alive
+        until a new HELLO echoes a new one of ours; a restarted runner may take its rank at once."""
+        p = self.peers[q]
+        if p.nonce is not None and p.gone is None:
+            p.last_hello, p.echo, p.gone = NEVER, NEVER, why
+
+    def on_refuse(self, reason: str) -> str | None:
+        """A peer refused our HELLO: fatal during start-up, ignored (logged) once the cluster has run."""
+        return None if self.ever_ready else reason
+
+    # ------------------------------------------------------------------------------------------- tick
+    def tick(self, now: float) -> tuple[list[int], list[int]]:
+        """(peers lost since the last tick, peers back). Call it once per I/O loop iteration."""
+        lost, back = [], []
+        for q, p in self.peers.items():
+            up = p.alive(now, self.dead_after)
+            if up != p.up:
+                if not up:
+                    lost.append(q)
+                elif p.ever_up:
+                    back.append(q)
+                p.up, p.ever_up = up, p.ever_up or up
+        if not self.ever_ready and self.ready(now):
+            self.ever_ready = True
+        return lost, back
+
+    def describe(self, q: int, now: float) -> str:
+        p = self.peers[q]
+        if p.nonce is None:
+            return f"device {q} ({p.address}) never connected"
+        if p.gone:
+            return f"device {q} {p.gone}"
+        silent = now - p.last_hello
+        if silent >= self.dead_after or (now - p.echo >= self.dead_after and silent > 2 * HEARTBEAT_S):
+            return f"device {q} sent no heartbeat for {silent:.1f} s"
+        if now - p.echo >= self.dead_after:
+            return f"device {q} does not hear this device's heartbeats"
+        unseen = sorted(set(range(self.devices)) - {q} - p.sees)
+        return f"device {q} does not see devices {unseen}" if unseen else f"device {q} is connected"

@@ -1,0 +1,215 @@
+"""The control messages between runners (START, RESULT, ABORT, REFUSE): how they are built and how a
+receiver checks them against its bundle before acting. HELLO is membership.py's.
+
+Every `check_*` raises FrameError (or InputError for the values of inputs) with one line naming the
+field; the array rules run while the message is decoded, before any array exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import FrameError
+from ..plan import Plan
+from ..errors import InputError
+from .admission import check_generate, check_ids
+from .bundle import Limits
+from .protocol import ArrayRules, Kind, encode, get_bool, get_dict, get_float, get_int, get_list, get_str
+
+MAX_BUDGET_S = 24 * 3600.0
+MAX_ERROR = 2000
+
+
+# ----------------------------------------------------------------------------------------------- START
+def start_message(request: int, coordinator: int, plan: Plan, own: dict[str, np.ndarray], budget_s: float,
+                  outputs: set[str] | None, generate: dict | None = None, stream: bool = False,
+                  prompt_ids: np.ndarray | None = None) -> list[bytes]:
+    """START device p of a request: its own token inputs, the request's mask; for generation the options,
+    and for the tail device the whole prompt's ids (`prompt_ids`, for its repetition penalty)."""
+    meta = {"request": request, "coordinator": coordinator, "budget_s": budget_s,
+            "outputs": sorted(outputs) if outputs is not None else None}
+    if generate is not None:
+        meta.update(generate=generate, stream=stream)
+    arrays = {"attention_mask": np.asarray(plan.attention_mask, np.int64), **own}
+    if prompt_ids is not None:
+        arrays[PROMPT] = np.asarray(prompt_ids, np.int64)
+    return encode(Kind.START, meta, arrays)
+
+
+PROMPT = "prompt_ids"
+
+
+def start_rules(limits: Limits) -> ArrayRules:
+    def allow(name, dtype, shape):
+        if name == "attention_mask" or (name == PROMPT and limits.generates):
+            ok = dtype == "int64" and len(shape) == 2 and 1 <= shape[0] <= limits.max_batch \
+                and 1 <= shape[1] <= limits.max_seq_len
+            return None if ok else f"{dtype} {list(shape)}: must be int64 [batch <= {limits.max_batch}, " \
+                                   f"tokens <= {limits.max_seq_len}]"
+        if name not in limits.token_inputs:
+            return f"not a token input of this model ({', '.join(limits.embed_inputs)})"
+        want, width = limits.token_inputs[name]
+        rank = 2 if width is None else 3
+        ok = dtype == want and len(shape) == rank and 1 <= shape[0] <= limits.max_batch \
+            and 1 <= shape[1] <= limits.max_seq_len and (width is None or shape[2] == width)
+        return None if ok else f"{dtype} {list(shape)}: must be {want} of rank {rank}" + \
+            (f" with width {width}" if width else "")
+
+    return ArrayRules(limits.max_message_bytes, max_arrays=2 + len(limits.embed_inputs), allow=allow)
+
+
+@dataclass
+class Start:
+    request: int
+    coordinator: int
+    budget_s: float
+    outputs: set[str] | None
+    attention_mask: np.ndarray
+    own_inputs: dict[str, np.ndarray]
+    generate: dict | None = None  # generation options (admission.check_generate), the tail device decodes
+    stream: bool = False
+    prompt_ids: np.ndarray | None = None
+
+
+def check_start(meta: dict, arrays: dict, limits: Limits) -> Start:
+    request = get_int(meta, "request")
+    coordinator = get_int(meta, "coordinator", 0, limits.devices - 1)
+    budget = get_float(meta, "budget_s", 1e-3, MAX_BUDGET_S)
+    outputs = get_list(meta, "outputs", str, len(limits.outputs), default=None)
+    if outputs is not None and not set(outputs) <= set(limits.outputs):
+        raise FrameError(f"field 'outputs' must name outputs of this model {list(limits.outputs)}")
+    generate = None
+    if meta.get("generate") is not None:
+        try:
+            generate = check_generate(meta["generate"], limits)
+        except InputError as e:
+            raise FrameError(f"field 'generate': {e}") from None
+    missing = [n for n in ("attention_mask", *limits.embed_inputs) if n not in arrays]
+    if missing:
+        raise FrameError(f"START carries no {missing}")
+    mask = arrays["attention_mask"]
+    own = {n: arrays[n] for n in limits.embed_inputs}
+    if any(a.shape[0] != mask.shape[0] for a in own.values()):
+        raise FrameError("START inputs and attention_mask differ in batch size")
+    if "input_ids" in own:
+        check_ids(own["input_ids"], None, limits)
+    if not np.isin(mask, (0, 1)).all():
+        raise FrameError("START attention_mask must hold only 0 and 1")
+    prompt = arrays.get(PROMPT)
+    if prompt is not None:
+        if generate is None or prompt.shape != mask.shape:
+            raise FrameError("START carries prompt_ids without generation options, or not of the mask's shape")
+        check_ids(prompt, None, limits)
+    return Start(request, coordinator, budget, set(outputs) if outputs is not None else None, np.array(mask),
+                 {k: np.array(v) for k, v in own.items()}, generate, get_bool(meta, "stream", default=False),
+                 None if prompt is None else np.array(prompt))
+
+
+# ---------------------------------------------------------------------------------------------- RESULT
+def result_rules(limits: Limits) -> ArrayRules:
+    def allow(name, dtype, shape):
+        if name == GENERATED and limits.generates:
+            ok = dtype == "int64" and len(shape) == 2 and shape[0] <= limits.max_batch and \
+                shape[1] <= limits.max_positions
+            return None if ok else f"{dtype} {list(shape)}: generated ids must be int64 [batch, new tokens]"
+        if name not in limits.outputs:
+            return f"not an output of this model ({', '.join(limits.outputs)})"
+        ok = dtype == "float32" and 2 <= len(shape) <= 3 and shape[0] <= limits.max_batch \
+            and (len(shape) == 2 or shape[1] <= limits.max_seq_len)
+        return None if ok else f"{dtype} {list(shape)}: not an output shape this export produces"
+
+    return ArrayRules(limits.max_message_bytes, max_arrays=len(limits.outputs) + 1, allow=allow)
+
+
+GENERATED = "generated_ids"  # the tail device's RESULT of a generation request: [B, T] ids, -1 after a row ends
+GENERATION_STATS = {"prompt_tokens": int, "generated_tokens": int, "time_to_first_token_ms": float,
+                    "decode_tokens_per_s": float, "cache_bytes": int}
+
+
+@dataclass
+class Result:
+    request: int
+    rank: int
+    ok: bool
+    error: str
+    timings: dict
+    traffic: dict
+    outputs: dict
+    span: tuple[int, int] = (0, 0)  # the tokens [start, end) the device held (the split used)
+    generation: dict | None = None  # the tail device's: GENERATION_STATS and finish_reasons
+
+
+def check_result(meta: dict, arrays: dict, limits: Limits) -> Result:
+    request, rank = get_int(meta, "request"), get_int(meta, "rank", 0, limits.devices - 1)
+    ok, error = get_bool(meta, "ok"), get_str(meta, "error", 100_000, default="")[:MAX_ERROR]
+    timings = get_dict(meta, "timings", 2 * limits.layers + 8, default={})
+    if not all(type(v) in (int, float) and 0 <= v < 1e6 for v in timings.values()):
+        raise FrameError("field 'timings' must map graphs to seconds")
+    t = get_dict(meta, "traffic", 8, default={})
+    per_layer = get_dict(t, "per_layer", 2)
+    traffic = {"bytes_sent": get_int(t, "bytes_sent"), "bytes_received": get_int(t, "bytes_received"),
+               "per_layer": {k: get_list(per_layer, k, int, limits.layers) for k in ("sent", "received")},
+               "rejected_frames": get_int(t, "rejected_frames", default=0)}
+    span = get_list(meta, "span", int, 2, default=[0, 0])
+    if len(span) != 2 or not 0 <= span[0] <= span[1] <= limits.max_seq_len:
+        raise FrameError(f"field 'span' must be [start, end] within {limits.max_seq_len} tokens")
+    generation = None
+    if meta.get("generation") is not None:
+        g = get_dict(meta, "generation", 8)
+        generation = {}
+        for key, kind in GENERATION_STATS.items():
+            v = g.get(key)
+            if v is not None and (type(v) not in (int, float) or not 0 <= v < 1e15 or (kind is int and type(v) is not int)):
+                raise FrameError(f"field 'generation.{key}' must be a non-negative {kind.__name__}")
+            generation[key] = v
+        generation["finish_reasons"] = get_list(g, "finish_reasons", str, limits.max_batch, max_len=8)
+        if not set(generation["finish_reasons"]) <= {"stop", "length"}:
+            raise FrameError("field 'generation.finish_reasons' must hold 'stop' or 'length'")
+    return Result(request, rank, ok, error or ("" if ok else "device failed"), timings, traffic,
+                  {k: np.array(v) for k, v in arrays.items()}, (span[0], span[1]), generation)
+
+
+# ---------------------------------------------------------------------------------------------- TOKENS
+def tokens_message(request: int, rank: int, step: int, ids: np.ndarray) -> list[bytes]:
+    """The tail device streams each generated token of every row (-1: the row has ended)."""
+    return encode(Kind.TOKENS, {"request": request, "rank": rank, "step": step},
+                  {"ids": np.asarray(ids, np.int64)})
+
+
+def tokens_rules(limits: Limits) -> ArrayRules:
+    def allow(name, dtype, shape):
+        ok = name == "ids" and dtype == "int64" and len(shape) == 1 and 1 <= shape[0] <= limits.max_batch
+        return None if ok else f"{name} {dtype} {list(shape)}: TOKENS carry ids int64 [batch]"
+
+    return ArrayRules(8 * limits.max_batch, max_arrays=1, allow=allow)
+
+
+@dataclass
+class Tokens:
+    request: int
+    rank: int
+    step: int
+    ids: np.ndarray  # [B]
+
+
+def check_tokens(meta: dict, arrays: dict, limits: Limits) -> Tokens:
+    if not limits.generates:
+        raise FrameError("TOKENS for an export that cannot generate")
+    ids = arrays.get("ids")
+    if ids is None:
+        raise FrameError("TOKENS carry no ids")
+    if ids.size and (ids.min() < -1 or ids.max() >= limits.vocab_size):
+        raise FrameError(f"TOKENS ids outside [-1, {limits.vocab_size})")
+    return Tokens(get_int(meta, "request"), get_int(meta, "rank", 0, limits.devices - 1),
+                  get_int(meta, "step", 0, limits.max_positions), np.array(ids))
+
+
+# ----------------------------------------------------------------------------------------- ABORT, REFUSE
+def check_abort(meta: dict) -> tuple[int, str]:
+    return get_int(meta, "request"), get_str(meta, "reason", 100_000, default="")[:MAX_ERROR]
+
+
+def check_refuse(meta: dict, devices: int) -> tuple[int, str]:
+    return get_int(meta, "from", 0, devices - 1), get_str(meta, "reason", 100_000, default="")[:MAX_ERROR]

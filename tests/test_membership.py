@@ -1,0 +1,132 @@
+"""Membership without sockets: heartbeats, liveness, readiness and the handshake, driven by explicit times."""
+
+import pytest
+
+from prism_onnx.errors import FrameError
+from prism_onnx.runtime.membership import DEAD_AFTER_S, HEARTBEAT_S, Membership
+
+SETTINGS = {"devices": 3, "compression_ratio": 2}
+
+
+def cluster(n=3, export="e" * 64, serving=(0,)):
+    return [Membership(r, {q: f"tcp://h{q}:1" for q in range(n) if q != r}, export, {**SETTINGS, "devices": n},
+                       f"nonce{r}", serving=r in serving) for r in range(n)]
+
+
+def exchange(ms, now, skip=(), sessions=None):
+    """Every runner's HELLO reaches every other, except the (src, dst) pairs in skip."""
+    hellos = {m.rank: m.hello(now) for m in ms}
+    for m in ms:
+        for src, meta in hellos.items():
+            if src != m.rank and (src, m.rank) not in skip:
+                v = m.on_hello(meta, now, (sessions or {}).get(src, f"s{src}".encode()), key_rank=src)
+                assert v.accept, v
+
+
+def run(ms, start, stop, skip=()):
+    t = start
+    while t < stop:
+        exchange(ms, t, skip)
+        for m in ms:
+            m.tick(t)
+        t += HEARTBEAT_S
+    return t
+
+
+def test_ready_after_two_rounds_of_hellos_and_not_before():
+    ms = cluster()
+    exchange(ms, 0.0)
+    assert not any(m.ready(0.0) for m in ms)  # nobody has heard its own HELLO echoed yet
+    run(ms, 0.2, 0.7)
+    assert all(m.ready(0.7) for m in ms) and all(m.ever_ready for m in ms)
+
+
+def test_a_silent_peer_is_lost_after_dead_after_and_back_after_one_round():
+    """The stalled-runner case (SIGSTOP 15 s, SIGCONT): while device 1 is silent the others lose it within
+    dead_after; when it resumes, one round of HELLOs makes everyone ready again, whatever it held before."""
+    ms = cluster()
+    t = run(ms, 0.0, 1.0)
+    assert all(m.ready(t) for m in ms)
+    stop = t
+    silent = {(1, 0), (1, 2), (0, 1), (2, 1)}  # device 1 neither sends nor receives
+    lost_at = None
+    while t < stop + 15.0:
+        exchange(ms, t, skip=silent)
+        lost, _ = ms[0].tick(t)
+        if 1 in lost:
+            lost_at = t
+        t += HEARTBEAT_S
+    assert lost_at is not None and lost_at - stop <= DEAD_AFTER_S + HEARTBEAT_S + 1e-9
+    assert not ms[0].ready(t) and ms[0].missing(t) == [1, 2]  # 2 is alive but does not see 1 either
+    assert "sent no heartbeat" in ms[0].describe(1, t) and "does not see devices [1]" in ms[0].describe(2, t)
+    # device 1 resumes: its own view is stale (everyone silent for 15 s) until fresh HELLOs arrive
+    assert not ms[1].ready(t)
+    t = run(ms, t, t + 3 * HEARTBEAT_S)
+    assert all(m.ready(t) for m in ms)
+
+
+def test_a_peer_that_does_not_hear_us_is_not_alive_even_if_we_hear_it():
+    """One direction broken (e.g. our connection to it black-holes our messages): its HELLOs still arrive,
+    but they echo only old HELLOs of ours, so it is not alive and requests are refused, not sent into a hole."""
+    ms = cluster(2)
+    t = run(ms, 0.0, 1.0)
+    assert ms[0].ready(t)
+    t = run(ms, t, t + 2.0, skip={(0, 1)})  # device 0's HELLOs no longer reach device 1
+    assert not ms[0].alive(1, t) and "does not hear" in ms[0].describe(1, t)
+    assert not ms[1].alive(0, t)
+
+
+def test_readiness_needs_every_pair_not_only_the_coordinator():
+    ms = cluster(3)
+    t = run(ms, 0.0, 2.0, skip={(1, 2), (2, 1)})  # devices 1 and 2 cannot reach each other
+    assert ms[0].alive(1, t) and ms[0].alive(2, t)
+    assert not ms[0].ready(t) and ms[0].missing(t) == [1, 2]
+    assert "does not see devices [2]" in ms[0].describe(1, t)
+
+
+def test_handshake_refusals():
+    a, b = cluster(2)
+    meta = b.hello(0.0)
+    assert "came with the key of device 0" in a.on_hello({**meta, "rank": 1}, 0.0, b"s", key_rank=0).refuse
+    other = Membership(1, {0: "x"}, "f" * 64, {**SETTINGS, "devices": 2, "compression_ratio": 3}, "n")
+    v = a.on_hello(other.hello(0.0), 0.0, b"s", key_rank=1)
+    assert "another export" in v.refuse and "compression_ratio 3 vs 2" in v.refuse and v.fatal  # before ready
+    assert "both serve clients" in a.on_hello({**meta, "serving": True}, 0.0, b"s").refuse
+    assert "not in 0..1" in a.on_hello({**meta, "rank": 5}, 0.0, b"s").refuse
+    assert "two runners claim rank 0" in a.on_hello({**meta, "rank": 0}, 0.0, b"s").refuse
+
+
+def test_second_runner_for_a_live_rank_is_refused_and_a_restarted_one_replaces_a_lost_one():
+    ms = cluster(2)
+    t = run(ms, 0.0, 1.0)
+    impostor = {**ms[1].hello(t), "nonce": "other"}
+    assert "a live one is already connected" in ms[0].on_hello(impostor, t, b"x", key_rank=1).refuse
+    later = t + DEAD_AFTER_S + 0.1
+    ms[0].tick(later)
+    v = ms[0].on_hello({**impostor, "t": later}, later, b"x", key_rank=1)
+    assert v.accept and v.note == "device 1 restarted" and ms[0].is_session(1, b"x")
+
+
+def test_messages_are_bound_to_the_session_of_the_last_hello():
+    ms = cluster(2)
+    run(ms, 0.0, 1.0)
+    assert ms[0].is_session(1, b"s1") and not ms[0].is_session(1, b"s0")
+    v = ms[0].on_hello(ms[1].hello(1.0), 1.0, b"new", key_rank=1)  # same runner, new connection
+    assert v.accept and v.note == "device 1 reconnected" and ms[0].is_session(1, b"new")
+
+
+@pytest.mark.parametrize("bad", [{"rank": "1"}, {"rank": -1}, {"t": "now"}, {"nonce": "n" * 100}, {"echo": []},
+                                 {"echo": {"0": "x"}}, {"sees": [1, "2"]}, {"serving": 1}, {"settings": [1]}])
+def test_malformed_hello_is_a_frame_error(bad):
+    a, b = cluster(2)
+    with pytest.raises(FrameError):
+        a.on_hello({**b.hello(0.0), **bad}, 0.0, b"s")
+
+
+def test_an_echo_from_the_future_is_ignored():
+    a, b = cluster(2)
+    run([a, b], 0.0, 1.0)
+    meta = b.hello(1.0)
+    meta["echo"] = {"0": 1e9}
+    a.on_hello(meta, 1.0, b"s1", key_rank=1)
+    assert a.peers[1].echo < 2.0
