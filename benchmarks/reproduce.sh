@@ -41,3 +41,7 @@ $P export out/bench/tiny-bert -P 2 --cr 2 --out out/bench/tiny-bert-p2 --overwri
 $PY benchmarks/fuzz_runtime.py out/bench/tiny-bert-p2 --messages 10000 > $R/fuzz_runtime.json
 $P bench out/bench/bert-base-p2-cr128 --seq-len 512 --bandwidth 100mbit --repeats 25 --curve both --json \
     > $R/bench_curve_cost.json
+# issue 9: failover
+$P export sentence-transformers/all-MiniLM-L6-v2 -P 3 --cr 1 --out out/bench/minilm-p3-cr1 --overwrite
+$PY benchmarks/failover.py out/bench/minilm-p3-cr1 --requests 1000 --kill 2@3 --restart 2@8 --kill 0@13 \
+    --restart 0@18 --json $R/failover_minilm_p3.json

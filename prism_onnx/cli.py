@@ -388,7 +388,7 @@ def inspect(export_dir, verify, as_json):
 @click.option("--peer-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds to wait at start-up for every peer to come up.")
 @click.option("--heartbeat-timeout", type=click.FloatRange(min=0.3), default=1.0, show_default=True,
-              help="A peer silent for this long is lost: the requests it was part of fail at once.")
+              help="A peer silent for this long is lost: the requests it was part of are rerun without it.")
 @click.option("--bind", default=None, help="Address to listen on (default: this device's own HOST in --peers; "
                                            "'*' for every interface).")
 @click.option("--keys", "keys", type=click.Path(file_okay=False), default=None,
@@ -396,11 +396,18 @@ def inspect(export_dir, verify, as_json):
 @click.option("--insecure", is_flag=True, help="No authentication or encryption (a trusted, isolated network only).")
 @click.option("--max-cache-mb", type=click.FloatRange(min=0), default=1024.0, show_default=True,
               help="Key/value cache one generation request may hold on this device (the tail decodes).")
+@click.option("--min-devices", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --serve: below this many live devices, requests fail at once, naming the lost devices "
+                   "(above it, a lost device's requests are rerun over the others).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info")
 @friendly_errors
 def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_timeout, bind, keys, insecure,
-        max_cache_mb, log_level):
-    """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM."""
+        max_cache_mb, min_devices, log_level):
+    """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM.
+
+    Any rank may --serve clients: it coordinates the requests it receives, planned over the devices that are
+    live at that moment; when a device is lost, its requests are rerun over the others, and it rejoins from
+    the next request on when it comes back."""
     import logging
     import signal
 
@@ -409,7 +416,7 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_ti
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     host = DeviceHost(bundle, rank=rank, peers=peers, serve=serve, threads=threads, timeout=timeout,
                       peer_timeout=peer_timeout, bind=bind, keys=keys, insecure=insecure,
-                      dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb)
+                      dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb, min_devices=min_devices)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: host.stop.set())
     sys.exit(host.run())
@@ -548,50 +555,147 @@ def _print_generation(r):
     click.echo(f"  prefill bytes sent per device {st['bytes_sent']} (nothing moves between devices while decoding)")
 
 
+def batch_options(fn):
+    """--texts-file / --ids-file: one request per line (the batch client, runtime/batch.py)."""
+    fn = click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, allow_dash=True), default=None,
+                      help="One request per line: comma-separated token ids ('-': stdin).")(fn)
+    fn = click.option("--texts-file", type=click.Path(exists=True, dir_okay=False, allow_dash=True), default=None,
+                      help="One request per line: a text ('-': stdin). Prints one JSON line per request (index, "
+                           "ok, error, latency_ms, devices, bytes, ...); exits 1 if any failed.")(fn)
+    return fn
+
+
+def batch_kind(texts_file, ids_file, texts, images, input_ids) -> tuple[str, str] | None:
+    """("texts" | "ids", path) for a batch file, None for a single request; one kind of input only."""
+    files = [(k, f) for k, f in (("texts", texts_file), ("ids", ids_file)) if f]
+    if not files:
+        return None
+    if len(files) > 1 or texts or images or input_ids:
+        raise click.UsageError("give one of --texts-file, --ids-file, --text, --image, --input-ids")
+    return files[0]
+
+
+def _run_batch(client, kind, save, gen) -> None:
+    """The batch client: one JSON line per request on stdout, a summary on stderr, exit 1 if any failed."""
+    from .runtime.batch import read_lines, run_batch
+
+    if save and Path(save).exists() and not Path(save).is_dir():
+        raise click.UsageError(f"--save {save}: with a batch file, --save names a folder (NNNNNN.npz per request)")
+    config = _generation_config(**gen) if gen and gen["max_new_tokens"] else None
+    n, failed = run_batch(client, read_lines(kind[1]), kind[0], save, config)
+    click.echo(f"{n} requests, {failed} failed", err=True)
+    if failed:
+        sys.exit(1)
+
+
 @main.command()
-@click.option("--server", required=True, help="HOST:PORT of the serving device.")
+@click.option("--server", required=True,
+              help="HOST:PORT of a serving runner, or several comma-separated: the next one is used (and the "
+                   "request resent) when one is lost.")
 @input_options
+@batch_options
 @generation_options
 @click.option("--keys", "keys", type=click.Path(exists=True, file_okay=False), default=None,
               help="The client folder `prism keys` wrote (EXPORT_DIR/client).")
 @click.option("--insecure", is_flag=True, help="Plain text, for a cluster started with --insecure.")
-@click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the outputs to an .npz file.")
+@click.option("--save", type=click.Path(), default=None,
+              help="Write the outputs to an .npz file (with a batch file: a folder, NNNNNN.npz per request).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def infer(server, texts, images, input_ids, keys, insecure, save, timeout, as_json, **gen):
+def infer(server, texts, images, input_ids, texts_file, ids_file, keys, insecure, save, timeout, as_json, **gen):
     """Send one request to a running cluster and print (or --save) its outputs and per-device stats; with
-    --max-new-tokens, generate text (prefill over the devices, decoding on the last)."""
+    --max-new-tokens, generate text (prefill over the devices, decoding on the last). With --texts-file or
+    --ids-file, one request per line, in order."""
     from .runtime.client import Client
 
+    kind = batch_kind(texts_file, ids_file, texts, images, input_ids)
     if bool(keys) == bool(insecure):
         raise click.UsageError("give --keys EXPORT_DIR/client (or --insecure for a cluster started with --insecure)")
     client = Client(server, timeout=timeout, keys=keys)
     try:
+        if kind:
+            return _run_batch(client, kind, save, gen)
         result = _request(client, texts, images, input_ids, gen)
     finally:
         client.close()
-    _finish(result, save, as_json, generated=bool(gen["max_new_tokens"]))
+    _finish(result, save, as_json, generated=bool(gen["max_new_tokens"]),
+            extra={"server": client.last_server.removeprefix("tcp://"), "failovers": client.last_failovers,
+                   "attempts": client.last_reply.get("attempts")})
+
+
+def _faults(values: tuple[str, ...], what: str, devices: int) -> list[tuple[int, float]]:
+    """--kill/--restart RANK@SECONDS -> [(rank, seconds)]."""
+    out = []
+    for v in values:
+        rank, _, when = v.partition("@")
+        try:
+            out.append((int(rank), float(when)))
+        except ValueError:
+            raise click.UsageError(f"--{what} {v}: expected RANK@SECONDS, e.g. 2@1.5") from None
+        if not 0 <= out[-1][0] < devices or out[-1][1] < 0:
+            raise click.UsageError(f"--{what} {v}: rank must be in 0..{devices - 1}, seconds >= 0")
+    return out
 
 
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
 @input_options
+@batch_options
 @generation_options
-@click.option("--save", type=click.Path(dir_okay=False), default=None, help="Write the outputs to an .npz file.")
+@click.option("--save", type=click.Path(), default=None,
+              help="Write the outputs to an .npz file (with a batch file: a folder, NNNNNN.npz per request).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True)
 @click.option("--insecure", is_flag=True, help="Run the runners without CurveZMQ.")
+@click.option("--kill", "kills", multiple=True, metavar="RANK@SECONDS",
+              help="Kill runner RANK (SIGKILL) this many seconds after the requests start (repeatable). With it, "
+                   "every runner serves clients and the client fails over between them.")
+@click.option("--restart", "restarts", multiple=True, metavar="RANK@SECONDS",
+              help="Start runner RANK again at this time (repeatable): it rejoins the plan of later requests.")
+@click.option("--min-devices", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Requests fail, naming the lost devices, when fewer runners than this are live.")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def launch(export_dir, texts, images, input_ids, save, threads, timeout, insecure, as_json, **gen):
+def launch(export_dir, texts, images, input_ids, texts_file, ids_file, save, threads, timeout, insecure, kills,
+           restarts, min_devices, as_json, **gen):
     """Start one runner per device bundle on loopback (with the export's keys), run the inputs, print
-    outputs and stats, stop them; with --max-new-tokens, generate text."""
+    outputs and stats, stop them; with --max-new-tokens, generate text. With --texts-file/--ids-file, one
+    request per line; with --kill/--restart, show a device failing and coming back in the middle of them."""
+    import threading
+
     from .runtime.client import LocalCluster
 
-    one_input_kind(texts, images, input_ids)
-    with LocalCluster(export_dir, threads=threads, timeout=timeout, secure=not insecure) as cluster:
-        result = _request(cluster.client, texts, images, input_ids, gen)
+    kind = batch_kind(texts_file, ids_file, texts, images, input_ids)
+    if not kind:
+        one_input_kind(texts, images, input_ids)
+    from .runtime.bundle import Export
+
+    devices = len(Export.load(export_dir).devices)
+    faults = [("kill", k, t) for k, t in _faults(kills, "kill", devices)] + \
+        [("restart", k, t) for k, t in _faults(restarts, "restart", devices)]
+    elastic = bool(faults) or min_devices > 1
+    with LocalCluster(export_dir, threads=threads, timeout=timeout, secure=not insecure, serve_all=elastic,
+                      extra_args=["--min-devices", str(min_devices)] if min_devices > 1 else []) as cluster:
+        client = cluster.new_client(failover=True) if elastic else cluster.client
+
+        def act(what, k):
+            click.echo(f"[launch] {what} runner {k}", err=True)
+            cluster.kill(k) if what == "kill" else cluster.start_device(k)
+
+        timers = [threading.Timer(t, act, (what, k)) for what, k, t in faults]
+        for timer in timers:
+            timer.daemon = True
+            timer.start()
+        try:
+            if kind:
+                return _run_batch(client, kind, save, gen)
+            result = _request(client, texts, images, input_ids, gen)
+        finally:
+            for timer in timers:
+                timer.cancel()
+            if client is not cluster.client:
+                client.close()
     _finish(result, save, as_json, {"devices": len(cluster.procs), "peers": cluster.peers},
             generated=bool(gen["max_new_tokens"]))
 

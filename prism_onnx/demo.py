@@ -66,7 +66,7 @@ def run_demo(out: str | Path = "out/demo", devices: int = 2, cr: int = 8, text: 
     model = models.load(MODEL)
     with torch.no_grad():
         full = model(**{k: torch.from_numpy(v) for k, v in inputs.items()}).last_hidden_state.numpy()
-    sim = run_devices(prism_model(model), token_inputs, plan)["last_hidden_state"].numpy()
+        sim = run_devices(prism_model(model), token_inputs, plan)["last_hidden_state"].numpy()
     hidden = outputs["last_hidden_state"]
     emb, emb_full = mean_pool(hidden, mask), mean_pool(full, mask)
 

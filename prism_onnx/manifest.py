@@ -308,8 +308,10 @@ class Manifest:
             raise BundleError(f"{where}: rank {m.rank} outside 0..{m.devices - 1}")
         return m
 
-    def plan(self, attention_mask, split_weights=None):
-        """The partition plan of a request under these settings (every device computes the same one)."""
+    def plan(self, attention_mask, split_weights=None, ranks=None):
+        """The partition plan of a request under these settings (every device computes the same one):
+        over the devices `ranks` (default all), with `split_weights` per plan position (default the
+        export's weights of those devices)."""
         from .plan import plan_for
 
-        return plan_for(self.model, attention_mask, self.settings, split_weights)
+        return plan_for(self.model, attention_mask, self.settings, split_weights, ranks)

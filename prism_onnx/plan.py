@@ -9,6 +9,12 @@ Vocabulary:
     sink        a token sent as a segment of its own (count 1): the first token, and for BERT the last
     averager    [B, S, n] matrix; averager @ z gives the S segment means of a device's n tokens
     counts      [B, S] valid tokens in each segment (padding excluded); 0 means "no such segment"
+    rank        a device of the export (0..P-1), as `prism run --rank` names it
+    position    a plan's i-th partition (0..devices-1): the i-th contiguous slice of the sequence
+    ranks       a plan's membership: position i is computed by device ranks[i] (strictly increasing, so the
+                token order is the rank order). The default is every device, ranks[i] = i. A plan over the
+                live devices of an export (elastic partitions: a device was lost) has fewer positions than
+                the export has devices; every method below that takes a device takes its *rank*.
 """
 
 from __future__ import annotations
@@ -138,9 +144,10 @@ class Plan:
     causal: bool = False
     sinks: tuple[str, ...] = ()  # the model's sink tokens that are kept (empty = keep_sinks off)
     count_bias: bool = True
-    weights: tuple[float, ...] | None = None
-    spans: list[tuple[int, int]] = field(init=False)
-    segments: list[Segments] = field(init=False)
+    weights: tuple[float, ...] | None = None  # split weight per position (None: as even as possible)
+    ranks: tuple[int, ...] | None = None  # position -> device rank (None: 0..devices-1)
+    spans: list[tuple[int, int]] = field(init=False)  # per position
+    segments: list[Segments] = field(init=False)  # per position (Plan.segment(rank) by rank)
 
     def __post_init__(self):
         mask = np.asarray(self.attention_mask)
@@ -151,6 +158,11 @@ class Plan:
         unknown = set(self.sinks) - set(SINK_KINDS)
         if unknown:
             raise PlanError(f"unknown sink kinds {sorted(unknown)}; known: {SINK_KINDS}")
+        ranks = tuple(range(self.devices)) if self.ranks is None else tuple(int(r) for r in self.ranks)
+        if len(ranks) != self.devices or any(r < 0 for r in ranks) or any(a >= b for a, b in zip(ranks, ranks[1:])):
+            raise PlanError(f"plan ranks must be {self.devices} increasing device ranks, got {list(ranks)}")
+        object.__setattr__(self, "ranks", ranks)
+        object.__setattr__(self, "_position", {r: i for i, r in enumerate(ranks)})
         spans = split_tokens(mask.shape[1], self.devices, list(self.weights) if self.weights else None)
         object.__setattr__(self, "spans", spans)
         segs = [segment_tokens(s, e, mask, self.compression_ratio, self.sinks) for s, e in spans]
@@ -164,34 +176,51 @@ class Plan:
     def n_tokens(self) -> int:
         return int(self.attention_mask.shape[1])
 
+    @property
+    def tail(self) -> int:
+        """The rank of the last partition (it decodes a generation request)."""
+        return self.ranks[-1]
+
+    def position(self, rank: int) -> int:
+        """The plan position device `rank` computes (PlanError when it is not in this plan)."""
+        try:
+            return self._position[rank]
+        except KeyError:
+            raise PlanError(f"device {rank} is not in this plan (devices {list(self.ranks)})") from None
+
     def span(self, p: int) -> tuple[int, int]:
-        return self.spans[p]
+        return self.spans[self.position(p)]
+
+    def segment(self, p: int) -> Segments:
+        """The segments device p sends."""
+        return self.segments[self.position(p)]
 
     def sources(self, p: int) -> list[int]:
-        """Devices whose means device p receives, in device order. With a causal model, only earlier
+        """Devices whose means device p receives, in rank order. With a causal model, only earlier
         devices: later tokens are invisible to p (partition-aware causal mask), so they are not sent."""
-        return [q for q in range(self.devices) if q != p and (q < p or not self.causal)]
+        self.position(p)
+        return [q for q in self.ranks if q != p and (q < p or not self.causal)]
 
     def receivers(self, q: int) -> list[int]:
         """Devices that device q sends its means to."""
-        return [p for p in range(self.devices) if q in self.sources(p)]
+        return [p for p in self.ranks if q in self.sources(p)]
 
     def averager(self, p: int) -> np.ndarray:
         """[B, S_p, n_p]; an empty [B, 0, n_p] when nobody receives from p."""
-        seg = self.segments[p].averager
+        seg = self.segment(p).averager
         return seg if self.receivers(p) else seg[:, :0, :]
 
     def position_ids(self, p: int) -> np.ndarray:
         """[B, n_p] positions of device p's tokens in their own row: the real tokens before them, so a row
         padded on the left counts from its first real token, as transformers' generate does; with right or
         no padding these are the global indices s_p..e_p-1 (padding takes its neighbour's position, unused)."""
-        s, e = self.spans[p]
+        s, e = self.span(p)
         mask = np.asarray(self.attention_mask).astype(bool)
         pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)  # [B, N]
         return np.ascontiguousarray(pos[:, s:e], dtype=np.int64)
 
     def valid(self, p: int) -> np.ndarray:
-        s, e = self.spans[p]
+        s, e = self.span(p)
         return np.asarray(self.attention_mask)[:, s:e].astype(bool)
 
     def local_bias(self, p: int) -> np.ndarray:
@@ -199,7 +228,7 @@ class Plan:
 
     def remote_counts(self, p: int) -> np.ndarray:
         """[B, R_p] counts of the rows device p receives, in device order."""
-        parts = [self.segments[q].counts for q in self.sources(p)]
+        parts = [self.segment(q).counts for q in self.sources(p)]
         return np.concatenate(parts, axis=1) if parts else np.zeros((self.batch, 0), np.int32)
 
     def remote_bias(self, p: int) -> np.ndarray:
@@ -207,30 +236,54 @@ class Plan:
 
     def kv_rows(self, p: int) -> int:
         """Rows device p projects to keys and values per layer: own tokens + received means."""
-        s, e = self.spans[p]
+        s, e = self.span(p)
         return (e - s) + int(self.remote_counts(p).shape[1])
 
     def sent_rows(self, p: int) -> int:
         """Mean rows device p sends per layer, summed over its receivers (per batch row)."""
-        return self.segments[p].rows * len(self.receivers(p))
+        return self.segment(p).rows * len(self.receivers(p))
+
+    def describe(self) -> dict:
+        """What a reply reports of the plan in force: the ranks that computed it, their split weights and
+        their token spans [start, end), position by position."""
+        return {"ranks": list(self.ranks), "split_weights": list(self.weights) if self.weights else None,
+                "spans": [list(s) for s in self.spans]}
 
 
 def make_plan(spec, attention_mask, *, devices: int, compression_ratio: int, count_bias: bool = True,
-              keep_sinks: bool = True, split_weights=None) -> Plan:
-    """The plan for a model (its ModelSpec: `causal`, `sinks`) and a request's [B, N] attention mask."""
+              keep_sinks: bool = True, split_weights=None, ranks=None) -> Plan:
+    """The plan for a model (its ModelSpec: `causal`, `sinks`) and a request's [B, N] attention mask;
+    `ranks`: the devices that compute it (position i -> ranks[i]; default 0..devices-1)."""
     return Plan(
         attention_mask=attention_mask, devices=devices, compression_ratio=compression_ratio,
         causal=spec.causal, sinks=tuple(spec.sinks) if keep_sinks else (), count_bias=count_bias,
-        weights=tuple(split_weights) if split_weights else None,
+        weights=tuple(split_weights) if split_weights else None, ranks=tuple(ranks) if ranks is not None else None,
     )
 
 
-def plan_for(spec, attention_mask, settings, split_weights=None) -> Plan:
-    """The plan of PrismSettings (P, CR, switches, split) for a request; `split_weights` overrides the
-    settings' split (a run-time choice)."""
-    return make_plan(spec, attention_mask, devices=settings.devices, compression_ratio=settings.compression_ratio,
-                     count_bias=settings.count_bias, keep_sinks=settings.keep_sinks,
-                     split_weights=split_weights if split_weights is not None else settings.split_weights)
+def member_weights(split_weights, ranks) -> list[float] | None:
+    """An export's split weights (one per device rank, or None) restricted to the devices `ranks` of a plan."""
+    if split_weights is None:
+        return None
+    if any(not 0 <= r < len(split_weights) for r in ranks):
+        raise PlanError(f"plan ranks {list(ranks)} outside the {len(split_weights)} devices of the split")
+    return [float(split_weights[r]) for r in ranks]
+
+
+def plan_for(spec, attention_mask, settings, split_weights=None, ranks=None) -> Plan:
+    """The plan of PrismSettings (P, CR, switches, split) for a request. `ranks`: the devices that compute it
+    (a subset of 0..P-1, e.g. the live ones; default all P); `split_weights`: one weight per *plan position*,
+    overriding the settings' split (a run-time choice; by default the settings' weights of those ranks)."""
+    if ranks is not None:
+        ranks = sorted(int(r) for r in ranks)
+        if len(set(ranks)) != len(ranks) or any(not 0 <= r < settings.devices for r in ranks) or not ranks:
+            raise PlanError(f"plan ranks {ranks} must be distinct devices of 0..{settings.devices - 1}")
+    devices = settings.devices if ranks is None else len(ranks)
+    if split_weights is None:
+        split_weights = settings.split_weights if ranks is None else member_weights(settings.split_weights, ranks)
+    return make_plan(spec, attention_mask, devices=devices, compression_ratio=settings.compression_ratio,
+                     count_bias=settings.count_bias, keep_sinks=settings.keep_sinks, split_weights=split_weights,
+                     ranks=ranks)
 
 
 def max_rows(max_tokens: int, compression_ratio: int) -> int:

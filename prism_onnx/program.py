@@ -304,11 +304,11 @@ def run_lockstep(program: Program, backend, plan, inputs: dict, exchanges: list,
                  outputs: set[str] | None = None, hooks: dict | None = None) -> list[DeviceResult]:
     """All devices in one thread, one step at a time across devices (the reference's loop): every exchange
     point's rows are sent by all devices before any device gathers them. `backend`: one for all devices, or
-    a list with one per device; `hooks`: {rank: on_step}."""
+    a list with one per plan position, as `exchanges`; `hooks`: {rank: on_step}."""
     hooks = hooks or {}
     backends = backend if isinstance(backend, list) else [backend] * plan.devices
-    runs = [DeviceRun(program, backends[p], plan, p, own_slice(inputs, plan, p), exchanges[p], request, outputs,
-                      hooks.get(p)) for p in range(plan.devices)]
+    runs = [DeviceRun(program, backends[i], plan, r, own_slice(inputs, plan, r), exchanges[i], request, outputs,
+                      hooks.get(r)) for i, r in enumerate(plan.ranks)]
     for step in program.steps:
         for run in runs:
             run.step(step)
@@ -340,7 +340,8 @@ def gather_outputs(program: Program, results: list[DeviceResult], concat: Callab
 class RequestStats:
     """What one request cost, per device in rank order: bytes on the wire (the exchange's own counters,
     in total and per exchange point), onnxruntime compute, the span of tokens each device held; and the
-    request's end-to-end latency where a client measured it."""
+    request's end-to-end latency where a client measured it. `ranks`, `spans` and `split_weights` are the
+    plan in force: the devices that computed the request (all P, or the live ones after a loss)."""
 
     ranks: list[int]
     bytes_sent: list[int]
@@ -349,6 +350,7 @@ class RequestStats:
     compute_ms: list[float]
     spans: list[list[int]] = field(default_factory=list)
     latency_ms: float | None = None
+    split_weights: list[float] | None = None  # the plan's weight per device (None: as even as possible)
 
     @classmethod
     def of(cls, results: list[DeviceResult], plan=None, latency_ms: float | None = None) -> "RequestStats":
@@ -360,9 +362,11 @@ class RequestStats:
                    per_layer=[{"sent": s, "received": x} for s, x in zip(sent, received)],
                    compute_ms=[round(1e3 * r.compute_s, 3) for r in results],
                    spans=[list(plan.span(r.rank)) for r in results] if plan is not None else [],
-                   latency_ms=None if latency_ms is None else round(latency_ms, 3))
+                   latency_ms=None if latency_ms is None else round(latency_ms, 3),
+                   split_weights=list(plan.weights) if plan is not None and plan.weights else None)
 
     def to_dict(self) -> dict:
-        return {"ranks": self.ranks, "spans": self.spans, "bytes_sent": self.bytes_sent,
+        return {"ranks": self.ranks, "spans": self.spans, "split_weights": self.split_weights,
+                "bytes_sent": self.bytes_sent,
                 "bytes_received": self.bytes_received, "per_layer": self.per_layer, "compute_ms": self.compute_ms,
                 "latency_ms": self.latency_ms}

@@ -33,11 +33,11 @@ def manifest(devices=3):
 
 
 class FakeMembership:
-    def __init__(self):
-        self.down = []
+    def __init__(self, devices=3):
+        self.devices, self.down = devices, []
 
-    def missing(self, now):
-        return list(self.down)
+    def members(self, now):
+        return [q for q in range(self.devices) if q not in self.down]
 
     def describe(self, q, now):
         return f"device {q} sent no heartbeat for 1.2 s"
@@ -45,12 +45,23 @@ class FakeMembership:
 
 @pytest.fixture
 def coord():
-    sent, replies, jobs = [], [], []
+    sent, replies, jobs, local = [], [], [], []
     c = Coordinator(DeviceBundle(Path("."), manifest()), 0, FakeMembership(), lambda q, parts: sent.append((q, parts))
-                    or True, lambda client, meta, arrays=None: replies.append((client, meta, arrays)),
-                    lambda job: jobs.append(job) or True, timeout=1.0)
-    c.sent, c.replies, c.jobs = sent, replies, jobs
+                    or True, lambda client, meta, arrays=None, kind=None: replies.append((client, meta, arrays)),
+                    lambda job: jobs.append(job) or True, timeout=1.0,
+                    abort_local=lambda request, why: local.append(request))
+    c.sent, c.replies, c.jobs, c.local_aborts = sent, replies, jobs, local
     return c
+
+
+def aborts(coord):
+    """(device, request id) of every ABORT sent so far, the coordinator's own worker included."""
+    out = []
+    for q, parts in coord.sent:
+        kind, meta, _ = decode(parts, 0)
+        assert kind == Kind.ABORT
+        out.append((q, meta["request"]))
+    return sorted(out + [(coord.rank, r) for r in coord.local_aborts])
 
 
 def request(coord, meta=None, arrays=None, client=b"c1", now=0.0):
@@ -58,12 +69,12 @@ def request(coord, meta=None, arrays=None, client=b"c1", now=0.0):
                      arrays if arrays is not None else {"input_ids": np.array([[1, 2, 3, 4, 5]])}, now)
 
 
-def result(request_id, rank, ok=True, n=2, error=""):
+def result(request_id, rank, ok=True, n=2, error="", retry=False, span=(0, 0)):
     traffic = {"bytes_sent": 10, "bytes_received": 20, "per_layer": {"sent": [5, 5], "received": [10, 10]}}
     outputs = {"last_hidden_state": np.full((1, n, D), float(rank), np.float32)} if ok else {}
     if ok and rank == 0:
         outputs["pooler_output"] = np.ones((1, D), np.float32)
-    return Result(request_id, rank, ok, error, {"embed": 0.001}, traffic, outputs)
+    return Result(request_id, rank, ok, error, {"embed": 0.001}, traffic, outputs, span, retry=retry)
 
 
 def test_request_runs_on_every_device_and_the_reply_gathers_outputs_in_rank_order(coord):
@@ -86,16 +97,7 @@ def test_a_device_error_fails_the_request_once_and_aborts_everyone(coord):
     coord.on_result(result(r, 2, ok=False, error="device 2: no means"), 0.2)
     coord.on_result(result(r, 0), 0.3)  # late: ignored
     assert [m["error"] for _, m, _ in coord.replies] == ["device 2: no means"]
-    aborts = [(q, decode(parts, 0)) for q, parts in coord.sent]
-    assert sorted(q for q, _ in aborts) == [1, 2] and all(k == Kind.ABORT and m["request"] == r for _, (k, m, _) in aborts)
-
-
-def test_a_lost_peer_fails_every_pending_request_at_once(coord):
-    request(coord, client=b"a")
-    request(coord, client=b"b")
-    coord.on_peer_lost(2, "device 2 sent no heartbeat for 1.0 s")
-    assert sorted(c for c, _, _ in coord.replies) == [b"a", b"b"]
-    assert all("device 2 sent no heartbeat" in m["error"] for _, m, _ in coord.replies) and not coord.pending
+    assert aborts(coord) == [(0, r), (1, r), (2, r)]  # every device of the attempt, this one's worker too
 
 
 def test_deadline_expiry_names_the_missing_devices(coord):
@@ -107,10 +109,16 @@ def test_deadline_expiry_names_the_missing_devices(coord):
     assert "timed out waiting for devices [1, 2]" in coord.replies[0][1]["error"]
 
 
-def test_refused_when_a_device_is_missing(coord):
-    coord.membership.down = [2]
+def test_planned_over_the_live_devices_and_refused_below_min_devices(coord):
+    coord.membership.down = [1]
     request(coord)
-    assert not coord.jobs and "devices [2] are not connected: device 2 sent no heartbeat" in coord.replies[0][1]["error"]
+    (job,) = coord.jobs
+    assert job.ranks == (0, 2) and coord.pending[job.request].ranks == (0, 2)
+    coord.min_devices = 3
+    request(coord, client=b"late")
+    assert len(coord.jobs) == 1
+    assert coord.replies[0][1]["error"] == ("only 2 of 3 devices are live ([0, 2]) and --min-devices is 3: lost "
+                                            "device [1] (device 1 sent no heartbeat for 1.2 s)")
 
 
 @pytest.mark.parametrize("meta,arrays,match", [
@@ -154,3 +162,100 @@ def test_outputs_that_do_not_fit_together_fail_the_request_not_the_runner(coord)
     bad.outputs["last_hidden_state"] = np.zeros((3, 2, D), np.float32)  # another batch size
     coord.on_result(bad, 0.2)
     assert "do not fit together" in coord.replies[0][1]["error"] and not coord.pending
+
+
+# ---------------------------------------------------------------------------------------- elastic reruns
+def test_a_lost_device_reruns_its_requests_over_the_survivors_with_new_ids(coord):
+    """Device 2 is lost while two requests wait for it: each attempt is abandoned (ABORT to its devices, so
+    they release its exchange state), and each request reruns over devices 0 and 1 with a new id; late
+    results of the abandoned attempt are ignored; the reply says which devices computed it, after how many
+    attempts and why."""
+    request(coord, client=b"a")
+    request(coord, client=b"b")
+    old = [j.request for j in coord.jobs]
+    coord.on_result(result(old[0], 1), 0.1)
+    coord.membership.down = [2]
+    coord.on_peer_lost(2, "device 2 closed the connection", now=0.2)
+    assert not coord.replies and len(coord.jobs) == 4
+    new = [j.request for j in coord.jobs[2:]]
+    assert all(j.ranks == (0, 1) for j in coord.jobs[2:]) and not set(new) & set(old)
+    assert sorted(coord.pending) == sorted(new) and aborts(coord) == sorted((q, r) for r in old for q in (0, 1, 2))
+    coord.on_result(result(old[0], 0), 0.3)  # late, from the abandoned attempt: ignored
+    coord.on_result(result(new[0], 1, span=(3, 5)), 0.4)
+    coord.on_result(result(new[0], 0, span=(0, 3)), 0.5)
+    ((client, meta, arrays),) = coord.replies
+    assert client == b"a" and meta["ok"] and meta["attempts"] == 2
+    assert meta["reruns"] == ["lost device 2 (device 2 closed the connection)"]
+    assert meta["stats"]["ranks"] == [0, 1] and meta["stats"]["spans"] == [[0, 3], [3, 5]]
+    assert meta["stats"]["split_weights"] is None and meta["stats"]["latency_ms"] == 500.0
+    assert arrays["last_hidden_state"][0, :, 0].tolist() == [0, 0, 1, 1]
+
+
+def test_a_device_that_failed_for_another_devices_sake_is_rerun_when_membership_changes_or_after_the_hold(coord):
+    """Device 1 reports that device 2 went silent (a RESULT with retry) before this coordinator noticed: the
+    attempt is abandoned and held; it reruns as soon as device 2 leaves the members, or, if membership does
+    not change (a transient failure), when the hold ends. A device's own error (no retry) fails at once."""
+    request(coord)
+    first = coord.jobs[0].request
+    coord.on_result(result(first, 1, ok=False, error="no means from device(s) [2] within 1 s", retry=True), 0.1)
+    assert len(coord.jobs) == 1 and not coord.replies and coord.pending[first].held_until == pytest.approx(1.3)
+    coord.expire(0.2)
+    assert len(coord.jobs) == 1  # still held: membership unchanged, the hold not over
+    coord.membership.down = [2]
+    coord.expire(0.3)
+    assert len(coord.jobs) == 2 and coord.jobs[1].ranks == (0, 1)
+    second = coord.jobs[1].request
+    coord.membership.down = []
+    coord.on_send_failed(second, 1, "device 0 cannot send to device 1: not connected", 0.4)
+    coord.expire(0.5)
+    assert len(coord.jobs) == 2  # every device of the attempt is still a member: wait ...
+    coord.expire(0.4 + coord.hold_s)
+    assert len(coord.jobs) == 3 and coord.jobs[2].ranks == (0, 1, 2)  # ... until the hold ends (device 2 is back)
+    third = coord.jobs[2].request
+    coord.on_result(result(third, 2, ok=False, error="Sequence too long", retry=False), 2.0)
+    assert coord.replies[0][1] == {"ok": False, "error": "Sequence too long", "call": 7}
+
+
+def test_reruns_are_bounded_and_fail_fast_below_min_devices(coord):
+    coord.min_devices = 2
+    request(coord)
+    coord.membership.down = [2]
+    coord.on_peer_lost(2, "device 2 closed the connection", now=0.1)
+    assert coord.jobs[-1].ranks == (0, 1)
+    coord.membership.down = [1, 2]
+    coord.on_peer_lost(1, "device 1 closed the connection", now=0.2)
+    error = coord.replies[0][1]["error"]
+    assert "only 1 of 3 devices are live ([0]) and --min-devices is 2: lost devices [1, 2]" in error
+    assert "earlier attempts: lost device 2" in error and not coord.pending
+    coord.min_devices, coord.max_attempts, coord.membership.down = 1, 2, []
+    request(coord)
+    for q in (1, 2):
+        coord.on_peer_lost(q, f"device {q} closed the connection", now=0.3)
+    assert "gave up after 2 attempts" in coord.replies[1][1]["error"]
+
+
+def test_generation_carries_on_without_a_finished_device_and_reruns_when_the_tail_is_lost(coord):
+    """The prefill of device 1 is in: losing it does not matter (the tail decodes from its own cache). Losing
+    the tail while it decodes reruns the request from scratch over the survivors, whose tail is device 1;
+    once tokens were streamed to the client, the request fails instead (the client has seen them)."""
+    gen = {"max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None,
+           "stop_token_ids": [], "repetition_penalty": 1.0}
+    coord.limits = type(coord.limits)(**{**coord.limits.__dict__, "generates": True})
+    for stream in (False, True):
+        coord.membership.down = []
+        request(coord, {"call": 1, "generate": gen, "stream": stream}, client=b"s" if stream else b"g")
+        r = coord.jobs[-1].request
+        coord.on_result(result(r, 0), 0.1)
+        coord.on_result(result(r, 1), 0.1)
+        coord.membership.down = [1]
+        coord.on_peer_lost(1, "device 1 closed the connection", now=0.2)
+        assert coord.jobs[-1].request == r  # no rerun
+        if stream:
+            from prism_onnx.runtime.messages import Tokens
+
+            coord.on_tokens(Tokens(r, 2, 0, np.array([7])), 0.3)
+            assert coord.replies[-1][1]["step"] == 0
+        coord.membership.down = [1, 2]
+        coord.on_peer_lost(2, "device 2 closed the connection", now=0.4)
+    assert coord.jobs[1].ranks == (0,) and coord.jobs[1].generate == gen  # the first request, rerun
+    assert "the tail device was lost after it streamed tokens" in coord.replies[-1][1]["error"]

@@ -15,7 +15,7 @@ from prism_onnx.runtime.bundle import DeviceBundle
 from prism_onnx.runtime.counters import RateLimitedLog
 from prism_onnx.runtime.exchange import Abort, LocalHub
 from prism_onnx.runtime.membership import Membership
-from prism_onnx.runtime.messages import check_abort, check_result, check_start, result_rules, start_rules
+from prism_onnx.runtime.messages import check_abort, check_result, check_start, request_id, result_rules, start_rules
 from prism_onnx.runtime.protocol import ArrayRules, Kind, decode, encode, json_depth, kind_of, peek_kind
 from prism_onnx.runtime.wire import MeansFrame, decode_means, encode_means
 from prism_onnx.runtime.worker import Inbox
@@ -129,18 +129,18 @@ def test_rejection_logs_are_rate_limited_and_say_how_many_were_not_logged(caplog
 
 @pytest.mark.parametrize("meta,arrays,match", [
     ({}, {}, "field 'request' is missing"),
-    ({"request": 1, "coordinator": 5, "budget_s": 1.0}, {}, "coordinator"),
-    ({"request": 1, "coordinator": 0, "budget_s": 1e9}, {}, "budget_s"),
-    ({"request": 1, "coordinator": 0, "budget_s": 1.0}, {"attention_mask": np.ones((1, 2), np.int64)},
+    ({"request": request_id(1, 5), "coordinator": 5, "budget_s": 1.0}, {}, "coordinator"),
+    ({"request": request_id(1, 0), "coordinator": 0, "budget_s": 1e9}, {}, "budget_s"),
+    ({"request": request_id(1, 0), "coordinator": 0, "budget_s": 1.0}, {"attention_mask": np.ones((1, 2), np.int64)},
      "START carries no"),
-    ({"request": 1, "coordinator": 0, "budget_s": 1.0, "outputs": ["nope"]}, {}, "outputs"),
-    ({"request": 1, "coordinator": 0, "budget_s": 1.0},
+    ({"request": request_id(1, 0), "coordinator": 0, "budget_s": 1.0, "outputs": ["nope"]}, {}, "outputs"),
+    ({"request": request_id(1, 0), "coordinator": 0, "budget_s": 1.0},
      {"attention_mask": np.ones((1, 2), np.int64), "input_ids": np.ones((1, 0), np.int64)}, "must be int64"),
-    ({"request": 1, "coordinator": 0, "budget_s": 1.0},
+    ({"request": request_id(1, 0), "coordinator": 0, "budget_s": 1.0},
      {"attention_mask": np.ones((1, 2), np.int64), "input_ids": np.full((1, 2), 10 ** 6, np.int64)}, "out of range"),
-    ({"request": 1, "coordinator": 0, "budget_s": 1.0},
+    ({"request": request_id(1, 0), "coordinator": 0, "budget_s": 1.0},
      {"attention_mask": np.full((1, 2), 3, np.int64), "input_ids": np.ones((1, 2), np.int64)}, "only 0 and 1"),
-    ({"request": 1, "coordinator": 0, "budget_s": 1.0},
+    ({"request": request_id(1, 0), "coordinator": 0, "budget_s": 1.0},
      {"attention_mask": np.ones((2, 2), np.int64), "input_ids": np.ones((1, 2), np.int64)}, "batch size"),
 ])
 def test_bad_starts_are_refused_before_any_job_exists(meta, arrays, match):

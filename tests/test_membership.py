@@ -91,7 +91,7 @@ def test_handshake_refusals():
     other = Membership(1, {0: "x"}, "f" * 64, {**SETTINGS, "devices": 2, "compression_ratio": 3}, "n")
     v = a.on_hello(other.hello(0.0), 0.0, b"s", key_rank=1)
     assert "another export" in v.refuse and "compression_ratio 3 vs 2" in v.refuse and v.fatal  # before ready
-    assert "both serve clients" in a.on_hello({**meta, "serving": True}, 0.0, b"s").refuse
+    assert a.on_hello({**meta, "serving": True}, 0.0, b"s").accept  # any number of runners may serve clients
     assert "not in 0..1" in a.on_hello({**meta, "rank": 5}, 0.0, b"s").refuse
     assert "two runners claim rank 0" in a.on_hello({**meta, "rank": 0}, 0.0, b"s").refuse
 
@@ -130,3 +130,76 @@ def test_an_echo_from_the_future_is_ignored():
     meta["echo"] = {"0": 1e9}
     a.on_hello(meta, 1.0, b"s1", key_rank=1)
     assert a.peers[1].echo < 2.0
+
+
+def test_members_are_the_live_devices_that_see_each_other():
+    """Requests are planned over the members: after a loss, the survivors; a device that some member cannot
+    reach is left out (the one that misses most, ties to the highest rank), so every pair can exchange."""
+    ms = cluster(4, serving=(0, 1, 2, 3))  # every runner serves clients
+    t = run(ms, 0.0, 1.0)
+    assert all(m.members(t) == [0, 1, 2, 3] for m in ms)
+    silent = {(2, q) for q in (0, 1, 3)} | {(q, 2) for q in (0, 1, 3)}
+    t = run(ms, t, t + DEAD_AFTER_S + 2 * HEARTBEAT_S, skip=silent)  # device 2 is gone
+    assert ms[0].members(t) == [0, 1, 3] and ms[3].members(t) == [0, 1, 3] and not ms[0].ready(t)
+    assert ms[2].members(t) == [2]
+    t = run(ms, t, t + 3 * HEARTBEAT_S)  # it comes back: a member again after one round of HELLOs
+    assert all(m.members(t) == [0, 1, 2, 3] for m in ms)
+    t = run(ms, t, t + 2.0, skip={(1, 3), (3, 1)})  # 1 and 3 cannot reach each other: 3 is left out
+    assert ms[0].members(t) == [0, 1, 2] and ms[2].members(t) == [0, 1, 2]
+    assert ms[1].members(t) == [0, 1, 2] and ms[3].members(t) == [0, 2, 3]
+
+
+def test_a_runner_restarted_while_another_device_is_down_joins_the_formed_cluster():
+    """A fresh cluster forms when every device is up (a missing peer at start-up is reported); a runner
+    restarted into a cluster that formed joins its members even while another device is still down."""
+    ms = cluster(3)
+    t = run(ms, 0.0, 1.0)
+    assert all(m.ever_ready for m in ms)
+    fresh = Membership(1, {0: "a", 2: "b"}, "e" * 64, SETTINGS, "nonce1-again")  # device 1 restarted, 2 is down
+    ms = [ms[0], fresh]
+    t = run(ms, t + DEAD_AFTER_S, t + DEAD_AFTER_S + 1.0)
+    assert fresh.ever_ready and fresh.members(t) == [0, 1] and not fresh.ready(t)
+    lonely = cluster(3)
+    run(lonely[:2], 0.0, 2.0)
+    assert not lonely[0].ever_ready  # never formed: device 2 never came up
+
+
+def test_a_rejoining_device_yields_while_it_and_a_member_do_not_see_each_other_yet():
+    """Device 2 restarts: for a heartbeat or two, device 1 may not see it yet while it already sees device 1.
+    The rejoining device is the one left out (not device 1, which never left), whichever side lags."""
+    ms = cluster(3)
+    t = run(ms, 0.0, 1.0)
+    silent = {(2, q) for q in (0, 1)} | {(q, 2) for q in (0, 1)}
+    t = run(ms, t, t + DEAD_AFTER_S + 2 * HEARTBEAT_S, skip=silent)
+    t = run(ms, t, t + 3 * HEARTBEAT_S)
+    m = ms[0]
+    assert m.members(t) == [0, 1, 2] and m.peers[2].up_since > m.peers[1].up_since
+    m.peers[1].sees, m.peers[2].sees = frozenset({0}), frozenset({0, 1})  # 1 does not see 2 yet
+    assert m.members(t) == [0, 1]
+    m.peers[1].sees, m.peers[2].sees = frozenset({0, 2}), frozenset({0})  # 2 does not see 1 yet
+    assert m.members(t) == [0, 1]
+
+
+def test_hellos_queued_before_a_connection_closed_do_not_revive_a_dead_runner():
+    """Device 0 dies while device 2 is frozen: when device 2 resumes it learns that its connection closed,
+    then reads the dead runner's last HELLOs still queued on the old session. They must neither make it
+    alive again nor block the restarted runner; a live runner whose own connection survived is bound again
+    as soon as it echoes a HELLO sent after the close."""
+    ms = cluster(3)
+    t = run(ms, 0.0, 1.0)
+    m = ms[2]
+    stale = ms[0].hello(t)
+    m.on_disconnect(0, now=t + 0.1)
+    assert not m.alive(0, t + 0.1) and not m.is_session(0, b"s0")
+    v = m.on_hello(stale, t + 0.2, b"s0", key_rank=0)
+    assert not v.accept and not v.refuse and not m.alive(0, t + 0.2)
+    fresh = Membership(0, {1: "a", 2: "b"}, "e" * 64, SETTINGS, "nonce0-again")
+    v = m.on_hello(fresh.hello(t + 0.3), t + 0.3, b"new", key_rank=0)
+    assert v.accept and v.note == "device 0 restarted" and m.is_session(0, b"new")
+    # the other case: device 1's process lives, only our connection to it closed and came back
+    m.on_disconnect(1, now=t + 0.4)
+    assert not m.on_hello(ms[1].hello(t + 0.5), t + 0.5, b"s1", key_rank=1).accept  # echoes an old HELLO of ours
+    ours = m.hello(t + 0.6)
+    ms[1].on_hello(ours, t + 0.6, b"s2", key_rank=2)
+    v = m.on_hello(ms[1].hello(t + 0.7), t + 0.7, b"s1", key_rank=1)
+    assert v.accept and m.is_session(1, b"s1") and m.alive(1, t + 0.7)

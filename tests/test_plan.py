@@ -95,3 +95,40 @@ def test_compression_ratio_must_be_positive_integer():
         Plan(np.ones((1, 4)), devices=2, compression_ratio=0)
     with pytest.raises(PlanError, match="compression_ratio"):
         Plan(np.ones((1, 4)), devices=2, compression_ratio=1.5)
+
+
+def test_a_plan_over_some_ranks_is_the_plan_over_that_many_devices_with_ranks_renamed():
+    """Elastic partitions: a plan over live ranks (1, 2, 4) of an export of 5 has the spans, segments and
+    routing of a 3-device plan; position i is computed by ranks[i], and every method takes ranks."""
+    from types import SimpleNamespace
+
+    from prism_onnx.plan import make_plan, member_weights, plan_for
+
+    mask = np.ones((1, 12))
+    sub = Plan(mask, devices=3, compression_ratio=2, causal=True, sinks=("first",), ranks=(1, 2, 4))
+    full = Plan(mask, devices=3, compression_ratio=2, causal=True, sinks=("first",))
+    assert sub.spans == full.spans and sub.tail == 4
+    for i, r in enumerate(sub.ranks):
+        assert sub.span(r) == full.span(i)
+        assert [sub.position(q) for q in sub.sources(r)] == full.sources(i)
+        assert [sub.position(q) for q in sub.receivers(r)] == full.receivers(i)
+        assert np.array_equal(sub.averager(r), full.averager(i))
+        assert np.array_equal(sub.remote_bias(r), full.remote_bias(i))
+        assert np.array_equal(sub.position_ids(r), full.position_ids(i))
+    assert sub.sources(4) == [1, 2] and sub.receivers(1) == [2, 4]
+    with pytest.raises(PlanError, match="device 0 is not in this plan"):
+        sub.span(0)
+    for bad in [(2, 1, 4), (1, 1, 4), (1, 2), (-1, 2, 4)]:
+        with pytest.raises(PlanError, match="increasing device ranks"):
+            Plan(mask, devices=3, compression_ratio=2, ranks=bad)
+    # an export's split weights follow their devices: rank 2's weight stays rank 2's
+    assert member_weights([4, 1, 2, 1], [0, 2]) == [4.0, 2.0] and member_weights(None, [1]) is None
+    settings = SimpleNamespace(devices=4, compression_ratio=1, count_bias=True, keep_sinks=False,
+                               split_weights=[4, 1, 2, 1])
+    spec = SimpleNamespace(causal=False, sinks=())
+    p = plan_for(spec, np.ones((1, 13)), settings, ranks=[2, 0])
+    assert p.ranks == (0, 2) and p.weights == (4.0, 2.0) and p.describe()["spans"] == [[0, 8], [8, 13]]
+    assert make_plan(spec, mask, devices=2, compression_ratio=1, ranks=[0, 3]).describe() == \
+        {"ranks": [0, 3], "split_weights": None, "spans": [[0, 6], [6, 12]]}
+    with pytest.raises(PlanError, match="distinct devices of 0..3"):
+        plan_for(spec, mask, settings, ranks=[1, 5])

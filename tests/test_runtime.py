@@ -220,29 +220,33 @@ def test_missing_peer_is_reported_after_the_stated_timeout(make_bundle):
     assert time.monotonic() - t0 < 15
 
 
-def test_peer_dying_mid_request_fails_that_request_and_recovers(make_bundle):
+def test_peer_dying_mid_request_is_planned_around_and_rejoins(make_bundle):
+    """A frozen peer (SIGSTOP: connected, silent) mid-request: its heartbeats stop, the request is rerun over
+    the other two and equals the executor over that plan; resumed, it is back in the plan. Killed: the same;
+    restarted, it rejoins. Waits are for replies (poll_until is only a hang guard)."""
     bundle = make_bundle("BertModel", devices=3, compression_ratio=2)
     inputs = inputs_for_arch("BertModel")
-    expected = Executor(bundle).run(inputs).outputs
+    executor = Executor(bundle)
+    expected, survivors = executor.run(inputs).outputs, executor.run(inputs, ranks=[0, 1]).outputs
+
     with LocalCluster(bundle, timeout=2.0) as cluster:
+        def reply_over(ranks):
+            outputs, _ = cluster.client.infer(**request_kwargs(inputs))
+            return outputs if cluster.client.last_reply["stats"]["ranks"] == ranks else None
+
         assert_same(cluster.client.infer(**request_kwargs(inputs))[0], expected)
-        # frozen peer: connected, but silent in the middle of the request -> error within the timeout
         os.killpg(cluster.procs[2].pid, signal.SIGSTOP)
-        t0 = time.monotonic()
-        with pytest.raises(PeerError, match=r"device 2 (sent no heartbeat|does not hear)|devices \[2\] are not"):
-            cluster.client.infer(**request_kwargs(inputs))
-        assert time.monotonic() - t0 < 2.0 * 4 + 2
+        outputs, _ = cluster.client.infer(**request_kwargs(inputs))
+        reply = cluster.client.last_reply
+        assert reply["stats"]["ranks"] == [0, 1] and reply["attempts"] >= 2, reply
+        assert all("device 2" in why for why in reply["reruns"]), reply
+        assert_same(outputs, survivors)
         os.killpg(cluster.procs[2].pid, signal.SIGCONT)
-        cluster.wait_ready(30)
-        assert_same(cluster.client.infer(**request_kwargs(inputs))[0], expected)
-        # killed peer: requests fail clearly; once it is restarted, the survivors serve again
+        assert_same(poll_until(lambda: reply_over([0, 1, 2]), "the resumed runner back in the plan"), expected)
         cluster.stop_device(2, signal.SIGKILL)
-        with pytest.raises(PeerError, match=r"device 2 is not connected|devices \[2\] are not connected|"
-                                            r"no means from device\(s\) \[2\]"):
-            cluster.client.infer(**request_kwargs(inputs))
+        assert_same(poll_until(lambda: reply_over([0, 1]), "requests planned without the killed runner"), survivors)
         cluster.start_device(2)
-        cluster.wait_ready(30)
-        assert_same(cluster.client.infer(**request_kwargs(inputs))[0], expected)
+        assert_same(poll_until(lambda: reply_over([0, 1, 2]), "the restarted runner back in the plan"), expected)
 
 
 def test_bad_frames_are_rejected_and_the_runner_keeps_serving(make_bundle):

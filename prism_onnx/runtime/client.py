@@ -25,28 +25,60 @@ from .protocol import ArrayRules, Kind, decode, encode
 REPLY_RULES = ArrayRules(1 << 36, max_arrays=16)  # what a client accepts back from an authenticated server
 
 
+class ServerLost(PeerError):
+    """The serving runner closed the connection, stopped answering, or never answered: another server may."""
+
+
 class Client:
-    """Talks to the serving device: `status()` and `infer(...)`.
+    """Talks to a serving runner: `status()`, `infer(...)`, `generate(...)`.
+
+    address: "HOST:PORT", or several, comma-separated ("H:P,H:P,..."): any runner started with --serve
+    coordinates the requests it receives. The client uses one server until it is lost (the connection
+    closes, or it answers nothing for `dead_after` seconds), then the next one in the list, and resends the
+    request in flight: inference is idempotent. A streaming generation that already received tokens is not
+    resent (its tokens were shown); the call fails instead. `last_server` and `last_failovers` tell where the
+    last request was answered and which servers failed it first.
 
     keys: the client folder `prism keys` wrote (EXPORT_DIR/client) or ClientKeys; None talks plain text
-    (to a runner started with --insecure). The coordinator is authenticated by its public key: the one of
-    `server_rank`, or, when that is not given, whichever device's key the server at `address` answers to.
-    While a request runs, the client sends STATUS pings; a coordinator that answers nothing for
-    `dead_after` seconds (stopped, killed, unreachable) fails the call then, not at `timeout`.
+    (to a runner started with --insecure). Each server is authenticated by its public key: the one of
+    `server_rank` (one rank, or one per address), or, when that is not given, whichever device's key the
+    server answers to. While a request runs, the client sends STATUS pings; a coordinator that answers
+    nothing for `dead_after` seconds (stopped, killed, unreachable) fails the call then, not at `timeout`.
     """
 
-    def __init__(self, address: str, timeout: float = 60.0, keys=None, server_rank: int | None = None,
+    def __init__(self, address: str, timeout: float = 60.0, keys=None, server_rank: int | list | None = None,
                  dead_after: float = 2.0, ping_every: float = 0.5):
-        self.address = address if address.startswith("tcp://") else f"tcp://{address}"
+        self.addresses = [a if a.startswith("tcp://") else f"tcp://{a}" for a in
+                          (x.strip() for x in str(address).split(",")) if a]
+        if not self.addresses:
+            raise PrismError(f"--server: '{address}' names no HOST:PORT")
+        ranks = server_rank if isinstance(server_rank, (list, tuple)) else [server_rank] * len(self.addresses)
+        if len(ranks) != len(self.addresses):
+            raise PrismError(f"{len(ranks)} server ranks for {len(self.addresses)} servers")
         self.timeout, self.dead_after, self.ping_every = timeout, dead_after, ping_every
         self.keys = ClientKeys.load(keys) if isinstance(keys, (str, os.PathLike)) else keys
-        if self.keys is not None and server_rank is not None and server_rank not in self.keys.servers:
-            raise PrismError(f"the client keys hold no public key of device {server_rank}")
-        self.server_rank = server_rank
+        for r in ranks:
+            if self.keys is not None and r is not None and r not in self.keys.servers:
+                raise PrismError(f"the client keys hold no public key of device {r}")
+        self.ranks = dict(zip(self.addresses, ranks))  # address -> the device rank whose key it answers to
+        self.index = 0  # the server in use
+        self.last_server, self.last_failovers, self.last_reply = None, [], {}
         self.ctx = zmq.Context.instance()
         self.sock = self.monitor = None
         self._answered = False
         self._calls = itertools.count(1)
+
+    @property
+    def address(self) -> str:
+        return self.addresses[self.index]
+
+    @property
+    def server_rank(self) -> int | None:
+        return self.ranks[self.address]
+
+    @server_rank.setter
+    def server_rank(self, rank: int | None) -> None:
+        self.ranks[self.address] = rank
 
     def _socket(self, server_rank: int | None) -> tuple[zmq.Socket, zmq.Socket]:
         s = self.ctx.socket(zmq.DEALER)
@@ -56,7 +88,7 @@ class Client:
             s.curve_secretkey, s.curve_publickey = self.keys.secret, self.keys.public
             s.curve_serverkey = self.keys.servers[server_rank]
         m = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED |
-                                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+                                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
         s.connect(self.address)
         return s, m
 
@@ -83,8 +115,8 @@ class Client:
                 m.close(linger=0)
                 s.close(linger=0)
         if self.sock is None:
-            raise PeerError(f"no answer from {self.address} within {self.dead_after:g} s with any of the "
-                            f"{len(tries)} device keys (is a runner serving there, and does it hold this client's key?)")
+            raise ServerLost(f"no answer from {self.address} within {self.dead_after:g} s with any of the "
+                             f"{len(tries)} device keys (is a runner serving there, and does it hold this client's key?)")
 
     def _reset(self):
         for s in (self.monitor, self.sock):
@@ -111,8 +143,8 @@ class Client:
                 raise PeerError(f"no reply from {self.address} within {timeout:g} s")
             if watch and now - heard >= self.dead_after:
                 self._reset()
-                raise PeerError(f"the coordinator at {self.address} stopped responding: no answer for "
-                                f"{self.dead_after:g} s")
+                raise ServerLost(f"the coordinator at {self.address} stopped responding: no answer for "
+                                 f"{self.dead_after:g} s")
             if watch and now >= next_ping:
                 self.sock.send_multipart(encode(Kind.STATUS, {"call": 0}))
                 next_ping = now + self.ping_every
@@ -124,14 +156,16 @@ class Client:
                     self._reset()
                     raise PeerError(f"{self.address} refused this client's key (CURVE handshake failed): is it "
                                     f"in the serving device's keys/clients?")
+                if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # the server holds our key: a later close
+                    self._answered = True                           # is the server going away
                 if ev["event"] == zmq.EVENT_DISCONNECTED:
                     answered, _ = self._answered, self._reset()
                     if not answered and self.keys is not None:
                         raise PeerError(f"{self.address} closed the connection before any answer: the CURVE "
                                         f"handshake failed (not device {self.server_rank}'s key, or another "
                                         f"export's keys)")
-                    raise PeerError(f"{self.address} closed the connection (the coordinator stopped, or the "
-                                    f"message was over its size limit)")
+                    raise ServerLost(f"{self.address} closed the connection (the coordinator stopped, or the "
+                                     f"message was over its size limit)")
             if self.sock in events:
                 rkind, rmeta, rarrays = decode(self.sock.recv_multipart(), REPLY_RULES)
                 heard, self._answered = time.monotonic(), True
@@ -143,7 +177,36 @@ class Client:
                     return rmeta, rarrays
 
     def status(self, timeout: float = 2.0) -> dict:
+        """The STATUS of the server in use (no failover)."""
         return self._call(Kind.STATUS, {}, timeout=timeout, watch=False)[0]
+
+    def _request(self, meta: dict, arrays: dict, on_tokens=None) -> tuple[dict, dict]:
+        """One REQUEST, failing over to the next server (and resending) while servers are lost; a full
+        round of lost servers, or the client timeout, ends it."""
+        t0, lost, streamed = time.monotonic(), [], []
+
+        def tokens(tmeta, tarrays):
+            streamed.append(1)
+            on_tokens(tmeta, tarrays)
+
+        while True:
+            left = self.timeout - (time.monotonic() - t0)
+            try:
+                if left <= 0:
+                    raise PeerError(f"no reply within {self.timeout:g} s")
+                reply = self._call(Kind.REQUEST, meta, arrays, timeout=left, on_tokens=tokens if on_tokens else None)
+                self.last_server, self.last_failovers, self.last_reply = self.address, lost, reply[0]
+                return reply
+            except ServerLost as e:
+                lost.append(str(e))
+                self._reset()
+                if streamed:
+                    raise ServerLost(f"{e}; the request had streamed {len(streamed)} tokens, so it is not resent")
+                if len(self.addresses) == 1 or len(lost) % len(self.addresses) == 0:
+                    if len(self.addresses) == 1:
+                        raise
+                    raise ServerLost(f"every server failed the request: {'; '.join(lost)}") from None
+                self.index = (self.index + 1) % len(self.addresses)
 
     def infer(self, *, texts=None, images=None, input_ids=None, attention_mask=None, pixel_values=None,
               outputs=None):
@@ -152,7 +215,7 @@ class Client:
         meta, arrays = self._inputs(texts, images, input_ids, attention_mask, pixel_values)
         if outputs:
             meta["outputs"] = list(outputs)
-        meta, outputs = self._call(Kind.REQUEST, meta, arrays)
+        meta, outputs = self._request(meta, arrays)
         if not meta.get("ok"):
             raise PeerError(f"request failed: {meta.get('error')}")
         return {k: np.array(v) for k, v in outputs.items()}, meta["stats"]
@@ -174,7 +237,7 @@ class Client:
                 first.append(time.monotonic())
             on_tokens(int(tmeta.get("step", 0)), np.array(tarrays["ids"]), tmeta.get("texts"))
 
-        reply, outputs = self._call(Kind.REQUEST, meta, arrays, on_tokens=tokens if on_tokens else None)
+        reply, outputs = self._request(meta, arrays, on_tokens=tokens if on_tokens else None)
         if not reply.get("ok"):
             raise PeerError(f"request failed: {reply.get('error')}")
         ids = [[int(t) for t in row if t >= 0] for row in np.array(outputs["generated_ids"]).tolist()]
@@ -228,21 +291,26 @@ class LocalCluster:
              ["ip", "netns", "exec", "ns1"] to run it in a network namespace, or ["taskset", "-c", "1"].
     secure:  CurveZMQ with the export's own keys (device-K/keys for the runners, client/ for the client);
              False runs every runner with --insecure and talks plain text.
+    serve_all: every rank serves clients (each on a port of its own, `servers`), not only rank 0; with it,
+             `new_client(failover=True)` talks to all of them in rank order (Client failover).
     """
 
     def __init__(self, export_dir: str | Path, *, threads: int = 1, timeout: float = 10.0,
                  hosts: list[str] | None = None, prefix=None, serve_host: str = "127.0.0.1",
                  log_dir: str | Path | None = None, ready_timeout: float = 90.0, extra_env: dict | None = None,
-                 secure: bool = True, extra_args: list[str] | None = None):
+                 secure: bool = True, extra_args: list[str] | None = None, serve_all: bool = False):
         self.export = Export.load(export_dir)  # verify everything before starting anything
         self.root = Path(export_dir)
-        self.secure, self.extra_args = secure, list(extra_args or [])
+        self.secure, self.extra_args, self.serve_all = secure, list(extra_args or []), serve_all
         self.client_keys = ClientKeys.load(self.root / CLIENT) if secure else None
         P = len(self.export.devices)
         self.hosts = hosts or ["127.0.0.1"] * P
-        ports = free_ports(P + 1)
-        self.ports, self.serve_port = ports[:P], ports[P]
-        self.serve_address = f"{self.hosts[0] if hosts else serve_host}:{self.serve_port}"
+        ports = free_ports(2 * P)
+        self.ports, self.serve_ports = ports[:P], ports[P:]
+        self.serve_port = self.serve_ports[0]
+        serve_hosts = self.hosts if hosts else [serve_host] * P
+        self.serve_addresses = [f"{h}:{p}" for h, p in zip(serve_hosts, self.serve_ports)]
+        self.serve_address = self.serve_addresses[0]
         self.threads, self.timeout, self.ready_timeout = threads, timeout, ready_timeout
         self.prefix = prefix or (lambda k: [])
         self.log_dir = Path(log_dir) if log_dir else None
@@ -255,11 +323,16 @@ class LocalCluster:
     def peers(self) -> str:
         return ",".join(f"{h}:{p}" for h, p in zip(self.hosts, self.ports))
 
+    @property
+    def servers(self) -> str:
+        """Every serving runner's HOST:PORT in rank order (for `prism infer --server`)."""
+        return ",".join(self.serve_addresses if self.serve_all else self.serve_addresses[:1])
+
     def command(self, k: int) -> list[str]:
         cmd = [sys.executable, "-m", "prism_onnx.cli", "run", str(self.root / f"device-{k}"), "--rank", str(k),
                "--peers", self.peers, "--threads", str(self.threads), "--timeout", str(self.timeout)]
-        if k == 0:
-            cmd += ["--serve", str(self.serve_port)]
+        if k == 0 or self.serve_all:
+            cmd += ["--serve", str(self.serve_ports[k])]
         if not self.secure:
             cmd += ["--insecure"]
         return [*self.prefix(k), *cmd, *self.extra_args]
@@ -293,10 +366,26 @@ class LocalCluster:
             raise
         return self
 
-    def new_client(self, **kw) -> Client:
-        """A client of this cluster's coordinator (rank 0), with the export's client keys when secure."""
+    def new_client(self, failover: bool = False, **kw) -> Client:
+        """A client of this cluster's coordinator (rank 0), with the export's client keys when secure; with
+        `failover` (and serve_all), of every serving runner in rank order."""
+        if failover:
+            ranks = list(range(len(self.serve_addresses))) if self.serve_all else [0]
+            return Client(self.servers, **{"timeout": max(60.0, self.timeout * 4), "keys": self.client_keys,
+                                           "server_rank": ranks, **kw})
         return Client(self.serve_address, **{"timeout": max(60.0, self.timeout * 4), "keys": self.client_keys,
                                              "server_rank": 0, **kw})
+
+    def kill(self, k: int) -> None:
+        """SIGKILL runner k (a crash: no goodbye to anyone); `start_device(k)` restarts it."""
+        self.stop_device(k, signal.SIGKILL)
+
+    def times_up(self, k: int) -> int:
+        """How many times runner k has logged that it is up (its loop runs): 1 after start, 2 after a restart."""
+        try:
+            return self.logs[k].read_text(errors="replace").count(f"device {k}/{len(self.procs)} up on port")
+        except (OSError, IndexError):
+            return 0
 
     def wait_ready(self, timeout: float | None = None):
         deadline = time.monotonic() + (timeout or self.ready_timeout)

@@ -136,7 +136,8 @@ class Requests:
             return out
         raise InputError("a request needs texts, images, pixel_values or input_ids")
 
-    def prepare(self, inputs: dict, split_weights=None) -> tuple[dict[str, np.ndarray], Plan]:
+    def prepare(self, inputs: dict, split_weights=None, ranks=None) -> tuple[dict[str, np.ndarray], Plan]:
+        """-> (token-level arrays [B, N, ...], the plan over the devices `ranks`, default all)."""
         token_inputs, mask = prepare(self.spec, inputs)
         B, N = mask.shape
         s = self.manifest.settings
@@ -144,4 +145,4 @@ class Requests:
             raise InputError(f"sequence of {N} tokens is longer than this export's --max-seq-len {s.max_seq_len}")
         if B > s.max_batch:
             raise InputError(f"batch of {B} is larger than this export's limit {s.max_batch}")
-        return token_inputs, self.manifest.plan(mask, split_weights)
+        return token_inputs, self.manifest.plan(mask, split_weights, ranks)

@@ -15,8 +15,8 @@ import time
 from ..errors import FrameError, PrismError
 from .device import export_tag
 from .membership import Verdict
-from .messages import (check_abort, check_refuse, check_result, check_start, check_tokens, result_rules, start_rules,
-                       tokens_rules)
+from .messages import (check_abort, check_refuse, check_result, check_start, check_tokens, coordinator_of,
+                       result_rules, start_rules, tokens_rules)
 from .protocol import ArrayRules, Kind, decode, encode, kind_of, peek_kind
 from .transport import ENVELOPE
 from .wire import check_means
@@ -56,8 +56,11 @@ class PeerMessages:
             if k == Kind.START:
                 s = check_start(meta, arrays, self.limits)
                 self._sender(s.coordinator, key_rank, session)
+                if self.rank not in s.ranks:
+                    raise FrameError(f"START of request {s.request} for a plan of devices {list(s.ranks)}, "
+                                     f"not of this device")
                 job = Job(s.request, s.coordinator, s.attention_mask, s.own_inputs, now + s.budget_s, s.outputs,
-                          s.generate, s.stream, s.prompt_ids)
+                          s.generate, s.stream, s.prompt_ids, s.ranks, s.split_weights)
                 if not self.host.worker.submit(job):
                     raise FrameError(f"START of request {s.request}: the worker queue is full")
             elif k == Kind.RESULT:
@@ -98,7 +101,9 @@ class PeerMessages:
             raise FrameError(f"frame addressed to device {h.dst} of export tag {h.export_tag:08x}, exchange point "
                              f"{h.layer}, from device {h.src}: not for this device")
         self._sender(h.src, key_rank, session)
-        why = self.host.exchange.inbox.put(h.src, parts, nbytes, now)
+        if coordinator_of(h.request) >= L.devices:
+            raise FrameError(f"frame of request {h.request}, which no device of this export coordinates")
+        why = self.host.worker.lanes.of(h.request).exchange.inbox.put(h.src, parts, nbytes, now)
         if why:
             raise FrameError(why)
         self.counters.accept("means")
@@ -148,5 +153,5 @@ class PeerMessages:
         if not self.t.send_peer(dst, parts):
             why = f"device {self.rank} cannot send to device {dst}: not connected"
             self.host.worker.abort(request, why)
-            if self.host.coordinator and request in self.host.coordinator.pending:
-                self.host.coordinator.fail(request, why)
+            if self.host.coordinator:
+                self.host.coordinator.on_send_failed(request, dst, why, time.monotonic())

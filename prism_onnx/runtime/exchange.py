@@ -98,7 +98,7 @@ class Exchange:
     # ---- the exchange
     def send(self, request: int, point: int, rows: np.ndarray, plan: Plan) -> None:
         """Send my rows [B, S, W] at exchange point `point` to every device that receives from me."""
-        counts = plan.segments[self.rank].counts
+        counts = plan.segment(self.rank).counts
         for dst in plan.receivers(self.rank):
             parts = encode_means(MeansFrame(request, point, self.rank, dst, self.export_tag, counts, rows),
                                  self.wire_dtype)
@@ -206,7 +206,10 @@ class Exchange:
 
     def _fits_plan(self, f: MeansFrame, plan: Plan, nbytes: int) -> bool:
         """A frame's counts must be exactly what the request's plan says its source sends; else it is rejected."""
-        expected = plan.segments[f.src].counts
+        if f.src not in plan.ranks:
+            self._reject(nbytes, f"frame from device {f.src}, which is not in this request's plan {list(plan.ranks)}")
+            return False
+        expected = plan.segment(f.src).counts
         if f.counts.shape == expected.shape and np.array_equal(f.counts, expected):
             return True
         self._reject(nbytes, f"frame from device {f.src} has counts {f.counts.shape} that do not match the plan "

@@ -37,21 +37,23 @@ class Executor:
         self._ids = itertools.count(1)
         self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="prism-device")
 
-    def run(self, inputs: dict, outputs=None, split_weights=None, on_step: dict | None = None) -> Result:
+    def run(self, inputs: dict, outputs=None, split_weights=None, on_step: dict | None = None, ranks=None) -> Result:
         """inputs: transformers-style (input_ids/attention_mask/token_type_ids or pixel_values);
         outputs: the output names to compute and return (default: all); split_weights: this request's
-        split (default: the export's); on_step: {rank: hook(step, feeds, results)} (see program.DeviceRun)."""
-        token_inputs, plan = self.requests.prepare(inputs, split_weights)
+        split, one weight per device of the plan (default: the export's); ranks: the devices that compute it
+        (default all; e.g. the ranks a runner's reply reports after a device was lost: the plan in force);
+        on_step: {rank: hook(step, feeds, results)} (see program.DeviceRun)."""
+        token_inputs, plan = self.requests.prepare(inputs, split_weights, ranks)
         want = check_outputs(self.spec, outputs)
         request = next(self._ids)
         hooks = on_step or {}
-        futures = [self._pool.submit(run_device, self.program, eng, plan, p, own_slice(token_inputs, plan, p),
-                                     self.hub.endpoints[p], request, want, hooks.get(p))
-                   for p, eng in enumerate(self.engines)]
+        futures = [self._pool.submit(run_device, self.program, self.engines[p], plan, p,
+                                     own_slice(token_inputs, plan, p), self.hub.endpoints[p], request, want,
+                                     hooks.get(p)) for p in plan.ranks]
         results = [f.result() for f in futures]
         return Result(gather_outputs(self.program, results), results, RequestStats.of(results, plan))
 
-    def generate(self, inputs: dict, config=None, on_tokens=None, split_weights=None):
+    def generate(self, inputs: dict, config=None, on_tokens=None, split_weights=None, ranks=None):
         """Distributed prefill over all devices, then decoding on the tail device (generate.py).
         -> (Generation, RequestStats of the prefill). `config`: a GenerationConfig (default: 16 greedy
         tokens, stop at the model's EOS); on_tokens(step, ids [B]) streams the tokens as they come."""
@@ -61,10 +63,10 @@ class Executor:
 
         config = config or GenerationConfig(stop_token_ids=stop_ids(self.manifest.config_summary))
         t0 = time.perf_counter()
-        token_inputs, plan = self.requests.prepare(inputs, split_weights)
+        token_inputs, plan = self.requests.prepare(inputs, split_weights, ranks)
         check_prompt(plan.attention_mask, config, self.spec.max_positions)
         collector, stats = self.prefill(token_inputs, plan)
-        tail = plan.devices - 1
+        tail = plan.tail
         gen = decode(self.program, self.engines[tail], collector, token_inputs["input_ids"], plan.attention_mask, config,
                      tail, t0, on_tokens=on_tokens)
         return gen, stats
@@ -75,12 +77,12 @@ class Executor:
         from ..generate import CacheCollector, check_generates
 
         check_generates(self.program)
-        tail = plan.devices - 1
+        tail = plan.tail
         collector = CacheCollector(self.program)
         request = next(self._ids)
-        futures = [self._pool.submit(run_device, self.program, eng, plan, p, own_slice(token_inputs, plan, p),
-                                     self.hub.endpoints[p], request, set(), collector if p == tail else None)
-                   for p, eng in enumerate(self.engines)]
+        futures = [self._pool.submit(run_device, self.program, self.engines[p], plan, p,
+                                     own_slice(token_inputs, plan, p), self.hub.endpoints[p], request, set(),
+                                     collector if p == tail else None) for p in plan.ranks]
         results = [f.result() for f in futures]
         return collector, RequestStats.of(results, plan)
 

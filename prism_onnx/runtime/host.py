@@ -4,10 +4,14 @@ This module wires the parts together and runs the I/O loop; each part is its own
     transport.py    sockets, CurveZMQ (ZAP), size limits, the worker's outbox
     membership.py   heartbeats, liveness, readiness, rank and export checks (pure logic)
     coordinator.py  client requests -> devices -> reply, failures and expiry (pure logic)
-    worker.py       the worker thread: run_device for one request at a time, bounded means inbox
+    worker.py       the worker: run_device for each request attempt, in lanes (lanes.py: one per coordinator,
+                    one job at a time within a lane), bounded means inboxes
     dispatch.py     every message from a peer: checked (messages.py, wire.py) before it has any effect
 
-Threads: the I/O thread (this loop: every socket, the coordinator, the heartbeats) and the worker.
+Every runner may serve clients (--serve): whichever receives a request coordinates it, over the devices
+that are members now (membership.members: the live ones), and reruns it when one of them is lost.
+
+Threads: the I/O thread (this loop: every socket, the coordinator, the heartbeats) and one per lane.
 Nothing a message contains can stop the loop: a message that fails a check is rejected (counted, one
 rate-limited log line), and an unexpected exception while handling one is counted as an internal error.
 """
@@ -31,6 +35,7 @@ from .device import Engine, Requests
 from .dispatch import PeerMessages
 from .keys import RunnerKeys, loose_permissions
 from .membership import DEAD_AFTER_S, HEARTBEAT_S, Membership
+from .messages import MAX_DEVICES
 from .protocol import ArrayRules, Kind, decode, encode, peek_call, peek_kind
 from .transport import Transport
 from .wire import frame_nbytes
@@ -64,7 +69,7 @@ class DeviceHost:
     def __init__(self, bundle: str | Path, *, rank: int | None, peers: str, serve: int | None = None,
                  threads: int = 1, timeout: float = 10.0, peer_timeout: float = 60.0, bind: str | None = None,
                  keys: str | Path | None = None, insecure: bool = False, dead_after: float = DEAD_AFTER_S,
-                 max_cache_mb: float = 1024.0):
+                 max_cache_mb: float = 1024.0, min_devices: int = 1):
         self.bundle = b = DeviceBundle.load(bundle)  # every sha256 and the export id, recomputed
         self.rank = b.rank if rank is None else int(rank)
         if self.rank != b.rank:
@@ -72,6 +77,10 @@ class DeviceHost:
         addrs = parse_peers(peers)
         if len(addrs) != b.devices:
             raise PrismError(f"--peers lists {len(addrs)} devices, this export has {b.devices}")
+        if b.devices > MAX_DEVICES:
+            raise PrismError(f"this export has {b.devices} devices; the runtime supports up to {MAX_DEVICES}")
+        if not 1 <= min_devices <= b.devices:
+            raise PrismError(f"--min-devices {min_devices}: must be between 1 and this export's {b.devices} devices")
         self.serve, self.peer_timeout, self.limits = serve, float(peer_timeout), b.limits
         self.stop, self.fatal = threading.Event(), None
         self.counters = Counters(log)
@@ -84,23 +93,27 @@ class DeviceHost:
             max_client_bytes=self.limits.max_client_bytes, counters=self.counters)
         self.engine = Engine(b, threads)
         frame = frame_nbytes(self.limits.max_batch, self.limits.max_rows, self.limits.hidden, self.limits.wire_dtype)
-        inbox = Inbox(per_source=4 * frame + (1 << 16), total=(4 * frame + (1 << 16)) * max(1, b.devices - 1))
-        self.exchange = ZmqExchange(self.rank, t.outbox, inbox, **self.engine.exchange_kwargs(timeout))
-        self.worker = Worker(self.engine, self.rank, self.exchange, Requests(b) if serve is not None else None,
+        per_source = 4 * frame + (1 << 16)
+
+        def lane_exchange() -> ZmqExchange:  # each lane's own endpoint: inbox, stash, outbox socket
+            inbox = Inbox(per_source=per_source, total=per_source * max(1, b.devices - 1))
+            return ZmqExchange(self.rank, t.new_outbox(), inbox, **self.engine.exchange_kwargs(timeout))
+
+        self.worker = Worker(self.engine, self.rank, lane_exchange, Requests(b) if serve is not None else None,
                              on_internal_error=lambda: self.counters.event("internal_errors"),
                              max_cache_bytes=int(max_cache_mb * 2**20))
         self.coordinator = None
         if serve is not None:
             self.coordinator = Coordinator(b, self.rank, self.membership, t.send_peer, self._reply_client,
-                                           self.worker.submit, timeout=timeout)
+                                           self.worker.submit, timeout=timeout, min_devices=min_devices,
+                                           abort_local=self.worker.abort, hold_s=dead_after + HEARTBEAT_S)
         self.peer_messages = PeerMessages(self)
         self.client_rules = request_rules(self.limits)
 
     # ------------------------------------------------------------------------------------------ main loop
     def run(self) -> int:
         """Serve until stopped (SIGINT/SIGTERM set `stop`). Returns the process exit code."""
-        worker = threading.Thread(target=self.worker.run, args=(self.stop,), name="prism-worker", daemon=True)
-        worker.start()
+        self.worker.start(self.stop)
         t, poller = self.transport, zmq.Poller()
         for s in t.sockets():
             poller.register(s, zmq.POLLIN)
@@ -131,11 +144,10 @@ class DeviceHost:
                     self._guarded(handlers[sock], sock)
                 if self.coordinator:
                     self.coordinator.expire(time.monotonic())
-                if self.worker.idle:
-                    self.exchange.inbox.expire(time.monotonic(), self.exchange.timeout)
+                self.worker.lanes.expire(time.monotonic())
         finally:
             self.stop.set()
-            worker.join(timeout=2)
+            self.worker.lanes.join(timeout=2)
             t.close()
         if self.fatal:
             log.error("%s", self.fatal)
@@ -153,7 +165,7 @@ class DeviceHost:
     def _on_monitor(self, m) -> None:
         q = self.transport.on_monitor(m)
         if q is not None:
-            self.membership.on_disconnect(q)
+            self.membership.on_disconnect(q, now=time.monotonic())
 
     def _hello(self, now: float) -> None:
         msg = encode(Kind.HELLO, self.membership.hello(now, self.health))
@@ -165,15 +177,15 @@ class DeviceHost:
         for q in lost:
             why = self.membership.describe(q, now)
             log.warning("device %d: lost device %d: %s", self.rank, q, why)
-            self.worker.abort_all(why)
+            self.worker.abort_involving(q, f"lost device {q}: {why}")
             if self.coordinator:
-                self.coordinator.on_peer_lost(q, why)
+                self.coordinator.on_peer_lost(q, why, now)
         for q in back:
-            log.info("device %d: device %d is reachable again", self.rank, q)
+            log.info("device %d: device %d is reachable again: it is in the plan of the next requests", self.rank, q)
 
     @property
     def rejected_total(self) -> int:
-        return self.counters.total_rejected + self.exchange.traffic.rejected_frames
+        return self.counters.total_rejected + self.worker.lanes.rejected_frames
 
     @property
     def health(self) -> dict:
@@ -209,12 +221,15 @@ class DeviceHost:
         m = self.membership
         return {
             "ok": True, "ready": m.ready(now), "export_id": self.bundle.export_id, "devices": self.bundle.devices,
-            "coordinator": self.rank, "connected": m.connected(now), "secure": self.transport.keys is not None,
+            "coordinator": self.rank, "connected": m.connected(now), "members": m.members(now),
+            "min_devices": self.coordinator.min_devices if self.coordinator else None,
+            "secure": self.transport.keys is not None,
             "rejected_frames": {str(self.rank): self.rejected_total,
                                 **{str(q): p.health.get("rejected", 0) for q, p in m.peers.items()}},
             "health": {str(self.rank): self.health, **{str(q): p.health for q, p in m.peers.items()}},
             "pending": len(self.coordinator.pending) if self.coordinator else 0,
-            "counters": {**self.counters.to_dict(), "exchange_rejected": self.exchange.traffic.rejected_frames,
-                         "inbox_bytes": self.exchange.inbox.nbytes},
+            "requests": self.coordinator.describe_pending(now) if self.coordinator else [],
+            "counters": {**self.counters.to_dict(), "exchange_rejected": self.worker.lanes.rejected_frames,
+                         "inbox_bytes": self.worker.lanes.inbox_bytes},
             "peers": {str(q): m.describe(q, now) for q in m.peers},
         }

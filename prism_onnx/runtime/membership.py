@@ -9,7 +9,11 @@ clock. A peer that stops (killed, SIGSTOP, a cable pulled) is lost `dead_after` 
 resumes is alive again after one round of HELLOs, whatever state it held before.
 
 The cluster is *ready* when every peer is alive and each reports that it sees every other device alive
-(so every ordered pair of devices has a working path). A runner instance is identified by its `nonce`
+(so every ordered pair of devices has a working path). Requests do not wait for readiness: they are
+planned over the *members* (elastic partitions): this device and the live peers that see each other,
+which after a device is lost is fewer than all. A runner has *formed* (`ever_ready`) once the whole
+cluster was ready, or once it joined members of a cluster that had formed (a runner restarted while
+another device is still down). A runner instance is identified by its `nonce`
 (new at every start): a second runner claiming a live runner's rank is refused, a restarted one
 replaces a lost one. A peer's messages other than HELLO are accepted only on the connection (`session`,
 the ZeroMQ routing id) that carried its last accepted HELLO.
@@ -38,6 +42,10 @@ class PeerState:
     echo: float = NEVER  # our clock: the newest HELLO of ours that it says it heard
     sees: frozenset = frozenset()  # ranks it reports alive
     serving: bool = False
+    formed: bool = False  # it reports that its cluster has formed (was ready once)
+    up_since: float = NEVER  # our clock: when it last became alive (the newest member yields first)
+    gone_session: bytes | None = None  # the session that was live when our connection to it closed
+    gone_at: float = NEVER  # our clock: when that happened
     health: dict = field(default_factory=dict)  # its own counters: rejected, denied, internal errors
     up: bool = False  # the verdict of the last tick, for edge detection
     ever_up: bool = False
@@ -87,6 +95,20 @@ class Membership:
                 out.append(q)
         return out
 
+    def members(self, now: float) -> list[int]:
+        """The devices a request can be planned over now: this one and the live peers, each of which sees
+        every other member (so every ordered pair of members has a working path). While two members do not
+        see each other, one of the peers involved is left out: the one that became alive last (a device
+        rejoining yields to those that stayed), then the one that misses the most, then the highest rank."""
+        group = {self.rank} | {q for q in self.peers if self.alive(q, now)}
+        while True:
+            unseen = {q: group - {q} - self.peers[q].sees for q in group if q != self.rank}
+            involved = {q for q, u in unseen.items() if u} | {r for u in unseen.values() for r in u}
+            involved.discard(self.rank)
+            if not involved:
+                return sorted(group)
+            group.discard(max(involved, key=lambda q: (self.peers[q].up_since, len(unseen[q]), q)))
+
     def connected(self, now: float) -> list[int]:
         return sorted([self.rank] + [q for q in self.peers if self.alive(q, now)])
 
@@ -97,7 +119,8 @@ class Membership:
     def hello(self, now: float, health: dict | None = None) -> dict:
         """Our heartbeat; `health` ({name: count}) is reported to the coordinator's STATUS."""
         return {"rank": self.rank, "nonce": self.nonce, "export_id": self.export_id, "settings": self.settings,
-                "serving": self.serving, "t": now, "ready": self.ready(now), "health": health or {},
+                "serving": self.serving, "t": now, "ready": self.ready(now), "formed": self.ever_ready,
+                "health": health or {},
                 "echo": {str(q): p.their_t for q, p in self.peers.items() if p.their_t is not None},
                 "sees": [q for q in self.peers if self.alive(q, now)]}
 
@@ -109,6 +132,7 @@ class Membership:
         export_id = get_str(meta, "export_id", 128)
         settings = get_dict(meta, "settings", 32, default={})
         serving, ready = get_bool(meta, "serving", default=False), get_bool(meta, "ready", default=False)
+        formed = get_bool(meta, "formed", default=False)
         t = get_float(meta, "t", -1e15, 1e15)
         echo = get_dict(meta, "echo", 256, default={}).get(str(self.rank))
         if echo is not None and (type(echo) not in (int, float) or abs(echo) > 1e15):
@@ -130,9 +154,9 @@ class Membership:
             return Verdict(False, refuse=f"two runners claim rank {rank}")
         if rank not in self.peers:
             return Verdict(False, refuse=f"rank {rank} is not in 0..{self.devices - 1}")
-        if serving and self.serving:
-            return Verdict(False, refuse=f"devices {rank} and {self.rank} both serve clients; only one may")
         p, note = self.peers[rank], None
+        if session == p.gone_session and p.session is None and (echo is None or echo <= p.gone_at):
+            return Verdict(False)  # queued before its connection closed: no proof it is alive (ignored)
         if p.nonce is None:
             note = f"device {rank} connected"
         elif p.nonce != nonce:
@@ -142,19 +166,26 @@ class Membership:
             self.peers[rank] = p = PeerState(rank, p.address, up=p.up, ever_up=p.ever_up)
         elif p.session != session:
             note = f"device {rank} reconnected"
-        p.nonce, p.session, p.last_hello, p.their_t, p.gone = nonce, session, now, t, None
+        was_alive = p.alive(now, self.dead_after)
+        p.nonce, p.session, p.last_hello, p.their_t, p.gone, p.gone_session = nonce, session, now, t, None, None
         if echo is not None:
             p.echo = max(p.echo, float(echo)) if echo <= now else p.echo  # never trust a time from our future
-        p.sees, p.serving, p.health = sees, serving, health
+        if not was_alive and p.alive(now, self.dead_after):
+            p.up_since = now
+        p.sees, p.serving, p.health, p.formed = sees, serving, health, formed
         del ready  # a peer's own verdict is recomputed from `sees`
         return Verdict(True, note=note)
 
-    def on_disconnect(self, q: int, why: str = "closed the connection") -> None:
+    def on_disconnect(self, q: int, why: str = "closed the connection", now: float = NEVER) -> None:
         """Our connection to q closed (its process died, or ZeroMQ's own heartbeat gave up): q is not alive
-        until a new HELLO echoes a new one of ours; a restarted runner may take its rank at once."""
+        until a new HELLO echoes a new one of ours; a restarted runner may take its rank at once. Messages
+        still queued from q's old connection (a dead process's last HELLOs, STARTs, frames) no longer count:
+        its session is closed, and a HELLO on it is ignored unless it echoes a HELLO of ours sent after
+        `now` (then q's process is alive, its connection survived, and the session is bound again)."""
         p = self.peers[q]
         if p.nonce is not None and p.gone is None:
             p.last_hello, p.echo, p.gone = NEVER, NEVER, why
+            p.gone_session, p.session, p.gone_at = p.session, None, now
 
     def on_refuse(self, reason: str) -> str | None:
         """A peer refused our HELLO: fatal during start-up, ignored (logged) once the cluster has run."""
@@ -172,7 +203,8 @@ class Membership:
                 elif p.ever_up:
                     back.append(q)
                 p.up, p.ever_up = up, p.ever_up or up
-        if not self.ever_ready and self.ready(now):
+        if not self.ever_ready and (self.ready(now) or any(self.peers[q].formed for q in self.members(now)
+                                                           if q != self.rank)):
             self.ever_ready = True
         return lost, back
 

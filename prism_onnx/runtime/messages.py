@@ -7,6 +7,7 @@ field; the array rules run while the message is decoded, before any array exists
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,15 +22,43 @@ from .protocol import ArrayRules, Kind, encode, get_bool, get_dict, get_float, g
 MAX_BUDGET_S = 24 * 3600.0
 MAX_ERROR = 2000
 
+# ----------------------------------------------------------------------------------------- request ids
+RANK_BITS = 12
+MAX_DEVICES = 1 << RANK_BITS
+EPOCH_US = 1_735_689_600_000_000  # 2025-01-01 in microseconds since 1970
+
+
+def first_sequence() -> int:
+    """Where a coordinator's request sequence starts: microseconds since 2025, so that a restarted
+    coordinator's ids are larger than those of its earlier life (devices drop late frames of finished
+    requests by comparing ids)."""
+    return max(0, time.time_ns() // 1000 - EPOCH_US)
+
+
+def request_id(sequence: int, coordinator: int) -> int:
+    """The id of one *attempt* at a request: the coordinator's rank in the low RANK_BITS bits, its sequence
+    number above them. A rerun (a device was lost) is a new attempt with a new id, so that late frames of
+    the abandoned attempt can never be taken for the new one's. Devices run the attempts of one coordinator
+    in order, one at a time (a lane per coordinator, worker.py)."""
+    return (int(sequence) << RANK_BITS) | int(coordinator)
+
+
+def coordinator_of(request: int) -> int:
+    return int(request) & (MAX_DEVICES - 1)
+
+
 
 # ----------------------------------------------------------------------------------------------- START
 def start_message(request: int, coordinator: int, plan: Plan, own: dict[str, np.ndarray], budget_s: float,
                   outputs: set[str] | None, generate: dict | None = None, stream: bool = False,
                   prompt_ids: np.ndarray | None = None) -> list[bytes]:
-    """START device p of a request: its own token inputs, the request's mask; for generation the options,
-    and for the tail device the whole prompt's ids (`prompt_ids`, for its repetition penalty)."""
+    """START device p of a request: its own token inputs, the request's mask, the plan's membership
+    (`ranks`: the devices that compute it, position by position; `split_weights`: one per position, or None
+    for the export's weights of those devices); for generation the options, and for the tail device the
+    whole prompt's ids (`prompt_ids`, for its repetition penalty)."""
     meta = {"request": request, "coordinator": coordinator, "budget_s": budget_s,
-            "outputs": sorted(outputs) if outputs is not None else None}
+            "outputs": sorted(outputs) if outputs is not None else None, "ranks": list(plan.ranks),
+            "split_weights": list(plan.weights) if plan.weights else None}
     if generate is not None:
         meta.update(generate=generate, stream=stream)
     arrays = {"attention_mask": np.asarray(plan.attention_mask, np.int64), **own}
@@ -68,14 +97,34 @@ class Start:
     outputs: set[str] | None
     attention_mask: np.ndarray
     own_inputs: dict[str, np.ndarray]
+    ranks: tuple[int, ...] = ()  # the plan's devices, position by position
+    split_weights: tuple[float, ...] | None = None
     generate: dict | None = None  # generation options (admission.check_generate), the tail device decodes
     stream: bool = False
     prompt_ids: np.ndarray | None = None
 
 
+def check_plan_members(meta: dict, devices: int) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
+    """START's `ranks` (increasing device ranks; default all) and `split_weights` (one positive number per
+    rank, or None)."""
+    ranks = get_list(meta, "ranks", int, devices, default=None)
+    ranks = tuple(range(devices)) if ranks is None else tuple(ranks)
+    if not ranks or any(not 0 <= r < devices for r in ranks) or any(a >= b for a, b in zip(ranks, ranks[1:])):
+        raise FrameError(f"field 'ranks' must list increasing device ranks of 0..{devices - 1}")
+    weights = get_list(meta, "split_weights", float, devices, default=None)
+    if weights is not None and (len(weights) != len(ranks) or not all(0 < w < 1e9 for w in weights)):
+        raise FrameError("field 'split_weights' must hold one positive weight per rank")
+    return ranks, None if weights is None else tuple(float(w) for w in weights)
+
+
 def check_start(meta: dict, arrays: dict, limits: Limits) -> Start:
     request = get_int(meta, "request")
     coordinator = get_int(meta, "coordinator", 0, limits.devices - 1)
+    if coordinator_of(request) != coordinator:
+        raise FrameError(f"request {request} is not an id of device {coordinator}")
+    ranks, weights = check_plan_members(meta, limits.devices)
+    if coordinator not in ranks:
+        raise FrameError(f"the plan's devices {list(ranks)} leave out its coordinator {coordinator}")
     budget = get_float(meta, "budget_s", 1e-3, MAX_BUDGET_S)
     outputs = get_list(meta, "outputs", str, len(limits.outputs), default=None)
     if outputs is not None and not set(outputs) <= set(limits.outputs):
@@ -103,8 +152,8 @@ def check_start(meta: dict, arrays: dict, limits: Limits) -> Start:
             raise FrameError("START carries prompt_ids without generation options, or not of the mask's shape")
         check_ids(prompt, None, limits)
     return Start(request, coordinator, budget, set(outputs) if outputs is not None else None, np.array(mask),
-                 {k: np.array(v) for k, v in own.items()}, generate, get_bool(meta, "stream", default=False),
-                 None if prompt is None else np.array(prompt))
+                 {k: np.array(v) for k, v in own.items()}, ranks, weights, generate,
+                 get_bool(meta, "stream", default=False), None if prompt is None else np.array(prompt))
 
 
 # ---------------------------------------------------------------------------------------------- RESULT
@@ -139,6 +188,7 @@ class Result:
     outputs: dict
     span: tuple[int, int] = (0, 0)  # the tokens [start, end) the device held (the split used)
     generation: dict | None = None  # the tail device's: GENERATION_STATS and finish_reasons
+    retry: bool = False  # failed because of another device (lost, silent, aborted): a rerun may succeed
 
 
 def check_result(meta: dict, arrays: dict, limits: Limits) -> Result:
@@ -168,7 +218,8 @@ def check_result(meta: dict, arrays: dict, limits: Limits) -> Result:
         if not set(generation["finish_reasons"]) <= {"stop", "length"}:
             raise FrameError("field 'generation.finish_reasons' must hold 'stop' or 'length'")
     return Result(request, rank, ok, error or ("" if ok else "device failed"), timings, traffic,
-                  {k: np.array(v) for k, v in arrays.items()}, (span[0], span[1]), generation)
+                  {k: np.array(v) for k, v in arrays.items()}, (span[0], span[1]), generation,
+                  get_bool(meta, "retry", default=False))
 
 
 # ---------------------------------------------------------------------------------------------- TOKENS

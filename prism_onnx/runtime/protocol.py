@@ -231,7 +231,10 @@ def get_list(meta: dict, key: str, item: type, max_items: int, default=_REQUIRED
         return v
     if not isinstance(v, list) or len(v) > max_items:
         raise FrameError(f"field '{key}' must be a list of at most {max_items} items")
-    ok = (lambda x: type(x) is int) if item is int else (lambda x: isinstance(x, str) and len(x) <= max_len)
+    if item is float:
+        ok = lambda x: type(x) in (int, float) and abs(x) < 1e300  # noqa: E731 (finite: no NaN, no inf)
+    else:
+        ok = (lambda x: type(x) is int) if item is int else (lambda x: isinstance(x, str) and len(x) <= max_len)
     if not all(ok(x) for x in v):
         raise FrameError(f"field '{key}' must hold only {item.__name__}s" +
                          (f" of at most {max_len} characters" if item is str else ""))

@@ -7,8 +7,8 @@
               heartbeat that proves q hears us also proves the path the means take. No fixed routing
               identity: a reconnection is never mistaken for a stale one (see membership.py).
     clients   ROUTER on --serve: CURVE server, ZAP domain "clients": only the allowed client keys.
-    outbox    inproc PUSH (the worker) -> PULL (the I/O thread): the worker's messages, each with an
-              envelope (destination rank, request id).
+    outbox    inproc PUSH (one per worker lane) -> PULL (the I/O thread): the worker's messages, each
+              with an envelope (destination rank, request id).
 
 The ZAP handler is pyzmq's ThreadAuthenticator with one credentials callback per domain (the key sets
 of runtime/keys.py); it names each connection ("device-K", "client", "client-NAME"), and the name comes
@@ -96,9 +96,13 @@ class Transport:
             self._bind(self.clients, bind, serve, "is the port in use?")
         self.outbox_in = self.ctx.socket(zmq.PULL)
         self.outbox_in.bind(f"inproc://outbox-{id(self)}")
+
+    def new_outbox(self) -> Outbox:
+        """An outbox for one worker thread (a lane): ZeroMQ sockets are not shared between threads."""
         push = self.ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
         push.connect(f"inproc://outbox-{id(self)}")
-        self.outbox = Outbox(push)
+        return Outbox(push)
 
     # ------------------------------------------------------------------------------------------- setup
     def _monitor(self, sock: zmq.Socket, name: str, peer: int | None = None) -> None:

@@ -159,10 +159,10 @@ def plan_traffic(plan, hidden: int, layers: int, wire_dtype: str) -> tuple[list[
     `hidden` values (the exchange's row width).
 
     Device p sends one frame of its S_p rows to each receiver at every exchange point; the runtime's
-    byte counters must equal these numbers.
+    byte counters must equal these numbers. Lists are per plan position (the devices plan.ranks, in order).
     """
     B = plan.batch
-    frame = [frame_nbytes(B, plan.segments[p].rows, hidden, wire_dtype) for p in range(plan.devices)]
-    sent = [[frame[p] * len(plan.receivers(p))] * layers for p in range(plan.devices)]
-    received = [[sum(frame[q] for q in plan.sources(p))] * layers for p in range(plan.devices)]
+    frame = {p: frame_nbytes(B, plan.segment(p).rows, hidden, wire_dtype) for p in plan.ranks}
+    sent = [[frame[p] * len(plan.receivers(p))] * layers for p in plan.ranks]
+    received = [[sum(frame[q] for q in plan.sources(p))] * layers for p in plan.ranks]
     return sent, received

@@ -1,12 +1,15 @@
-"""The worker thread of a runner: runs requests one at a time with `run_device`, in the order they started.
+"""The worker of a runner: runs request attempts with `run_device`, in lanes (lanes.py): one per
+coordinator, one job at a time within a lane, lanes side by side.
 
-It owns no socket of the network: everything it sends (means, STARTs, RESULTs) goes through the
+It owns no socket of the network: everything it sends (means, STARTs, RESULTs) goes through a lane's
 `outbox` (an inproc socket the I/O thread drains, so each peer has one connection for everything), and
-everything it receives comes through the `Inbox`, which the I/O thread fills with checked means frames
-(bounded in bytes per source and in total) and aborts.
+everything it receives comes through the lane's `Inbox`, which the I/O thread fills with checked means
+frames (bounded in bytes per source and in total) and aborts.
 
 On the coordinator, the worker also prepares requests (tokenizing, decoding images: the slow part,
 kept off the I/O thread so heartbeats never wait for it) and sends the STARTs before running its own part.
+A job's plan is computed from the request's mask over the devices the coordinator chose (`ranks`, the
+live ones): every device of the plan computes the same plan from the same START fields.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,13 +27,12 @@ from ..errors import PeerError, PrismError
 from ..generate import CacheCollector, GenerationConfig, check_prompt, decode, stop_ids
 from ..program import own_slice, run_device
 from .device import Engine, Requests, check_outputs
-from .exchange import Abort, Exchange
-from .messages import GENERATED, start_message, tokens_message
+from .lanes import Inbox, Lane, Lanes, ZmqExchange
+from .messages import GENERATED, coordinator_of, start_message, tokens_message
 from .protocol import Kind, encode
-from .wire import MEANS_HEADER
 
+__all__ = ["Inbox", "Job", "PrepareJob", "Worker", "ZmqExchange"]
 log = logging.getLogger("prism.run")
-MAX_QUEUED = 64
 
 
 @dataclass
@@ -44,11 +46,14 @@ class Job:
     generate: dict | None = None  # generation options: the tail device decodes after the prefill
     stream: bool = False
     prompt_ids: np.ndarray | None = None  # [B, N] the whole prompt, for the tail's repetition penalty
+    ranks: tuple[int, ...] | None = None  # the plan's devices (None: all of the export's)
+    split_weights: tuple[float, ...] | None = None  # one per plan position (None: the export's)
 
 
 @dataclass
 class PrepareJob:
-    """The coordinator's own part of a client request: prepare the inputs, START the others, run."""
+    """The coordinator's own part of a client request attempt: prepare the inputs, START the others, run.
+    `ranks`: the devices of the attempt's plan (the live ones, chosen by the coordinator; None: all)."""
 
     request: int
     kwargs: dict
@@ -57,89 +62,23 @@ class PrepareJob:
     budget_s: float
     generate: dict | None = None
     stream: bool = False
-
-
-class Inbox:
-    """Means frames for the worker, bounded in bytes per source and in total; aborts jump the queue."""
-
-    def __init__(self, per_source: int, total: int):
-        self.per_source, self.total = per_source, total
-        self._items: deque = deque()  # (src, parts, nbytes, arrival)
-        self._bytes: dict[int, int] = {}
-        self._aborts: deque[Abort] = deque(maxlen=256)
-        self._cv = threading.Condition()
-
-    def put(self, src: int, parts: list, nbytes: int, now: float) -> str | None:
-        """Queue a frame, or return why not."""
-        with self._cv:
-            if self._bytes.get(src, 0) + nbytes > self.per_source:
-                return f"inbox holds {self._bytes[src]} bytes from device {src}, the limit is {self.per_source}"
-            if sum(self._bytes.values()) + nbytes > self.total:
-                return f"inbox full ({self.total} bytes)"
-            self._items.append((src, parts, nbytes, now))
-            self._bytes[src] = self._bytes.get(src, 0) + nbytes
-            self._cv.notify()
-        return None
-
-    def abort(self, a: Abort) -> None:
-        with self._cv:
-            self._aborts.append(a)
-            self._cv.notify()
-
-    def get(self, timeout: float):
-        with self._cv:
-            if not self._items and not self._aborts:
-                self._cv.wait(timeout)
-            if self._aborts:
-                return self._aborts.popleft()
-            if not self._items:
-                return None
-            src, parts, nbytes, _ = self._items.popleft()
-            self._bytes[src] -= nbytes
-            return parts
-
-    def expire(self, now: float, max_age: float) -> int:
-        """Drop frames older than max_age (the I/O thread calls this while the worker is idle)."""
-        with self._cv:
-            keep = [it for it in self._items if now - it[3] <= max_age]
-            dropped = len(self._items) - len(keep)
-            if dropped:
-                self._items = deque(keep)
-                self._bytes = {}
-                for src, _, n, _ in keep:
-                    self._bytes[src] = self._bytes.get(src, 0) + n
-            return dropped
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self._bytes.values())
-
-
-class ZmqExchange(Exchange):
-    """Means leave through the outbox (the I/O thread forwards them) and arrive through the Inbox."""
-
-    def __init__(self, rank: int, outbox, inbox: Inbox, **kw):
-        super().__init__(rank, **kw)
-        self.outbox, self.inbox = outbox, inbox
-
-    def _send(self, dst, parts):
-        self.outbox.send(dst, MEANS_HEADER.unpack(bytes(parts[0]))[3], parts)
-
-    def _recv(self, timeout):
-        return self.inbox.get(min(timeout, 0.5))
+    ranks: tuple[int, ...] | None = None
+    split_weights: tuple[float, ...] | None = None
+    coordinator: int = -1  # set by the worker: its own rank
 
 
 @dataclass
 class Worker:
     engine: Engine
     rank: int
-    exchange: ZmqExchange
+    make_exchange: Callable[[], ZmqExchange]  # a new lane's exchange endpoint (its inbox and outbox)
     requests: Requests | None  # the coordinator prepares requests
-    on_internal_error: callable = lambda: None
+    on_internal_error: Callable = lambda: None
     max_cache_bytes: int | None = None  # the key/value cache a generation request may hold on this device
-    jobs: queue.Queue = field(default_factory=lambda: queue.Queue(MAX_QUEUED))
-    aborted: deque = field(default_factory=lambda: deque(maxlen=1024))
-    current: int | None = None
+    lanes: Lanes = field(init=False)
+
+    def __post_init__(self):
+        self.lanes = Lanes(self.make_exchange, self._loop, self.bundle.devices)
 
     @property
     def bundle(self):
@@ -147,100 +86,115 @@ class Worker:
 
     @property
     def idle(self) -> bool:
-        return self.current is None and self.jobs.empty()
+        return self.lanes.idle
+
+    def start(self, stop: threading.Event) -> None:
+        self.lanes.start(stop)
 
     def submit(self, job: Job | PrepareJob) -> bool:
+        """Queue a job in its coordinator's lane (a PrepareJob: this device's own lane)."""
+        if isinstance(job, PrepareJob):
+            job.coordinator = self.rank
         try:
-            self.jobs.put_nowait(job)
+            self.lanes.lane(job.coordinator).jobs.put_nowait(job)
             return True
         except queue.Full:
             return False
 
     def abort(self, request: int, reason: str) -> None:
-        """I/O thread: skip the request if queued, wake the worker if it waits for the request's means."""
-        self.aborted.append(request)
-        if self.current == request:
-            self.exchange.inbox.abort(Abort(request, reason))
+        """I/O thread: skip the request if queued, wake its lane if it waits for the request's means."""
+        lane = self.lanes.lanes.get(coordinator_of(request))
+        if lane is not None:
+            lane.abort(request, reason)
 
-    def abort_all(self, reason: str) -> None:
-        for job in list(self.jobs.queue):
-            self.aborted.append(job.request)
-        current = self.current
-        if current is not None:
-            self.abort(current, reason)
+    def abort_involving(self, q: int, reason: str) -> list[int]:
+        """Device q is lost: abort every job whose plan holds q, or that q coordinates. -> their ids."""
+        hit = []
+        for lane in list(self.lanes.lanes.values()):
+            for job in lane.jobs_now():
+                ranks = job.ranks if job.ranks is not None else range(self.bundle.devices)
+                if q in ranks or lane.coordinator == q:
+                    lane.abort(job.request, reason)
+                    hit.append(job.request)
+        return hit
 
-    def run(self, stop: threading.Event) -> None:
+    def _loop(self, lane: Lane, stop: threading.Event) -> None:
+        """A lane's thread: its jobs one at a time; each one's RESULT goes to its coordinator."""
         while not stop.is_set():
             try:
-                job = self.jobs.get(timeout=0.2)
+                job = lane.jobs.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self.current = job.request
+            lane.current = job
             try:
-                meta, arrays, coordinator = self._run(job)
-                self.exchange.outbox.send(coordinator, job.request, encode(Kind.RESULT, meta, arrays))
-            except Exception:  # a bug in reporting: count it, keep the worker alive
+                meta, arrays = self._run(job, lane)
+                lane.exchange.outbox.send(job.coordinator, job.request, encode(Kind.RESULT, meta, arrays))
+            except Exception:  # a bug in reporting: count it, keep the lane alive
                 self.on_internal_error()
                 log.exception("device %d: could not report request %d", self.rank, job.request)
             finally:
-                self.current = None
+                lane.current = None
 
-    def _run(self, job) -> tuple[dict, dict, int]:
+    def _run(self, job, lane: Lane) -> tuple[dict, dict]:
         meta, arrays = {"request": job.request, "rank": self.rank, "ok": False}, {}
-        coordinator = self.rank if isinstance(job, PrepareJob) else job.coordinator
+        exchange = lane.exchange
         try:
             if time.monotonic() > job.deadline:
                 raise PeerError(f"request {job.request} expired before device {self.rank} could start it")
-            if job.request in self.aborted:
+            if job.request in lane.aborted:
                 raise PeerError(f"request {job.request} was aborted before device {self.rank} started it")
             if isinstance(job, PrepareJob):
-                job = self._prepare(job)
-            plan = self.bundle.manifest.plan(job.attention_mask)
+                job = self._prepare(job, lane)
+            plan = self.bundle.manifest.plan(job.attention_mask, job.split_weights, job.ranks)
             if job.generate is not None:
-                return (*self._generate(job, plan, meta), coordinator)
-            res = run_device(self.bundle.manifest.program, self.engine, plan, self.rank, job.own_inputs, self.exchange,
+                return self._generate(job, plan, meta, lane)
+            res = run_device(self.bundle.manifest.program, self.engine, plan, self.rank, job.own_inputs, exchange,
                              job.request, job.outputs)
             meta.update(ok=True, timings=res.timings, traffic=res.traffic.to_dict(), span=list(plan.span(self.rank)))
             arrays = res.outputs
         except PrismError as e:
-            meta.update(ok=False, error=str(e), traffic=self.exchange.finish(job.request).to_dict())
+            # PeerError: another device failed this one (lost, silent, an ABORT): a rerun may succeed
+            meta.update(ok=False, error=str(e), traffic=exchange.finish(job.request).to_dict(),
+                        retry=isinstance(e, PeerError))
             log.error("device %d: request %d failed: %s", self.rank, job.request, e)
         except Exception as e:  # a bug: report it, keep serving
             self.on_internal_error()
             meta.update(ok=False, error=f"device {self.rank} internal error: {type(e).__name__}: {e}",
-                        traffic=self.exchange.finish(job.request).to_dict())
+                        traffic=exchange.finish(job.request).to_dict())
             log.exception("device %d: request %d crashed", self.rank, job.request)
-        return meta, arrays, coordinator
+        return meta, arrays
 
-    def _prepare(self, job: PrepareJob) -> Job:
-        """Coordinator: inputs -> token arrays and plan; START every other device with its own slice. For
-        generation the texts are padded on the left, and only the tail device runs a head (its own)."""
+    def _prepare(self, job: PrepareJob, lane: Lane) -> Job:
+        """Coordinator: inputs -> token arrays and the plan over the attempt's devices; START every other
+        device of the plan with its own slice. For generation the texts are padded on the left, and only the
+        tail device (the plan's last) runs a head (its own)."""
         generating = job.generate is not None
-        token_inputs, plan = self.requests.prepare(self.requests.model_inputs(**job.kwargs, left_pad=generating))
+        token_inputs, plan = self.requests.prepare(self.requests.model_inputs(**job.kwargs, left_pad=generating),
+                                                   job.split_weights, job.ranks)
         if generating:
             check_prompt(plan.attention_mask, GenerationConfig.from_dict(job.generate), self.bundle.spec.max_positions)
         want = set() if generating else check_outputs(self.bundle.spec, sorted(job.outputs) if job.outputs else None)
-        mine, tail = None, plan.devices - 1
+        mine = None
         prompt = token_inputs["input_ids"] if generating else None
-        for p in range(plan.devices):
+        for p in plan.ranks:
             own = own_slice(token_inputs, plan, p)
             if p == self.rank:
                 mine = own
             else:
-                self.exchange.outbox.send(p, job.request, start_message(
+                lane.exchange.outbox.send(p, job.request, start_message(
                     job.request, self.rank, plan, own, job.budget_s, want, job.generate, job.stream,
-                    prompt if p == tail else None))
+                    prompt if p == plan.tail else None))
         return Job(job.request, self.rank, plan.attention_mask, mine, job.deadline, want, job.generate, job.stream,
-                   prompt)
+                   prompt, plan.ranks, job.split_weights)
 
-    def _generate(self, job: Job, plan, meta: dict) -> tuple[dict, dict]:
-        """A generation request: the prefill like any request; the tail device (the last partition) then
+    def _generate(self, job: Job, plan, meta: dict, lane: Lane) -> tuple[dict, dict]:
+        """A generation request: the prefill like any request; the tail device (the plan's last) then
         decodes from its compressed prefix cache, streaming TOKENS to the coordinator when asked, and returns
         the generated ids. The exchange is not used after the prefill: no means move while decoding."""
-        program, tail = self.bundle.manifest.program, plan.devices - 1
+        program, tail = self.bundle.manifest.program, plan.tail
         collector = CacheCollector(program) if self.rank == tail else None
         t0 = time.perf_counter()
-        res = run_device(program, self.engine, plan, self.rank, job.own_inputs, self.exchange, job.request, set(),
+        res = run_device(program, self.engine, plan, self.rank, job.own_inputs, lane.exchange, job.request, set(),
                          collector)
         meta.update(ok=True, timings=res.timings, traffic=res.traffic.to_dict(), span=list(plan.span(self.rank)))
         if collector is None:
@@ -251,8 +205,8 @@ class Worker:
 
         def stream(step: int, ids: np.ndarray) -> None:
             if job.stream:
-                self.exchange.outbox.send(job.coordinator, job.request, tokens_message(job.request, self.rank, step, ids))
-            if job.request in self.aborted:
+                lane.exchange.outbox.send(job.coordinator, job.request, tokens_message(job.request, self.rank, step, ids))
+            if job.request in lane.aborted:
                 raise PeerError(f"request {job.request} was aborted while device {self.rank} generated")
 
         prompt = job.prompt_ids if job.prompt_ids is not None else job.own_inputs["input_ids"]
