@@ -347,6 +347,72 @@ def validate(export_dir, samples, data, model, as_json):
         sys.exit(1)
 
 
+# ---------------------------------------------------------------------------------------------- calibrate
+def _params(ctx, param, value):
+    groups = tuple(g.strip() for g in value.split(",") if g.strip())
+    if not groups:
+        raise click.BadParameter("give at least one parameter group")
+    return groups
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(file_okay=False))
+@click.option("--data", required=True, type=click.Path(),
+              help="Unlabeled in-domain inputs: a text file (one input per line) or a folder of images.")
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Folder of the calibrated export.")
+@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Optimiser steps.")
+@click.option("--time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds of training at most (stops before --steps if reached).")
+@click.option("--params", default="remote,norms", show_default=True, callback=_params,
+              help="Parameter groups to train: remote (per-layer correction of received mean rows: count-bias "
+                   "scale and offset per head, low-rank row correction), norms (LayerNorm/RMSNorm affine), biases.")
+@click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Rank of the remote rows' correction.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Inputs per step (inputs of equal length are batched together).")
+@click.option("--window", type=click.IntRange(min=2), default=None,
+              help="Read the text file as one running text cut into windows of this many tokens (language models).")
+@click.option("--max-inputs", type=click.IntRange(min=1), default=None, help="Use the first inputs of --data only.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the data order and the held-out split.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch threads while training (one is fastest on a busy machine).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+@json_option
+@friendly_errors
+def calibrate(export_dir, data, out, steps, time_budget, params, rank, lr, batch_size, window, max_inputs, seed,
+              threads, overwrite, as_json):
+    """Calibrate EXPORT_DIR for its own P, CR and switches on unlabeled data, without labels: the
+    unpartitioned model is the teacher, PRISM the student; writes a normal export to OUT.
+
+    \b
+    The calibrated model (OUT/model) is the source of OUT's graphs: `prism validate
+    OUT` checks them against it, and reports agreement with the model EXPORT_DIR
+    came from (cosine_vs_model). OUT/manifest.json records the data's sha256,
+    the steps and the number of trained parameters.
+    """
+    from .calibration.export import calibrate as run_calibrate
+    from .calibration.train import TrainSettings
+
+    cfg = TrainSettings(steps=steps, time_budget=time_budget, params=params, rank=rank, lr=lr, batch_size=batch_size,
+                        seed=seed, threads=threads)
+    report = run_calibrate(export_dir, data, out, cfg, window=window, max_inputs=max_inputs, overwrite=overwrite,
+                           progress=not as_json)
+
+    def human(r):
+        before, after = r["loss_before"], r["loss_after"]
+        loss = (f"held-out distillation loss {before:.4g} -> {after:.4g} ({r['held_out_inputs']} inputs)"
+                if before is not None else "no held-out inputs")
+        click.echo(f"calibrated {export_dir} on {r['train_inputs']} inputs of {data}: {r['steps']} steps in "
+                   f"{r['seconds']:.1f} s, {r['trained_parameters']:,} trained parameters "
+                   f"({', '.join(r['settings']['params'])}); {loss}")
+        if r["exact_steps"]:
+            click.echo(f"  {r['exact_steps']} steps changed nothing: PRISM was already exact on their inputs")
+        click.echo(f"wrote {r['export']} (export {r['export_id'][:12]}); check it with: prism validate {r['export']}")
+
+    emit(report, as_json, human)
+
+
 # ------------------------------------------------------------------------------------------------ inspect
 @main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
@@ -876,15 +942,39 @@ def _switch(text: str) -> list[bool]:
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Inputs to evaluate (default: task's).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: metric vs CR and vs bytes.")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
+@click.option("--calibrate-data", default=None,
+              help="Also calibrate every setting with CR > 1 (prism calibrate) and score it again: 'task' for the "
+                   "task's own calibration data (disjoint from what is scored), or a text file / image folder.")
+@click.option("--calibrate-steps", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Training steps per setting.")
+@click.option("--calibrate-time-budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds of training per setting at most.")
+@click.option("--calibrate-params", default="remote,norms", show_default=True, callback=_params,
+              help="Parameter groups to train (remote, norms, biases).")
+@click.option("--calibrate-lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True,
+              help="Adam learning rate.")
+@click.option("--calibrate-window", type=click.IntRange(min=2), default=None,
+              help="Read a --calibrate-data text file as running text in windows of this many tokens.")
 @json_option
 @friendly_errors
 @needs_export_extra
-def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, as_json):
-    """Task metric of the full model and of PRISM (through exported bundles) over P, CR and the switches."""
-    from .evaluate.evaluate import evaluate as run_eval, plot as plot_report, summarize
+def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, calibrate_data, calibrate_steps,
+             calibrate_time_budget, calibrate_params, calibrate_lr, calibrate_window, as_json):
+    """Task metric of the full model and of PRISM (through exported bundles) over P, CR and the switches;
+    with --calibrate-data, also after calibration."""
+    from .calibration.train import TrainSettings
+    from .evaluate.evaluate import Calibration, evaluate as run_eval, plot as plot_report, summarize
 
+    calibration = None
+    if calibrate_data is not None:
+        if calibrate_data != "task" and not Path(calibrate_data).exists():
+            raise InputError(f"{calibrate_data}: no such file or folder")
+        calibration = Calibration(TrainSettings(steps=calibrate_steps, time_budget=calibrate_time_budget,
+                                                params=calibrate_params, lr=calibrate_lr),
+                                  None if calibrate_data == "task" else calibrate_data, calibrate_window)
     report = run_eval(task, devices=_int_list(devices), compression_ratios=_int_list(crs),
                       count_bias=_switch(count_bias), keep_sinks=_switch(sinks), samples=samples,
+                      calibration=calibration,
                       echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)),
                       progress=not as_json)
     report["summary"] = summarize(report)
@@ -899,12 +989,16 @@ def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, as_json
         from rich.table import Table
 
         table = Table(title=f"{r['task']} ({r['metric']}), full model {r['full_model']:.4f}, {r['inputs']} inputs")
-        for col in ("P", "CR", "count bias", "sinks", r["metric"], "delta", "bytes/inference", "vs baseline"):
+        cal = r.get("calibration") is not None
+        cols = ["P", "CR", "count bias", "sinks", r["metric"], "delta"] + (["calibrated", "delta"] if cal else [])
+        for col in cols + ["bytes/inference", "vs baseline"]:
             table.add_column(col, justify="right")
         for row in r["rows"]:
+            after = ([f"{row['calibrated']:.4f}", f"{row['delta_calibrated']:+.4f}"] if "calibrated" in row
+                     else ["", ""]) if cal else []
             table.add_row(str(row["devices"]), str(row["compression_ratio"]), "on" if row["count_bias"] else "off",
                           "on" if row["keep_sinks"] else "off", f"{row[r['metric']]:.4f}", f"{row['delta']:+.4f}",
-                          f"{row['bytes_per_inference']:,.0f}", f"{100 * row['bytes_vs_baseline']:.2f}%")
+                          *after, f"{row['bytes_per_inference']:,.0f}", f"{100 * row['bytes_vs_baseline']:.2f}%")
         Console().print(table)
         for k, v in r["summary"].items():
             click.echo(f"  {k}: {v}")

@@ -268,6 +268,7 @@ class Manifest:
     package_version: str = ""
     config_summary: dict = field(default_factory=dict)
     rank: int | None = None
+    calibration: dict | None = None  # `prism calibrate`: base model, data sha256, steps, trained parameters
 
     @property
     def devices(self) -> int:
@@ -280,6 +281,8 @@ class Manifest:
              "settings": self.settings.to_dict(), "program": self.program.to_dict(),
              "graphs": {k: g.to_dict() for k, g in self.graphs.items()},
              "preprocessing": self.preprocessing.to_dict()}
+        if self.calibration is not None:
+            d["calibration"] = dict(self.calibration)
         if self.rank is not None:
             d["rank"] = self.rank
         d["files"] = dict(self.files)
@@ -295,6 +298,9 @@ class Manifest:
                               f"{FORMAT_VERSION}; re-export it")
         try:
             rank = d.get("rank")
+            calibration = d.get("calibration")
+            if calibration is not None and not isinstance(calibration, dict):
+                raise TypeError(f"calibration must be an object, got {type(calibration).__name__}")
             m = cls(
                 export_id=str(d["export_id"]), model=ModelSpec.from_dict(d["model"]),
                 settings=ExportSettings.from_dict(d["settings"]), program=Program.from_dict(d["program"]),
@@ -303,7 +309,7 @@ class Manifest:
                 files={str(k): str(v) for k, v in d["files"].items()},
                 source=str(d.get("source", "")), created=str(d.get("created", "")),
                 package_version=str(d.get("package_version", "")), config_summary=dict(d.get("config_summary", {})),
-                rank=None if rank is None else int(rank),
+                rank=None if rank is None else int(rank), calibration=calibration,
             )
         except (KeyError, TypeError, ValueError, AttributeError, PlanError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None

@@ -9,14 +9,18 @@ Tensor names used throughout:
     q           [B, H, n, dh]     queries of a device's own n tokens
     k, v        [B, Hkv, n+R, dh] keys and values: own rows first, then the R received rows in device order
     local_bias  [B, n]            additive bias on own keys (0, or MASKED for padding)
-    remote_bias [B, R]            additive bias on received rows (log(count) or 0; MASKED for empty segments)
+    remote_bias [B, R]            additive bias on received rows (log(count) or 0; MASKED for empty segments);
+                [B, H, R]         per head, after a RemoteCalibration
     averager    [B, S, n]         segment averaging matrix from `prism_onnx.plan`
     kv rows     [B, n, 2*Hkv*dh]  keys and values of n tokens side by side, as they travel ("kv" exchange)
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+from torch import nn
 
 from .plan import MASKED
 
@@ -41,8 +45,12 @@ def prism_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local_bia
         k = k[:, :, None].expand(B, Hkv, H // Hkv, rows, dh).reshape(B, H, rows, dh)
         v = v[:, :, None].expand(B, Hkv, H // Hkv, rows, dh).reshape(B, H, rows, dh)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, n, n+R]
-    bias = torch.cat([local_bias, remote_bias], dim=-1)  # [B, n+R]
-    scores = scores + bias[:, None, None, :]
+    if remote_bias.dim() == 3:  # per head (RemoteCalibration): [B, H, R]
+        bias = torch.cat([local_bias[:, None, :].expand(B, H, n), remote_bias], dim=-1)  # [B, H, n+R]
+        scores = scores + bias[:, :, None, :]
+    else:
+        bias = torch.cat([local_bias, remote_bias], dim=-1)  # [B, n+R]
+        scores = scores + bias[:, None, None, :]
     if causal:
         pos = torch.arange(n, device=q.device)
         future = pos[None, :] > pos[:, None]  # [n, n] own key after own query
@@ -65,3 +73,35 @@ def split_kv_rows(rows: torch.Tensor, kv_heads: int, head_dim: int) -> tuple[tor
     B, R, _ = rows.shape
     k, v = rows.split(kv_heads * head_dim, dim=-1)
     return (k.reshape(B, R, kv_heads, head_dim).transpose(1, 2), v.reshape(B, R, kv_heads, head_dim).transpose(1, 2))
+
+
+class RemoteCalibration(nn.Module):
+    """Learned corrections of the rows one layer receives (`prism calibrate`); the identity as created.
+
+    A mean row stands for c > 1 tokens, and it approximates them: the softmax of a mean key is not the mean
+    of the softmaxes, and a mean vector is shorter than the vectors it averages. These parameters let
+    calibration correct that, for mean rows only (those with remote_bias = log(count) > 0, i.e. the count
+    bias marks them): a row of one token (a sink, any row at CR=1, a decoding cache's own tokens) is exact
+    and passes unchanged, and so does a masked row. With the count bias off no row is marked and this is
+    the identity.
+
+        rows [B, R, W], remote_bias [B, R] -> rows [B, R, W], remote_bias [B, H, R]
+        bias of a mean row, head h:  bias_scale[h] * log(count) + bias_offset[h]     (2H parameters)
+        a mean row:                  row + (row @ down) @ up                         (2 W rank parameters)
+    W is the row width (D for hidden-state exchange, 2 * kv_heads * head_dim for key/value exchange).
+    `up` starts at zero (a low-rank correction as in LoRA), so a new module changes nothing.
+    """
+
+    def __init__(self, width: int, heads: int, rank: int, generator: torch.Generator | None = None):
+        super().__init__()
+        self.bias_scale = nn.Parameter(torch.ones(heads))
+        self.bias_offset = nn.Parameter(torch.zeros(heads))
+        self.down = nn.Parameter(torch.randn(width, rank, generator=generator) / math.sqrt(width))
+        self.up = nn.Parameter(torch.zeros(rank, width))
+
+    def forward(self, rows: torch.Tensor, remote_bias: torch.Tensor):
+        mean_row = remote_bias > 0  # [B, R]: stands for count > 1 tokens
+        bias = remote_bias[:, None, :] * self.bias_scale[None, :, None] + self.bias_offset[None, :, None]  # [B, H, R]
+        bias = torch.where(mean_row[:, None, :], bias, remote_bias[:, None, :])
+        corrected = rows + torch.matmul(torch.matmul(rows, self.down), self.up)  # [B, R, W]
+        return torch.where(mean_row[:, :, None], corrected, rows), bias

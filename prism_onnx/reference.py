@@ -105,12 +105,12 @@ class _TensorEndpoint:
 
 def run_devices(pm: PrismModel, token_inputs: dict[str, np.ndarray], plan: Plan, trace: DeviceTrace | None = None,
                 wire_dtype: str = "float32", program: Program | None = None, received: dict | None = None,
-                on_sent=None) -> dict[str, torch.Tensor]:
+                on_sent=None, hooks: dict | None = None) -> dict[str, torch.Tensor]:
     """The reference run of one request: {output name: tensor}, token outputs gathered along the sequence.
-    `received`, `on_sent`: see TensorHub."""
+    `received`, `on_sent`: see TensorHub; `hooks`: {rank: on_step(step, feeds, results)} (program.DeviceRun)."""
     program = program or build_program(pm.spec)
     hub = TensorHub(plan.devices, wire_dtype, trace, received, on_sent)
-    results = run_lockstep(program, TorchBackend(pm), plan, token_inputs, hub.endpoints)
+    results = run_lockstep(program, TorchBackend(pm), plan, token_inputs, hub.endpoints, hooks=hooks)
     return gather_outputs(program, results, concat=torch.cat)
 
 

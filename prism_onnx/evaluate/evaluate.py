@@ -9,7 +9,11 @@ Tasks (each with real weights, see tasks.py):
     wikitext-llama   the same with a small Llama (rotary, grouped-query attention: key/value exchange)
 
 The model is traced once; every (P, CR, count_bias, sinks) setting is a bundle laid out from those graphs
-and run by the in-process executor (onnxruntime). Bytes per inference are the runtime's own counters
+and run by the in-process executor (onnxruntime). With a `Calibration`, every setting with CR > 1 is also
+calibrated (`prism calibrate`: a new export from the calibrated model) and scored again: each row then has
+the metric before and after. Calibration data is disjoint from the evaluation data; each task's own
+(`Task.calibration_data`): SST-2 train phrases (dev is scored), WikiText-2 valid (test is scored), the
+digits training split (the held-out split is scored). Bytes per inference are the runtime's own counters
 over the whole run divided by the number of inputs. Inputs are batched only with inputs of the same
 length (no padding), so each is split over its own tokens as it would be alone on the devices.
 """
@@ -22,13 +26,14 @@ import math
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import models
+from ..calibration.train import TrainSettings
 from ..data import digits_images, sst2, wikitext
 from ..exporters.bundle import export_graphs, write_bundles
 from ..manifest import ExportSettings, PrismSettings
@@ -87,6 +92,11 @@ class Task:
     def score(self, outputs: list[dict], batches: list) -> float:
         raise NotImplementedError
 
+    def calibration_data(self, folder: Path) -> tuple[Path, int | None]:
+        """Unlabeled calibration inputs disjoint from the evaluation inputs, written under `folder`:
+        (a text file or an image folder, window length for text read as running text or None)."""
+        raise NotImplementedError
+
 
 class SST2Probe(Task):
     metric = "accuracy"
@@ -108,6 +118,15 @@ class SST2Probe(Task):
         tok = untruncated(req)
         groups = same_length_batches([len(tok.encode(t).ids) for t in texts], 32)
         return [(req.model_inputs(texts=[texts[i] for i in idx]), labels[idx]) for idx in groups]
+
+    def calibration_data(self, folder, count: int = 8000, min_words: int = 6):
+        """`count` random SST-2 training phrases of at least `min_words` words (sentences, like dev's)."""
+        texts, _ = sst2("train")
+        texts = [t for t in texts if len(t.split()) >= min_words]
+        pick = np.random.default_rng(0).permutation(len(texts))[:count]
+        path = Path(folder) / "sst2-train.txt"
+        path.write_text("\n".join(texts[i] for i in sorted(pick)) + "\n")
+        return path, None
 
     def score(self, outputs, data):
         coef, intercept = self.probe()
@@ -147,6 +166,10 @@ class LongText(Task):
         return [(req.model_inputs(texts=[paragraphs[i] for i in idx]), None)
                 for idx in same_length_batches(lengths, 4)]
 
+    def calibration_data(self, folder, min_words: int = 50):
+        """WikiText-2 valid paragraphs of at least `min_words` words (test is scored)."""
+        return write_paragraphs(Path(folder) / "wikitext-valid-paragraphs.txt", min_words), None
+
     def full_outputs(self, model, data):
         return [{"last_hidden_state": run_torch(model, inputs)["last_hidden_state"]} for inputs, _ in data]
 
@@ -175,6 +198,19 @@ class Digits(Task):
         test = test[: self.samples] if self.samples else test
         return [(req.model_inputs(images=list(images[idx])), labels[idx]) for idx in batches(list(test), 64)]
 
+    def calibration_data(self, folder):
+        """The training split's images as PNG files (the held-out split is scored)."""
+        from PIL import Image
+
+        images, _ = digits_images(32, 3)
+        train, _ = tasks.digits_split(json.loads((Path(self.model_source()) / "task.json").read_text())
+                                      ["settings"].get("seed", 0))
+        out = Path(folder) / "digits-train"
+        out.mkdir(parents=True, exist_ok=True)
+        for i in train:
+            Image.fromarray(images[i]).save(out / f"{i:04d}.png")
+        return out, None
+
     def score(self, outputs, data):
         hits = sum(int((o["logits"].argmax(-1) == y).sum()) for o, (_, y) in zip(outputs, data))
         return hits / sum(len(y) for _, y in data)
@@ -201,6 +237,13 @@ class WikiTextLM(Task):
         windows = ids[: n * self.window].reshape(n, self.window)  # [n, window]
         return [({"input_ids": w, "attention_mask": np.ones_like(w)}, None) for w in batches(windows, 8)]
 
+    def calibration_data(self, folder):
+        """WikiText-2 valid (the language model's own training text; test is scored), cut into windows of
+        the evaluation's length."""
+        path = Path(folder) / "wikitext-valid.txt"
+        path.write_text(wikitext("valid"))
+        return path, self.window
+
     def score(self, outputs, data):
         total = count = 0.0
         for out, (inputs, _) in zip(outputs, data):
@@ -210,6 +253,25 @@ class WikiTextLM(Task):
             total += float((logz - np.take_along_axis(logits, target[..., None], -1)[..., 0]).sum())
             count += target.size
         return math.exp(total / count)
+
+
+def write_paragraphs(path: Path, min_words: int) -> Path:
+    """WikiText-2 valid paragraphs (no headings) of at least `min_words` words, one per line."""
+    lines = [ln.strip() for ln in wikitext("valid").splitlines()]
+    path.write_text("\n".join(ln for ln in lines if ln and not ln.startswith("=") and len(ln.split()) >= min_words)
+                    + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibrate every setting with CR > 1 before scoring it again. data: a text file or image folder, or
+    None for the task's own calibration data (Task.calibration_data)."""
+
+    train: TrainSettings = TrainSettings()
+    data: str | None = None
+    window: int | None = None
+    max_inputs: int | None = None
 
 
 def make_task(name: str, samples: int | None = None) -> Task:
@@ -241,10 +303,10 @@ def run_torch(model, inputs: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- sweep
 def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128), count_bias=(True, False),
              keep_sinks=(True, False), samples: int | None = None, task_obj: Task | None = None,
-             echo=lambda *_: None, progress: bool = False) -> dict:
-    """The sweep: the full model once, then one row per setting (P, CR, count bias, sinks). `echo` gets
-    the status lines; `progress` shows a progress bar over the settings on stderr (the status lines are
-    then printed above it)."""
+             calibration: Calibration | None = None, echo=lambda *_: None, progress: bool = False) -> dict:
+    """The sweep: the full model once, then one row per setting (P, CR, count bias, sinks), and with
+    `calibration` the calibrated metric of each CR > 1 setting. `echo` gets the status lines; `progress`
+    shows a progress bar over the settings on stderr (the status lines are then printed above it)."""
     from tqdm.auto import tqdm
 
     t = task_obj or make_task(task, samples)
@@ -269,6 +331,10 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
         echo(f"{task}: full model {t.metric} {full_metric:.4f} on {n_inputs} inputs of {lengths.min()}-"
              f"{lengths.max()} tokens")
         rows = []
+        cal_data = None
+        if calibration is not None:
+            cal_data = ((Path(calibration.data), calibration.window) if calibration.data is not None
+                        else t.calibration_data(tmp / "calibration"))
         settings = [PrismSettings(*s) for s in itertools.product(devices, compression_ratios)]
         settings = [replace(s, count_bias=cb, keep_sinks=sk) for s in settings for cb in count_bias
                     for sk in keep_sinks]
@@ -290,11 +356,35 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
                          "bytes_per_inference": sent / n_inputs, "bytes_vs_baseline": sent / baseline})
             say(f"  P={s.devices} CR={s.compression_ratio} count_bias={s.count_bias} sinks={s.keep_sinks}: "
                  f"{t.metric} {metric:.4f} ({metric - full_metric:+.4f})")
+            if cal_data is not None and s.compression_ratio > 1:
+                rows[-1].update(calibrated_row(t, bundle, tmp / f"c{i}", cal_data, calibration, data, full_metric))
+                say(f"    calibrated ({rows[-1]['calibration']['steps']} steps, "
+                     f"{rows[-1]['calibration']['seconds']:.0f} s): {t.metric} {rows[-1]['calibrated']:.4f} "
+                     f"({rows[-1]['delta_calibrated']:+.4f})")
+                shutil.rmtree(tmp / f"c{i}", ignore_errors=True)
             shutil.rmtree(tmp / f"b{i}", ignore_errors=True)
     return {"task": task, "metric": t.metric, "model": t.model_source(), "full_model": full_metric,
+            "calibration": None if calibration is None else {
+                "data": calibration.data or "task", "window": cal_data[1], **calibration.train.to_dict()},
             "inputs": n_inputs, "tokens_per_input": {"min": int(lengths.min()), "mean": float(lengths.mean()),
                                                      "max": int(lengths.max())}, "rows": rows,
             "n512": cr_for_traffic_cut(spec, devices, compression_ratios, keep_sinks)}
+
+
+def calibrated_row(t: Task, bundle: Path, out: Path, cal_data: tuple, calibration: Calibration, data,
+                   full_metric: float) -> dict:
+    """Calibrate `bundle` (prism calibrate) into `out` and score the calibrated export on `data`."""
+    from ..calibration.export import calibrate
+
+    path, window = cal_data
+    rep = calibrate(bundle, path, out, calibration.train, window=window, max_inputs=calibration.max_inputs)
+    ex = Executor(out)
+    results = [ex.run(inputs) for inputs, _ in data]
+    ex.close()
+    metric = t.score([r.outputs for r in results], data)
+    keep = ("steps", "seconds", "trained_parameters", "train_inputs", "loss_before", "loss_after", "data_sha256")
+    return {"calibrated": metric, "delta_calibrated": metric - full_metric,
+            "calibration": {k: rep[k] for k in keep}}
 
 
 def cr_for_traffic_cut(spec, devices, crs, keep_sinks, cut: float = 0.99, n: int = 512) -> dict:

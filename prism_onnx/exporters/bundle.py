@@ -48,6 +48,7 @@ class Graphs:
     opset: int = DEFAULT_OPSET
     source: str = ""
     config_summary: dict = field(default_factory=dict)
+    calibration: dict | None = None  # what `prism calibrate` did to the model these graphs come from
 
     def path(self, name: str) -> Path:
         """The file of graph `name`."""
@@ -60,7 +61,7 @@ class Graphs:
         root = Path(export_dir)
         m = read_manifest(root / MANIFEST)
         return cls(root / "device-0", m.model, m.program, dict(m.graphs), m.preprocessing, m.settings.quantize,
-                   m.settings.opset, m.source, m.config_summary)
+                   m.settings.opset, m.source, m.config_summary, m.calibration)
 
 
 def _tensor_info(v) -> TensorInfo:
@@ -176,12 +177,13 @@ def place(src: Path, dst: Path, link: bool) -> None:
 
 
 def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, overwrite: bool = False,
-                  link: bool = False) -> Path:
+                  link: bool = False, extra: dict[str, Path] | None = None) -> Path:
     """Lay out DIR/manifest.json and DIR/device-K/ from exported graphs. Atomic: a failed write leaves no
     half bundle, and an existing non-empty DIR is only replaced with overwrite=True.
 
     link=True hard-links the graph files instead of copying them (local sweeps and benchmarks: P copies
-    of a BERT-base graph set is GBs); bundles meant for boards are copies.
+    of a BERT-base graph set is GBs); bundles meant for boards are copies. `extra`: {name: folder} copied
+    into DIR/name (a calibrated export keeps its model folder there); not part of any device bundle.
 
     The export id is the digest of the content (runtime/bundle.py content_digest); the CurveZMQ keys of
     every device and of one client are generated too (runtime/keys.py), outside every file table.
@@ -196,7 +198,7 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
         export_id="", model=graphs.spec, settings=settings, program=graphs.program, graphs=dict(graphs.files),
         preprocessing=graphs.preprocessing, files={}, source=graphs.source,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), package_version=__version__,
-        config_summary=graphs.config_summary)
+        config_summary=graphs.config_summary, calibration=graphs.calibration)
     payload = [g.file for g in graphs.files.values()] + graphs.preprocessing.files()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))  # same filesystem as out
@@ -218,6 +220,8 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
             all_files.update({f"device-{k}/{n}": d for n, d in files.items()})
             all_files[f"device-{k}/{MANIFEST}"] = sha256_file(dev / MANIFEST)
         write_manifest(staging / MANIFEST, replace(common, files=all_files))
+        for name, folder in (extra or {}).items():
+            shutil.copytree(folder, staging / name)
         generate_keys(staging, settings.devices)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()

@@ -150,9 +150,53 @@ def load(source, *, architecture: str | None = None):
     return cls.from_pretrained(path).eval()
 
 
+CALIBRATION_FILE = "prism_calibration.safetensors"  # a calibrated model folder's RemoteCalibration weights
+
+
 def convert(model) -> PrismModel:
-    """PrismModel for a loaded transformers model, chosen by config.model_type."""
-    return family(model.config.model_type).convert(model)
+    """PrismModel for a loaded transformers model, chosen by config.model_type. A model loaded from a folder
+    that `prism calibrate` wrote gets its layers' RemoteCalibration from CALIBRATION_FILE there."""
+    pm = family(model.config.model_type).convert(model)
+    folder = str(getattr(model, "name_or_path", "") or "")
+    if folder and (Path(folder) / CALIBRATION_FILE).is_file():
+        pm = load_calibration(pm, Path(folder) / CALIBRATION_FILE)
+    return pm
 
 
-__all__ = ["ModelLoadError", "ModelSpec", "PrismModel", "convert", "family", "load", "resolve_source", "supported"]
+def save_calibration(pm: PrismModel, folder: str | os.PathLike) -> Path | None:
+    """Write pm's RemoteCalibration weights (if it has any) to folder/CALIBRATION_FILE."""
+    from safetensors.torch import save_file
+
+    if pm.calibration is None:
+        return None
+    cal = pm.calibration
+    path = Path(folder) / CALIBRATION_FILE
+    save_file({k: v.detach().contiguous() for k, v in cal.state_dict().items()}, str(path),
+              metadata={"exchange": pm.spec.exchange, "rank": str(cal[0].down.shape[1]), "layers": str(len(cal))})
+    return path
+
+
+def load_calibration(pm: PrismModel, path: Path) -> PrismModel:
+    """pm (switched to the exchange kind the weights were trained for) with the RemoteCalibration of `path`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    try:
+        exchange, rank, layers = meta["exchange"], int(meta["rank"]), int(meta["layers"])
+    except (KeyError, ValueError):
+        raise ModelLoadError(f"{path}: not a prism calibration file (metadata {meta})") from None
+    if layers != len(pm.blocks):
+        raise ModelLoadError(f"{path}: calibration for {layers} layers, the model has {len(pm.blocks)}")
+    pm = pm.with_exchange(exchange)
+    pm.add_calibration(rank)
+    try:
+        pm.calibration.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:
+        raise ModelLoadError(f"{path}: does not fit this model ({str(e).splitlines()[0]})") from None
+    return pm
+
+
+__all__ = ["CALIBRATION_FILE", "ModelLoadError", "ModelSpec", "PrismModel", "convert", "family", "load",
+           "load_calibration", "resolve_source", "save_calibration", "supported"]

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..manifest import ModelSpec
-from ..prism import kv_rows, prism_attention, segment_means, split_kv_rows
+from ..prism import RemoteCalibration, kv_rows, prism_attention, segment_means, split_kv_rows
 
 
 def heads(x: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
@@ -132,13 +132,16 @@ class HiddenEmbedStep(nn.Module):
 
 
 class HiddenLayerStep(nn.Module):
-    """Graph 'layer_i' (hidden exchange): block i over [own; remote], then the means layer i+1 needs."""
+    """Graph 'layer_i' (hidden exchange): block i over [own; remote], then the means layer i+1 needs.
+    `calibration`: this layer's RemoteCalibration, applied to the received rows first (None: none)."""
 
-    def __init__(self, block: nn.Module, next_block: nn.Module | None):
+    def __init__(self, block: nn.Module, next_block: nn.Module | None, calibration: nn.Module | None = None):
         super().__init__()
-        self.block, self.next_block = block, next_block
+        self.block, self.next_block, self.calibration = block, next_block, calibration
 
     def forward(self, hidden, remote, local_bias, remote_bias, averager=None):
+        if self.calibration is not None:
+            remote, remote_bias = self.calibration(remote, remote_bias)  # [B, R, D], [B, H, R]
         h = self.block(hidden, remote, local_bias, remote_bias)  # [B, n, D]
         if self.next_block is None:
             return (h,)
@@ -161,13 +164,15 @@ class KVEmbedStep(nn.Module):
 
 class KVLayerStep(nn.Module):
     """Graph 'layer_i' (kv exchange): block i over [own k, v; received rows], then layer i+1's own k, v and
-    the means of [k | v]."""
+    the means of [k | v]. `calibration` as for HiddenLayerStep."""
 
-    def __init__(self, block: nn.Module, next_block: nn.Module | None):
+    def __init__(self, block: nn.Module, next_block: nn.Module | None, calibration: nn.Module | None = None):
         super().__init__()
-        self.block, self.next_block = block, next_block
+        self.block, self.next_block, self.calibration = block, next_block, calibration
 
     def forward(self, hidden, k, v, remote, local_bias, remote_bias, position_ids, averager=None):
+        if self.calibration is not None:
+            remote, remote_bias = self.calibration(remote, remote_bias)  # [B, R, 2*Hkv*dh], [B, H, R]
         h = self.block.forward_kv(hidden, k, v, remote, local_bias, remote_bias, position_ids)  # [B, n, D]
         if self.next_block is None:
             return (h,)
@@ -196,7 +201,17 @@ class PrismModel(nn.Module):
         self.token_head = token_head
         self.pooled_head = pooled_head
         self.output_class = output_class
+        self.calibration: nn.ModuleList | None = None  # one RemoteCalibration per layer, for spec.exchange
         self.eval()
+
+    def add_calibration(self, rank: int, seed: int = 0) -> nn.ModuleList:
+        """Give every layer an identity RemoteCalibration (rows of spec.row_width, `rank`) and return them.
+        Outputs do not change until they are trained; an uncalibrated model has none (its graphs stay as
+        they were)."""
+        gen = torch.Generator().manual_seed(seed)
+        self.calibration = nn.ModuleList(
+            RemoteCalibration(self.spec.row_width, self.spec.num_heads, rank, gen) for _ in self.blocks).eval()
+        return self.calibration
 
     def exchanges(self) -> tuple[str, ...]:
         """The exchange kinds this model's blocks implement (see the module docstring)."""
@@ -211,6 +226,9 @@ class PrismModel(nn.Module):
         if exchange not in self.exchanges():
             raise ModelLoadError(f"{self.spec.model_type} cannot exchange '{exchange}' rows; it supports "
                                  f"{', '.join(self.exchanges())}")
+        if self.calibration is not None:
+            raise ModelLoadError(f"this model's received rows were calibrated for '{self.spec.exchange}' exchange; "
+                                 f"it cannot exchange '{exchange}' rows")
         return PrismModel(replace(self.spec, exchange=exchange), self.embed, list(self.blocks), self.token_head,
                           self.pooled_head, self.output_class)
 
@@ -221,8 +239,10 @@ class PrismModel(nn.Module):
             (HiddenEmbedStep, HiddenLayerStep)
         L = len(self.blocks)
         out = {"embed": embed_step(self.embed, self.blocks[0])}
+        cal = self.calibration
         for i in range(L):
-            out[f"layer_{i}"] = layer_step(self.blocks[i], self.blocks[i + 1] if i + 1 < L else None)
+            out[f"layer_{i}"] = layer_step(self.blocks[i], self.blocks[i + 1] if i + 1 < L else None,
+                                           cal[i] if cal is not None else None)
         if self.token_head is not None:
             out["token_head"] = self.token_head
         if self.pooled_head is not None:

@@ -65,8 +65,8 @@ def content_digest(manifest: dict, files: dict[str, str]) -> str:
 
 
 def check_export_id(manifest: dict, files: dict[str, str], path: Path) -> None:
-    """(`manifest`: the JSON as read.)"""
-    """Refuse a manifest whose export id is not the digest of its content (it was edited after export)."""
+    """Refuse a manifest (`manifest`: the JSON as read) whose export id is not the digest of its content (it
+    was edited after export)."""
     try:
         digest = content_digest(manifest, files)
     except (TypeError, ValueError) as e:
