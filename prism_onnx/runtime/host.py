@@ -166,7 +166,7 @@ class DeviceHost:
         finally:
             self.stop.set()
             self.worker.lanes.join(timeout=2)
-            t.close()
+            t.close(linger_ms=1000 if self.fatal else 0)  # a fatal refusal reaches the peer it refused
         if self.fatal:
             log.error("%s", self.fatal)
             return 1

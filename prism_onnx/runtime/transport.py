@@ -195,9 +195,11 @@ class Transport:
                                       "on one board only?)", label, name)
         return None
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """Close every socket; `linger_ms` > 0 gives messages already queued (a REFUSE before a fatal
+        exit) that long to leave."""
         for m in self.monitors:
             m.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
-        self.ctx.destroy(linger=0)
+        self.ctx.destroy(linger=linger_ms)
