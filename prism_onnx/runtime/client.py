@@ -114,12 +114,10 @@ class Client:
             s.connect(self.address)
             self._await_connection(m)
         except zmq.ZMQError as e:
-            m.close(linger=0)
-            s.close(linger=0)
+            _close(s, m)
             raise ServerLost(f"cannot connect to {self.address.removeprefix('tcp://')}: {e}") from None
         except ServerLost:
-            m.close(linger=0)
-            s.close(linger=0)
+            _close(s, m)
             raise
         return s, m
 
@@ -161,8 +159,7 @@ class Client:
                 tries[r] = self._socket(r)
         except ServerLost:
             for s, m in tries.values():
-                m.close(linger=0)
-                s.close(linger=0)
+                _close(s, m)
             raise
         poller = zmq.Poller()
         for s, _ in tries.values():
@@ -174,16 +171,14 @@ class Client:
                 s.recv_multipart()
                 self.sock, self.monitor, self.server_rank = s, m, r
             else:
-                m.close(linger=0)
-                s.close(linger=0)
+                _close(s, m)
         if self.sock is None:
             raise ServerLost(f"no answer from {self.address} within {self.dead_after:g} s with any of the "
                              f"{len(tries)} device keys (is a runner serving there, and does it hold this client's key?)")
 
     def _reset(self):
-        for s in (self.monitor, self.sock):
-            if s is not None:
-                s.close(linger=0)
+        if self.sock is not None:
+            _close(self.sock, self.monitor)
         self.sock = self.monitor = None
         self._answered = False
 
@@ -337,6 +332,16 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _close(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
+    """Close a DEALER and its monitor. The monitor is disabled first: closing a monitored socket leaves
+    libzmq's side of the monitor alive (it keeps its inproc address and counts against the context's
+    1,023 sockets), so a long-lived process that connects often ends with "Too many open files"."""
+    if monitor is not None:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+    sock.close(linger=0)
 
 
 def free_ports(n: int) -> list[int]:
