@@ -45,3 +45,15 @@ $P bench out/bench/bert-base-p2-cr128 --seq-len 512 --bandwidth 100mbit --repeat
 $P export sentence-transformers/all-MiniLM-L6-v2 -P 3 --cr 1 --out out/bench/minilm-p3-cr1 --overwrite
 $PY benchmarks/failover.py out/bench/minilm-p3-cr1 --requests 1000 --kill 2@3 --restart 2@8 --kill 0@13 \
     --restart 0@18 --json $R/failover_minilm_p3.json
+# issue 10: Llama-3.2-1B shape (bytes, FLOPs) and the small Llama on WikiText-2
+$PY benchmarks/random_model.py --shape llama-3.2-1b --out out/bench/llama-3.2-1b
+$P export out/bench/llama-3.2-1b -P 2 --cr 128 --max-seq-len 1024 --out out/bench/llama-3.2-1b-p2-cr128 --overwrite
+$PY benchmarks/paper_table.py --export out/bench/llama-3.2-1b-p2-cr128 --seq-len 1024 --devices 2,4,8 --cr 128 \
+    --json $R/paper_table_llama.json > $R/paper_table_llama.txt
+$P evaluate --task wikitext-llama -P 2,4,8 --cr 1,4,16,64,128 --count-bias on --sinks on \
+    --plot docs/wikitext_llama.png --save $R/wikitext_llama.json
+$PY benchmarks/lm_context.py --task wikitext-llama --devices 2,4,8 --json $R/lm_context_llama.json
+# issue 11: generation
+$PY benchmarks/random_model.py --shape gpt2-medium --out out/bench/gpt2-medium
+$PY benchmarks/generation.py perplexity --task wikitext --devices 2,4 --cr 1,4,16,64,128 --json $R/gen_perplexity_gpt2.json
+$PY benchmarks/generation.py perplexity --task wikitext-llama --devices 2,4 --cr 1,4,16,64,128 --json $R/gen_perplexity_llama.json
