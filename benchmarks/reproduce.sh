@@ -47,7 +47,7 @@ $PY benchmarks/failover.py out/bench/minilm-p3-cr1 --requests 1000 --kill 2@3 --
     --restart 0@18 --json $R/failover_minilm_p3.json
 # issue 10: Llama-3.2-1B shape (bytes, FLOPs) and the small Llama on WikiText-2
 $PY benchmarks/random_model.py --shape llama-3.2-1b --out out/bench/llama-3.2-1b
-$P export out/bench/llama-3.2-1b -P 2 --cr 128 --max-seq-len 1024 --out out/bench/llama-3.2-1b-p2-cr128 --overwrite
+$P export out/bench/llama-3.2-1b -P 2 --cr 128 --out out/bench/llama-3.2-1b-p2-cr128 --overwrite
 $PY benchmarks/paper_table.py --export out/bench/llama-3.2-1b-p2-cr128 --seq-len 1024 --devices 2,4,8 --cr 128 \
     --json $R/paper_table_llama.json > $R/paper_table_llama.txt
 $P evaluate --task wikitext-llama -P 2,4,8 --cr 1,4,16,64,128 --count-bias on --sinks on \
