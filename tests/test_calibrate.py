@@ -163,3 +163,17 @@ def test_bad_input_is_one_clear_line(case, calibrated, tmp_path):
               "bad params": "unknown parameter group"}[case]
     assert expect in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_every_text_task_writes_its_calibration_data_into_a_new_folder(tmp_path):
+    """`prism evaluate --calibrate-data task` hands each task a folder that does not exist yet (SST-2 once
+    failed there); the data is disjoint from what is scored: SST-2 train phrases, WikiText-2 valid."""
+    from prism_onnx.data import sst2
+    from prism_onnx.evaluate.evaluate import LongText, SST2Probe, WikiTextLM
+
+    path, window = SST2Probe().calibration_data(tmp_path / "a" / "sst2")
+    lines = path.read_text().splitlines()
+    assert window is None and len(lines) == 8000 and not set(lines) & set(sst2("dev")[0])
+    for task in (LongText(), WikiTextLM()):
+        path, _ = task.calibration_data(tmp_path / "b" / type(task).__name__)
+        assert "valid" in path.name and path.stat().st_size > 10_000

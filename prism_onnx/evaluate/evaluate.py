@@ -94,7 +94,8 @@ class Task:
 
     def calibration_data(self, folder: Path) -> tuple[Path, int | None]:
         """Unlabeled calibration inputs disjoint from the evaluation inputs, written under `folder`:
-        (a text file or an image folder, window length for text read as running text or None)."""
+        (a text file or an image folder, window length for text read as running text or None). `folder` is
+        created if needed."""
         raise NotImplementedError
 
 
@@ -124,6 +125,7 @@ class SST2Probe(Task):
         texts, _ = sst2("train")
         texts = [t for t in texts if len(t.split()) >= min_words]
         pick = np.random.default_rng(0).permutation(len(texts))[:count]
+        Path(folder).mkdir(parents=True, exist_ok=True)
         path = Path(folder) / "sst2-train.txt"
         path.write_text("\n".join(texts[i] for i in sorted(pick)) + "\n")
         return path, None
@@ -168,6 +170,7 @@ class LongText(Task):
 
     def calibration_data(self, folder, min_words: int = 50):
         """WikiText-2 valid paragraphs of at least `min_words` words (test is scored)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
         return write_paragraphs(Path(folder) / "wikitext-valid-paragraphs.txt", min_words), None
 
     def full_outputs(self, model, data):
@@ -240,6 +243,7 @@ class WikiTextLM(Task):
     def calibration_data(self, folder):
         """WikiText-2 valid (the language model's own training text; test is scored), cut into windows of
         the evaluation's length."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
         path = Path(folder) / "wikitext-valid.txt"
         path.write_text(wikitext("valid"))
         return path, self.window
