@@ -62,3 +62,5 @@ $PY benchmarks/generation.py ttft --model out/bench/gpt2-medium --seq-len 1023 -
 # issue 14: calibration
 $P evaluate --task digits -P 2 --cr 4 --count-bias on --sinks on --calibrate-data task --calibrate-lr 0.01 --save $R/calib_digits.json
 $PY benchmarks/calibration_longtext.py remote 0.003 150 on 4 > $R/calib_longtext.txt
+$P evaluate --task sst2 -P 4 --cr 128 --count-bias on --sinks on --calibrate-data task --calibrate-time-budget 300 --save $R/calib_sst2.json
+$P evaluate --task wikitext -P 8 --cr 128 --count-bias on --sinks on --calibrate-data task --calibrate-time-budget 300 --save $R/calib_wikitext.json
