@@ -58,7 +58,7 @@ $PY benchmarks/random_model.py --shape gpt2-medium --out out/bench/gpt2-medium
 $PY benchmarks/generation.py perplexity --task wikitext --devices 2,4 --cr 1,4,16,64,128 --json $R/gen_perplexity_gpt2.json
 $PY benchmarks/generation.py perplexity --task wikitext-llama --devices 2,4 --cr 1,4,16,64,128 --json $R/gen_perplexity_llama.json
 $PY benchmarks/generation.py decode --model out/bench/gpt2-medium --seq-len 960 --new-tokens 63 --json $R/gen_decode_gpt2m.json
-$PY benchmarks/generation.py ttft --model out/bench/gpt2-medium --seq-len 1023 --devices 2 --cr 128 --json $R/gen_ttft_gpt2m.json
+$PY benchmarks/generation.py ttft --model out/bench/gpt2-medium --seq-len 1023 --devices 2 --cr 128 --repeats 5 --json $R/gen_ttft_gpt2m.json
 # issue 14: calibration
 $P evaluate --task digits -P 2 --cr 4 --count-bias on --sinks on --calibrate-data task --calibrate-lr 0.01 --save $R/calib_digits.json
 $PY benchmarks/calibration_longtext.py remote 0.003 150 on 4 > $R/calib_longtext.txt
