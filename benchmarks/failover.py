@@ -24,14 +24,12 @@ from pathlib import Path
 
 import click
 
+from prism_onnx.data import sst2
 from prism_onnx.runtime.client import LocalCluster
 
-SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2" / "dev.tsv"
-
-
 def sentences(k: int) -> list[str]:
-    rows = [ln.split("\t") for ln in SST2.read_text().splitlines() if "\t" in ln]
-    texts = [r[0] for r in rows if r[-1].strip() in ("0", "1")]
+    """k SST-2 dev sentences, in order, repeating the set when k is larger."""
+    texts, _ = sst2("dev")
     return [texts[i % len(texts)] for i in range(k)]
 
 
