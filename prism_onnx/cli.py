@@ -504,13 +504,20 @@ def inspect(export_dir, verify, as_json):
                    "always the last resort.")
 @click.option("--graph-optimization", "optimization", type=click.Choice(GRAPH_OPTIMIZATION_LEVELS), default="all",
               show_default=True, help="onnxruntime graph optimization level of the device's sessions.")
+@click.option("--split", "split", default=None, metavar="auto|even|W,W,...",
+              help="With --serve: how requests are split over the devices: auto (weights from each device's "
+                   "measured speed, so they finish together), even, or one weight per device. Default: the "
+                   "export's --split if it has one, else auto.")
+@click.option("--emulate-slowdown", "slowdown", type=click.FloatRange(min=1.0), default=1.0, show_default=True,
+              help="Emulate a board this many times slower (sleep after each onnxruntime call): for testing mixed "
+                   "fleets on one machine.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="Log lines on stderr at this level and above.")
 @json_option
 @friendly_errors
 def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_timeout, bind, keys, insecure,
-        max_cache_mb, min_devices, http, api_key, api_key_file, served_model_name, providers, optimization, log_level,
-        as_json):
+        max_cache_mb, min_devices, http, api_key, api_key_file, served_model_name, providers, optimization, split,
+        slowdown, log_level, as_json):
     """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM; with --http, also the HTTP API
     (/v1/embeddings, /v1/completions, /v1/chat/completions, /embed, /health, /metrics).
 
@@ -541,7 +548,8 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_ti
     host = DeviceHost(bundle, rank=rank, peers=peers, serve=serve, threads=threads, timeout=timeout,
                       peer_timeout=peer_timeout, bind=bind, keys=keys, insecure=insecure,
                       dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb, min_devices=min_devices,
-                      local_client=http is not None, providers=providers, optimization=optimization)
+                      local_client=http is not None, providers=providers, optimization=optimization, split=split,
+                      slowdown=slowdown)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: host.stop.set())
     server = None

@@ -367,17 +367,19 @@ class LocalCluster:
     serve_args: more arguments for the serving runner only, e.g. ["--http", "8000"] (prism_onnx/serve).
     serve_all: every rank serves clients (each on a port of its own, `servers`), not only rank 0; with it,
              `new_client(failover=True)` talks to all of them in rank order (Client failover).
+    rank_args: more arguments for some ranks only, e.g. {1: ["--emulate-slowdown", "2"]}.
     """
 
     def __init__(self, export_dir: str | Path, *, threads: int = 1, timeout: float = 10.0,
                  hosts: list[str] | None = None, prefix=None, serve_host: str = "127.0.0.1",
                  log_dir: str | Path | None = None, ready_timeout: float = 90.0, extra_env: dict | None = None,
                  secure: bool = True, extra_args: list[str] | None = None, serve_args: list[str] | None = None,
-                 serve_all: bool = False):
+                 serve_all: bool = False, rank_args: dict[int, list[str]] | None = None):
         self.export = Export.load(export_dir)  # verify everything before starting anything
         self.root = Path(export_dir)
         self.secure, self.extra_args, self.serve_all = secure, list(extra_args or []), serve_all
         self.serve_args = list(serve_args or [])
+        self.rank_args = {int(k): list(v) for k, v in (rank_args or {}).items()}
         self.client_keys = ClientKeys.load(self.root / CLIENT) if secure else None
         P = len(self.export.devices)
         self.hosts = hosts or ["127.0.0.1"] * P
@@ -413,7 +415,7 @@ class LocalCluster:
             cmd += self.serve_args
         if not self.secure:
             cmd += ["--insecure"]
-        return [*self.prefix(k), *cmd, *self.extra_args]
+        return [*self.prefix(k), *cmd, *self.extra_args, *self.rank_args.get(k, [])]
 
     def start_device(self, k: int) -> subprocess.Popen:
         import tempfile

@@ -16,6 +16,8 @@ that make a lost device cost no request.
              it finished carries on. The tail of a generation lost while decoding reruns it from scratch,
              unless tokens were already streamed to the client (then the request fails: the client has seen
              them).
+    split    each attempt's split weights come from `split` (split.py: even, static, or adaptive from the
+             compute time every RESULT reports); the reply reports the weights and spans used
     failure  a device's own error (bad input, a cache limit), the deadline, too many attempts, or fewer live
              devices than `min_devices`: the client gets one error naming the devices, every device of the
              attempt gets ABORT
@@ -34,13 +36,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import PrismError
-from ..plan import member_weights
 from ..program import DeviceResult, RequestStats, gather_outputs
 from .admission import RequestInputs, check_request
 from .bundle import DeviceBundle
 from .exchange import Traffic
 from .messages import GENERATED, Result, first_sequence, request_id
 from .protocol import Kind, encode
+from .split import SplitPolicy
 from .worker import PrepareJob
 
 MAX_PENDING = 32
@@ -56,6 +58,7 @@ class Pending:
     t0: float
     req: RequestInputs  # the checked request, kept to rerun it
     ranks: tuple[int, ...] = ()  # the current attempt's plan devices
+    weights: tuple[float, ...] | None = None  # the current attempt's split weights, one per plan position
     deadline: float = 0.0
     results: dict[int, Result] = field(default_factory=dict)
     attempts: int = 0
@@ -82,6 +85,7 @@ class Coordinator:
     abort_local: Callable[[int, str], None] = lambda request, why: None  # the local worker's part of an attempt
     max_attempts: int | None = None  # default: one more than the export's devices
     hold_s: float = HOLD_S
+    split: SplitPolicy | None = None  # default: the export's static split if it has one, else adaptive
     pending: dict[int, Pending] = field(default_factory=dict)  # by the current attempt's request id
 
     def __post_init__(self):
@@ -89,6 +93,9 @@ class Coordinator:
         self.budget = self.timeout * (self.limits.layers + 2)
         self.max_attempts = self.max_attempts or self.limits.devices + 1
         self.sequence = itertools.count(first_sequence())  # increasing across coordinator restarts
+        if self.split is None:
+            static = self.bundle.manifest.settings.split_weights
+            self.split = SplitPolicy("static", static) if static else SplitPolicy("auto")
 
     def _answer(self, client: bytes, call: int | None, meta: dict, arrays: dict | None = None):
         self.reply(client, {**meta, "call": call} if call is not None else meta, arrays)
@@ -125,11 +132,13 @@ class Coordinator:
         budget = self.budget
         if p.req.generate is not None:  # the tail decodes after the prefill: a generous second per token
             budget += self.timeout + p.req.generate["max_new_tokens"]
+        weights = self.split.weights(ranks)
         job = PrepareJob(request, p.req.kwargs, p.req.outputs, now + budget, budget, p.req.generate, p.req.stream,
-                         tuple(ranks))
+                         tuple(ranks), weights)
         if not self.submit(job):
             return False
-        p.ranks, p.deadline, p.results, p.held_until, p.attempts = tuple(ranks), now + budget, {}, None, p.attempts + 1
+        p.ranks, p.weights, p.deadline, p.results, p.held_until = tuple(ranks), weights, now + budget, {}, None
+        p.attempts += 1
         self.pending[request] = p
         return True
 
@@ -165,6 +174,8 @@ class Coordinator:
                 return self.fail(res.request, f"request {res.request}: the devices' outputs do not fit together "
                                               f"({type(e).__name__}: {str(e)[:200]})")
             del self.pending[res.request]
+            for r in p.results.values():  # the adaptive split learns each device's speed
+                self.split.observe(r.rank, r.span[1] - r.span[0], sum(r.timings.values()))
             self._answer(p.client, p.call, meta, outputs)
 
     def on_send_failed(self, request: int, q: int, why: str, now: float) -> None:
@@ -252,7 +263,7 @@ class Coordinator:
                    for r in p.results.values()]
         stats = RequestStats.of(results, latency_ms=1e3 * (now - p.t0))
         stats.spans = [list(p.results[r].span) for r in stats.ranks]
-        stats.split_weights = member_weights(self.bundle.manifest.settings.split_weights, stats.ranks)
+        stats.split_weights = list(p.weights) if p.weights else None
         meta = {"ok": True, "stats": stats.to_dict(), "attempts": p.attempts, "reruns": p.reruns}
         tail = p.results[p.tail]
         if tail.generation is not None:

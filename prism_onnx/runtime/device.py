@@ -8,6 +8,8 @@ in-memory exchange) and `prism run` on a board (one process, ZeroMQ exchange) ru
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnxruntime as ort
 
@@ -49,9 +51,12 @@ class Engine:
 
     threads: intra-op threads (one per board core); providers: execution providers in order of preference
     (CPU, CUDA, TensorRT, CoreML, XNNPACK... as the installed onnxruntime has them); optimization: the graph
-    optimization level (disable, basic, extended, all)."""
+    optimization level (disable, basic, extended, all); slowdown: emulate a board this many times slower
+    (after each call, sleep for slowdown - 1 times the call's duration; for tests and benchmarks of mixed
+    fleets on one machine)."""
 
-    def __init__(self, bundle: DeviceBundle, threads: int = 1, providers=None, optimization: str = "all"):
+    def __init__(self, bundle: DeviceBundle, threads: int = 1, providers=None, optimization: str = "all",
+                 slowdown: float = 1.0):
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.spec = bundle.spec
@@ -67,12 +72,18 @@ class Engine:
         self.sessions = {name: ort.InferenceSession(str(bundle.graph(name)), opts, providers=self.providers)
                          for name in self.program.graphs()}
         self.recorder: list | None = None  # set to a list to record every (graph, feeds) run (benchmarks)
+        self.slowdown = float(slowdown)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
         if self.recorder is not None:
             self.recorder.append((graph, feeds))
-        return self.sessions[graph].run(None, feeds)
+        if self.slowdown == 1.0:
+            return self.sessions[graph].run(None, feeds)
+        t0 = time.perf_counter()
+        out = self.sessions[graph].run(None, feeds)
+        time.sleep((self.slowdown - 1.0) * (time.perf_counter() - t0))
+        return out
 
     def exchange_kwargs(self, timeout: float = 30.0) -> dict:
         """Settings an Exchange endpoint for this bundle needs."""

@@ -37,6 +37,7 @@ from .keys import RunnerKeys, loose_permissions, with_local_client
 from .membership import DEAD_AFTER_S, HEARTBEAT_S, Membership
 from .messages import MAX_DEVICES
 from .protocol import ArrayRules, Kind, decode, encode, peek_call, peek_kind
+from .split import SplitPolicy, parse_split
 from .transport import Transport
 from .wire import frame_nbytes
 from .worker import Inbox, Worker, ZmqExchange
@@ -70,16 +71,26 @@ def load_keys(bundle: DeviceBundle, rank: int, keys: str | Path | None, insecure
     return k
 
 
+def split_policy(split: str | None, bundle: DeviceBundle) -> SplitPolicy | None:
+    """`prism run --split` -> the coordinator's policy (None: the default, see Coordinator.split)."""
+    if split is None:
+        return None
+    mode, weights = parse_split(split, bundle.devices)
+    return SplitPolicy(mode, weights)
+
+
 class DeviceHost:
     def __init__(self, bundle: str | Path, *, rank: int | None, peers: str, serve: int | None = None,
                  threads: int = 1, timeout: float = 10.0, peer_timeout: float = 60.0, bind: str | None = None,
                  keys: str | Path | None = None, insecure: bool = False, dead_after: float = DEAD_AFTER_S,
                  max_cache_mb: float = 1024.0, min_devices: int = 1, local_client: bool = False,
-                 providers=None, optimization: str = "all"):
+                 providers=None, optimization: str = "all", split: str | None = None, slowdown: float = 1.0):
         """local_client: also accept a client key made in memory (keys.with_local_client), for the HTTP
         server in this process (`prism run --http`); it is `self.local_client_keys`, and the client port
         is reachable from this machine at `self.local_client_address`. providers, optimization: the
-        onnxruntime execution providers and graph optimization level of the device's sessions (Engine)."""
+        onnxruntime execution providers and graph optimization level of the device's sessions (Engine).
+        split: how the coordinator splits requests (split.parse_split: auto, even, or weights; default the
+        export's static split if it has one, else auto); slowdown: emulate a slower board (Engine)."""
         self.bundle = b = DeviceBundle.load(bundle)  # every sha256 and the export id, recomputed
         self.rank = b.rank if rank is None else int(rank)
         if self.rank != b.rank:
@@ -92,6 +103,7 @@ class DeviceHost:
         if not 1 <= min_devices <= b.devices:
             raise PrismError(f"--min-devices {min_devices}: must be between 1 and this export's {b.devices} devices")
         self.serve, self.peer_timeout, self.limits = serve, float(peer_timeout), b.limits
+        policy = split_policy(split, b)  # a bad --split is refused before anything binds
         self.stop, self.fatal = threading.Event(), None
         self.counters = Counters(log)
         peer_addrs = {q: f"tcp://{h}:{p}" for q, (h, p) in enumerate(addrs) if q != self.rank}
@@ -109,7 +121,7 @@ class DeviceHost:
             rank=self.rank, peers=peer_addrs, port=addrs[self.rank][1], bind=self.bind_host,
             serve=serve, keys=runner_keys, max_peer_bytes=self.limits.max_message_bytes,
             max_client_bytes=self.limits.max_client_bytes, counters=self.counters)
-        self.engine = Engine(b, threads, providers=providers, optimization=optimization)
+        self.engine = Engine(b, threads, providers=providers, optimization=optimization, slowdown=slowdown)
         frame = frame_nbytes(self.limits.max_batch, self.limits.max_rows, self.limits.hidden, self.limits.wire_dtype)
         per_source = 4 * frame + (1 << 16)
 
@@ -124,7 +136,8 @@ class DeviceHost:
         if serve is not None:
             self.coordinator = Coordinator(b, self.rank, self.membership, t.send_peer, self._reply_client,
                                            self.worker.submit, timeout=timeout, min_devices=min_devices,
-                                           abort_local=self.worker.abort, hold_s=dead_after + HEARTBEAT_S)
+                                           abort_local=self.worker.abort, hold_s=dead_after + HEARTBEAT_S,
+                                           split=policy)
         self.peer_messages = PeerMessages(self)
         self.client_rules = request_rules(self.limits)
 
@@ -247,6 +260,7 @@ class DeviceHost:
             "health": {str(self.rank): self.health, **{str(q): p.health for q, p in m.peers.items()}},
             "pending": len(self.coordinator.pending) if self.coordinator else 0,
             "requests": self.coordinator.describe_pending(now) if self.coordinator else [],
+            "split": self.coordinator.split.describe() if self.coordinator else None,
             "counters": {**self.counters.to_dict(), "exchange_rejected": self.worker.lanes.rejected_frames,
                          "inbox_bytes": self.worker.lanes.inbox_bytes},
             "peers": {str(q): m.describe(q, now) for q in m.peers},
