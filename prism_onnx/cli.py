@@ -508,6 +508,12 @@ def inspect(export_dir, verify, as_json):
               help="With --serve: how requests are split over the devices: auto (weights from each device's "
                    "measured speed, so they finish together), even, or one weight per device. Default: the "
                    "export's --split if it has one, else auto.")
+@click.option("--max-inflight", "inflight", type=click.IntRange(1, 16), default=1, show_default=True,
+              help="Requests of one coordinator this device runs at once (pipelining: while one waits for "
+                   "another device's means, the next computes).")
+@click.option("--batch-wait-ms", "batch_wait_ms", type=click.FloatRange(0, 100), default=2.0, show_default=True,
+              help="With --serve: concurrent requests that get the same plan (equal token count) run as one batch; "
+                   "while other requests are running, wait up to this long for more to join (0: no batching).")
 @click.option("--emulate-slowdown", "slowdown", type=click.FloatRange(min=1.0), default=1.0, show_default=True,
               help="Emulate a board this many times slower (sleep after each onnxruntime call): for testing mixed "
                    "fleets on one machine.")
@@ -517,7 +523,7 @@ def inspect(export_dir, verify, as_json):
 @friendly_errors
 def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_timeout, bind, keys, insecure,
         max_cache_mb, min_devices, http, api_key, api_key_file, served_model_name, providers, optimization, split,
-        slowdown, log_level, as_json):
+        inflight, batch_wait_ms, slowdown, log_level, as_json):
     """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM; with --http, also the HTTP API
     (/v1/embeddings, /v1/completions, /v1/chat/completions, /embed, /health, /metrics).
 
@@ -549,7 +555,7 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_ti
                       peer_timeout=peer_timeout, bind=bind, keys=keys, insecure=insecure,
                       dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb, min_devices=min_devices,
                       local_client=http is not None, providers=providers, optimization=optimization, split=split,
-                      slowdown=slowdown)
+                      slowdown=slowdown, inflight=inflight, batch_wait_ms=batch_wait_ms)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: host.stop.set())
     server = None

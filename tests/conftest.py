@@ -165,3 +165,10 @@ def inputs_for_arch(arch: str, seed: int = 0, lengths=(13, 9)) -> dict:
     if arch.startswith("ViT"):
         return {"pixel_values": rng.standard_normal((2, 3, 16, 16)).astype(np.float32)}
     return text_batch(30522 if arch.startswith("Bert") else 300, rng, lengths, left=arch in DECODERS)
+
+
+def as_served(executor, inputs: dict, stats: dict, outputs=None) -> dict:
+    """The in-process executor's outputs over the plan a runner's reply reports (its devices and split
+    weights): the adaptive split (`prism run --split auto`) may change the split between requests, and at
+    CR > 1 the outputs with it, so a reply is compared with the plan it says it used."""
+    return executor.run(inputs, outputs, split_weights=stats["split_weights"], ranks=stats["ranks"]).outputs

@@ -83,14 +83,18 @@ def test_parsers_survive_10000_fuzzed_messages():
 
 def test_inbox_is_bounded_per_source_and_in_total_and_expires_old_frames():
     box = Inbox(per_source=100, total=150)
-    assert box.put(1, ["a"], 60, now=0.0) is None
-    assert "from device 1" in box.put(1, ["b"], 60, now=0.0)
-    assert box.put(2, ["c"], 60, now=1.0) is None
-    assert "inbox full" in box.put(3, ["d"], 60, now=1.0)
+    assert box.put(1, 7, ["a"], 60, now=0.0) is None
+    assert "from device 1" in box.put(1, 7, ["b"], 60, now=0.0)
+    assert box.put(2, 8, ["c"], 60, now=1.0) is None
+    assert "inbox full" in box.put(3, 8, ["d"], 60, now=1.0)
     box.abort(Abort(7, "stop"))
-    assert isinstance(box.get(0.01), Abort)  # aborts jump the queue
-    assert box.expire(now=5.0, max_age=4.5) == 1 and box.nbytes == 60
-    assert box.get(0.01) == ["c"] and box.get(0.01) is None and box.nbytes == 0
+    assert isinstance(box.get(7, 0.01), Abort)  # an abort jumps its request's queue
+    assert box.get(7, 0.01) == ["a"] and box.nbytes == 60  # a reader gets only its own request's frames
+    assert box.put(1, 9, ["e"], 30, now=1.0) is None
+    assert box.expire(now=5.0, max_age=3.5, keep={9}) == 1 and box.nbytes == 30  # request 9 is queued here
+    assert box.get(8, 0.01) is None and box.get(9, 0.01) == ["e"] and box.nbytes == 0
+    box.finish(9)
+    assert box.put(1, 9, ["late"], 30, now=6.0) is None and box.nbytes == 0  # finished: dropped
 
 
 def test_exchange_stash_is_bounded_in_bytes_per_source_and_expires():

@@ -19,7 +19,7 @@ import pytest
 import zmq
 from click.testing import CliRunner
 
-from conftest import EXPORT_ARCHS, inputs_for_arch
+from conftest import EXPORT_ARCHS, as_served, inputs_for_arch
 from prism_onnx.cli import main
 from prism_onnx.errors import FrameError, PeerError
 from prism_onnx.runtime.client import Client, LocalCluster, free_ports
@@ -74,7 +74,8 @@ def poll_until(fn, what: str, timeout: float = 60.0, every: float = 0.1):
 
 
 def assert_traffic_is_analytic(executor: Executor, inputs: dict, stats: dict):
-    _, plan = executor.requests.prepare(inputs)
+    """The bytes a reply reports equal those its plan (devices, split) implies."""
+    _, plan = executor.requests.prepare(inputs, stats["split_weights"], stats["ranks"])
     m = executor.manifest
     sent, received = plan_traffic(plan, m.model.row_width, m.model.num_layers, m.settings.wire_dtype)
     assert stats["bytes_sent"] == [sum(s) for s in sent]
@@ -95,8 +96,8 @@ def test_launch_equals_executor_and_counts_bytes(arch, devices, make_bundle):
         other = inputs_for_arch(arch, seed=1, lengths=(21,)) if not arch.startswith("ViT") else \
             {"pixel_values": inputs["pixel_values"][:1]}
         outputs2, stats2 = cluster.client.infer(**request_kwargs(other))
-    assert_same(outputs, expected.outputs)
-    assert_same(outputs2, ex.run(other).outputs)
+    assert_same(outputs, as_served(ex, inputs, stats))
+    assert_same(outputs2, as_served(ex, other, stats2))
     assert_traffic_is_analytic(ex, inputs, stats)
     assert_traffic_is_analytic(ex, other, stats2)
     assert stats["bytes_sent"] == expected.stats.bytes_sent
@@ -147,7 +148,6 @@ def test_many_requests_in_a_row_queued_and_bounded_memory(make_bundle):
     ex = Executor(bundle)
     cases = [inputs_for_arch("BertModel", seed=s, lengths=lengths)
              for s, lengths in enumerate([(13, 9), (30,), (5, 7, 3), (64,)])]
-    expected = [ex.run(c).outputs for c in cases]
 
     def rss_kb(pid):
         for line in open(f"/proc/{pid}/status"):
@@ -156,10 +156,12 @@ def test_many_requests_in_a_row_queued_and_bounded_memory(make_bundle):
 
     with LocalCluster(bundle) as cluster:
         for i in range(20):
-            assert_same(cluster.client.infer(**request_kwargs(cases[i % 4]))[0], expected[i % 4])
+            outputs, stats = cluster.client.infer(**request_kwargs(cases[i % 4]))
+            assert_same(outputs, as_served(ex, cases[i % 4], stats))
         before = [rss_kb(p.pid) for p in cluster.procs]
         for i in range(200):
-            assert_same(cluster.client.infer(**request_kwargs(cases[i % 4]))[0], expected[i % 4])
+            outputs, stats = cluster.client.infer(**request_kwargs(cases[i % 4]))
+            assert_same(outputs, as_served(ex, cases[i % 4], stats))
         after = [rss_kb(p.pid) for p in cluster.procs]
         # several requests queued at once: their layers must not mix
         socks = []
@@ -227,26 +229,29 @@ def test_peer_dying_mid_request_is_planned_around_and_rejoins(make_bundle):
     bundle = make_bundle("BertModel", devices=3, compression_ratio=2)
     inputs = inputs_for_arch("BertModel")
     executor = Executor(bundle)
-    expected, survivors = executor.run(inputs).outputs, executor.run(inputs, ranks=[0, 1]).outputs
 
     with LocalCluster(bundle, timeout=2.0) as cluster:
         def reply_over(ranks):
-            outputs, _ = cluster.client.infer(**request_kwargs(inputs))
-            return outputs if cluster.client.last_reply["stats"]["ranks"] == ranks else None
+            outputs, stats = cluster.client.infer(**request_kwargs(inputs))
+            return (outputs, stats) if stats["ranks"] == ranks else None
 
-        assert_same(cluster.client.infer(**request_kwargs(inputs))[0], expected)
+        def served(reply):  # the outputs equal the executor's over the plan the reply reports
+            outputs, stats = reply
+            assert_same(outputs, as_served(executor, inputs, stats))
+
+        served(cluster.client.infer(**request_kwargs(inputs)))
         os.killpg(cluster.procs[2].pid, signal.SIGSTOP)
-        outputs, _ = cluster.client.infer(**request_kwargs(inputs))
+        outputs, stats = cluster.client.infer(**request_kwargs(inputs))
         reply = cluster.client.last_reply
         assert reply["stats"]["ranks"] == [0, 1] and reply["attempts"] >= 2, reply
         assert all("device 2" in why for why in reply["reruns"]), reply
-        assert_same(outputs, survivors)
+        served((outputs, stats))
         os.killpg(cluster.procs[2].pid, signal.SIGCONT)
-        assert_same(poll_until(lambda: reply_over([0, 1, 2]), "the resumed runner back in the plan"), expected)
+        served(poll_until(lambda: reply_over([0, 1, 2]), "the resumed runner back in the plan"))
         cluster.stop_device(2, signal.SIGKILL)
-        assert_same(poll_until(lambda: reply_over([0, 1]), "requests planned without the killed runner"), survivors)
+        served(poll_until(lambda: reply_over([0, 1]), "requests planned without the killed runner"))
         cluster.start_device(2)
-        assert_same(poll_until(lambda: reply_over([0, 1, 2]), "the restarted runner back in the plan"), expected)
+        served(poll_until(lambda: reply_over([0, 1, 2]), "the restarted runner back in the plan"))
 
 
 def test_bad_frames_are_rejected_and_the_runner_keeps_serving(make_bundle):
@@ -255,7 +260,7 @@ def test_bad_frames_are_rejected_and_the_runner_keeps_serving(make_bundle):
     it reads the counters, with a generous deadline instead of a sleep."""
     bundle = make_bundle("BertModel", devices=2, compression_ratio=2)
     inputs = inputs_for_arch("BertModel")
-    expected = Executor(bundle).run(inputs).outputs
+    ex = Executor(bundle)
     tag = int(json.loads((bundle / "manifest.json").read_text())["export_id"][:8], 16)
     with LocalCluster(bundle) as cluster:
         s = device_dealer(bundle, cluster, as_rank=0, to_rank=1)
@@ -277,11 +282,13 @@ def test_bad_frames_are_rejected_and_the_runner_keeps_serving(make_bundle):
         rejected = poll_until(lambda: (cluster.client.status()["rejected_frames"]["1"] >= len(bad)) and
                               cluster.client.status(), f"device 1 reports {len(bad)} rejected frames")
         assert rejected["ready"]
-        assert_same(cluster.client.infer(**request_kwargs(inputs))[0], expected)
+        outputs, stats = cluster.client.infer(**request_kwargs(inputs))
+        assert_same(outputs, as_served(ex, inputs, stats))
         raw = socket.create_connection(("127.0.0.1", cluster.ports[1]))  # not even ZeroMQ
         raw.sendall(os.urandom(4096))
         raw.close()
-        assert_same(cluster.client.infer(**request_kwargs(inputs))[0], expected)
+        outputs, stats = cluster.client.infer(**request_kwargs(inputs))
+        assert_same(outputs, as_served(ex, inputs, stats))
         s.close(linger=0)
     log = cluster.logs[1].read_text()
     assert "rejected means message from device-0" in log and "not its live session" in log

@@ -20,7 +20,7 @@ import zmq
 from click.testing import CliRunner
 
 import fuzz_messages
-from conftest import inputs_for_arch
+from conftest import as_served, inputs_for_arch
 from prism_onnx.cli import main
 from prism_onnx.errors import PeerError
 from prism_onnx.exporters.bundle import ExportSettings, write_bundles
@@ -50,7 +50,8 @@ def bundle(exported_graphs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def expected(bundle):
-    return Executor(bundle).run(inputs_for_arch(ARCH)).outputs
+    """The in-process executor: a reply must equal it over the plan the reply reports (as_served)."""
+    return Executor(bundle)
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,10 @@ def cluster(bundle):
         yield c
 
 
-def legit(cluster, expected):
-    assert_same(cluster.client.infer(**request_kwargs(inputs_for_arch(ARCH)))[0], expected)
+def legit(cluster, executor):
+    inputs = inputs_for_arch(ARCH)
+    outputs, stats = cluster.client.infer(**request_kwargs(inputs))
+    assert_same(outputs, as_served(executor, inputs, stats))
 
 
 # ------------------------------------------------------------------------------------------------- keys
@@ -289,16 +292,16 @@ def stall(bundle, victim: int, log_dir) -> dict:
     every device again (a hang guard, not a timing bound), then send 5 more requests."""
     inputs = inputs_for_arch(ARCH)
     executor = Executor(bundle)
-    expected, everyone = executor.run(inputs).outputs, list(range(len(executor.export.devices)))
+    everyone = list(range(len(executor.export.devices)))
     out = {}
     with LocalCluster(bundle, log_dir=log_dir) as c:
-        assert_same(c.client.infer(**request_kwargs(inputs))[0], expected)
+        legit(c, executor)
         os.killpg(c.procs[victim].pid, signal.SIGSTOP)
         t0 = time.monotonic()
         try:
-            outputs, _ = c.client.infer(**request_kwargs(inputs))  # in flight while the runner is stopped
-            out["in_flight"] = ranks = c.client.last_reply["stats"]["ranks"]
-            assert_same(outputs, executor.run(inputs, ranks=ranks).outputs)
+            outputs, stats = c.client.infer(**request_kwargs(inputs))  # in flight while the runner is stopped
+            out["in_flight"] = stats["ranks"]
+            assert_same(outputs, as_served(executor, inputs, stats))
         except PeerError as e:
             out["in_flight"] = str(e)
         time.sleep(max(0.0, 15.0 - (time.monotonic() - t0)))  # the stall itself lasts 15 s
@@ -306,17 +309,18 @@ def stall(bundle, victim: int, log_dir) -> dict:
 
         def healed():
             try:
-                outputs, _ = c.client.infer(**request_kwargs(inputs))
+                outputs, stats = c.client.infer(**request_kwargs(inputs))
             except PeerError:
                 return None
-            return outputs if c.client.last_reply["stats"]["ranks"] == everyone else None
+            return (outputs, stats) if stats["ranks"] == everyone else None
 
-        assert_same(poll_until(healed, "a reply over every device after the resume"), expected)
+        outputs, stats = poll_until(healed, "a reply over every device after the resume")
+        assert_same(outputs, as_served(executor, inputs, stats))
         out["after"] = []
         for _ in range(5):
-            outputs, _ = c.client.infer(**request_kwargs(inputs))
-            assert c.client.last_reply["stats"]["ranks"] == everyone
-            assert_same(outputs, expected)
+            outputs, stats = c.client.infer(**request_kwargs(inputs))
+            assert stats["ranks"] == everyone
+            assert_same(outputs, as_served(executor, inputs, stats))
             out["after"].append("ok")
     return out
 

@@ -16,6 +16,9 @@ that make a lost device cost no request.
              it finished carries on. The tail of a generation lost while decoding reruns it from scratch,
              unless tokens were already streamed to the client (then the request fails: the client has seen
              them).
+    BATCH    the local worker ran several requests as one attempt (batching.py): the others ride on the
+             first one's attempt, and each is answered with its own rows; a rerun or a failure of the attempt
+             is a rerun or a failure of each of them
     split    each attempt's split weights come from `split` (split.py: even, static, or adaptive from the
              compute time every RESULT reports); the reply reports the weights and spans used
     failure  a device's own error (bad input, a cache limit), the deadline, too many attempts, or fewer live
@@ -65,6 +68,8 @@ class Pending:
     reruns: list[str] = field(default_factory=list)  # why each earlier attempt was abandoned
     held_until: float | None = None  # abandoned, waiting to rerun (see Coordinator.hold)
     first_token: float | None = None  # when the first streamed token arrived
+    rows: tuple[int, int] | None = None  # batched: this request's rows of the attempt's outputs
+    riders: list["Pending"] = field(default_factory=list)  # batched: the other requests of this attempt
 
     @property
     def tail(self) -> int:
@@ -158,6 +163,19 @@ class Coordinator:
             self.reply(p.client, {**meta, "call": p.call} if p.call is not None else meta, {"ids": tok.ids},
                        Kind.TOKENS)
 
+    def on_batch(self, request: int, members: list[tuple[int, int, int]]) -> None:
+        """The local worker batched `members` (request id, rows) into the attempt `request`."""
+        p = self.pending.get(request)
+        if p is None:
+            return  # failed or abandoned already: its ABORT reaches the worker
+        for member, start, end in members:
+            q = p if member == request else self.pending.pop(member, None)
+            if q is None:
+                continue  # answered already (e.g. expired): its rows are dropped
+            q.rows = (start, end)
+            if q is not p:
+                p.riders.append(q)
+
     def on_result(self, res: Result, now: float) -> None:
         p = self.pending.get(res.request)
         if p is None or p.held_until is not None or res.rank in p.results or res.rank not in p.ranks:
@@ -176,7 +194,13 @@ class Coordinator:
             del self.pending[res.request]
             for r in p.results.values():  # the adaptive split learns each device's speed
                 self.split.observe(r.rank, r.span[1] - r.span[0], sum(r.timings.values()))
-            self._answer(p.client, p.call, meta, outputs)
+            for q in [p, *p.riders]:
+                if q.rows is None:
+                    self._answer(q.client, q.call, meta, outputs)
+                else:
+                    a, b = q.rows
+                    self._answer(q.client, q.call, {**meta, "batched": {"requests": 1 + len(p.riders), "rows": [a, b]}},
+                                 {k: v[a:b] for k, v in outputs.items()})
 
     def on_send_failed(self, request: int, q: int, why: str, now: float) -> None:
         """A message of an attempt (its START) could not be sent to device q."""
@@ -208,6 +232,14 @@ class Coordinator:
 
     def _rerun(self, request: int, now: float) -> None:
         p = self.pending.pop(request)
+        riders, p.riders = p.riders, []
+        for q in [p, *riders]:  # each request of a batch reruns on its own (the worker may batch them again)
+            q.rows = None
+            if q is not p and p.reruns:
+                q.reruns.append(p.reruns[-1])
+            self._rerun_one(q, now)
+
+    def _rerun_one(self, p: Pending, now: float) -> None:
         error = None
         if p.req.stream and p.first_token is not None:
             error = "the tail device was lost after it streamed tokens; send the request again"
@@ -229,11 +261,13 @@ class Coordinator:
         self.abort_local(request, why)
 
     def fail(self, request: int, error: str) -> None:
-        """The request failed: answer the client, tell every device of the attempt to drop it."""
+        """The request failed: answer the client (every request of a batch), tell every device of the
+        attempt to drop it."""
         p = self.pending.pop(request, None)
         self._abort(request, p.ranks if p is not None else range(self.limits.devices), error)
         if p is not None:
-            self._answer(p.client, p.call, {"ok": False, "error": error})
+            for q in [p, *p.riders]:
+                self._answer(q.client, q.call, {"ok": False, "error": error})
 
     def expire(self, now: float) -> None:
         """Reruns whose hold ended (or a device of whose plan left the members), and attempts past their
@@ -251,6 +285,7 @@ class Coordinator:
     def describe_pending(self, now: float) -> list[dict]:
         """For STATUS: each pending request's attempt id, plan devices, attempt number and age."""
         return [{"request": r, "ranks": list(p.ranks), "attempt": p.attempts, "held": p.held_until is not None,
+                 "batched_with": len(p.riders),
                  "waiting_for": [q for q in p.ranks if q not in p.results], "age_ms": round(1e3 * (now - p.t0), 1)}
                 for r, p in self.pending.items()]
 

@@ -15,7 +15,7 @@ import time
 from ..errors import FrameError, PrismError
 from .device import export_tag
 from .membership import Verdict
-from .messages import (check_abort, check_refuse, check_result, check_start, check_tokens, coordinator_of,
+from .messages import (check_abort, check_batch, check_refuse, check_result, check_start, check_tokens, coordinator_of,
                        result_rules, start_rules, tokens_rules)
 from .protocol import ArrayRules, Kind, decode, encode, kind_of, peek_kind
 from .transport import ENVELOPE
@@ -103,7 +103,7 @@ class PeerMessages:
         self._sender(h.src, key_rank, session)
         if coordinator_of(h.request) >= L.devices:
             raise FrameError(f"frame of request {h.request}, which no device of this export coordinates")
-        why = self.host.worker.lanes.of(h.request).exchange.inbox.put(h.src, parts, nbytes, now)
+        why = self.host.worker.lanes.of(h.request).exchange.inbox.put(h.src, h.request, parts, nbytes, now)
         if why:
             raise FrameError(why)
         self.counters.accept("means")
@@ -143,9 +143,12 @@ class PeerMessages:
         frames = sock.recv_multipart(copy=False)
         dst, request = ENVELOPE.unpack(frames[0].bytes)
         parts = frames[1:]
-        if dst == self.rank:  # our own RESULT or TOKENS, for our coordinator
+        if dst == self.rank:  # our own RESULT, TOKENS or BATCH, for our coordinator
             buffers = [f.buffer for f in parts]
             kind = peek_kind(buffers)
+            if kind == Kind.BATCH:
+                _, meta, _ = decode(buffers, NO_ARRAYS)
+                return self.host.coordinator.on_batch(*check_batch(meta, self.limits))
             _, meta, arrays = decode(buffers, self.rules[kind])
             if kind == Kind.TOKENS:
                 return self.host.coordinator.on_tokens(check_tokens(meta, arrays, self.limits), time.monotonic())

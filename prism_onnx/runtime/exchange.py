@@ -6,13 +6,18 @@ only traffic per layer.
 each frame against the plan, and matching frames to (request, layer, source) while frames of later
 requests wait in a stash bounded in count, in bytes per source and in total bytes; a stashed frame older
 than `stash_ttl` seconds (its request never started here) is dropped. Subclasses only move bytes:
-`LocalExchange` (in memory, for the in-process executor) and `ZmqExchange` (runtime/worker.py).
+`LocalExchange` (in memory, for the in-process executor) and `ZmqExchange` (runtime/lanes.py).
+
+Several requests may run through one endpoint at once (a lane's threads, `prism run --max-inflight`):
+each thread gathers only its own request's frames (`_recv(request, ...)`), and the shared state (stash,
+counters, finished requests) is guarded by one lock.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -68,8 +73,9 @@ class Exchange:
 
     def __init__(self, rank: int, *, wire_dtype: str, width: int, points: list[str], export_tag: int, max_rows: int,
                  max_batch: int, timeout: float = 30.0, max_pending: int = 256, stash_ttl: float | None = None,
-                 stash_bytes_per_source: int | None = None, stash_bytes: int | None = None):
-        """width: values per row at every point; points: the exchange point names, in program order."""
+                 stash_bytes_per_source: int | None = None, stash_bytes: int | None = None, inflight: int = 1):
+        """width: values per row at every point; points: the exchange point names, in program order;
+        inflight: requests that may run through this endpoint at once (the stash bounds scale with it)."""
         self.rank = rank
         self.wire_dtype, self.width, self.points = wire_dtype, width, list(points)
         self.layers = len(self.points)
@@ -80,19 +86,21 @@ class Exchange:
         self.max_pending = max_pending
         # a source is at most one exchange point ahead of this device within a request, and one request ahead
         biggest = frame_nbytes(max_batch, max_rows, width, wire_dtype)
-        self.stash_bytes_per_source = stash_bytes_per_source or 4 * biggest
+        self.stash_bytes_per_source = stash_bytes_per_source or 4 * biggest * max(1, inflight)
         self.stash_bytes = stash_bytes or 4 * self.stash_bytes_per_source
         self.stash_ttl = stash_ttl or timeout * (self.layers + 2)
         # (request, layer, src) -> (frame, bytes, arrival time), oldest first
         self._pending: OrderedDict[tuple[int, int, int], tuple[MeansFrame, int, float]] = OrderedDict()
-        self._done_below = 0  # requests < this are finished here: their late frames are dropped
+        self._finished: OrderedDict[int, None] = OrderedDict()  # the last 4096 requests finished here
+        self._lock = threading.RLock()
 
     # ---- transport hooks
     def _send(self, dst: int, parts: list) -> None:
         raise NotImplementedError
 
-    def _recv(self, timeout: float) -> list | Abort | None:
-        """The parts of one incoming means frame (or an Abort), or None when `timeout` seconds pass."""
+    def _recv(self, request: int, timeout: float) -> list | Abort | None:
+        """The parts of one incoming means frame for `request` (a transport may also return other requests'
+        frames: they are stashed), or an Abort, or None when `timeout` seconds pass."""
         raise NotImplementedError
 
     # ---- the exchange
@@ -120,21 +128,24 @@ class Exchange:
     def finish(self, request: int) -> Traffic:
         """Request done (or failed) on this device: drop its stashed frames and any that arrive later.
         Returns the bytes this request moved through this device."""
-        self._done_below = max(self._done_below, request + 1)
-        for key in [k for k in self._pending if k[0] <= request]:
-            del self._pending[key]
-        self._expire_stash(time.monotonic())
-        for r in [r for r in self._per_request if r < request]:
-            del self._per_request[r]
-        return self._per_request.pop(request, Traffic(self.layers))
+        with self._lock:
+            self._finished[request] = None
+            while len(self._finished) > 4096:
+                self._finished.popitem(last=False)
+            for key in [k for k in self._pending if k[0] == request]:
+                del self._pending[key]
+            self._expire_stash(time.monotonic())
+            return self._per_request.pop(request, Traffic(self.layers))
 
     def _count(self, direction: str, request: int, layer: int, nbytes: int) -> None:
-        for t in (self.traffic, self._per_request.setdefault(request, Traffic(self.layers))):
-            getattr(t, direction)[layer] += nbytes
+        with self._lock:
+            for t in (self.traffic, self._per_request.setdefault(request, Traffic(self.layers))):
+                getattr(t, direction)[layer] += nbytes
 
     def _reject(self, nbytes: int, why: str) -> None:
-        self.traffic.rejected_frames += 1
-        self.traffic.rejected_bytes += nbytes
+        with self._lock:
+            self.traffic.rejected_frames += 1
+            self.traffic.rejected_bytes += nbytes
         rate_limited.warning("device %d rejected a frame (%d bytes): %s", self.rank, nbytes, why)
 
     def _expire_stash(self, now: float) -> None:
@@ -145,6 +156,10 @@ class Exchange:
                                      self.rank, key[0], now - t)
 
     def _stash(self, f: MeansFrame, nbytes: int) -> None:
+        with self._lock:
+            self._stash_locked(f, nbytes)
+
+    def _stash_locked(self, f: MeansFrame, nbytes: int) -> None:
         """Keep an early frame; over a bound, the oldest frames (of that source first) make room."""
         self._pending[(f.request, f.layer, f.src)] = (f, nbytes, time.monotonic())
 
@@ -161,9 +176,10 @@ class Exchange:
 
     def _collect(self, request: int, layer: int, sources: list[int], plan: Plan) -> dict[int, MeansFrame]:
         got = {}
-        self._expire_stash(time.monotonic())
-        for q in sources:  # frames that arrived early, while this device was at an earlier exchange point
-            f, nbytes, _ = self._pending.pop((request, layer, q), (None, 0, 0.0))
+        with self._lock:
+            self._expire_stash(time.monotonic())
+            early = {q: self._pending.pop((request, layer, q), (None, 0, 0.0)) for q in sources}
+        for q, (f, nbytes, _) in early.items():  # frames that arrived while this device was at an earlier point
             if f is not None and self._fits_plan(f, plan, nbytes):
                 self._count("received", request, layer, nbytes)
                 got[q] = f
@@ -174,7 +190,7 @@ class Exchange:
                 missing = [q for q in sources if q not in got]
                 raise PeerError(f"device {self.rank}, request {request}, exchange {self.points[layer]}: no means "
                                 f"from device(s) {missing} within {self.timeout:g} s")
-            parts = self._recv(remaining)
+            parts = self._recv(request, remaining)
             if parts is None:
                 continue
             if isinstance(parts, Abort):
@@ -189,7 +205,7 @@ class Exchange:
             except FrameError as e:
                 self._reject(nbytes, str(e))
                 continue
-            if f.request < self._done_below:
+            if f.request in self._finished:
                 log.debug("device %d dropped a late frame of finished request %d", self.rank, f.request)
                 continue
             if f.request == request and f.layer == layer:
@@ -243,7 +259,7 @@ class LocalExchange(Exchange):
     def _send(self, dst, parts):
         self.hub.inboxes[dst].put([bytes(p) for p in parts])
 
-    def _recv(self, timeout):
+    def _recv(self, request, timeout):
         try:
             return self.hub.inboxes[self.rank].get(timeout=timeout)
         except queue.Empty:

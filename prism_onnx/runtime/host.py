@@ -84,11 +84,14 @@ class DeviceHost:
                  threads: int = 1, timeout: float = 10.0, peer_timeout: float = 60.0, bind: str | None = None,
                  keys: str | Path | None = None, insecure: bool = False, dead_after: float = DEAD_AFTER_S,
                  max_cache_mb: float = 1024.0, min_devices: int = 1, local_client: bool = False,
-                 providers=None, optimization: str = "all", split: str | None = None, slowdown: float = 1.0):
+                 providers=None, optimization: str = "all", split: str | None = None, slowdown: float = 1.0,
+                 inflight: int = 1, batch_wait_ms: float = 2.0):
         """local_client: also accept a client key made in memory (keys.with_local_client), for the HTTP
         server in this process (`prism run --http`); it is `self.local_client_keys`, and the client port
         is reachable from this machine at `self.local_client_address`. providers, optimization: the
         onnxruntime execution providers and graph optimization level of the device's sessions (Engine).
+        inflight: requests of one coordinator this device runs at once (pipelining; lanes.py).
+        batch_wait_ms: with serve, how long batching may wait for requests to join (batching.py; 0: off).
         split: how the coordinator splits requests (split.parse_split: auto, even, or weights; default the
         export's static split if it has one, else auto); slowdown: emulate a slower board (Engine)."""
         self.bundle = b = DeviceBundle.load(bundle)  # every sha256 and the export id, recomputed
@@ -104,6 +107,8 @@ class DeviceHost:
             raise PrismError(f"--min-devices {min_devices}: must be between 1 and this export's {b.devices} devices")
         self.serve, self.peer_timeout, self.limits = serve, float(peer_timeout), b.limits
         policy = split_policy(split, b)  # a bad --split is refused before anything binds
+        if not 1 <= inflight <= 16:
+            raise PrismError(f"--max-inflight {inflight}: must be between 1 and 16")
         self.stop, self.fatal = threading.Event(), None
         self.counters = Counters(log)
         peer_addrs = {q: f"tcp://{h}:{p}" for q, (h, p) in enumerate(addrs) if q != self.rank}
@@ -123,15 +128,17 @@ class DeviceHost:
             max_client_bytes=self.limits.max_client_bytes, counters=self.counters)
         self.engine = Engine(b, threads, providers=providers, optimization=optimization, slowdown=slowdown)
         frame = frame_nbytes(self.limits.max_batch, self.limits.max_rows, self.limits.hidden, self.limits.wire_dtype)
-        per_source = 4 * frame + (1 << 16)
+        per_source = (4 * frame + (1 << 16)) * inflight
 
         def lane_exchange() -> ZmqExchange:  # each lane's own endpoint: inbox, stash, outbox socket
             inbox = Inbox(per_source=per_source, total=per_source * max(1, b.devices - 1))
-            return ZmqExchange(self.rank, t.new_outbox(), inbox, **self.engine.exchange_kwargs(timeout))
+            return ZmqExchange(self.rank, t.new_outbox(), inbox, inflight=inflight,
+                               **self.engine.exchange_kwargs(timeout))
 
         self.worker = Worker(self.engine, self.rank, lane_exchange, Requests(b) if serve is not None else None,
                              on_internal_error=lambda: self.counters.event("internal_errors"),
-                             max_cache_bytes=int(max_cache_mb * 2**20))
+                             max_cache_bytes=int(max_cache_mb * 2**20), inflight=inflight,
+                             batch_wait=batch_wait_ms / 1e3 if serve is not None else 0.0)
         self.coordinator = None
         if serve is not None:
             self.coordinator = Coordinator(b, self.rank, self.membership, t.send_peer, self._reply_client,

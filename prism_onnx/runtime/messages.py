@@ -223,6 +223,25 @@ def check_result(meta: dict, arrays: dict, limits: Limits) -> Result:
 
 
 # ---------------------------------------------------------------------------------------------- TOKENS
+def batch_message(request: int, members) -> list[bytes]:
+    """The coordinator's own worker ran several requests as one (batching.py): request `request` carries
+    the rows [start, end) of each member (request id, start, end)."""
+    return encode(Kind.BATCH, {"request": request, "members": [list(map(int, m)) for m in members]})
+
+
+def check_batch(meta: dict, limits: Limits) -> tuple[int, list[tuple[int, int, int]]]:
+    request = get_int(meta, "request")
+    members = meta.get("members")
+    if not isinstance(members, list) or not 2 <= len(members) <= limits.max_batch:
+        raise FrameError(f"BATCH needs 2..{limits.max_batch} members")
+    out = []
+    for m in members:
+        if not isinstance(m, list) or len(m) != 3 or not all(type(x) is int for x in m) or not 0 <= m[1] < m[2] <= limits.max_batch:
+            raise FrameError(f"BATCH member {m!r}: expected [request, start row, end row]")
+        out.append((m[0], m[1], m[2]))
+    return request, out
+
+
 def tokens_message(request: int, rank: int, step: int, ids: np.ndarray) -> list[bytes]:
     """The tail device streams each generated token of every row (-1: the row has ended)."""
     return encode(Kind.TOKENS, {"request": request, "rank": rank, "step": step},

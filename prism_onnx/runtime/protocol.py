@@ -48,6 +48,7 @@ class Kind(IntEnum):
     STATUS = 7  # client -> coordinator: is the cluster ready?
     ABORT = 8  # coordinator -> devices: request r failed, drop it (frees devices waiting on a dead peer)
     TOKENS = 9  # tail device -> coordinator -> client: the tokens just generated for request r (streaming)
+    BATCH = 10  # a coordinator's worker -> its own coordinator (never on the network): requests batched into r
 
 
 def kind_of(parts: list) -> str:

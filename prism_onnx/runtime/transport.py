@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import threading
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -63,13 +64,16 @@ class Authenticator(ThreadAuthenticator):
 
 
 class Outbox:
-    """The worker's end of the outbox (its socket is used by the worker thread only)."""
+    """A lane's end of the outbox: its socket is used by that lane's threads only, one send at a time (a
+    ZeroMQ socket is not thread-safe)."""
 
     def __init__(self, sock: zmq.Socket):
         self.sock = sock
+        self._lock = threading.Lock()
 
     def send(self, dst: int, request: int, parts: list) -> None:
-        self.sock.send_multipart([ENVELOPE.pack(dst, request), *parts], copy=False)
+        with self._lock:
+            self.sock.send_multipart([ENVELOPE.pack(dst, request), *parts], copy=False)
 
 
 class Transport:

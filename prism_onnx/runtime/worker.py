@@ -1,5 +1,5 @@
 """The worker of a runner: runs request attempts with `run_device`, in lanes (lanes.py): one per
-coordinator, one job at a time within a lane, lanes side by side.
+coordinator, up to `inflight` jobs at once within a lane (started in order), lanes side by side.
 
 It owns no socket of the network: everything it sends (means, STARTs, RESULTs) goes through a lane's
 `outbox` (an inproc socket the I/O thread drains, so each peer has one connection for everything), and
@@ -26,9 +26,10 @@ import numpy as np
 from ..errors import PeerError, PrismError
 from ..generate import CacheCollector, GenerationConfig, check_prompt, decode, stop_ids
 from ..program import own_slice, run_device
+from .batching import Prepared, gather
 from .device import Engine, Requests, check_outputs
 from .lanes import Inbox, Lane, Lanes, ZmqExchange
-from .messages import GENERATED, coordinator_of, start_message, tokens_message
+from .messages import GENERATED, batch_message, coordinator_of, start_message, tokens_message
 from .protocol import Kind, encode
 
 __all__ = ["Inbox", "Job", "PrepareJob", "Worker", "ZmqExchange"]
@@ -75,10 +76,12 @@ class Worker:
     requests: Requests | None  # the coordinator prepares requests
     on_internal_error: Callable = lambda: None
     max_cache_bytes: int | None = None  # the key/value cache a generation request may hold on this device
+    inflight: int = 1  # requests of one lane running at once (pipelining)
+    batch_wait: float = 0.0  # seconds the coordinator's lane may wait for requests to batch (0: no batching)
     lanes: Lanes = field(init=False)
 
     def __post_init__(self):
-        self.lanes = Lanes(self.make_exchange, self._loop, self.bundle.devices)
+        self.lanes = Lanes(self.make_exchange, self._loop, self.bundle.devices, self.inflight)
 
     @property
     def bundle(self):
@@ -119,13 +122,17 @@ class Worker:
         return hit
 
     def _loop(self, lane: Lane, stop: threading.Event) -> None:
-        """A lane's thread: its jobs one at a time; each one's RESULT goes to its coordinator."""
+        """One of a lane's threads: the lane's jobs in their order, one at a time on this thread; each one's
+        RESULT goes to its coordinator."""
         while not stop.is_set():
             try:
-                job = lane.jobs.get(timeout=0.2)
+                job = lane.next_job(timeout=0.2)
             except queue.Empty:
                 continue
-            lane.current = job
+            if isinstance(job, PrepareJob) and self.batch_wait > 0 and job.generate is None:
+                job = gather(job, lane, self._tokenize, self._plan_of(job), self.bundle.limits.max_batch,
+                             self.batch_wait)
+            lane.running[job.request] = job
             try:
                 meta, arrays = self._run(job, lane)
                 lane.exchange.outbox.send(job.coordinator, job.request, encode(Kind.RESULT, meta, arrays))
@@ -133,7 +140,7 @@ class Worker:
                 self.on_internal_error()
                 log.exception("device %d: could not report request %d", self.rank, job.request)
             finally:
-                lane.current = None
+                lane.running.pop(job.request, None)
 
     def _run(self, job, lane: Lane) -> tuple[dict, dict]:
         meta, arrays = {"request": job.request, "rank": self.rank, "ok": False}, {}
@@ -144,7 +151,9 @@ class Worker:
             if job.request in lane.aborted:
                 raise PeerError(f"request {job.request} was aborted before device {self.rank} started it")
             if isinstance(job, PrepareJob):
-                job = self._prepare(job, lane)
+                job = self._start(self._tokenize(job), lane)
+            elif isinstance(job, Prepared):
+                job = self._start(job, lane)
             plan = self.bundle.manifest.plan(job.attention_mask, job.split_weights, job.ranks)
             if job.generate is not None:
                 return self._generate(job, plan, meta, lane)
@@ -164,16 +173,27 @@ class Worker:
             log.exception("device %d: request %d crashed", self.rank, job.request)
         return meta, arrays
 
-    def _prepare(self, job: PrepareJob, lane: Lane) -> Job:
-        """Coordinator: inputs -> token arrays and the plan over the attempt's devices; START every other
-        device of the plan with its own slice. For generation the texts are padded on the left, and only the
-        tail device (the plan's last) runs a head (its own)."""
+    def _tokenize(self, job: PrepareJob) -> Prepared:
+        """Coordinator: a request's inputs -> token arrays and the plan over the attempt's devices (texts are
+        padded on the left for generation)."""
         generating = job.generate is not None
         token_inputs, plan = self.requests.prepare(self.requests.model_inputs(**job.kwargs, left_pad=generating),
                                                    job.split_weights, job.ranks)
         if generating:
             check_prompt(plan.attention_mask, GenerationConfig.from_dict(job.generate), self.bundle.spec.max_positions)
+        return Prepared(job, token_inputs, plan)
+
+    def _plan_of(self, job: PrepareJob):
+        return lambda mask: self.bundle.manifest.plan(mask, job.split_weights, job.ranks)
+
+    def _start(self, prep: Prepared, lane: Lane) -> Job:
+        """Coordinator: START every other device of the plan with its own slice (a batch: first tell the
+        coordinator whose rows are whose). Only the tail device (the plan's last) of a generation runs a head."""
+        job, plan, token_inputs = prep.job, prep.plan, prep.inputs
+        generating = job.generate is not None
         want = set() if generating else check_outputs(self.bundle.spec, sorted(job.outputs) if job.outputs else None)
+        if len(prep.members) > 1:
+            lane.exchange.outbox.send(self.rank, job.request, batch_message(job.request, prep.members))
         mine = None
         prompt = token_inputs["input_ids"] if generating else None
         for p in plan.ranks:

@@ -1,0 +1,110 @@
+"""Dynamic batching on the coordinator's device: concurrent client requests that would each get the same
+plan are run as one distributed request, and each client gets exactly its own rows back.
+
+When a thread of the coordinator's own lane takes a request (a PrepareJob), it tokenizes it, then takes the
+requests already queued behind it (and, while other requests of the lane are running, waits up to
+`batch_wait` seconds for more), up to the export's `max_batch` rows. Requests join the first one's batch
+only if their `BatchKey` is equal: the same token count N, plan devices, split weights, requested outputs
+and input arrays. The plan's spans depend only on N, the devices and the weights, and every other part of it
+(segments, counts, sinks, biases) is computed row by row, so each row gets the plan it would get alone, at
+any CR: batching changes no result. A request that does not fit goes back to the lane (`Lane.ready`) and
+runs on its own or in a later batch; a generation request is never batched.
+
+The batch runs under the first request's id; its other requests ride along: the worker tells the
+coordinator (a BATCH message through its outbox, before any START leaves) which rows are whose, and the
+coordinator answers each of them with its rows (coordinator.py).
+
+Vocabulary:
+    prepared    a request tokenized and planned, its STARTs not sent yet
+    members     (request id, first row, end row) of each request in a batch, in row order
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import PrismError
+from ..plan import Plan
+
+
+@dataclass
+class Prepared:
+    """A PrepareJob (worker.py) tokenized and planned; `members` when it is a batch of several requests."""
+
+    job: object  # worker.PrepareJob
+    inputs: dict[str, np.ndarray]  # token-level arrays [B, N, ...] (pixel_values [B, C, H, W])
+    plan: Plan
+    members: list[tuple[int, int, int]] = field(default_factory=list)
+
+    # what the lane needs of any job
+    @property
+    def request(self) -> int:
+        return self.job.request
+
+    @property
+    def ranks(self):
+        return self.job.ranks
+
+    @property
+    def coordinator(self) -> int:
+        return self.job.coordinator
+
+    @property
+    def deadline(self) -> float:
+        return self.job.deadline
+
+    @property
+    def key(self) -> tuple:
+        """Requests with equal keys get, row by row, the same plan in one batch as alone."""
+        j = self.job
+        arrays = tuple(sorted((k, v.shape[1:], str(v.dtype)) for k, v in self.inputs.items()))
+        return (self.plan.n_tokens, tuple(self.plan.ranks), self.plan.weights,
+                tuple(sorted(j.outputs)) if j.outputs else None, arrays)
+
+
+def merge(group: list[Prepared], plan_of) -> Prepared:
+    """One Prepared of the requests in `group` (equal keys), rows in group order; plan_of(mask) -> Plan."""
+    first = group[0]
+    inputs = {k: np.concatenate([p.inputs[k] for p in group]) for k in first.inputs}
+    members, row = [], 0
+    for p in group:
+        members.append((p.request, row, row + p.plan.batch))
+        row += p.plan.batch
+    return Prepared(first.job, inputs, plan_of(np.concatenate([p.plan.attention_mask for p in group])), members)
+
+
+def gather(first, lane, tokenize, plan_of, max_rows: int, wait_s: float):
+    """`first` (a PrepareJob) and what can join it from the lane's queue -> a Prepared (maybe a batch), or
+    `first` itself when it cannot be tokenized (its own run reports the error). Requests taken that do not
+    fit go to `lane.ready`. tokenize(job) -> Prepared (raises PrismError); plan_of(mask) -> Plan."""
+    try:
+        head = tokenize(first)
+    except PrismError:
+        return first
+    group, rows = [head], head.plan.batch
+    until = time.monotonic() + wait_s
+    while rows < max_rows:
+        busy = len(lane.running) > 0  # other requests of this lane are running: more are likely coming
+        remaining = until - time.monotonic() if busy else 0.0
+        try:
+            job = lane.jobs.get(timeout=remaining) if remaining > 0 else lane.jobs.get_nowait()
+        except queue.Empty:
+            break
+        if job.generate is not None:  # a generation runs alone
+            lane.ready.append(job)
+            continue
+        try:
+            p = tokenize(job)
+        except PrismError:
+            lane.ready.append(job)
+            continue
+        if p.key == head.key and rows + p.plan.batch <= max_rows:
+            group.append(p)
+            rows += p.plan.batch
+        else:
+            lane.ready.append(p)
+    return head if len(group) == 1 else merge(group, plan_of)
