@@ -879,6 +879,29 @@ def demo(out, devices, cr, as_json):
 
 # -------------------------------------------------------------------------------------- bench, evaluate
 @main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--seq-len", "lengths", default="64,128,256", show_default=True,
+              help="Comma-separated token counts to time (capped at the export's --max-seq-len).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Runs per length (median).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime threads.")
+@json_option
+@friendly_errors
+def profile(bundle, lengths, repeats, threads, as_json):
+    """How fast this board computes BUNDLE (a device-K folder, or an export: its device-0): tokens per second,
+    the weight to give this board in `prism run --split w0,w1,...`."""
+    from .runtime.profile import profile as run_profile
+
+    root = Path(bundle)
+    if (root / "device-0").is_dir():  # an export folder
+        root = root / "device-0"
+    report = run_profile(root, _int_list(lengths), repeats, threads,
+                         echo=(lambda *_: None) if as_json else (lambda msg: click.echo(msg, err=True)))
+    emit(report, as_json, lambda r: click.echo(
+        f"device {r['rank']}: {r['weight']:.0f} tokens/s at {r['points'][-1]['tokens']} tokens on {r['threads']} "
+        f"thread(s): use {r['weight']:.0f} as this board's weight in `prism run --split`"))
+
+
+@main.command()
 @click.argument("export_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--bandwidth", default="100mbit", show_default=True, help="Link rate for the latency run (tc tbf).")
 @click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per request (default: max).")
@@ -890,16 +913,61 @@ def demo(out, devices, cr, as_json):
 @click.option("--curve", type=click.Choice(["on", "off", "both"]), default="on", show_default=True,
               help="Latency runs with CurveZMQ (on), without (off), or both: the export's deployment run both "
                    "ways, interleaved in one run, and the cost of CurveZMQ reported.")
+@click.option("--clients", default=None, metavar="K[,K...]",
+              help="Also measure throughput with K concurrent closed-loop clients (e.g. 1,8), against one client "
+                   "of runners that take one request at a time.")
+@click.option("--texts-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="With --clients: the requests are these texts, one per line (default: random ids of --seq-len).")
+@click.option("--requests", "n_requests", type=click.IntRange(min=1), default=200, show_default=True,
+              help="With --clients: requests per client count.")
+@click.option("--max-inflight", "inflight", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="With --clients: the runners' --max-inflight.")
+@click.option("--slow-device", default=None, metavar="RANK:FRACTION",
+              help="Also measure latency with device RANK at FRACTION of a core (cgroup CPU quota; emulated where "
+                   "cgroups are not available) under an even, the adaptive and the ideal split.")
 @json_option
 @friendly_errors
 @needs_export_extra
-def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curve, as_json):
-    """Bytes, per-device FLOPs and time, and latency of EXPORT_DIR vs CR=1 and vs one device."""
+def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curve, clients, texts_file, n_requests,
+          inflight, slow_device, as_json):
+    """Bytes, per-device FLOPs and time, and latency of EXPORT_DIR vs CR=1 and vs one device; with --clients,
+    throughput; with --slow-device, the adaptive split against an even and the ideal one."""
     from .evaluate.bench import bench as run_bench
+    from .evaluate import load
 
+    counts = _int_list(clients) if clients else None
+    if counts and any(k < 1 for k in counts):
+        raise click.BadParameter("client counts must be >= 1", param_hint="--clients")
+    devices = read_manifest_devices(export_dir)
+    slow = None
+    if slow_device:
+        try:
+            slow = load.parse_slow_device(slow_device, devices)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--slow-device") from None
+    echo = (lambda *_: None) if as_json else (lambda m: click.echo(m, err=True))
     report = run_bench(export_dir, bandwidth=bandwidth, seq_len=seq_len, repeats=repeats, latency=not no_latency,
-                       sweep=sweep.split(",") if sweep else None, plot=plot, curve=curve,
-                       echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)))
+                       sweep=sweep.split(",") if sweep else None, plot=plot, curve=curve, echo=echo)
+    if counts or slow:
+        from .evaluate.bench import bench_inputs, requested_outputs
+        from .runtime.bundle import MANIFEST, read_manifest
+
+        m = read_manifest(Path(export_dir) / MANIFEST)
+        outputs = requested_outputs(m)
+        inputs = {**bench_inputs(m, seq_len), "outputs": outputs}
+        if counts:
+            if texts_file:
+                lines = [t for t in Path(texts_file).read_text().splitlines() if t.strip()]
+                reqs = [{"texts": [t], "outputs": outputs} for t in lines]
+            else:
+                reqs = [inputs]
+            t = load.throughput(Path(export_dir), reqs, counts, n_requests, inflight=inflight, echo=echo)
+            report["throughput"] = t
+            report["throughput_rps"] = t["throughput_rps"]
+        if slow:
+            s = load.slow_device(Path(export_dir), inputs, *slow, repeats=repeats, echo=echo)
+            report["slow_device"] = s
+            report["slow_device_latency_ms"] = s["latency_ms"]
 
     def human(r):
         click.echo(f"{r['model']} P={r['devices']} CR={r['compression_ratio']} wire={r['wire_dtype']} "
@@ -928,8 +996,30 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curv
                        f"{cc['repeats']} paired ratios {100 * cc['overhead_paired_median']:+.2f}%)")
         elif "latency_skipped" in r:
             click.echo(f"  latency skipped: {r['latency_skipped']}")
+        if r.get("throughput"):
+            t = r["throughput"]
+            seq = next(x for x in t["runs"] if x["runners"] == "sequential")
+            click.echo(f"  throughput (loopback, --max-inflight {t['settings']['max_inflight']}): " + ", ".join(
+                f"{k} client(s) {v:.1f} req/s" for k, v in t["throughput_rps"].items()) +
+                f"; one request at a time: {seq['throughput_rps']:.1f} req/s, p50 {seq['p50_ms']:.1f} ms")
+            for x in t["runs"]:
+                click.echo(f"    {x['runners']:>10} {x['clients']:>3} client(s): {x['throughput_rps']:.1f} req/s, "
+                           f"p50 {x['p50_ms']:.1f} ms, p90 {x['p90_ms']:.1f} ms, errors {x['errors']}")
+        if r.get("slow_device"):
+            s = r["slow_device"]
+            lat = s["latency_ms"]
+            click.echo(f"  device {s['rank']} at {s['fraction']:g} speed ({s['slowed_by']}): even {lat['even']:.1f} ms, "
+                       f"adaptive {lat['adaptive']:.1f} ms, ideal {lat['ideal']:.1f} ms (adaptive/ideal "
+                       f"{s['adaptive_vs_ideal']:.3f}, even/ideal {s['even_vs_ideal']:.3f}); adaptive spans "
+                       f"{s['spans']['adaptive']}")
 
     emit(report, as_json, human)
+
+
+def read_manifest_devices(export_dir) -> int:
+    from .runtime.bundle import MANIFEST, read_manifest
+
+    return read_manifest(Path(export_dir) / MANIFEST).devices
 
 
 def _int_list(text: str) -> list[int]:

@@ -174,7 +174,9 @@ def test_many_requests_in_a_row_queued_and_bounded_memory(make_bundle):
             assert s.poll(30000)
             _, meta, arrays = decode(s.recv_multipart(), 1 << 40)
             assert meta["ok"], meta
-            assert_same({k: np.array(v) for k, v in arrays.items()}, expected[i % 4])
+            want = as_served(ex, cases[i % 4], meta["stats"])  # equal lengths may have run as one batch:
+            for k, v in want.items():  # the same graphs on more rows, summed in another order (1e-5)
+                assert np.abs(np.array(arrays[k]) - v).max() <= 1e-5, k
             s.close(linger=0)
     growth = [a - b for a, b in zip(after, before)]
     print("RSS growth over 200 requests (kB):", growth)

@@ -128,9 +128,9 @@ def small_bert(tmp_path_factory):
 def test_a_device_emulating_half_speed_ends_up_with_about_a_third_of_the_tokens(small_bert):
     """Two runners; device 1 runs with --emulate-slowdown 2 (each onnxruntime call takes twice as long: the
     sleep scales with the call's own duration, so machine load changes both devices alike). With the default
-    `--split auto`, after a few requests device 1 holds a third of the tokens: the band [0.25, 0.42] of its
-    share allows +-25% error in the measured speed ratio on a shared machine (the policy's hysteresis
-    alone is 5%). Every reply at CR=1 equals the unpartitioned model within 1e-4, whatever split it used."""
+    `--split auto`, after a few requests device 1 holds about a third of the tokens. The band [0.2, 0.45] of
+    its share allows the measured speed ratio to be off by -35%/+60% on a loaded two-core machine (seen:
+    0.25-0.32 while other benchmarks ran); an even split (0.5) or an inverted one fails it. Every reply at CR=1 equals the unpartitioned model within 1e-4, whatever split it used."""
     import torch
 
     from prism_onnx.runtime.client import LocalCluster
@@ -149,5 +149,5 @@ def test_a_device_emulating_half_speed_ends_up_with_about_a_third_of_the_tokens(
         status = cluster.client.status()
     print("shares of device 1:", shares)
     assert shares[0] == 0.5  # nothing measured before the first request: even
-    assert 0.25 <= sorted(shares[-4:])[1] <= 0.42, shares  # the lower median of the last four requests
+    assert 0.2 <= sorted(shares[-4:])[1] <= 0.45, shares  # the lower median of the last four requests
     assert status["split"]["mode"] == "auto" and status["split"]["samples"] == {"0": 10, "1": 10}

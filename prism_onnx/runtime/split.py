@@ -7,8 +7,8 @@
 
 Adaptive split. Every RESULT reports the seconds the device spent in onnxruntime (`timings`, not the time it
 waited for means) and the span it held; `observe` turns that into a speed (tokens per second) smoothed over
-requests (exponentially, `alpha` the weight of the newest). The next request's weights are the speeds of
-its plan's devices. If a device's time is t(n) = a + b*n for its n tokens, the weights n_q / t_q(n_q) move
+requests. The next request's weights are the speeds of its plan's devices. A device's speed is the median of its last `window` results (5), so that one request
+slowed by something else on the board does not move the split. If a device's time is t(n) = a + b*n for its n tokens, the weights n_q / t_q(n_q) move
 the split to where every t_q is equal, the only fixed point (with a = 0 in one step). A device not measured
 yet gets the mean speed of those that are; a speed is kept within `max_ratio` of the fastest, so a device
 that stalled once is not starved of tokens for good. The split in force for a set of devices changes only
@@ -21,6 +21,8 @@ Pure logic (no sockets, no clock): the coordinator calls `weights(ranks)` when i
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 from ..errors import PlanError
@@ -47,10 +49,11 @@ class SplitPolicy:
 
     mode: str = "auto"
     static: tuple[float, ...] | None = None
-    alpha: float = 0.5
+    window: int = 5
     max_ratio: float = 16.0
-    speeds: dict[int, float] = field(default_factory=dict)  # rank -> smoothed tokens per second
+    speeds: dict[int, float] = field(default_factory=dict)  # rank -> tokens per second (median of the window)
     samples: dict[int, int] = field(default_factory=dict)  # rank -> results observed
+    recent: dict[int, deque] = field(default_factory=dict)  # rank -> the last `window` speeds
     hysteresis: float = 0.05
     current: dict[tuple[int, ...], tuple[float, ...]] = field(default_factory=dict)  # ranks -> shares in force
 
@@ -85,9 +88,9 @@ class SplitPolicy:
         """Device `rank` computed `tokens` tokens (its span times the batch) in `compute_s` seconds."""
         if tokens <= 0 or not compute_s > 0:
             return
-        speed = tokens / compute_s
-        old = self.speeds.get(rank)
-        self.speeds[rank] = speed if old is None else (1 - self.alpha) * old + self.alpha * speed
+        recent = self.recent.setdefault(rank, deque(maxlen=self.window))
+        recent.append(tokens / compute_s)
+        self.speeds[rank] = statistics.median(recent)
         self.samples[rank] = self.samples.get(rank, 0) + 1
 
     def describe(self) -> dict:
