@@ -514,6 +514,9 @@ def inspect(export_dir, verify, as_json):
 @click.option("--batch-wait-ms", "batch_wait_ms", type=click.FloatRange(0, 100), default=2.0, show_default=True,
               help="With --serve: concurrent requests that get the same plan (equal token count) run as one batch; "
                    "while other requests are running, wait up to this long for more to join (0: no batching).")
+@click.option("--batch-pad", is_flag=True,
+              help="With --serve: also batch text requests of different lengths, padded to the longest. Exact at CR=1; "
+                   "at CR > 1 a request's outputs then depend on what it was batched with.")
 @click.option("--emulate-slowdown", "slowdown", type=click.FloatRange(min=1.0), default=1.0, show_default=True,
               help="Emulate a board this many times slower (sleep after each onnxruntime call): for testing mixed "
                    "fleets on one machine.")
@@ -523,7 +526,7 @@ def inspect(export_dir, verify, as_json):
 @friendly_errors
 def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_timeout, bind, keys, insecure,
         max_cache_mb, min_devices, http, api_key, api_key_file, served_model_name, providers, optimization, split,
-        inflight, batch_wait_ms, slowdown, log_level, as_json):
+        inflight, batch_wait_ms, batch_pad, slowdown, log_level, as_json):
     """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM; with --http, also the HTTP API
     (/v1/embeddings, /v1/completions, /v1/chat/completions, /embed, /health, /metrics).
 
@@ -555,7 +558,8 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_ti
                       peer_timeout=peer_timeout, bind=bind, keys=keys, insecure=insecure,
                       dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb, min_devices=min_devices,
                       local_client=http is not None, providers=providers, optimization=optimization, split=split,
-                      slowdown=slowdown, inflight=inflight, batch_wait_ms=batch_wait_ms)
+                      slowdown=slowdown, inflight=inflight, batch_wait_ms=batch_wait_ms,
+                      batch_pad=batch_pad)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: host.stop.set())
     server = None
@@ -922,6 +926,8 @@ def profile(bundle, lengths, repeats, threads, as_json):
               help="With --clients: requests per client count.")
 @click.option("--max-inflight", "inflight", type=click.IntRange(1, 16), default=4, show_default=True,
               help="With --clients: the runners' --max-inflight.")
+@click.option("--batch-pad", "bench_batch_pad", is_flag=True,
+              help="With --clients: the runners batch requests of different lengths too (prism run --batch-pad).")
 @click.option("--slow-device", default=None, metavar="RANK:FRACTION",
               help="Also measure latency with device RANK at FRACTION of a core (cgroup CPU quota; emulated where "
                    "cgroups are not available) under an even, the adaptive and the ideal split.")
@@ -929,7 +935,7 @@ def profile(bundle, lengths, repeats, threads, as_json):
 @friendly_errors
 @needs_export_extra
 def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curve, clients, texts_file, n_requests,
-          inflight, slow_device, as_json):
+          inflight, bench_batch_pad, slow_device, as_json):
     """Bytes, per-device FLOPs and time, and latency of EXPORT_DIR vs CR=1 and vs one device; with --clients,
     throughput; with --slow-device, the adaptive split against an even and the ideal one."""
     from .evaluate.bench import bench as run_bench
@@ -961,7 +967,8 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curv
                 reqs = [{"texts": [t], "outputs": outputs} for t in lines]
             else:
                 reqs = [inputs]
-            t = load.throughput(Path(export_dir), reqs, counts, n_requests, inflight=inflight, echo=echo)
+            t = load.throughput(Path(export_dir), reqs, counts, n_requests, inflight=inflight,
+                                batch_pad=bench_batch_pad, echo=echo)
             report["throughput"] = t
             report["throughput_rps"] = t["throughput_rps"]
         if slow:

@@ -59,6 +59,16 @@ def test_a_batch_holds_at_most_max_rows_and_a_lone_request_is_not_waited_for(pla
     assert isinstance(alone, Prepared) and alone.members == []
 
 
+def test_with_batch_pad_requests_of_any_length_join_padded_to_the_longest(plan_of):
+    lane = Lane(0, exchange=None)
+    lane.jobs.put(job(2, 13))
+    lane.jobs.put(job(3, 5))
+    batch = gather(job(1, 9), lane, tokenize_with(plan_of), plan_of, max_rows=64, wait_s=0.0, pad=True)
+    assert batch.members == [(1, 0, 1), (2, 1, 2), (3, 2, 3)] and batch.inputs["input_ids"].shape == (3, 13)
+    assert batch.plan.attention_mask.sum(axis=1).tolist() == [9, 13, 5]  # padding is masked
+    assert batch.inputs["attention_mask"][0, 9:].sum() == 0 and batch.inputs["input_ids"][2, 5:].sum() == 0
+
+
 def test_each_row_of_a_batch_gets_the_plan_it_would_get_alone(plan_of):
     """Equal N: the spans are equal, and segments, counts and biases are computed row by row."""
     masks = [np.array([[1] * 11 + [0] * 2]), np.ones((1, 13), np.int64), np.array([[1] * 5 + [0] * 8])]
@@ -184,8 +194,9 @@ def test_requests_queued_behind_a_stalled_one_run_as_one_batch_each_with_its_own
 
 
 def test_pipelined_and_batched_requests_of_many_clients_equal_the_model_at_cr1(make_bundle, tiny_dirs):
-    """Eight clients at once, three requests each of varied lengths, runners with --max-inflight 4: every
-    reply at CR=1 equals the unpartitioned transformers model within 1e-4 (fp32, exact path)."""
+    """Eight clients at once, three requests each of varied lengths, runners with --max-inflight 4 and
+    --batch-pad (requests of different lengths batched, padded): every reply at CR=1 equals the unpartitioned
+    transformers model within 1e-4 (fp32, exact path), whatever it was grouped with."""
     from conftest import hf_forward, tiny_model
     from prism_onnx.runtime.client import LocalCluster
 
@@ -194,7 +205,7 @@ def test_pipelined_and_batched_requests_of_many_clients_equal_the_model_at_cr1(m
     rng = np.random.default_rng(6)
     requests = [text_batch(30522, rng, (int(n),)) for n in rng.choice([7, 11, 19], 24)]
     want = [hf_forward(model, r).last_hidden_state.numpy() for r in requests]
-    with LocalCluster(bundle, extra_args=["--max-inflight", "4"]) as cluster:
+    with LocalCluster(bundle, extra_args=["--max-inflight", "4", "--batch-pad"]) as cluster:
         def client_loop(k):
             with cluster.new_client() as c:
                 return [(i, c.infer(**requests[i], outputs=["last_hidden_state"])[0]) for i in range(k, 24, 8)]

@@ -108,13 +108,14 @@ def closed_loop(cluster: LocalCluster, requests: list[dict], clients: int, total
 
 
 def throughput(export: Path, requests: list[dict], clients: list[int], total: int, inflight: int = 4,
-               batch_wait_ms: float = 2.0, echo=lambda *_: None) -> dict:
+               batch_wait_ms: float = 2.0, batch_pad: bool = False, echo=lambda *_: None) -> dict:
     """Throughput at each client count, on one deployment with pipelining and batching on (`inflight`,
     `batch_wait_ms`), and the one-client baseline of the runtime as it was (one request at a time, no
     batching), measured in the same run. -> {"throughput_rps": {K: rps}, "runs": [...], "baseline_one_client": ...}"""
-    out = {"settings": {"max_inflight": inflight, "batch_wait_ms": batch_wait_ms}, "runs": []}
+    out = {"settings": {"max_inflight": inflight, "batch_wait_ms": batch_wait_ms, "batch_pad": batch_pad}, "runs": []}
     sequential = ["--max-inflight", "1", "--batch-wait-ms", "0"]
-    concurrent = ["--max-inflight", str(inflight), "--batch-wait-ms", f"{batch_wait_ms:g}"]
+    concurrent = ["--max-inflight", str(inflight), "--batch-wait-ms", f"{batch_wait_ms:g}"] + \
+        (["--batch-pad"] if batch_pad else [])
     for name, args in (("sequential", sequential), ("concurrent", concurrent)):
         with LocalCluster(export, prefix=pinned, extra_args=args) as cluster:
             for r in requests[:4]:

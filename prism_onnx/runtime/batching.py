@@ -10,6 +10,12 @@ and input arrays. The plan's spans depend only on N, the devices and the weights
 any CR: batching changes no result. A request that does not fit goes back to the lane (`Lane.ready`) and
 runs on its own or in a later batch; a generation request is never batched.
 
+`--batch-pad` (off by default) also batches text requests of different lengths, padded on the right to the
+longest. At CR=1 that changes nothing (every token is exchanged; padding is masked: equal to the model within
+float rounding). At CR > 1 it does: the spans are cut over the padded length, so a short request's tokens
+sit on fewer devices and are averaged in other segments than alone. Use it where throughput matters more
+than bit-for-bit reproducibility of a request alone.
+
 The batch runs under the first request's id; its other requests ride along: the worker tells the
 coordinator (a BATCH message through its outbox, before any START leaves) which rows are whose, and the
 coordinator answers each of them with its rows (coordinator.py).
@@ -57,27 +63,36 @@ class Prepared:
     def deadline(self) -> float:
         return self.job.deadline
 
-    @property
-    def key(self) -> tuple:
-        """Requests with equal keys get, row by row, the same plan in one batch as alone."""
+    def key(self, pad: bool = False) -> tuple:
+        """Requests with equal keys get, row by row, the same plan in one batch as alone; with `pad`, token
+        inputs of any length N share a key (they are padded to the longest: see `merge`)."""
         j = self.job
-        arrays = tuple(sorted((k, v.shape[1:], str(v.dtype)) for k, v in self.inputs.items()))
-        return (self.plan.n_tokens, tuple(self.plan.ranks), self.plan.weights,
+        padded = pad and "input_ids" in self.inputs
+        arrays = tuple(sorted((k, v.shape[2:] if padded else v.shape[1:], str(v.dtype)) for k, v in self.inputs.items()))
+        return (None if padded else self.plan.n_tokens, tuple(self.plan.ranks), self.plan.weights,
                 tuple(sorted(j.outputs)) if j.outputs else None, arrays)
 
 
+def _pad(a: np.ndarray, n: int) -> np.ndarray:
+    """Token inputs [B, N, ...] padded on the right to n tokens with zeros (attention_mask 0: padding)."""
+    return a if a.shape[1] == n else np.pad(a, [(0, 0), (0, n - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
+
+
 def merge(group: list[Prepared], plan_of) -> Prepared:
-    """One Prepared of the requests in `group` (equal keys), rows in group order; plan_of(mask) -> Plan."""
+    """One Prepared of the requests in `group` (equal keys), rows in group order; plan_of(mask) -> Plan.
+    Token inputs of different lengths (`--batch-pad`) are padded on the right to the longest."""
     first = group[0]
-    inputs = {k: np.concatenate([p.inputs[k] for p in group]) for k in first.inputs}
+    n = max(p.plan.n_tokens for p in group) if "input_ids" in first.inputs else None
+    pad = (lambda a: _pad(a, n)) if n is not None else (lambda a: a)
+    inputs = {k: np.concatenate([pad(p.inputs[k]) for p in group]) for k in first.inputs}
     members, row = [], 0
     for p in group:
         members.append((p.request, row, row + p.plan.batch))
         row += p.plan.batch
-    return Prepared(first.job, inputs, plan_of(np.concatenate([p.plan.attention_mask for p in group])), members)
+    return Prepared(first.job, inputs, plan_of(np.concatenate([pad(p.plan.attention_mask) for p in group])), members)
 
 
-def gather(first, lane, tokenize, plan_of, max_rows: int, wait_s: float):
+def gather(first, lane, tokenize, plan_of, max_rows: int, wait_s: float, pad: bool = False):
     """`first` (a PrepareJob) and what can join it from the lane's queue -> a Prepared (maybe a batch), or
     `first` itself when it cannot be tokenized (its own run reports the error). Requests taken that do not
     fit go to `lane.ready`. tokenize(job) -> Prepared (raises PrismError); plan_of(mask) -> Plan."""
@@ -102,7 +117,7 @@ def gather(first, lane, tokenize, plan_of, max_rows: int, wait_s: float):
         except PrismError:
             lane.ready.append(job)
             continue
-        if p.key == head.key and rows + p.plan.batch <= max_rows:
+        if p.key(pad) == head.key(pad) and rows + p.plan.batch <= max_rows:
             group.append(p)
             rows += p.plan.batch
         else:

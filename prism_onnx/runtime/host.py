@@ -85,13 +85,14 @@ class DeviceHost:
                  keys: str | Path | None = None, insecure: bool = False, dead_after: float = DEAD_AFTER_S,
                  max_cache_mb: float = 1024.0, min_devices: int = 1, local_client: bool = False,
                  providers=None, optimization: str = "all", split: str | None = None, slowdown: float = 1.0,
-                 inflight: int = 1, batch_wait_ms: float = 2.0):
+                 inflight: int = 1, batch_wait_ms: float = 2.0, batch_pad: bool = False):
         """local_client: also accept a client key made in memory (keys.with_local_client), for the HTTP
         server in this process (`prism run --http`); it is `self.local_client_keys`, and the client port
         is reachable from this machine at `self.local_client_address`. providers, optimization: the
         onnxruntime execution providers and graph optimization level of the device's sessions (Engine).
         inflight: requests of one coordinator this device runs at once (pipelining; lanes.py).
-        batch_wait_ms: with serve, how long batching may wait for requests to join (batching.py; 0: off).
+        batch_wait_ms: with serve, how long batching may wait for requests to join (batching.py; 0: off);
+        batch_pad: also batch requests of different lengths, padded (changes outputs at CR > 1).
         split: how the coordinator splits requests (split.parse_split: auto, even, or weights; default the
         export's static split if it has one, else auto); slowdown: emulate a slower board (Engine)."""
         self.bundle = b = DeviceBundle.load(bundle)  # every sha256 and the export id, recomputed
@@ -138,7 +139,7 @@ class DeviceHost:
         self.worker = Worker(self.engine, self.rank, lane_exchange, Requests(b) if serve is not None else None,
                              on_internal_error=lambda: self.counters.event("internal_errors"),
                              max_cache_bytes=int(max_cache_mb * 2**20), inflight=inflight,
-                             batch_wait=batch_wait_ms / 1e3 if serve is not None else 0.0)
+                             batch_wait=batch_wait_ms / 1e3 if serve is not None else 0.0, batch_pad=batch_pad)
         self.coordinator = None
         if serve is not None:
             self.coordinator = Coordinator(b, self.rank, self.membership, t.send_peer, self._reply_client,

@@ -78,6 +78,7 @@ class Worker:
     max_cache_bytes: int | None = None  # the key/value cache a generation request may hold on this device
     inflight: int = 1  # requests of one lane running at once (pipelining)
     batch_wait: float = 0.0  # seconds the coordinator's lane may wait for requests to batch (0: no batching)
+    batch_pad: bool = False  # batch requests of different lengths, padded (batching.py: changes CR > 1 results)
     lanes: Lanes = field(init=False)
 
     def __post_init__(self):
@@ -131,7 +132,7 @@ class Worker:
                 continue
             if isinstance(job, PrepareJob) and self.batch_wait > 0 and job.generate is None:
                 job = gather(job, lane, self._tokenize, self._plan_of(job), self.bundle.limits.max_batch,
-                             self.batch_wait)
+                             self.batch_wait, self.batch_pad)
             lane.running[job.request] = job
             try:
                 meta, arrays = self._run(job, lane)
