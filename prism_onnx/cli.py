@@ -996,6 +996,10 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curv
             click.echo(f"  latency at {r['bandwidth']}: PRISM {lat['prism']:.1f} ms, baseline {lat['baseline']:.1f} ms, "
                        f"single device {lat['single_device']:.1f} ms: PRISM {r['speedup_vs_single_device']:.2f}x "
                        f"faster than one device")
+        if r.get("latency_over_runner_compute"):
+            rc, lo = r["runner_compute_ms"], r["latency_over_runner_compute"]
+            click.echo("  latency / the busiest runner's own onnxruntime time in the same requests: " + ", ".join(
+                f"{k} {lo[k]:.3f}x ({rc[k]:.0f} ms)" for k in lo))
         if r.get("curve_cost"):
             cc = r["curve_cost"]
             click.echo(f"  CurveZMQ cost at {r['bandwidth']}: {cc['latency_ms_curve']:.1f} ms with, "

@@ -88,29 +88,42 @@ def device_work(executor: Executor, inputs: dict, outputs, repeats: int, count_m
         if not count_means:  # the baseline sends raw hidden states: its identity averager is not real work
             cats.pop("segment_means", None)
         times = []
-        for _ in range(repeats):  # repeats=0: FLOPs only
-            t0 = time.perf_counter()
-            for name, feeds in calls:
-                e.sessions[name].run(None, feeds)
-            times.append(time.perf_counter() - t0)
+        # replay on the core the latency run pins this device's runner to (k % cores), not wherever the
+        # scheduler puts the bench process: the same core as the runner it is compared with
+        pin = hasattr(os, "sched_setaffinity")  # Linux
+        mask = os.sched_getaffinity(0) if pin else None
+        if pin:
+            os.sched_setaffinity(0, {len(work) % (os.cpu_count() or 1)})
+        try:
+            for _ in range(repeats):  # repeats=0: FLOPs only
+                t0 = time.perf_counter()
+                for name, feeds in calls:
+                    e.sessions[name].run(None, feeds)
+                times.append(time.perf_counter() - t0)
+        finally:
+            if pin:
+                os.sched_setaffinity(0, mask)
         work.append({"flops": sum(cats.values()), "by_category": cats, "linear_alone": linear_alone,
                      "time_ms": 1e3 * statistics.median(times) if times else None})
     return work
 
 
 def latency_ms(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repeats: int, timeout: float,
-               secure: bool = True) -> float:
+               secure: bool = True, compute: list | None = None) -> float:
     """Median end-to-end latency of `repeats` requests: one runner per device, each in its own network
     namespace behind a `bandwidth` tbf link, pinned to its own core, one onnxruntime thread; CurveZMQ on
-    unless `secure` is False."""
-    return statistics.median(latencies(bundle, inputs, outputs, bandwidth, repeats, timeout, [secure])[secure])
+    unless `secure` is False. `compute`: a list that gets, per request, the busiest runner's own
+    onnxruntime time for that request (ms)."""
+    per = {secure: compute} if compute is not None else None
+    return statistics.median(latencies(bundle, inputs, outputs, bandwidth, repeats, timeout, [secure], per)[secure])
 
 
 def latencies(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repeats: int, timeout: float,
-              modes=(True, False)) -> dict[bool, list[float]]:
+              modes=(True, False), compute: dict | None = None) -> dict[bool, list[float]]:
     """{secure: latencies in ms} for the same deployment run with and without CurveZMQ: one cluster per
     mode, each on its own emulated network, both up at once and asked in turn (A, B, A, B, ...), so that
-    both see the same machine load; only one cluster computes at any time."""
+    both see the same machine load; only one cluster computes at any time. `compute`: {secure: list}
+    that gets each request's busiest-runner onnxruntime time (ms), measured inside the runners."""
     from contextlib import ExitStack
 
     from ..testbed import Testbed
@@ -131,7 +144,10 @@ def latencies(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repeat
         times = {secure: [] for secure in modes}
         for _ in range(repeats):
             for secure, c in clusters.items():
-                times[secure].append(c.client.infer(**kw)[1]["latency_ms"])
+                stats = c.client.infer(**kw)[1]
+                times[secure].append(stats["latency_ms"])
+                if compute is not None:  # the same request's compute, under the same machine load
+                    compute.setdefault(secure, []).append(max(stats["compute_ms"]))
     return times
 
 
@@ -195,14 +211,22 @@ def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | 
                 report["latency_skipped"] = why
             else:
                 rates = list(dict.fromkeys([bandwidth, *(sweep or [])]))
-                table = {}
+                table, runner = {}, {}
                 report["curve"] = curve
                 for rate in rates:
                     table[rate] = {}
                     for name, b in bundles.items():
                         echo(f"measuring latency at {rate}: {name}")
-                        table[rate][name] = latency_ms(b, inputs, outputs, rate, repeats, timeout, curve != "off")
+                        comp = runner.setdefault(rate, {}).setdefault(name, [])
+                        table[rate][name] = latency_ms(b, inputs, outputs, rate, repeats, timeout, curve != "off", comp)
                 report["latency_ms"] = table[bandwidth]
+                # latency against the busiest runner's onnxruntime time in the *same* requests: the replayed
+                # compute_ms_per_device is measured minutes earlier, in another process, under another load
+                # (a shared machine: other sessions' processes share the cores), so its ratio to latency
+                # mixes the runtime's overhead with changes in machine load
+                report["runner_compute_ms"] = {k: statistics.median(v) for k, v in runner[bandwidth].items()}
+                report["latency_over_runner_compute"] = {k: table[bandwidth][k] / c
+                                                         for k, c in report["runner_compute_ms"].items()}
                 if curve == "both":
                     echo(f"measuring latency at {bandwidth}: prism with and without CurveZMQ, interleaved")
                     pair = latencies(export_dir, inputs, outputs, bandwidth, repeats, timeout)
