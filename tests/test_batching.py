@@ -128,14 +128,14 @@ def test_the_coordinator_answers_each_request_of_a_batch_with_its_rows_and_rerun
     for client in (b"a", b"b", b"c"):
         c.on_request(client, {}, {"input_ids": np.arange(1, 6)[None]}, 0.0)
     ids = [j.request for j in jobs]
-    c.on_batch(ids[0], [(ids[0], 0, 1), (ids[2], 1, 2)])  # a and c batched; b runs on its own
+    c.on_batch(ids[0], [(ids[0], 0, 1), (ids[2], 1, 2)], 0.0)  # a and c batched; b runs on its own
     assert sorted(c.pending) == sorted([ids[0], ids[1]])
     # a lost device: the batch reruns as two requests (the worker may batch them again)
     c.membership.down = [1]
     c.on_peer_lost(1, "gone", 0.1)
     assert len(jobs) == 6 and all(j.ranks == (0,) for j in jobs[3:])  # a, c (in batch order), then b
     new = {j.request for j in jobs[3:]}
-    c.on_batch(jobs[3].request, [(jobs[3].request, 0, 1), (jobs[4].request, 1, 2)])
+    c.on_batch(jobs[3].request, [(jobs[3].request, 0, 1), (jobs[4].request, 1, 2)], 0.15)
     r = result(jobs[3].request, 0, n=5, span=(0, 5))
     out = {"last_hidden_state": np.stack([np.full((5, 8), 1.0), np.full((5, 8), 2.0)]).astype(np.float32),
            "pooler_output": np.array([[1.0] * 8, [2.0] * 8], np.float32)}
@@ -215,3 +215,22 @@ def test_pipelined_and_batched_requests_of_many_clients_equal_the_model_at_cr1(m
     assert len(got) == 24
     for i, out in got:
         assert np.abs(out["last_hidden_state"] - want[i]).max() < 1e-4
+
+
+def test_requests_batched_into_an_attempt_that_failed_first_are_rerun_not_left_waiting():
+    from test_coordinator import FakeMembership, manifest
+
+    from prism_onnx.runtime.bundle import DeviceBundle
+    from prism_onnx.runtime.coordinator import Coordinator
+
+    jobs, replies = [], []
+    c = Coordinator(DeviceBundle(".", manifest(devices=2)), 0, FakeMembership(2), lambda q, parts: True,
+                    lambda client, meta, arrays=None, kind=None: replies.append((client, meta)),
+                    lambda j: jobs.append(j) or True)
+    for client in (b"a", b"b"):
+        c.on_request(client, {}, {"input_ids": np.arange(1, 6)[None]}, 0.0)
+    a, b = (j.request for j in jobs)
+    c.fail(a, "device 1: bad input")  # a's attempt fails before the worker's BATCH message is handled
+    c.on_batch(a, [(a, 0, 1), (b, 1, 2)], 0.1)
+    assert [cl for cl, _ in replies] == [b"a"] and len(jobs) == 3 and list(c.pending) == [jobs[2].request]
+    assert c.pending[jobs[2].request].reruns == [f"batched into request {a}, which was abandoned"]

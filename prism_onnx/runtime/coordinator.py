@@ -163,11 +163,15 @@ class Coordinator:
             self.reply(p.client, {**meta, "call": p.call} if p.call is not None else meta, {"ids": tok.ids},
                        Kind.TOKENS)
 
-    def on_batch(self, request: int, members: list[tuple[int, int, int]]) -> None:
+    def on_batch(self, request: int, members: list[tuple[int, int, int]], now: float) -> None:
         """The local worker batched `members` (request id, rows) into the attempt `request`."""
         p = self.pending.get(request)
-        if p is None:
-            return  # failed or abandoned already: its ABORT reaches the worker
+        if p is None or p.held_until is not None:  # that attempt failed or was abandoned already (its ABORT
+            for member, _, _ in members:  # reaches the worker): the others must not wait for it
+                if member != request and member in self.pending:
+                    self.pending[member].reruns.append(f"batched into request {request}, which was abandoned")
+                    self._rerun(member, now)
+            return
         for member, start, end in members:
             q = p if member == request else self.pending.pop(member, None)
             if q is None:

@@ -148,7 +148,7 @@ class PeerMessages:
             kind = peek_kind(buffers)
             if kind == Kind.BATCH:
                 _, meta, _ = decode(buffers, NO_ARRAYS)
-                return self.host.coordinator.on_batch(*check_batch(meta, self.limits))
+                return self.host.coordinator.on_batch(*check_batch(meta, self.limits), time.monotonic())
             _, meta, arrays = decode(buffers, self.rules[kind])
             if kind == Kind.TOKENS:
                 return self.host.coordinator.on_tokens(check_tokens(meta, arrays, self.limits), time.monotonic())
