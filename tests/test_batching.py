@@ -114,17 +114,27 @@ def test_a_lane_runs_up_to_slots_jobs_at_once():
     assert sorted(done) == ["a", "b"] and not barrier.broken
 
 
-def test_the_coordinator_answers_each_request_of_a_batch_with_its_rows_and_reruns_them_each():
-    from test_coordinator import FakeMembership, manifest, result
+def coordinator_of_two():
+    """A coordinator of two devices over plain lists: -> (coordinator, jobs submitted, replies (client, meta,
+    arrays))."""
+    from test_coordinator import FakeMembership, manifest
 
     from prism_onnx.runtime.bundle import DeviceBundle
     from prism_onnx.runtime.coordinator import Coordinator
-    from prism_onnx.runtime.messages import Result
 
     jobs, replies = [], []
     c = Coordinator(DeviceBundle(".", manifest(devices=2)), 0, FakeMembership(2), lambda q, parts: True,
                     lambda client, meta, arrays=None, kind=None: replies.append((client, meta, arrays)),
-                    lambda j: jobs.append(j) or True, split=None)
+                    lambda j: jobs.append(j) or True)
+    return c, jobs, replies
+
+
+def test_the_coordinator_answers_each_request_of_a_batch_with_its_rows_and_reruns_them_each():
+    from test_coordinator import result
+
+    from prism_onnx.runtime.messages import Result
+
+    c, jobs, replies = coordinator_of_two()
     for client in (b"a", b"b", b"c"):
         c.on_request(client, {}, {"input_ids": np.arange(1, 6)[None]}, 0.0)
     ids = [j.request for j in jobs]
@@ -218,19 +228,11 @@ def test_pipelined_and_batched_requests_of_many_clients_equal_the_model_at_cr1(m
 
 
 def test_requests_batched_into_an_attempt_that_failed_first_are_rerun_not_left_waiting():
-    from test_coordinator import FakeMembership, manifest
-
-    from prism_onnx.runtime.bundle import DeviceBundle
-    from prism_onnx.runtime.coordinator import Coordinator
-
-    jobs, replies = [], []
-    c = Coordinator(DeviceBundle(".", manifest(devices=2)), 0, FakeMembership(2), lambda q, parts: True,
-                    lambda client, meta, arrays=None, kind=None: replies.append((client, meta)),
-                    lambda j: jobs.append(j) or True)
+    c, jobs, replies = coordinator_of_two()
     for client in (b"a", b"b"):
         c.on_request(client, {}, {"input_ids": np.arange(1, 6)[None]}, 0.0)
     a, b = (j.request for j in jobs)
     c.fail(a, "device 1: bad input")  # a's attempt fails before the worker's BATCH message is handled
     c.on_batch(a, [(a, 0, 1), (b, 1, 2)], 0.1)
-    assert [cl for cl, _ in replies] == [b"a"] and len(jobs) == 3 and list(c.pending) == [jobs[2].request]
+    assert [cl for cl, _, _ in replies] == [b"a"] and len(jobs) == 3 and list(c.pending) == [jobs[2].request]
     assert c.pending[jobs[2].request].reruns == [f"batched into request {a}, which was abandoned"]
