@@ -41,7 +41,7 @@ def test_queued_requests_of_equal_length_join_one_batch_the_others_wait_their_tu
     for j in (job(2, 9), job(3, 7), job(4, 9), job(5, 9, generate={"max_new_tokens": 2}), job(6, 9, outputs={"x"})):
         lane.jobs.put(j)
     batch = gather(job(1, 9), lane, tokenize_with(plan_of), plan_of, max_rows=64, wait_s=0.0)
-    assert batch.members == [(1, 0, 1), (2, 1, 2), (4, 2, 3)] and batch.inputs["input_ids"].shape == (3, 9)
+    assert batch.members == [(1, 0, 1, 9), (2, 1, 2, 9), (4, 2, 3, 9)] and batch.inputs["input_ids"].shape == (3, 9)
     assert batch.request == 1 and batch.plan.batch == 3 and batch.plan.spans == plan_of(np.ones((1, 9))).spans
     # what did not fit went back to the lane, in order, ahead of the queue
     assert [getattr(j, "request") for j in lane.ready] == [3, 5, 6] and lane.jobs.empty()
@@ -64,7 +64,7 @@ def test_with_batch_pad_requests_of_any_length_join_padded_to_the_longest(plan_o
     lane.jobs.put(job(2, 13))
     lane.jobs.put(job(3, 5))
     batch = gather(job(1, 9), lane, tokenize_with(plan_of), plan_of, max_rows=64, wait_s=0.0, pad=True)
-    assert batch.members == [(1, 0, 1), (2, 1, 2), (3, 2, 3)] and batch.inputs["input_ids"].shape == (3, 13)
+    assert batch.members == [(1, 0, 1, 9), (2, 1, 2, 13), (3, 2, 3, 5)] and batch.inputs["input_ids"].shape == (3, 13)
     assert batch.plan.attention_mask.sum(axis=1).tolist() == [9, 13, 5]  # padding is masked
     assert batch.inputs["attention_mask"][0, 9:].sum() == 0 and batch.inputs["input_ids"][2, 5:].sum() == 0
 
@@ -138,14 +138,14 @@ def test_the_coordinator_answers_each_request_of_a_batch_with_its_rows_and_rerun
     for client in (b"a", b"b", b"c"):
         c.on_request(client, {}, {"input_ids": np.arange(1, 6)[None]}, 0.0)
     ids = [j.request for j in jobs]
-    c.on_batch(ids[0], [(ids[0], 0, 1), (ids[2], 1, 2)], 0.0)  # a and c batched; b runs on its own
+    c.on_batch(ids[0], [(ids[0], 0, 1, 5), (ids[2], 1, 2, 5)], 0.0)  # a and c batched; b runs on its own
     assert sorted(c.pending) == sorted([ids[0], ids[1]])
     # a lost device: the batch reruns as two requests (the worker may batch them again)
     c.membership.down = [1]
     c.on_peer_lost(1, "gone", 0.1)
     assert len(jobs) == 6 and all(j.ranks == (0,) for j in jobs[3:])  # a, c (in batch order), then b
     new = {j.request for j in jobs[3:]}
-    c.on_batch(jobs[3].request, [(jobs[3].request, 0, 1), (jobs[4].request, 1, 2)], 0.15)
+    c.on_batch(jobs[3].request, [(jobs[3].request, 0, 1, 5), (jobs[4].request, 1, 2, 3)], 0.15)
     r = result(jobs[3].request, 0, n=5, span=(0, 5))
     out = {"last_hidden_state": np.stack([np.full((5, 8), 1.0), np.full((5, 8), 2.0)]).astype(np.float32),
            "pooler_output": np.array([[1.0] * 8, [2.0] * 8], np.float32)}
@@ -154,6 +154,8 @@ def test_the_coordinator_answers_each_request_of_a_batch_with_its_rows_and_rerun
     assert set(answered) == {b"a", b"c"} and all(meta["ok"] for meta, _ in answered.values())
     assert answered[b"a"][1]["pooler_output"].tolist() == [[1.0] * 8]
     assert answered[b"c"][1]["pooler_output"].tolist() == [[2.0] * 8]
+    assert answered[b"a"][1]["last_hidden_state"].shape == (1, 5, 8)  # a token output: its own 5 tokens,
+    assert answered[b"c"][1]["last_hidden_state"].shape == (1, 3, 8)  # c was padded from 3 to 5
     assert answered[b"c"][0]["batched"] == {"requests": 2, "rows": [1, 2]}
     assert answered[b"c"][0]["reruns"] == ["lost device 1 (gone)"] and set(c.pending) == {jobs[5].request} <= new
 
@@ -233,6 +235,6 @@ def test_requests_batched_into_an_attempt_that_failed_first_are_rerun_not_left_w
         c.on_request(client, {}, {"input_ids": np.arange(1, 6)[None]}, 0.0)
     a, b = (j.request for j in jobs)
     c.fail(a, "device 1: bad input")  # a's attempt fails before the worker's BATCH message is handled
-    c.on_batch(a, [(a, 0, 1), (b, 1, 2)], 0.1)
+    c.on_batch(a, [(a, 0, 1, 5), (b, 1, 2, 5)], 0.1)
     assert [cl for cl, _, _ in replies] == [b"a"] and len(jobs) == 3 and list(c.pending) == [jobs[2].request]
     assert c.pending[jobs[2].request].reruns == [f"batched into request {a}, which was abandoned"]

@@ -22,7 +22,8 @@ coordinator answers each of them with its rows (coordinator.py).
 
 Vocabulary:
     prepared    a request tokenized and planned, its STARTs not sent yet
-    members     (request id, first row, end row) of each request in a batch, in row order
+    members     (request id, first row, end row, its own token count) of each request in a batch, in row
+                order (padded requests get their outputs cut back to their own tokens)
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Prepared:
     job: object  # worker.PrepareJob
     inputs: dict[str, np.ndarray]  # token-level arrays [B, N, ...] (pixel_values [B, C, H, W])
     plan: Plan
-    members: list[tuple[int, int, int]] = field(default_factory=list)
+    members: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     # what the lane needs of any job
     @property
@@ -87,7 +88,7 @@ def merge(group: list[Prepared], plan_of) -> Prepared:
     inputs = {k: np.concatenate([pad(p.inputs[k]) for p in group]) for k in first.inputs}
     members, row = [], 0
     for p in group:
-        members.append((p.request, row, row + p.plan.batch))
+        members.append((p.request, row, row + p.plan.batch, p.plan.n_tokens))
         row += p.plan.batch
     return Prepared(first.job, inputs, plan_of(np.concatenate([pad(p.plan.attention_mask) for p in group])), members)
 

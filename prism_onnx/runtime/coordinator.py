@@ -68,7 +68,7 @@ class Pending:
     reruns: list[str] = field(default_factory=list)  # why each earlier attempt was abandoned
     held_until: float | None = None  # abandoned, waiting to rerun (see Coordinator.hold)
     first_token: float | None = None  # when the first streamed token arrived
-    rows: tuple[int, int] | None = None  # batched: this request's rows of the attempt's outputs
+    rows: tuple[int, int, int] | None = None  # batched: this request's rows of the attempt's outputs, its tokens
     riders: list["Pending"] = field(default_factory=list)  # batched: the other requests of this attempt
 
     @property
@@ -163,20 +163,21 @@ class Coordinator:
             self.reply(p.client, {**meta, "call": p.call} if p.call is not None else meta, {"ids": tok.ids},
                        Kind.TOKENS)
 
-    def on_batch(self, request: int, members: list[tuple[int, int, int]], now: float) -> None:
-        """The local worker batched `members` (request id, rows) into the attempt `request`."""
+    def on_batch(self, request: int, members: list[tuple[int, int, int, int]], now: float) -> None:
+        """The local worker batched `members` (request id, first row, end row, tokens) into the attempt
+        `request`."""
         p = self.pending.get(request)
         if p is None or p.held_until is not None:  # that attempt failed or was abandoned already (its ABORT
-            for member, _, _ in members:  # reaches the worker): the others must not wait for it
+            for member, *_ in members:  # reaches the worker): the others must not wait for it
                 if member != request and member in self.pending:
                     self.pending[member].reruns.append(f"batched into request {request}, which was abandoned")
                     self._rerun(member, now)
             return
-        for member, start, end in members:
+        for member, start, end, tokens in members:
             q = p if member == request else self.pending.pop(member, None)
             if q is None:
                 continue  # answered already (e.g. expired): its rows are dropped
-            q.rows = (start, end)
+            q.rows = (start, end, tokens)
             if q is not p:
                 p.riders.append(q)
 
@@ -202,9 +203,9 @@ class Coordinator:
                 if q.rows is None:
                     self._answer(q.client, q.call, meta, outputs)
                 else:
-                    a, b = q.rows
-                    self._answer(q.client, q.call, {**meta, "batched": {"requests": 1 + len(p.riders), "rows": [a, b]}},
-                                 {k: v[a:b] for k, v in outputs.items()})
+                    self._answer(q.client, q.call, {**meta, "batched": {"requests": 1 + len(p.riders),
+                                                                         "rows": list(q.rows[:2])}},
+                                 self._rows(outputs, *q.rows))
 
     def on_send_failed(self, request: int, q: int, why: str, now: float) -> None:
         """A message of an attempt (its START) could not be sent to device q."""
@@ -312,6 +313,12 @@ class Coordinator:
                 meta["generation"]["time_to_first_token_ms_at_coordinator"] = round(1e3 * (p.first_token - p.t0), 3)
             return meta, {GENERATED: ids}
         return meta, gather_outputs(self.bundle.manifest.program, results)
+
+    def _rows(self, outputs: dict, start: int, end: int, tokens: int) -> dict:
+        """A batched request's own outputs: its rows, and of token outputs [B, N, ...] its own first `tokens`
+        positions (a request padded on the right to the batch's length: `prism run --batch-pad`)."""
+        per_token = set(self.bundle.manifest.program.token_outputs)
+        return {k: v[start:end, :tokens] if k in per_token else v[start:end] for k, v in outputs.items()}
 
     def _texts(self, ids) -> list[str] | None:
         """Generated ids [B, T] (-1 after a row ended) as text, with the bundle's tokenizer (None: none)."""

@@ -225,20 +225,21 @@ def check_result(meta: dict, arrays: dict, limits: Limits) -> Result:
 # ---------------------------------------------------------------------------------------------- TOKENS
 def batch_message(request: int, members) -> list[bytes]:
     """The coordinator's own worker ran several requests as one (batching.py): request `request` carries
-    the rows [start, end) of each member (request id, start, end)."""
+    the rows [start, end) of each member and its own token count (request id, start, end, n_tokens)."""
     return encode(Kind.BATCH, {"request": request, "members": [list(map(int, m)) for m in members]})
 
 
-def check_batch(meta: dict, limits: Limits) -> tuple[int, list[tuple[int, int, int]]]:
+def check_batch(meta: dict, limits: Limits) -> tuple[int, list[tuple[int, int, int, int]]]:
     request = get_int(meta, "request")
     members = meta.get("members")
     if not isinstance(members, list) or not 2 <= len(members) <= limits.max_batch:
         raise FrameError(f"BATCH needs 2..{limits.max_batch} members")
     out = []
     for m in members:
-        if not isinstance(m, list) or len(m) != 3 or not all(type(x) is int for x in m) or not 0 <= m[1] < m[2] <= limits.max_batch:
-            raise FrameError(f"BATCH member {m!r}: expected [request, start row, end row]")
-        out.append((m[0], m[1], m[2]))
+        if not isinstance(m, list) or len(m) != 4 or not all(type(x) is int for x in m) or \
+                not 0 <= m[1] < m[2] <= limits.max_batch or not 1 <= m[3] <= limits.max_seq_len:
+            raise FrameError(f"BATCH member {m!r}: expected [request, start row, end row, tokens]")
+        out.append((m[0], m[1], m[2], m[3]))
     return request, out
 
 
