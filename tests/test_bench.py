@@ -60,3 +60,22 @@ def test_bench_cli_latency_over_emulated_links(tiny_export, tmp_path):
     assert png.stat().st_size > 1000
     cc = rep["curve_cost"]  # the same deployment with and without CurveZMQ, in this one run
     assert cc["latency_ms_curve"] > 0 and cc["latency_ms_plain"] > 0 and cc["repeats"] == 2
+
+
+def test_bench_clients_slow_device_and_profile_report_their_fields(tiny_export):
+    """The shapes the issue names: `throughput_rps` keyed by client count, `slow_device_latency_ms` with
+    even/adaptive/ideal, and a board's weight from `prism profile` (values are timings: only their presence
+    and sign are checked here; the measured numbers live in docs/RESULTS.md)."""
+    r = CliRunner().invoke(main, ["bench", str(tiny_export), "--no-latency", "--seq-len", "32", "--repeats", "1",
+                                  "--clients", "1,2", "--requests", "6", "--slow-device", "1:0.5", "--json"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert set(rep["throughput_rps"]) == {"1", "2"} and all(v > 0 for v in rep["throughput_rps"].values())
+    assert all(run["errors"] == 0 and run["requests"] == 6 for run in rep["throughput"]["runs"])
+    assert set(rep["slow_device_latency_ms"]) == {"even", "adaptive", "ideal"}
+    assert rep["slow_device"]["spans"]["even"] == [[0, 16], [16, 32]]
+    assert rep["slow_device"]["spans"]["ideal"] == [[0, 21], [21, 32]]  # weights 1 : 0.5 of 30 free tokens
+    r = CliRunner().invoke(main, ["profile", str(tiny_export), "--seq-len", "16,32", "--repeats", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    prof = json.loads(r.output)
+    assert [p["tokens"] for p in prof["points"]] == [16, 32] and prof["weight"] == prof["points"][-1]["tokens_per_s"] > 0
