@@ -153,7 +153,8 @@ def test_runners_generate_like_transformers_and_stream(lms, decoder_graphs, tmp_
     inputs = text_batch(300, np.random.default_rng(6), (13, 9), left=True)
     expected = hf_greedy(lms[arch], inputs, 12)
     b = bundle(decoder_graphs, tmp_path, arch, devices=devices, compression_ratio=1)
-    with LocalCluster(b) as cluster:
+    # an even split for both requests: the adaptive one may move between them, and the bytes with it
+    with LocalCluster(b, extra_args=["--split", "even"]) as cluster:
         streamed = []
         ids, reply = cluster.client.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                              config=GenerationConfig(max_new_tokens=12),

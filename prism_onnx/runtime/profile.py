@@ -50,7 +50,8 @@ def profile(bundle_dir: str | Path, lengths=(64, 128, 256), repeats: int = 3, th
             times.append(res.compute_s)
         t = statistics.median(times[1:])
         tokens = plan.n_tokens
-        points.append({"tokens": tokens, "compute_ms": round(1e3 * t, 3), "tokens_per_s": round(tokens / t, 1)})
+        points.append({"tokens": tokens, "compute_ms": round(1e3 * t, 3), "tokens_per_s": round(tokens / t, 1),
+                       "per_token_layer_us": round(1e6 * t / tokens / spec.num_layers, 2)})
         echo(f"device {rank}: {tokens} tokens in {1e3 * t:.1f} ms ({tokens / t:.0f} tokens/s)")
     return {"bundle": str(bundle_dir), "rank": rank, "threads": threads, "points": points,
             "weight": points[-1]["tokens_per_s"]}
