@@ -52,6 +52,9 @@ def test_run_infer_launch_and_inspect_work_on_a_board(board, make_bundle, tmp_pa
     r = prism(board, "launch", bundle, "--input-ids", "101,2023,2003,102", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["outputs"]["last_hidden_state"]["shape"] == [1, 4, 32]
+    r = prism(board, "profile", bundle / "device-1", "--seq-len", "16", "--repeats", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["weight"] > 0  # this board's speed, for `prism run --split`
 
     # prism run (two runners) + prism infer, all from the board's install
     code = (f"import sys, json\nfrom prism_onnx.runtime.client import LocalCluster\n"

@@ -2,8 +2,8 @@
 latency when one board is slower than the others.
 
     throughput   K closed-loop clients (each sends its next request when the last one is answered), each a
-                 thread with a Client of its own, against one deployment; requests per second over the
-                 whole run, and each request's latency
+                 process with a Client of its own, against one deployment; requests per second from the
+                 moment all are connected to the last reply, and each request's latency
     slow device  one runner is given a fraction of a core: a cgroup (v1) CPU quota where the machine has
                  one (root), else `prism run --emulate-slowdown 1/FRACTION`; the same request is timed with
                  an even split, the adaptive split (after it has settled) and the ideal split (static weights
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from ..runtime.bundle import MANIFEST, read_manifest
 from ..runtime.client import LocalCluster
+from ..runtime.keys import CLIENT
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
 
@@ -70,38 +70,47 @@ def pinned(k: int, extra=()) -> list[str]:
     return [*extra, "taskset", "-c", str(k % (os.cpu_count() or 1))]
 
 
+def _client(address: str, keys_dir: str | None, requests: list[dict], indices: list[int], barrier, out) -> None:
+    """One closed-loop client, in a process of its own (so that clients do not share one interpreter's GIL):
+    it connects, waits for every client to be ready, then sends its requests one after another."""
+    from ..runtime.client import Client
+    from ..runtime.keys import ClientKeys
+
+    latencies, errors = [], []
+    with Client(address, timeout=600.0, keys=ClientKeys.load(keys_dir) if keys_dir else None, server_rank=0) as c:
+        barrier.wait()
+        for i in indices:
+            t0 = time.perf_counter()
+            try:
+                c.infer(**requests[i % len(requests)])
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                errors.append(f"{type(e).__name__}: {e}")
+                continue
+            latencies.append(1e3 * (time.perf_counter() - t0))
+    out.put((latencies, errors))
+
+
 def closed_loop(cluster: LocalCluster, requests: list[dict], clients: int, total: int) -> dict:
-    """`clients` threads share `total` requests (request i is requests[i % len]); -> throughput and
+    """`clients` client processes share `total` requests (client k sends requests k, k + clients, ...;
+    request i is requests[i % len]); the clock runs from the moment all are connected. -> throughput and
     latency percentiles."""
-    latencies: list[float] = []
-    errors: list[str] = []
-    counter = iter(range(total))
-    lock = threading.Lock()
+    import multiprocessing as mp
 
-    def worker():
-        with cluster.new_client() as client:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                t0 = time.perf_counter()
-                try:
-                    client.infer(**requests[i % len(requests)])
-                except Exception as e:  # noqa: BLE001 - counted and reported
-                    errors.append(f"{type(e).__name__}: {e}")
-                    continue
-                with lock:
-                    latencies.append(1e3 * (time.perf_counter() - t0))
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(clients + 1), ctx.Queue()
+    keys = str(cluster.root / CLIENT) if cluster.secure else None
+    procs = [ctx.Process(target=_client, args=(cluster.serve_address, keys, requests, list(range(k, total, clients)),
+                                               barrier, out)) for k in range(clients)]
+    for p in procs:
+        p.start()
+    barrier.wait(timeout=120)
     t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = [out.get(timeout=3600) for _ in procs]
     wall = time.perf_counter() - t0
-    lat = sorted(latencies)
+    for p in procs:
+        p.join(timeout=30)
+    lat = sorted(x for r in results for x in r[0])
+    errors = [e for r in results for e in r[1]]
     return {"clients": clients, "requests": total, "errors": len(errors), "first_error": errors[0] if errors else None,
             "throughput_rps": round(len(lat) / wall, 2), "p50_ms": round(statistics.median(lat), 2),
             "p90_ms": round(lat[int(0.9 * (len(lat) - 1))], 2)}
