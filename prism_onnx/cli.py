@@ -924,7 +924,7 @@ def profile(bundle, lengths, repeats, threads, as_json):
               help="With --clients: the requests are these texts, one per line (default: random ids of --seq-len).")
 @click.option("--requests", "n_requests", type=click.IntRange(min=1), default=200, show_default=True,
               help="With --clients: requests per client count.")
-@click.option("--max-inflight", "inflight", type=click.IntRange(1, 16), default=4, show_default=True,
+@click.option("--max-inflight", "inflight", type=click.IntRange(1, 16), default=1, show_default=True,
               help="With --clients: the runners' --max-inflight.")
 @click.option("--batch-pad", "bench_batch_pad", is_flag=True,
               help="With --clients: the runners batch requests of different lengths too (prism run --batch-pad).")

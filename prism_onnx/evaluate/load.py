@@ -116,7 +116,7 @@ def closed_loop(cluster: LocalCluster, requests: list[dict], clients: int, total
             "p90_ms": round(lat[int(0.9 * (len(lat) - 1))], 2)}
 
 
-def throughput(export: Path, requests: list[dict], clients: list[int], total: int, inflight: int = 4,
+def throughput(export: Path, requests: list[dict], clients: list[int], total: int, inflight: int = 1,
                batch_wait_ms: float = 2.0, batch_pad: bool = False, echo=lambda *_: None) -> dict:
     """Throughput at each client count, on one deployment with pipelining and batching on (`inflight`,
     `batch_wait_ms`), and the one-client baseline of the runtime as it was (one request at a time, no
