@@ -48,6 +48,22 @@ def test_queued_requests_of_equal_length_join_one_batch_the_others_wait_their_tu
     assert isinstance(lane.next_job(0.0), Prepared)  # request 3: already tokenized
 
 
+def test_a_request_that_cannot_be_tokenized_runs_alone_to_report_its_error(plan_of):
+    lane = Lane(0, exchange=None)
+    lane.jobs.put(job(2, 0))  # no tokens: tokenize raises
+    lane.jobs.put(job(3, 9))
+    ok = tokenize_with(plan_of)
+
+    def tokenize(j):
+        if j.kwargs["input_ids"].shape[1] == 0:
+            raise ValueError("a bug while tokenizing")
+        return ok(j)
+
+    batch = gather(job(1, 9), lane, tokenize, plan_of, max_rows=64, wait_s=0.0)
+    assert [m[0] for m in batch.members] == [1, 3] and [j.request for j in lane.ready] == [2]
+    assert gather(job(4, 0), Lane(0, exchange=None), tokenize, plan_of, 64, 0.0).request == 4  # itself, untouched
+
+
 def test_a_batch_holds_at_most_max_rows_and_a_lone_request_is_not_waited_for(plan_of):
     lane = Lane(0, exchange=None)
     for r in range(2, 6):

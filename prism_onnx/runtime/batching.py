@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import PrismError
 from ..plan import Plan
 
 
@@ -96,10 +95,10 @@ def merge(group: list[Prepared], plan_of) -> Prepared:
 def gather(first, lane, tokenize, plan_of, max_rows: int, wait_s: float, pad: bool = False):
     """`first` (a PrepareJob) and what can join it from the lane's queue -> a Prepared (maybe a batch), or
     `first` itself when it cannot be tokenized (its own run reports the error). Requests taken that do not
-    fit go to `lane.ready`. tokenize(job) -> Prepared (raises PrismError); plan_of(mask) -> Plan."""
+    fit go to `lane.ready`. tokenize(job) -> Prepared (raises on a bad request); plan_of(mask) -> Plan."""
     try:
         head = tokenize(first)
-    except PrismError:
+    except Exception:  # noqa: BLE001 - its own run reports the error (a bad input, or a bug: counted there)
         return first
     group, rows = [head], head.plan.batch
     until = time.monotonic() + wait_s
@@ -115,7 +114,7 @@ def gather(first, lane, tokenize, plan_of, max_rows: int, wait_s: float, pad: bo
             continue
         try:
             p = tokenize(job)
-        except PrismError:
+        except Exception:  # noqa: BLE001 - as above: it runs alone and reports its error
             lane.ready.append(job)
             continue
         if p.key(pad) == head.key(pad) and rows + p.plan.batch <= max_rows:
