@@ -48,6 +48,19 @@ def test_queued_requests_of_equal_length_join_one_batch_the_others_wait_their_tu
     assert isinstance(lane.next_job(0.0), Prepared)  # request 3: already tokenized
 
 
+def test_requests_put_back_earlier_are_batched_first_and_keep_their_order(plan_of):
+    """The head of the queue had another length: the others went back to the lane. The next one taken
+    batches with them (they are candidates before the queue), and what does not fit keeps its order."""
+    lane = Lane(0, exchange=None)
+    for j in (job(2, 13), job(3, 13), job(4, 7), job(5, 13)):
+        lane.jobs.put(j)
+    alone = gather(job(1, 9), lane, tokenize_with(plan_of), plan_of, max_rows=64, wait_s=0.0)
+    assert alone.members == [] and [j.request for j in lane.ready] == [2, 3, 4, 5]
+    lane.jobs.put(job(6, 13))
+    batch = gather(lane.next_job(0.0), lane, tokenize_with(plan_of), plan_of, max_rows=64, wait_s=0.0)
+    assert [m[0] for m in batch.members] == [2, 3, 5, 6] and [j.request for j in lane.ready] == [4]
+
+
 def test_a_request_that_cannot_be_tokenized_runs_alone_to_report_its_error(plan_of):
     lane = Lane(0, exchange=None)
     lane.jobs.put(job(2, 0))  # no tokens: tokenize raises

@@ -92,34 +92,55 @@ def merge(group: list[Prepared], plan_of) -> Prepared:
     return Prepared(first.job, inputs, plan_of(np.concatenate([pad(p.plan.attention_mask) for p in group])), members)
 
 
+def batchable(job) -> bool:
+    """A request the coordinator's lane may batch: a client request (tokenized or not, not a batch already)
+    that does not generate."""
+    if isinstance(job, Prepared):
+        return not job.members and job.job.generate is None
+    return hasattr(job, "kwargs") and job.generate is None
+
+
 def gather(first, lane, tokenize, plan_of, max_rows: int, wait_s: float, pad: bool = False):
-    """`first` (a PrepareJob) and what can join it from the lane's queue -> a Prepared (maybe a batch), or
-    `first` itself when it cannot be tokenized (its own run reports the error). Requests taken that do not
-    fit go to `lane.ready`. tokenize(job) -> Prepared (raises on a bad request); plan_of(mask) -> Plan."""
+    """`first` (a PrepareJob, or a Prepared put back earlier) and what can join it -> a Prepared (maybe a
+    batch), or `first` itself when it cannot be tokenized (its own run reports the error). Candidates are
+    the requests put back in `lane.ready` (in order), then the lane's queue; those that do not fit stay
+    in, or go to, `lane.ready`, in order. tokenize(job) -> Prepared (raises on a bad request);
+    plan_of(mask) -> Plan."""
+    prepare = lambda j: j if isinstance(j, Prepared) else tokenize(j)  # noqa: E731
     try:
-        head = tokenize(first)
+        head = prepare(first)
     except Exception:  # noqa: BLE001 - its own run reports the error (a bad input, or a bug: counted there)
         return first
-    group, rows = [head], head.plan.batch
+    earlier = []  # what was put back before: considered first, kept in order
+    while True:
+        try:
+            earlier.append(lane.ready.popleft())
+        except IndexError:
+            break
+    group, rows, left = [head], head.plan.batch, []
     until = time.monotonic() + wait_s
     while rows < max_rows:
-        busy = len(lane.running) > 0  # other requests of this lane are running: more are likely coming
-        remaining = until - time.monotonic() if busy else 0.0
-        try:
-            job = lane.jobs.get(timeout=remaining) if remaining > 0 else lane.jobs.get_nowait()
-        except queue.Empty:
-            break
-        if job.generate is not None:  # a generation runs alone
-            lane.ready.append(job)
+        if earlier:
+            job = earlier.pop(0)
+        else:
+            busy = len(lane.running) > 0  # other requests of this lane are running: more are likely coming
+            remaining = until - time.monotonic() if busy else 0.0
+            try:
+                job = lane.jobs.get(timeout=remaining) if remaining > 0 else lane.jobs.get_nowait()
+            except queue.Empty:
+                break
+        if not batchable(job):  # e.g. a generation: it runs alone
+            left.append(job)
             continue
         try:
-            p = tokenize(job)
+            p = prepare(job)
         except Exception:  # noqa: BLE001 - as above: it runs alone and reports its error
-            lane.ready.append(job)
+            left.append(job)
             continue
         if p.key(pad) == head.key(pad) and rows + p.plan.batch <= max_rows:
             group.append(p)
             rows += p.plan.batch
         else:
-            lane.ready.append(p)
+            left.append(p)
+    lane.ready.extendleft(reversed(left + earlier))  # ahead of anything put back meanwhile, in order
     return head if len(group) == 1 else merge(group, plan_of)

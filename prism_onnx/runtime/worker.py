@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import PeerError, PrismError
 from ..generate import CacheCollector, GenerationConfig, check_prompt, decode, stop_ids
 from ..program import own_slice, run_device
-from .batching import Prepared, gather
+from .batching import Prepared, batchable, gather
 from .device import Engine, Requests, check_outputs
 from .lanes import Inbox, Lane, Lanes, ZmqExchange
 from .messages import GENERATED, batch_message, coordinator_of, start_message, tokens_message
@@ -130,7 +130,7 @@ class Worker:
                 job = lane.next_job(timeout=0.2)
             except queue.Empty:
                 continue
-            if isinstance(job, PrepareJob) and self.batch_wait > 0 and job.generate is None:
+            if self.batch_wait > 0 and batchable(job):  # the coordinator's own lane: client requests
                 job = gather(job, lane, self._tokenize, self._plan_of(job), self.bundle.limits.max_batch,
                              self.batch_wait, self.batch_pad)
             lane.running[job.request] = job
@@ -184,8 +184,10 @@ class Worker:
             check_prompt(plan.attention_mask, GenerationConfig.from_dict(job.generate), self.bundle.spec.max_positions)
         return Prepared(job, token_inputs, plan)
 
-    def _plan_of(self, job: PrepareJob):
-        return lambda mask: self.bundle.manifest.plan(mask, job.split_weights, job.ranks)
+    def _plan_of(self, job: PrepareJob | Prepared):
+        """The plan of a batch led by `job`: its devices and split, over the batch's mask."""
+        j = job.job if isinstance(job, Prepared) else job
+        return lambda mask: self.bundle.manifest.plan(mask, j.split_weights, j.ranks)
 
     def _start(self, prep: Prepared, lane: Lane) -> Job:
         """Coordinator: START every other device of the plan with its own slice (a batch: first tell the
