@@ -6,14 +6,15 @@
               finish their compute together; the default when the export gives no split
 
 Adaptive split. Every RESULT reports the seconds the device spent in onnxruntime (`timings`, not the time it
-waited for means) and the span it held; `observe` turns that into a speed (tokens per second) smoothed over
-requests. The next request's weights are the speeds of its plan's devices. A device's speed is the median of its last `window` results (5), so that one request
-slowed by something else on the board does not move the split. If a device's time is t(n) = a + b*n for its n tokens, the weights n_q / t_q(n_q) move
-the split to where every t_q is equal, the only fixed point (with a = 0 in one step). A device not measured
-yet gets the mean speed of those that are; a speed is kept within `max_ratio` of the fastest, so a device
-that stalled once is not starved of tokens for good. The split in force for a set of devices changes only
-when some device's share would move by more than `hysteresis` (5% of the tokens by default), so that the
-noise of a shared machine does not change the plan (and, at CR > 1, the outputs) from request to request.
+waited for means) and the span it held; `observe` turns that into a speed in tokens per second. A device's
+speed is the median of its last `window` results (5), so that one request slowed by something else on the
+board does not move the split, and the next request's weights are the speeds of its plan's devices. If a
+device's time is t(n) = a + b*n for its n tokens, the weights n_q / t_q(n_q) move the split to where every
+t_q is equal, the only fixed point (with a = 0 in one step). A device not measured yet gets the mean speed
+of those that are; a speed is kept within `max_ratio` of the fastest, so a device that stalled once is not
+starved of tokens for good. The split in force for a set of devices changes only when some device's share
+would move by more than `hysteresis` (5% of the tokens by default), so that the noise of a shared machine
+does not change the plan (and, at CR > 1, the outputs) from request to request.
 
 Pure logic (no sockets, no clock): the coordinator calls `weights(ranks)` when it plans an attempt and
 `observe(...)` for each device result; tests drive it with numbers.
