@@ -88,7 +88,8 @@ def test_the_coordinator_plans_each_attempt_with_the_measured_split_and_reports_
 
     jobs, replies = [], []
     c = Coordinator(DeviceBundle(".", manifest(devices=2)), 0, FakeMembership(2), lambda q, parts: True,
-                    lambda client, meta, arrays=None, kind=None: replies.append(meta), lambda job: jobs.append(job) or True)
+                    lambda client, meta, arrays=None, kind=None: replies.append(meta),
+                    lambda job: jobs.append(job) or True)
     assert c.split.mode == "auto"  # the export gives no split
     ids = {"input_ids": np.arange(1, 13)[None]}
     for k in range(4):
@@ -122,7 +123,8 @@ def small_bert(tmp_path_factory):
                                        intermediate_size=1024, max_position_embeddings=512)).eval()
     model.save_pretrained(root / "model")
     graphs = export_graphs(models.load(root / "model"), root / "graphs")
-    return write_bundles(graphs, root / "export", ExportSettings(devices=2, compression_ratio=1, max_seq_len=512)), model
+    settings = ExportSettings(devices=2, compression_ratio=1, max_seq_len=512)
+    return write_bundles(graphs, root / "export", settings), model
 
 
 def test_a_device_emulating_half_speed_ends_up_with_about_a_third_of_the_tokens(small_bert):
@@ -130,7 +132,8 @@ def test_a_device_emulating_half_speed_ends_up_with_about_a_third_of_the_tokens(
     sleep scales with the call's own duration, so machine load changes both devices alike). With the default
     `--split auto`, after a few requests device 1 holds about a third of the tokens. The band [0.2, 0.45] of
     its share allows the measured speed ratio to be off by -35%/+60% on a loaded two-core machine (seen:
-    0.25-0.32 while other benchmarks ran); an even split (0.5) or an inverted one fails it. Every reply at CR=1 equals the unpartitioned model within 1e-4, whatever split it used."""
+    0.25-0.32 while other benchmarks ran); an even split (0.5) or an inverted one fails it. Every reply at
+    CR=1 equals the unpartitioned model within 1e-4, whatever split it used."""
     import torch
 
     from prism_onnx.runtime.client import LocalCluster

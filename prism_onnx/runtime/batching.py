@@ -68,7 +68,8 @@ class Prepared:
         inputs of any length N share a key (they are padded to the longest: see `merge`)."""
         j = self.job
         padded = pad and "input_ids" in self.inputs
-        arrays = tuple(sorted((k, v.shape[2:] if padded else v.shape[1:], str(v.dtype)) for k, v in self.inputs.items()))
+        arrays = tuple(sorted((k, v.shape[2:] if padded else v.shape[1:], str(v.dtype))
+                              for k, v in self.inputs.items()))
         return (None if padded else self.plan.n_tokens, tuple(self.plan.ranks), self.plan.weights,
                 tuple(sorted(j.outputs)) if j.outputs else None, arrays)
 

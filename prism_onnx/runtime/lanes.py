@@ -5,8 +5,9 @@ Within one coordinator's lane, requests start in the order that coordinator star
 at once (`prism run --max-inflight`: pipelining, so that a device waiting for another's means for one
 request computes the next). Every device receives a coordinator's STARTs on one connection, in one order,
 and admits them in that order, so the oldest unfinished request is running on every device of its plan
-and always progresses: no two devices ever wait for each other's *other* request forever. Lanes of different coordinators run side by side (a thread each), so
-two coordinators never deadlock each other, whatever order their STARTs reach the devices in.
+and always progresses: no two devices ever wait for each other's *other* request forever. Lanes of
+different coordinators run side by side (threads of their own), so two coordinators never deadlock each
+other, whatever order their STARTs reach the devices in.
 
 Each lane has its own exchange endpoint (ZmqExchange: its own Inbox, kept by request, and stash) and its
 own outbox socket (shared by the lane's threads: ZeroMQ sockets are not thread-safe, so the outbox
