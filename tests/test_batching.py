@@ -186,6 +186,8 @@ def test_the_coordinator_answers_each_request_of_a_batch_with_its_rows_and_rerun
     assert answered[b"a"][1]["last_hidden_state"].shape == (1, 5, 8)  # a token output: its own 5 tokens,
     assert answered[b"c"][1]["last_hidden_state"].shape == (1, 3, 8)  # c was padded from 3 to 5
     assert answered[b"c"][0]["batched"] == {"requests": 2, "rows": [1, 2]}
+    # the adaptive split counts the batch's rows: 5 tokens x 2 rows in the 1 ms the device reported
+    assert c.split.recent[0][-1] == pytest.approx(5 * 2 / 0.001)
     assert answered[b"c"][0]["reruns"] == ["lost device 1 (gone)"] and set(c.pending) == {jobs[5].request} <= new
 
 

@@ -197,8 +197,9 @@ class Coordinator:
                 return self.fail(res.request, f"request {res.request}: the devices' outputs do not fit together "
                                               f"({type(e).__name__}: {str(e)[:200]})")
             del self.pending[res.request]
-            for r in p.results.values():  # the adaptive split learns each device's speed
-                self.split.observe(r.rank, r.span[1] - r.span[0], sum(r.timings.values()))
+            rows = next((len(v) for v in outputs.values()), 1)  # the batch the devices computed
+            for r in p.results.values():  # the adaptive split learns each device's speed, in tokens x rows
+                self.split.observe(r.rank, (r.span[1] - r.span[0]) * rows, sum(r.timings.values()))
             for q in [p, *p.riders]:
                 if q.rows is None:
                     self._answer(q.client, q.call, meta, outputs)
