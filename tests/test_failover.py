@@ -106,7 +106,9 @@ def run_stream_with_kills(bundle, tmp_path, texts) -> dict:
             assert stream.one()["devices"] == [0, 1, 2]
         # 1. the rank-2 runner dies in the middle of a request: it is rerun over devices 0 and 1
         rec, t_kill = freeze_and_kill(cluster, stream, victim=2)
-        assert rec["devices"] == [0, 1] and rec["attempts"] == 2 and "lost device 2" in rec["reruns"][0], rec
+        # why the first attempt was abandoned names device 2: "lost device 2" when the coordinator's membership
+        # notices first, "cannot send to device 2" when its means to the dead runner fail first (a race)
+        assert rec["devices"] == [0, 1] and rec["attempts"] == 2 and "device 2" in rec["reruns"][0], rec
         out["kill_2_to_reply_s"] = rec["t"] - t_kill
         for _ in range(20):
             assert stream.one()["devices"] == [0, 1]
