@@ -944,11 +944,13 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curv
     counts = _int_list(clients) if clients else None
     if counts and any(k < 1 for k in counts):
         raise click.BadParameter("client counts must be >= 1", param_hint="--clients")
-    devices = read_manifest_devices(export_dir)
+    from .runtime.bundle import MANIFEST, read_manifest
+
+    m = read_manifest(Path(export_dir) / MANIFEST)
     slow = None
     if slow_device:
         try:
-            slow = load.parse_slow_device(slow_device, devices)
+            slow = load.parse_slow_device(slow_device, m.devices)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--slow-device") from None
     echo = (lambda *_: None) if as_json else (lambda m: click.echo(m, err=True))
@@ -956,9 +958,7 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curv
                        sweep=sweep.split(",") if sweep else None, plot=plot, curve=curve, echo=echo)
     if counts or slow:
         from .evaluate.bench import bench_inputs, requested_outputs
-        from .runtime.bundle import MANIFEST, read_manifest
 
-        m = read_manifest(Path(export_dir) / MANIFEST)
         outputs = requested_outputs(m)
         inputs = {**bench_inputs(m, seq_len), "outputs": outputs}
         if counts:
@@ -1025,12 +1025,6 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curv
                        f"{s['spans']['adaptive']}")
 
     emit(report, as_json, human)
-
-
-def read_manifest_devices(export_dir) -> int:
-    from .runtime.bundle import MANIFEST, read_manifest
-
-    return read_manifest(Path(export_dir) / MANIFEST).devices
 
 
 def _int_list(text: str) -> list[int]:

@@ -28,6 +28,7 @@ from ..runtime.bundle import MANIFEST, read_manifest
 from ..runtime.client import LocalCluster
 from ..runtime.executor import Executor
 from .flops import AVERAGER, graph_flops
+from .load import pinned
 
 
 def bench_inputs(manifest, seq_len: int | None, seed: int = 0) -> dict:
@@ -129,13 +130,12 @@ def latencies(bundle: Path, inputs: dict, outputs, bandwidth: str | None, repeat
     from ..testbed import Testbed
 
     P = read_manifest(bundle / MANIFEST).devices
-    cores = os.cpu_count() or 1
     kw = {"outputs": outputs, **{k: v for k, v in inputs.items()}}
     with ExitStack() as stack:
         clusters = {}
         for i, secure in enumerate(modes):
             net = stack.enter_context(Testbed(P, rate=bandwidth, subnet=f"10.{77 + i}.0"))
-            pin = (lambda n: lambda k: [*n.prefix(k), "taskset", "-c", str(k % cores)])(net)
+            pin = (lambda n: lambda k: pinned(k, n.prefix(k)))(net)
             c = stack.enter_context(LocalCluster(bundle, hosts=net.addresses, prefix=pin, timeout=timeout,
                                                  secure=secure))
             c.client.timeout = max(c.client.timeout, 20 * timeout)

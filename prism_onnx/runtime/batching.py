@@ -4,7 +4,7 @@ plan are run as one distributed request, and each client gets exactly its own ro
 When a thread of the coordinator's own lane takes a request (a PrepareJob), it tokenizes it, then takes the
 requests already queued behind it (and, while other requests of the lane are running, waits up to
 `batch_wait` seconds for more), up to the export's `max_batch` rows. Requests join the first one's batch
-only if their `BatchKey` is equal: the same token count N, plan devices, split weights, requested outputs
+only if their `Prepared.key` is equal: the same token count N, plan devices, split weights, requested outputs
 and input arrays. The plan's spans depend only on N, the devices and the weights, and every other part of it
 (segments, counts, sinks, biases) is computed row by row, so each row gets the plan it would get alone, at
 any CR: batching changes no result. A request that does not fit goes back to the lane (`Lane.ready`) and

@@ -33,6 +33,21 @@ log = logging.getLogger("prism.exchange")
 rate_limited = RateLimitedLog(log)
 
 
+class RecentIds:
+    """The last `size` request ids marked (e.g. finished here): membership test, oldest forgotten first."""
+
+    def __init__(self, size: int = 4096):
+        self.size, self._ids = size, OrderedDict()
+
+    def add(self, request: int) -> None:
+        self._ids[request] = None
+        while len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, request: int) -> bool:
+        return request in self._ids
+
+
 @dataclass(frozen=True)
 class Abort:
     """Put in a device's inbox by its I/O thread: the coordinator gave up on `request`."""
@@ -91,7 +106,7 @@ class Exchange:
         self.stash_ttl = stash_ttl or timeout * (self.layers + 2)
         # (request, layer, src) -> (frame, bytes, arrival time), oldest first
         self._pending: OrderedDict[tuple[int, int, int], tuple[MeansFrame, int, float]] = OrderedDict()
-        self._finished: OrderedDict[int, None] = OrderedDict()  # the last 4096 requests finished here
+        self._finished = RecentIds()  # requests finished here: their late frames are dropped
         self._lock = threading.RLock()
 
     # ---- transport hooks
@@ -129,9 +144,7 @@ class Exchange:
         """Request done (or failed) on this device: drop its stashed frames and any that arrive later.
         Returns the bytes this request moved through this device."""
         with self._lock:
-            self._finished[request] = None
-            while len(self._finished) > 4096:
-                self._finished.popitem(last=False)
+            self._finished.add(request)
             for key in [k for k in self._pending if k[0] == request]:
                 del self._pending[key]
             self._expire_stash(time.monotonic())

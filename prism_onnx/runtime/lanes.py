@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 
-from .exchange import Abort, Exchange
+from .exchange import Abort, Exchange, RecentIds
 from .messages import coordinator_of
 from .wire import MEANS_HEADER
 
@@ -44,8 +44,7 @@ class Inbox:
         self._frames: dict[int, deque] = {}  # request -> (src, parts, nbytes, arrival), oldest first
         self._bytes: dict[int, int] = {}  # source -> bytes held
         self._aborts: dict[int, Abort] = {}
-        self._finished: OrderedDict[int, None] = OrderedDict()  # the last `remember` finished requests
-        self._remember = remember
+        self._finished = RecentIds(remember)  # requests finished here
         self._cv = threading.Condition()
 
     def put(self, src: int, request: int, parts: list, nbytes: int, now: float) -> str | None:
@@ -88,9 +87,7 @@ class Inbox:
             for src, _, nbytes, _ in self._frames.pop(request, ()):
                 self._bytes[src] -= nbytes
             self._aborts.pop(request, None)
-            self._finished[request] = None
-            while len(self._finished) > self._remember:
-                self._finished.popitem(last=False)
+            self._finished.add(request)
 
     def expire(self, now: float, max_age: float, keep=()) -> int:
         """Drop frames older than max_age, except those of the requests in `keep` (running or queued here)."""
