@@ -15,6 +15,22 @@ import numpy as np
 from .errors import InputError
 
 TEXT, IMAGE = "text", "image"
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+
+
+def merge_inputs(inputs: Mapping | None, kwargs: dict, caller: str) -> dict:
+    """`inputs` (what a tokenizer or image processor returns) and keyword inputs as one dict. A keyword that
+    is no model input is refused as Python refuses an unknown keyword (TypeError), and so is a key of
+    `inputs` that no model reads: a misspelt setting must not pass silently for an input."""
+    unknown = sorted(set(kwargs) - set(MODEL_INPUTS))
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; model "
+                        f"inputs are {', '.join(MODEL_INPUTS)}")
+    merged = {**(dict(inputs) if inputs is not None else {}), **kwargs}
+    unknown = sorted(set(merged) - set(MODEL_INPUTS))
+    if unknown:
+        raise InputError(f"{caller}(): unknown model inputs {unknown}; model inputs are {', '.join(MODEL_INPUTS)}")
+    return merged
 
 
 def _as_numpy(x) -> np.ndarray:

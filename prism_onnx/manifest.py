@@ -19,6 +19,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
 from .errors import BundleError, PlanError
+from .plan import FAR_CONTEXT
 from .program import Program
 
 FORMAT = "prism-onnx-bundle"
@@ -111,6 +112,12 @@ class PrismSettings:
         "Send sink tokens ([CLS], [SEP], the first token) as segments of their own."))
     wire_dtype: str = field(default="float32", metadata=_opt(
         "Precision of the means on the wire (int8: one scale per row).", choices=WIRE_DTYPES))
+    window: int = field(default=0, metadata=_opt(
+        "Halo window W: each device also receives the W tokens before its span (decoders; encoders: and after "
+        "it) at full resolution, one row per token (0: the paper's PRISM).", min=0))
+    far: str = field(default="means", metadata=_opt(
+        "What a device receives of the remote tokens outside its window: their segment means, or none "
+        "(window and sinks only).", choices=FAR_CONTEXT))
 
     def __post_init__(self):
         if self.split_weights is not None:
@@ -121,6 +128,10 @@ class PrismSettings:
             raise PlanError(f"compression ratio must be an integer >= 1, got {self.compression_ratio!r}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise PlanError(f"unknown wire dtype '{self.wire_dtype}'; choose one of {', '.join(WIRE_DTYPES)}")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 0:
+            raise PlanError(f"window must be an integer >= 0, got {self.window!r}")
+        if self.far not in FAR_CONTEXT:
+            raise PlanError(f"far context '{self.far}': choose one of {', '.join(FAR_CONTEXT)}")
         w = self.split_weights
         if w is not None:
             if len(w) != self.devices:
@@ -130,8 +141,9 @@ class PrismSettings:
 
     def baseline(self) -> "PrismSettings":
         """Uncompressed position-wise partitioning (Voltage) on the same devices and split: CR=1, no sink
-        rows, float32 on the wire. The reference that traffic and compute reductions are measured against."""
-        return replace(self, compression_ratio=1, keep_sinks=False, wire_dtype="float32")
+        rows, no window, float32 on the wire. The reference that traffic and compute reductions are measured
+        against."""
+        return replace(self, compression_ratio=1, keep_sinks=False, wire_dtype="float32", window=0, far="means")
 
     def prism(self) -> "PrismSettings":
         """Only the plan-and-wire part (drops export-time fields of subclasses)."""

@@ -17,7 +17,7 @@ import torch
 
 from . import models
 from .errors import InputError
-from .inputs import prepare
+from .inputs import merge_inputs, prepare
 from .manifest import PrismSettings
 from .models import PrismModel
 from .plan import Plan, plan_for
@@ -96,7 +96,7 @@ class _TensorEndpoint:
     def gather(self, request, point, plan):
         if (point, self.rank) in self.hub.received:
             return _tensor(self.hub.received[(point, self.rank)])
-        parts = [self.hub.rows[(point, q)] for q in plan.sources(self.rank)]
+        parts = [self.hub.rows[(point, q)][:, plan.rows_to(q, self.rank)] for q in plan.sources(self.rank)]
         if not parts:
             width = self.hub.rows[(point, self.rank)].shape[-1]
             return torch.zeros(plan.batch, 0, width)
@@ -115,20 +115,23 @@ def run_devices(pm: PrismModel, token_inputs: dict[str, np.ndarray], plan: Plan,
 
 
 def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_bias: bool = True,
-             keep_sinks: bool = True, split_weights=None, wire_dtype: str = "float32", exchange: str | None = None,
-             trace: DeviceTrace | None = None, **kwargs):
+             keep_sinks: bool = True, split_weights=None, wire_dtype: str = "float32", window: int = 0,
+             far: str = "means", exchange: str | None = None, trace: DeviceTrace | None = None, **model_inputs):
     """Drop-in for `model(**inputs)` that runs PRISM over `devices` simulated devices.
 
     Returns the transformers output class of `model` with the same fields (`last_hidden_state`,
     `pooler_output`, `logits`). `inputs` are what the tokenizer or image processor returns (or keyword
-    arguments like `input_ids=`, `attention_mask=`, `pixel_values=`). Padding (`attention_mask`) works.
-    `wire_dtype` (float32, float16, int8) applies the wire precision to every exchanged row; `exchange`
-    (hidden, kv) chooses what the devices exchange (default: the family's).
+    arguments `input_ids=`, `attention_mask=`, `token_type_ids=`, `pixel_values=`; any other keyword is a
+    TypeError). Padding (`attention_mask`) works. The settings are those of PrismSettings: `wire_dtype`
+    (float32, float16, int8) applies the wire precision to every exchanged row; `window` (W) and `far`
+    (means, none) the halo window; `exchange` (hidden, kv) chooses what the devices exchange (default: the
+    family's).
     """
     pm = prism_model(model, exchange)
     settings = PrismSettings(devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
-                             keep_sinks=keep_sinks, split_weights=split_weights, wire_dtype=check_wire_dtype(wire_dtype))
-    inputs = {**(dict(inputs) if inputs is not None else {}), **kwargs}
+                             keep_sinks=keep_sinks, split_weights=split_weights, wire_dtype=check_wire_dtype(wire_dtype),
+                             window=window, far=far)
+    inputs = merge_inputs(inputs, model_inputs, "simulate")
     token_inputs, mask = prepare(pm.spec, inputs)
     plan = plan_for(pm.spec, mask, settings)
     with torch.no_grad():
@@ -136,17 +139,20 @@ def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_
 
 
 def generate(model, inputs=None, *, devices: int, compression_ratio: int, count_bias: bool = True,
-             keep_sinks: bool = True, split_weights=None, wire_dtype: str = "float32", config=None, **kwargs):
+             keep_sinks: bool = True, split_weights=None, wire_dtype: str = "float32", window: int = 0,
+             far: str = "means", config=None, **model_inputs):
     """The reference of distributed generation (like `model.generate`): PRISM prefill over `devices`
     simulated devices exchanging keys and values, then decoding on the tail device from its compressed
-    prefix cache. `config` is a GenerationConfig (default: 16 greedy tokens, stop at the model's EOS);
-    `inputs` as for simulate, left-padded when batched. Returns a generate.Generation."""
+    prefix cache (window rows included). `config` is a GenerationConfig (default: 16 greedy tokens, stop at
+    the model's EOS); `inputs` and settings as for simulate, left-padded when batched. Returns a
+    generate.Generation."""
     from .generate import CacheCollector, GenerationConfig, check_prompt, decode, stop_ids
 
     pm = prism_model(model, "kv")
     settings = PrismSettings(devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
-                             keep_sinks=keep_sinks, split_weights=split_weights, wire_dtype=check_wire_dtype(wire_dtype))
-    inputs = {**(dict(inputs) if inputs is not None else {}), **kwargs}
+                             keep_sinks=keep_sinks, split_weights=split_weights, wire_dtype=check_wire_dtype(wire_dtype),
+                             window=window, far=far)
+    inputs = merge_inputs(inputs, model_inputs, "generate")
     if config is None:
         config = GenerationConfig(stop_token_ids=stop_ids(model.config.to_dict()))
     token_inputs, mask = prepare(pm.spec, inputs)

@@ -102,6 +102,7 @@ def test_a_plan_over_some_ranks_is_the_plan_over_that_many_devices_with_ranks_re
     routing of a 3-device plan; position i is computed by ranks[i], and every method takes ranks."""
     from types import SimpleNamespace
 
+    from prism_onnx.manifest import PrismSettings
     from prism_onnx.plan import make_plan, member_weights, plan_for
 
     mask = np.ones((1, 12))
@@ -123,8 +124,7 @@ def test_a_plan_over_some_ranks_is_the_plan_over_that_many_devices_with_ranks_re
             Plan(mask, devices=3, compression_ratio=2, ranks=bad)
     # an export's split weights follow their devices: rank 2's weight stays rank 2's
     assert member_weights([4, 1, 2, 1], [0, 2]) == [4.0, 2.0] and member_weights(None, [1]) is None
-    settings = SimpleNamespace(devices=4, compression_ratio=1, count_bias=True, keep_sinks=False,
-                               split_weights=[4, 1, 2, 1])
+    settings = PrismSettings(devices=4, compression_ratio=1, keep_sinks=False, split_weights=[4, 1, 2, 1])
     spec = SimpleNamespace(causal=False, sinks=())
     p = plan_for(spec, np.ones((1, 13)), settings, ranks=[2, 0])
     assert p.ranks == (0, 2) and p.weights == (4.0, 2.0) and p.describe()["spans"] == [[0, 8], [8, 13]]

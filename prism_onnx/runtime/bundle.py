@@ -226,7 +226,7 @@ class Limits:
         outs = [int(o.shape[-1]) for g in m.graphs.values() for o in g.outputs if isinstance(o.shape[-1], int)]
         per_token_in = max([8] + [4 * w for _, w in token_inputs.values() if w])
         biggest = max(B * N * max([W, spec.hidden_size] + outs) * 4, B * N * per_token_in, B * N * 8) + (1 << 16)
-        return cls(devices=s.devices, max_batch=B, max_seq_len=N, max_rows=max_rows(N, s.compression_ratio),
+        return cls(devices=s.devices, max_batch=B, max_seq_len=N, max_rows=max_rows(N, s.compression_ratio, s.window, s.devices),
                    hidden=W, layers=len(m.program.points), wire_dtype=s.wire_dtype, input_kind=spec.input_kind,
                    vocab_size=spec.vocab_size, embed_inputs=spec.embed_inputs, token_inputs=token_inputs,
                    outputs=spec.outputs, image=(spec.num_channels, spec.image_size),

@@ -89,7 +89,7 @@ class Engine:
         """Settings an Exchange endpoint for this bundle needs."""
         m, s = self.manifest, self.manifest.settings
         return dict(wire_dtype=s.wire_dtype, width=self.spec.row_width, points=[p.name for p in self.program.points],
-                    export_tag=export_tag(m.export_id), max_rows=max_rows(s.max_seq_len, s.compression_ratio),
+                    export_tag=export_tag(m.export_id), max_rows=max_rows(s.max_seq_len, s.compression_ratio, s.window, s.devices),
                     max_batch=s.max_batch, timeout=timeout)
 
 

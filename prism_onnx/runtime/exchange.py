@@ -120,11 +120,13 @@ class Exchange:
 
     # ---- the exchange
     def send(self, request: int, point: int, rows: np.ndarray, plan: Plan) -> None:
-        """Send my rows [B, S, W] at exchange point `point` to every device that receives from me."""
-        counts = plan.segment(self.rank).counts
+        """Send my rows [B, S, W] at exchange point `point` to every device that receives from me: to each,
+        the rows the plan routes to it (Plan.rows_to: with a halo window, its window rows and the means
+        outside it)."""
         for dst in plan.receivers(self.rank):
-            parts = encode_means(MeansFrame(request, point, self.rank, dst, self.export_tag, counts, rows),
-                                 self.wire_dtype)
+            mine = rows[:, plan.rows_to(self.rank, dst)]
+            parts = encode_means(MeansFrame(request, point, self.rank, dst, self.export_tag,
+                                            plan.counts_to(self.rank, dst), mine), self.wire_dtype)
             self._send(dst, parts)
             self._count("sent", request, point, sum(len(p) for p in parts))
 
@@ -234,11 +236,12 @@ class Exchange:
         return got
 
     def _fits_plan(self, f: MeansFrame, plan: Plan, nbytes: int) -> bool:
-        """A frame's counts must be exactly what the request's plan says its source sends; else it is rejected."""
+        """A frame's counts must be exactly what the request's plan says its source sends here; else it is
+        rejected."""
         if f.src not in plan.ranks:
             self._reject(nbytes, f"frame from device {f.src}, which is not in this request's plan {list(plan.ranks)}")
             return False
-        expected = plan.segment(f.src).counts
+        expected = plan.counts_to(f.src, self.rank)
         if f.counts.shape == expected.shape and np.array_equal(f.counts, expected):
             return True
         self._reject(nbytes, f"frame from device {f.src} has counts {f.counts.shape} that do not match the plan "

@@ -158,11 +158,13 @@ def plan_traffic(plan, hidden: int, layers: int, wire_dtype: str) -> tuple[list[
     """Analytic bytes per device and exchange point: (sent[p][layer], received[p][layer]) for rows of
     `hidden` values (the exchange's row width).
 
-    Device p sends one frame of its S_p rows to each receiver at every exchange point; the runtime's
-    byte counters must equal these numbers. Lists are per plan position (the devices plan.ranks, in order).
+    Device q sends one frame to each receiver p at every exchange point, of the rows the plan routes to p
+    (Plan.rows_to: all its means, or with a halo window p's window rows and the means outside it); the
+    runtime's byte counters must equal these numbers. Lists are per plan position (plan.ranks, in order).
     """
     B = plan.batch
-    frame = {p: frame_nbytes(B, plan.segment(p).rows, hidden, wire_dtype) for p in plan.ranks}
-    sent = [[frame[p] * len(plan.receivers(p))] * layers for p in plan.ranks]
-    received = [[sum(frame[q] for q in plan.sources(p))] * layers for p in plan.ranks]
+    frame = {(q, p): frame_nbytes(B, len(plan.rows_to(q, p)), hidden, wire_dtype)
+             for p in plan.ranks for q in plan.sources(p)}
+    sent = [[sum(frame[(q, p)] for p in plan.receivers(q))] * layers for q in plan.ranks]
+    received = [[sum(frame[(q, p)] for q in plan.sources(p))] * layers for p in plan.ranks]
     return sent, received

@@ -1,0 +1,46 @@
+"""The bounds every PRISM accuracy number sits between, computed with the unpartitioned model itself.
+
+    full model            every token sees every (earlier) token: the upper bound
+    masked full model     each query sees only what a device sees at full resolution (Plan.visibility): its
+                          own partition, its halo window and the kept sinks. With W=0 this is "each
+                          partition alone" (remote tokens dropped); with W>0 "partition + window".
+                          PRISM with far="none" equals it exactly (at any CR); PRISM with far="means" adds the
+                          Segment Means of the other remote tokens, which should land between this and the
+                          full model: the measure of what the means are worth.
+
+The mask goes into the transformers model as an attention mask: a 4D float mask [B, 1, N, N] (0 = attend,
+-inf = not) for decoders (Llama, Qwen2, GPT-2), a 3D 0/1 mask [B, N, N] for BERT-style encoders (BERT,
+RoBERTa), whose `get_extended_attention_mask` takes it. Other families have no such input: refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+DECODER_4D = ("llama", "qwen2", "gpt2")
+ENCODER_3D = ("bert", "roberta")
+
+
+def masked_forward(model, inputs: dict, visible: np.ndarray):
+    """The transformers `model` on `inputs` (input_ids, attention_mask [B, N]) with each query restricted to
+    the keys of `visible` [B, N, N] (bool, [query, key]). Decoders get position ids counted from each row's
+    first real token, as PRISM's plan counts them. Returns the model's output object."""
+    kind = model.config.model_type
+    ids = torch.as_tensor(np.asarray(inputs["input_ids"]))
+    mask = torch.as_tensor(np.asarray(inputs.get("attention_mask", np.ones(ids.shape, np.int64))))
+    vis = torch.as_tensor(np.asarray(visible, bool))
+    if vis.shape != (*ids.shape, ids.shape[1]):
+        raise InputError(f"visibility must be [batch, tokens, tokens] = {[*ids.shape, ids.shape[1]]}, "
+                         f"got {list(vis.shape)}")
+    with torch.no_grad():
+        if kind in DECODER_4D:
+            bias = torch.zeros(vis.shape, dtype=torch.float32).masked_fill(~vis, torch.finfo(torch.float32).min)
+            return model(input_ids=ids, attention_mask=bias[:, None], position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        if kind in ENCODER_3D:
+            extra = {k: torch.as_tensor(np.asarray(v)) for k, v in inputs.items() if k == "token_type_ids"}
+            return model(input_ids=ids, attention_mask=vis.long(), **extra)
+    raise InputError(f"masked full-model bounds need a model that takes an attention mask per query "
+                     f"({', '.join(DECODER_4D + ENCODER_3D)}); {kind} has none")

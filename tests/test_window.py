@@ -1,0 +1,287 @@
+"""The halo window (PRISM.md, "Halo window"): each device also receives the W tokens before its span
+(encoders: and after it) at full resolution, and never a token twice.
+
+Tolerances: at CR=1, and whenever every row a device receives stands for one token (far="none", or a
+window covering every remote token), PRISM is exact, so outputs equal the unpartitioned (or masked) model up
+to fp32 rounding of re-ordered sums: 1e-5 absolute, as in test_reference.py (largest seen ~3e-6).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ARCHS, DECODERS, hf_forward, inputs_for_arch, text_batch, tiny_model
+from prism_onnx import simulate
+from prism_onnx.evaluate.bounds import masked_forward
+from prism_onnx.manifest import PrismSettings
+from prism_onnx.models import convert
+from prism_onnx.plan import MEAN, SINK, WINDOW, Plan, plan_for, segment_tokens
+
+EXACT = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return {a: tiny_model(a) for a in ARCHS}
+
+
+def worst_diff(out, ref, inputs) -> float:
+    """Largest |diff| over the fields the model returns; token outputs at real tokens only."""
+    mask = torch.from_numpy(inputs["attention_mask"]).bool() if "attention_mask" in inputs else None
+    worst = 0.0
+    for name in ("last_hidden_state", "pooler_output", "logits"):
+        if getattr(ref, name, None) is None:
+            continue
+        a, b = getattr(out, name), getattr(ref, name)
+        assert a.shape == b.shape, name
+        if a.dim() == 3 and mask is not None:
+            a, b = a[mask], b[mask]
+        worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
+# ------------------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("devices,weights", [(2, None), (3, [3, 1, 2]), (5, None)])
+def test_cr1_with_any_window_equals_the_model(tiny, arch, devices, weights):
+    model = tiny[arch]
+    inputs = inputs_for_arch(arch)  # batch 2 with padding (left for decoders, right for encoders)
+    ref = hf_forward(model, inputs)
+    for window, far in ((1, "means"), (3, "means"), (6, "means"), (4, "none")):
+        if far == "none":  # CR=1 with far="none" drops the far tokens: exact only when the window covers them
+            window = 64
+        out = simulate(model, inputs, devices=devices, compression_ratio=1, split_weights=weights, window=window,
+                       far=far)
+        assert worst_diff(out, ref, inputs) < EXACT, (window, far)
+
+
+@pytest.mark.parametrize("arch", ["BertModel", "LlamaForCausalLM", "GPT2LMHeadModel", "ViTModel"])
+@pytest.mark.parametrize("cr", [3, 8])
+def test_a_window_over_every_remote_token_is_the_model_at_any_cr(tiny, arch, cr):
+    """No token is counted twice: if the window covers the whole sequence, every mean is replaced by its
+    tokens (and every sink by its window row), which is the unpartitioned model."""
+    model = tiny[arch]
+    inputs = inputs_for_arch(arch)
+    ref = hf_forward(model, inputs)
+    for far in ("means", "none"):
+        out = simulate(model, inputs, devices=3, compression_ratio=cr, window=64, far=far)
+        assert worst_diff(out, ref, inputs) < EXACT, far
+    compressed = simulate(model, inputs, devices=3, compression_ratio=cr, window=2)
+    assert worst_diff(compressed, ref, inputs) > 1e-3  # a partial window does change the output
+
+
+@pytest.mark.parametrize("arch", ["BertModel", "RobertaModel", "LlamaForCausalLM", "Qwen2ForCausalLM",
+                                  "GPT2LMHeadModel"])
+@pytest.mark.parametrize("window", [0, 2, 5])
+def test_far_none_equals_the_masked_full_model(tiny, arch, window):
+    """An independent computation: with far="none" every received row is one token at full resolution, so
+    PRISM equals the transformers model whose queries see only their partition, window and sinks
+    (Plan.visibility, applied as an attention mask) at any CR and split."""
+    model = tiny[arch]
+    inputs = inputs_for_arch(arch, lengths=(17, 11))
+    spec = convert(model).spec
+    for cr, weights in ((4, None), (16, [1, 3, 2])):
+        settings = PrismSettings(devices=3, compression_ratio=cr, split_weights=weights, window=window, far="none")
+        plan = plan_for(spec, inputs["attention_mask"], settings)
+        ref = masked_forward(model, inputs, plan.visibility())
+        out = simulate(model, inputs, devices=3, compression_ratio=cr, split_weights=weights, window=window,
+                       far="none")
+        assert worst_diff(out, ref, inputs) < EXACT, (cr, weights)
+
+
+def test_window_zero_is_the_papers_plan():
+    """W=0 (the default) cuts every device's tokens exactly as the paper does and sends every row to every
+    receiver, so every output and byte count of PRISM without a window is unchanged."""
+    rng = np.random.default_rng(0)
+    for causal, sinks in ((True, ("first",)), (False, ("first", "last"))):
+        mask = text_batch(300, rng, lengths=(40, 29), left=causal)["attention_mask"]
+        plan = Plan(mask, devices=4, compression_ratio=3, causal=causal, sinks=sinks, window=0)
+        for q in plan.ranks:
+            s, e = plan.span(q)
+            paper = segment_tokens(s, e, mask, 3, sinks)
+            seg = plan.segment(q)
+            assert np.array_equal(seg.averager, paper.averager) and np.array_equal(seg.counts, paper.counts)
+            assert WINDOW not in seg.kinds
+            for p in plan.receivers(q):
+                assert plan.rows_to(q, p).tolist() == list(range(seg.rows))
+                assert np.array_equal(plan.counts_to(q, p), seg.counts)
+
+
+def received_tokens(plan: Plan, p: int) -> np.ndarray:
+    """[B, N] how many received rows hold each global token (for device p), from the rows themselves."""
+    B, N = plan.attention_mask.shape
+    held = np.zeros((B, N), np.int64)
+    for q in plan.sources(p):
+        s, e = plan.span(q)
+        seg, index, counts = plan.segment(q), plan.rows_to(q, p), plan.counts_to(q, p)
+        member = (seg.averager[:, index] > 0) & (counts[:, :, None] > 0)  # [B, k, n_q]
+        held[:, s:e] += member.sum(axis=1)
+    return held
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("far", ["means", "none"])
+def test_every_remote_token_reaches_a_receiver_once(causal, far):
+    """For random splits, windows, CRs and padding: each remote real token a device may see is in exactly
+    one received row (far="means"), or in one if it is in the window or a sink and in none otherwise
+    (far="none"); window tokens travel as rows of count 1."""
+    rng = np.random.default_rng(1)
+    sinks = ("first",) if causal else ("first", "last")
+    for trial in range(60):
+        P = int(rng.integers(2, 6))
+        N = int(rng.integers(P, 60))
+        lengths = [int(rng.integers(1, N + 1)) for _ in range(2)] + [N]
+        mask = text_batch(300, rng, lengths=tuple(lengths), left=causal)["attention_mask"]
+        weights = [float(w) for w in rng.integers(1, 5, P)] if trial % 2 else None
+        plan = Plan(mask, devices=P, compression_ratio=int(rng.integers(1, 9)), causal=causal, sinks=sinks,
+                    weights=weights, window=int(rng.integers(0, 20)), far=far)
+        vis = plan.visibility()  # what p sees at full resolution: own tokens, window, sinks
+        for p in plan.ranks:
+            s, e = plan.span(p)
+            held = received_tokens(plan, p)
+            remote = np.zeros(N, bool)
+            for q in plan.sources(p):
+                a, b = plan.span(q)
+                remote[a:b] = True
+            real = mask.astype(bool) & remote[None, :]
+            if far == "means":
+                assert np.array_equal(held, real.astype(np.int64)), (trial, p)
+            else:
+                exact = vis[:, s, :] & real  # the window and sinks as the first query of p sees them
+                assert np.array_equal(held, exact.astype(np.int64)), (trial, p)
+            for q in plan.sources(p):
+                seg, index = plan.segment(q), plan.rows_to(q, p)
+                win = seg.kinds[index] == WINDOW
+                assert np.all(plan.counts_to(q, p)[:, win] <= 1)
+                assert set(seg.kinds[index].tolist()) <= {MEAN, SINK, WINDOW}
+
+
+def test_window_rows_follow_the_definition():
+    """P=3 decoder, N=12 (spans 0-4, 4-8, 8-12), W=3, CR=2: device 2 receives tokens 5, 6, 7 of device 1 as
+    rows, device 1's other tokens (4) as a mean, and device 0's means (its sink 0 apart); device 1's
+    segments are cut at 5 (device 2's window edge)."""
+    plan = Plan(np.ones((1, 12)), devices=3, compression_ratio=2, causal=True, sinks=("first",), window=3)
+    seg = plan.segment(1)
+    to2 = plan.rows_to(1, 2)
+    assert [tuple(r) for r in seg.ranges[to2]] == [(4, 5), (5, 6), (6, 7), (7, 8)]
+    assert seg.kinds[to2].tolist() == [MEAN, WINDOW, WINDOW, WINDOW]
+    assert plan.remote_counts(2).tolist() == [[1, 2, 1, 1, 1, 1, 1]]  # sink 0, mean (1,2,3)->[1-2][3], 4, 5..7
+    assert plan.counts_to(0, 2).tolist() == [[1, 2, 1]]
+    assert plan.counts_to(0, 1).tolist() == [[1, 1, 1, 1]]  # device 1's window is 1..3: the sink and 3 rows
+    assert plan.counts_to(1, 2).tolist() == [[1, 1, 1, 1]]
+    assert plan.sent_rows(1) == 4 and plan.kv_rows(2) == 4 + 7
+    none = Plan(np.ones((1, 12)), devices=3, compression_ratio=2, causal=True, sinks=("first",), window=3,
+                far="none")
+    assert none.remote_counts(2).tolist() == [[1, 1, 1, 1]]  # the sink, then the window 5..7
+    assert none.averager(0).shape == (1, 4, 4)  # device 0 computes its sink and device 1's window 1..3 only
+    assert none.counts_to(0, 2).tolist() == [[1]]  # device 2 gets the sink of device 0, nothing else
+
+
+# ------------------------------------------------------------------------------------------- causality
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "LlamaForCausalLM"])
+def test_a_change_never_reaches_an_earlier_partition_with_a_window(tiny, arch):
+    model = tiny[arch]
+    inputs = text_batch(300, np.random.default_rng(3), lengths=(24,))
+    base = simulate(model, inputs, devices=3, compression_ratio=4, window=5).logits
+    for p, token in ((1, 10), (2, 20)):  # a token of partition p (spans 0-8, 8-16, 16-24)
+        changed = {k: v.copy() for k, v in inputs.items()}
+        changed["input_ids"][0, token] = (changed["input_ids"][0, token] + 7) % 300
+        out = simulate(model, changed, devices=3, compression_ratio=4, window=5).logits
+        start = 8 * p
+        assert torch.equal(out[:, :start], base[:, :start]), p  # earlier partitions: bit-identical
+        assert not torch.allclose(out[:, token:], base[:, token:])
+
+
+# ------------------------------------------------------------------------------------------ generation
+def test_greedy_generation_with_a_window_at_cr1_equals_hf(tiny):
+    from prism_onnx.reference import generate
+
+    model = tiny["LlamaForCausalLM"]
+    inputs = text_batch(300, np.random.default_rng(4), lengths=(19, 14), left=True)
+    ids = torch.from_numpy(inputs["input_ids"])
+    mask = torch.from_numpy(inputs["attention_mask"])
+    with torch.no_grad():
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                              pad_token_id=0)[:, ids.shape[1]:].tolist()
+    from prism_onnx.generate import GenerationConfig
+
+    got = generate(model, inputs, devices=3, compression_ratio=1, window=4,
+                   config=GenerationConfig(max_new_tokens=8)).ids
+    assert got == want
+
+
+def test_generation_decodes_from_the_window_rows(tiny):
+    """With far="none" the tail's compressed prefix cache is [sink; window rows; own tokens]; greedy decoding
+    from it equals greedy decoding of the masked full model (each new token sees what the tail sees)."""
+    from prism_onnx.generate import GenerationConfig
+    from prism_onnx.reference import generate
+
+    model = tiny["LlamaForCausalLM"]
+    spec = convert(model).spec
+    inputs = text_batch(300, np.random.default_rng(5), lengths=(21,))
+    settings = PrismSettings(devices=3, compression_ratio=4, window=3, far="none")
+    got = generate(model, inputs, **{k: getattr(settings, k) for k in ("devices", "compression_ratio", "window",
+                                                                       "far")},
+                   config=GenerationConfig(max_new_tokens=6)).ids[0]
+    ids = inputs["input_ids"][0].tolist()
+    for _ in range(6):  # the masked model over the prompt + the tokens so far: new tokens join the tail
+        mask = np.ones((1, len(ids)), np.int64)
+        plan = plan_for(spec, inputs["attention_mask"], settings)
+        vis = np.zeros((1, len(ids), len(ids)), bool)
+        n = plan.n_tokens
+        vis[:, :n, :n] = plan.visibility()
+        tail_row = plan.visibility()[0, n - 1]  # what the tail's last prompt token sees ...
+        vis[0, n:, :n] = tail_row  # ... new tokens see it too
+        vis[0, n:, n:] = np.tril(np.ones((len(ids) - n,) * 2, bool))  # and the new tokens before them
+        logits = masked_forward(model, {"input_ids": np.array([ids]), "attention_mask": mask}, vis).logits
+        ids.append(int(logits[0, -1].argmax()))
+    assert got == ids[len(inputs["input_ids"][0]):]
+
+
+# ----------------------------------------------------------------------------------------- entry points
+def test_simulate_refuses_unknown_keywords(tiny):
+    model = tiny["BertModel"]
+    inputs = inputs_for_arch("BertModel")
+    with pytest.raises(TypeError, match="'windw'"):
+        simulate(model, inputs, devices=2, compression_ratio=4, windw=8)
+    with pytest.raises(TypeError, match="'position_ids'"):
+        simulate(model, devices=2, compression_ratio=4, position_ids=inputs["input_ids"], **inputs)
+    from prism_onnx.errors import InputError
+    with pytest.raises(InputError, match="unknown model inputs"):
+        simulate(model, {**inputs, "labels": inputs["input_ids"]}, devices=2, compression_ratio=4)
+    with pytest.raises(Exception, match="window must be an integer >= 0"):
+        simulate(model, inputs, devices=2, compression_ratio=4, window=-1)
+    with pytest.raises(Exception, match="far context 'all'"):
+        simulate(model, inputs, devices=2, compression_ratio=4, far="all")
+
+
+def test_decoder_device0_receives_no_window():
+    plan = Plan(np.ones((1, 20)), devices=4, compression_ratio=2, causal=True, window=8)
+    assert plan.remote_counts(0).shape == (1, 0)
+    encoder = Plan(np.ones((1, 20)), devices=4, compression_ratio=2, window=3)  # spans of 5 tokens
+
+    def window_rows(q, p):
+        seg, index = encoder.segment(q), encoder.rows_to(q, p)
+        return [tuple(int(x) for x in r) for r, k in zip(seg.ranges[index], seg.kinds[index]) if k == WINDOW]
+
+    assert window_rows(1, 0) == [(5, 6), (6, 7), (7, 8)]  # device 0: the 3 tokens after its span
+    assert window_rows(1, 2) == [(7, 8), (8, 9), (9, 10)]  # device 2: 3 before ...
+    assert window_rows(3, 2) == [(15, 16), (16, 17), (17, 18)]  # ... and 3 after
+    assert window_rows(0, 2) == [] and window_rows(3, 0) == []
+
+
+@pytest.mark.parametrize("arch", sorted(DECODERS & {"LlamaForCausalLM", "GPT2LMHeadModel"}))
+def test_bytes_count_the_window_rows(arch):
+    """The analytic traffic of a plan with a window: device p-1 sends W more rows to p (less the means they
+    replace); at W=0 it is the paper's."""
+    from prism_onnx.runtime.wire import plan_traffic
+
+    mask = np.ones((1, 64), np.int64)
+    spec = convert(tiny_model(arch)).spec
+    base = plan_for(spec, mask, PrismSettings(devices=4, compression_ratio=8))
+    win = plan_for(spec, mask, PrismSettings(devices=4, compression_ratio=8, window=8))
+    sent0, _ = plan_traffic(base, spec.row_width, 1, "float32")
+    sent8, _ = plan_traffic(win, spec.row_width, 1, "float32")
+    # spans of 16: a window of 8 replaces one mean of 8 tokens by 8 rows for each of 3 receivers
+    row = 4 * (spec.row_width + 1)
+    assert sum(s[0] for s in sent8) - sum(s[0] for s in sent0) == 3 * (8 - 1) * row
