@@ -107,14 +107,18 @@ class PrismGroup(click.Group):
 
 
 def parse_ids(values: tuple[str, ...], left: bool = False) -> dict[str, np.ndarray]:
-    """--input-ids '1,2,3' (repeatable: one per batch row, padded with 0 and masked: on the right, or on the
-    left for generation)."""
+    """--input-ids '1,2,3' or '1 2 3' (repeatable: one per batch row, padded with 0 and masked: on the right,
+    or on the left for generation)."""
+    import re
+
     rows = []
     for v in values:
         try:
-            rows.append([int(x) for x in v.replace(" ", "").split(",") if x != ""])
+            rows.append([int(x) for x in re.split(r"[,\s]+", v.strip()) if x != ""])
         except ValueError:
             raise InputError(f"--input-ids must be comma-separated integers, got '{v}'") from None
+        if any(not -2**63 <= x < 2**63 for x in rows[-1]):
+            raise InputError(f"--input-ids: '{v}' holds an id beyond 64-bit integers")
     if not rows or any(len(r) == 0 for r in rows):
         raise InputError("--input-ids needs at least one id per row")
     n = max(len(r) for r in rows)
@@ -257,8 +261,8 @@ def _print_simulate(r):
                f"{m['num_heads']} heads")
     s = r["settings"]
     click.echo(f"P={s['devices']} CR={s['compression_ratio']} count_bias={'on' if s['count_bias'] else 'off'} "
-               f"sinks={'kept' if s['keep_sinks'] else 'averaged'} wire={s['wire_dtype']}; "
-               f"input {r['batch']} x {r['tokens']} tokens")
+               f"sinks={'kept' if s['keep_sinks'] else 'averaged'} window={s['window']} far={s['far']} "
+               f"wire={s['wire_dtype']}; input {r['batch']} x {r['tokens']} tokens")
     for name, o in r["outputs"].items():
         click.echo(f"  {name} {o['shape']}: mean {o['mean']:+.5f} std {o['std']:.5f} first {o['first']}; "
                    f"max |diff| vs unpartitioned {o['max_abs_diff_vs_model']:.3g}, cosine {o['cosine_vs_model']:.6f}")
@@ -457,7 +461,8 @@ def inspect(export_dir, verify, as_json):
         split = ",".join(f"{w:g}" for w in s["split_weights"]) if s["split_weights"] else "even"
         click.echo(f"  P={s['devices']} (split {split}) CR={s['compression_ratio']} "
                    f"wire={s['wire_dtype']} quantize={s['quantize']} opset={s['opset']} "
-                   f"count_bias={s['count_bias']} keep_sinks={s['keep_sinks']} max_seq_len={s['max_seq_len']}")
+                   f"count_bias={s['count_bias']} keep_sinks={s['keep_sinks']} window={s['window']} far={s['far']} "
+                   f"max_seq_len={s['max_seq_len']}")
         for name, g in r["graphs"].items():
             ops = ", ".join(f"{k} {v}" for k, v in g["ops"].items()) if "ops" in g else "(op counts need onnx)"
             click.echo(f"  {name:<12} {g['bytes'] / 1e6:8.2f} MB  {ops}")

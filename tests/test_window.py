@@ -285,3 +285,68 @@ def test_bytes_count_the_window_rows(arch):
     # spans of 16: a window of 8 replaces one mean of 8 tokens by 8 rows for each of 3 receivers
     row = 4 * (spec.row_width + 1)
     assert sum(s[0] for s in sent8) - sum(s[0] for s in sent0) == 3 * (8 - 1) * row
+
+
+# ------------------------------------------------------------------------------------- bundles, runtime
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "BertModel"])
+def test_bundles_with_a_window_equal_the_reference_over_zeromq(arch, tiny_dirs, make_bundle):
+    """A CR=4, W=8 export: the in-process executor equals simulate (fp32 graphs vs PyTorch eager: 1e-4, as in
+    test_export.py), a cluster of runner processes equals the executor bit for bit, and the runtime's byte
+    counters equal the plan's traffic, window rows included."""
+    from prism_onnx import models
+    from prism_onnx.runtime.client import LocalCluster
+    from prism_onnx.runtime.executor import Executor
+    from prism_onnx.runtime.wire import plan_traffic
+
+    inputs = inputs_for_arch(arch, lengths=(29, 22))
+    bundle = make_bundle(arch, devices=3, compression_ratio=4, window=8)
+    ex = Executor(bundle)
+    expected = ex.run(inputs)
+    sim = simulate(models.load(tiny_dirs[arch]), inputs, devices=3, compression_ratio=4, window=8)
+    mask = inputs["attention_mask"].astype(bool)
+    for name, value in expected.outputs.items():
+        ref = getattr(sim, name).numpy()
+        a, b = (value[mask], ref[mask]) if value.ndim == 3 else (value, ref)
+        assert np.abs(a - b).max() <= 1e-4, name
+    swept = Executor(make_bundle(arch, devices=5, compression_ratio=1)).with_settings(devices=3, compression_ratio=4,
+                                                                                       window=8)
+    for name, value in swept.run(inputs).outputs.items():  # a sweep's executor: the same graphs, other settings
+        assert np.array_equal(value, expected.outputs[name]), name
+    _, plan = ex.requests.prepare(inputs)
+    spec = ex.manifest.model
+    sent, received = plan_traffic(plan, spec.row_width, spec.num_layers, "float32")
+    assert [d["sent"] for d in expected.stats.per_layer] == sent
+    assert [d["received"] for d in expected.stats.per_layer] == received
+    no_window, _ = plan_traffic(plan_for(spec, inputs["attention_mask"], PrismSettings(3, 4)), spec.row_width,
+                                spec.num_layers, "float32")
+    assert sum(map(sum, sent)) > sum(map(sum, no_window))  # the window rows are on the wire and counted
+    with LocalCluster(bundle) as cluster:
+        outputs, stats = cluster.client.infer(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    served = ex.run(inputs, split_weights=stats["split_weights"], ranks=stats["ranks"])
+    for name in outputs:
+        assert np.array_equal(outputs[name], served.outputs[name]), name
+    _, plan = ex.requests.prepare(inputs, stats["split_weights"], stats["ranks"])
+    sent, received = plan_traffic(plan, spec.row_width, spec.num_layers, "float32")
+    assert [d["sent"] for d in stats["per_layer"]] == sent
+    assert [d["received"] for d in stats["per_layer"]] == received
+    ex.close()
+
+
+def test_cli_simulate_reports_the_window(tiny_dirs):
+    import json
+
+    from click.testing import CliRunner
+
+    from prism_onnx.cli import main
+
+    args = ["simulate", str(tiny_dirs["LlamaForCausalLM"]), "-P", "4", "--cr", "4", "--input-ids", "5 6 7 8 9 10 11 "
+            "12 13 14 15 16 17 18 19 20 21 22 23 24", "--json"]
+    r0 = CliRunner().invoke(main, args)
+    r8 = CliRunner().invoke(main, args + ["--window", "3"])
+    assert r0.exit_code == 0 and r8.exit_code == 0, r0.output + r8.output
+    a, b = json.loads(r0.output), json.loads(r8.output)
+    assert a["settings"]["window"] == 0 and b["settings"]["window"] == 3 and b["settings"]["far"] == "means"
+    assert b["traffic"]["bytes_per_layer"] > a["traffic"]["bytes_per_layer"]
+    assert [d["rows_sent"] for d in b["per_device"]][:3] != [d["rows_sent"] for d in a["per_device"]][:3]
+    bad = CliRunner().invoke(main, args + ["--far", "everything"])
+    assert bad.exit_code == 2 and "everything" in bad.output

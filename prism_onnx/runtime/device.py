@@ -56,7 +56,10 @@ class Engine:
     fleets on one machine)."""
 
     def __init__(self, bundle: DeviceBundle, threads: int = 1, providers=None, optimization: str = "all",
-                 slowdown: float = 1.0):
+                 slowdown: float = 1.0, sessions: dict | None = None):
+        """`sessions`: another Engine's sessions of the very same graph files (same sha256), shared instead
+        of loaded again (the in-process executor's devices: onnxruntime sessions are safe to run from
+        several threads at once, and every device bundle holds the same graphs)."""
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.spec = bundle.spec
@@ -69,8 +72,9 @@ class Engine:
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[optimization])
-        self.sessions = {name: ort.InferenceSession(str(bundle.graph(name)), opts, providers=self.providers)
-                         for name in self.program.graphs()}
+        self.sessions = sessions or {name: ort.InferenceSession(str(bundle.graph(name)), opts,
+                                                                providers=self.providers)
+                                     for name in self.program.graphs()}
         self.recorder: list | None = None  # set to a list to record every (graph, feeds) run (benchmarks)
         self.slowdown = float(slowdown)
 
@@ -87,10 +91,16 @@ class Engine:
 
     def exchange_kwargs(self, timeout: float = 30.0) -> dict:
         """Settings an Exchange endpoint for this bundle needs."""
-        m, s = self.manifest, self.manifest.settings
-        return dict(wire_dtype=s.wire_dtype, width=self.spec.row_width, points=[p.name for p in self.program.points],
-                    export_tag=export_tag(m.export_id), max_rows=max_rows(s.max_seq_len, s.compression_ratio, s.window, s.devices),
-                    max_batch=s.max_batch, timeout=timeout)
+        return exchange_kwargs(self.manifest, timeout)
+
+
+def exchange_kwargs(m, timeout: float = 30.0) -> dict:
+    """Settings an Exchange endpoint for an export (its Manifest) needs."""
+    s = m.settings
+    return dict(wire_dtype=s.wire_dtype, width=m.model.row_width, points=[p.name for p in m.program.points],
+                export_tag=export_tag(m.export_id),
+                max_rows=max_rows(s.max_seq_len, s.compression_ratio, s.window, s.devices),
+                max_batch=s.max_batch, timeout=timeout)
 
 
 def check_outputs(spec, outputs) -> set[str] | None:
@@ -108,9 +118,10 @@ class Requests:
     """Turns request inputs (texts, images, pixel arrays, ids) into token-level arrays + the plan, using
     only what the bundle carries (tokenizer.json / preprocessor_config.json)."""
 
-    def __init__(self, bundle: DeviceBundle):
+    def __init__(self, bundle: DeviceBundle, manifest=None):
+        """`manifest`: the bundle's manifest with other plan settings (Executor.with_settings); default its own."""
         self.bundle = bundle
-        self.manifest = bundle.manifest
+        self.manifest = manifest or bundle.manifest
         self.spec = bundle.spec
         pre = self.manifest.preprocessing
         self.text = None

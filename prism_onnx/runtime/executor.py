@@ -3,16 +3,18 @@ through the same wire encoding the network uses. onnxruntime + numpy only."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import PlanError
 from ..program import DeviceResult, RequestStats, gather_outputs, own_slice, run_device
 from .bundle import Export
-from .device import Engine, Requests, check_outputs
+from .device import Engine, Requests, check_outputs, exchange_kwargs
 from .exchange import LocalHub
 
 
@@ -24,18 +26,39 @@ class Result:
 
 
 class Executor:
-    """Load an export folder (every sha256 verified) and run requests through all its devices."""
+    """Load an export folder (every sha256 verified) and run requests through all its devices. Devices whose
+    graph files are the same (every export's are) share one set of onnxruntime sessions."""
 
     def __init__(self, export_dir: str | Path | Export, threads: int = 1, timeout: float = 60.0):
         self.export = export_dir if isinstance(export_dir, Export) else Export.load(export_dir)
         self.manifest = self.export.manifest
         self.spec = self.manifest.model
         self.program = self.manifest.program
-        self.engines = [Engine(b, threads) for b in self.export.devices]
+        self.timeout = timeout
+        self.engines = []
+        for b in self.export.devices:
+            first = self.engines[0] if self.engines else None
+            same = first is not None and all(b.manifest.files.get(g.file) == first.bundle.manifest.files.get(g.file)
+                                              for g in b.manifest.graphs.values())
+            self.engines.append(Engine(b, threads, sessions=first.sessions if same else None))
         self.requests = Requests(self.export.devices[0])
-        self.hub = LocalHub(len(self.engines), **self.engines[0].exchange_kwargs(timeout))
+        self.hub = LocalHub(len(self.engines), **exchange_kwargs(self.manifest, timeout))
         self._ids = itertools.count(1)
         self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="prism-device")
+
+    def with_settings(self, **changes) -> "Executor":
+        """This executor under other plan-and-wire settings (PrismSettings fields: devices up to the export's,
+        compression_ratio, window, far, count_bias, keep_sinks, wire_dtype, split_weights), sharing its
+        onnxruntime sessions and threads: a sweep over settings loads the graphs once. The outputs are those
+        of an export with these settings (the graphs do not depend on them)."""
+        settings = replace(self.manifest.settings, **changes)
+        if settings.devices > len(self.engines):
+            raise PlanError(f"this executor has {len(self.engines)} devices, the settings ask for {settings.devices}")
+        other = copy.copy(self)
+        other.manifest = replace(self.manifest, settings=settings)
+        other.requests = Requests(self.export.devices[0], other.manifest)
+        other.hub = LocalHub(len(self.engines), **exchange_kwargs(other.manifest, self.timeout))
+        return other
 
     def run(self, inputs: dict, outputs=None, split_weights=None, on_step: dict | None = None, ranks=None) -> Result:
         """inputs: transformers-style (input_ids/attention_mask/token_type_ids or pixel_values);
