@@ -191,7 +191,7 @@ def perplexity(task, devices, crs, window, prefix, windows, json_path):
     from prism_onnx.evaluate.evaluate import WikiTextLM
     from prism_onnx.runtime.preprocess import TextPreprocessor
 
-    t = WikiTextLM(samples=windows, window=window, task=task)
+    t = WikiTextLM(samples=windows, length=window, task=task)
     folder = Path(t.model_source())
     hf = models.load(str(folder))
 

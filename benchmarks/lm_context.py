@@ -44,7 +44,7 @@ def nll(model, windows: torch.Tensor, devices: int) -> float:
               help="Which task model (wikitext: the GPT-2; wikitext-llama: the Llama).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 def main(devices, windows, window, task, json_path):
-    task = WikiTextLM(samples=windows, window=window, task=task)  # the windows `prism evaluate` scores
+    task = WikiTextLM(samples=windows, length=window, task=task)  # the windows `prism evaluate` scores
     folder = Path(task.model_source())
     model = models.load(str(folder))
     req = SimpleNamespace(text=TextPreprocessor(folder / "tokenizer.json", window))

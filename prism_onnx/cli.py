@@ -1044,8 +1044,10 @@ def _switch(text: str) -> list[bool]:
 
 
 @main.command()
-@click.option("--task", type=click.Choice(["sst2", "longtext", "digits", "wikitext", "wikitext-llama"]), required=True,
-              help="Task and its model: SST-2 accuracy, long-text agreement, digits accuracy, WikiText perplexity.")
+@click.option("--task", type=click.Choice(["sst2", "longtext", "digits", "wikitext", "wikitext-llama",
+                                           "wikitext-smollm2"]), required=True,
+              help="Task and its model: SST-2 accuracy, long-text agreement, digits accuracy, WikiText perplexity "
+                   "(task models trained here, or the real SmolLM2-135M).")
 @click.option("--devices", "-P", default="2,4", show_default=True, help="Comma-separated P values.")
 @click.option("--compression-ratio", "--cr", "crs", default="1,4,16,64,128", show_default=True,
               help="Comma-separated CR values.")
@@ -1053,8 +1055,21 @@ def _switch(text: str) -> list[bool]:
               help="Rows with the log(count) attention bias, without, or both.")
 @click.option("--sinks", type=click.Choice(["both", "on", "off"]), default="both", show_default=True,
               help="Rows with sink tokens kept as their own segments, averaged, or both.")
+@click.option("--window", "windows", default="0", show_default=True,
+              help="Comma-separated halo windows W (tokens each device receives at full resolution).")
+@click.option("--far", type=click.Choice(["means", "none", "both"]), default="means", show_default=True,
+              help="Remote tokens outside the window: their Segment Means, nothing (window and sinks only), or both.")
+@click.option("--bounds/--no-bounds", default=True, show_default=True,
+              help="Also score the masked full model of every (P, W, sinks): each partition alone and partition + "
+                   "window (decoders, BERT and RoBERTa).")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None,
+              help="Language tasks: tokens per window (default 256; 512 for wikitext-smollm2).")
+@click.option("--prefix", type=click.IntRange(min=1), default=None,
+              help="Language tasks: score generation continuations: prefill this many tokens of each window over "
+                   "the devices, decode the rest on the tail from its compressed prefix cache.")
 @click.option("--samples", type=click.IntRange(min=1), default=None, help="Inputs to evaluate (default: task's).")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="PNG: metric vs CR and vs bytes.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="PNG: metric vs CR and vs bytes (and NAME-pareto.png: bytes vs metric, with windows).")
 @click.option("--save", type=click.Path(dir_okay=False), default=None, help="Also write the JSON report here.")
 @click.option("--calibrate-data", default=None,
               help="Also calibrate every setting with CR > 1 (prism calibrate) and score it again: 'task' for the "
@@ -1072,12 +1087,20 @@ def _switch(text: str) -> list[bool]:
 @json_option
 @friendly_errors
 @needs_export_extra
-def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, calibrate_data, calibrate_steps,
-             calibrate_time_budget, calibrate_params, calibrate_lr, calibrate_window, as_json):
+def evaluate(task, devices, crs, count_bias, sinks, windows, far, bounds, seq_len, prefix, samples, plot, save,
+             calibrate_data, calibrate_steps, calibrate_time_budget, calibrate_params, calibrate_lr, calibrate_window,
+             as_json):
     """Task metric of the full model and of PRISM (through exported bundles) over P, CR and the switches;
     with --calibrate-data, also after calibration."""
     from .calibration.train import TrainSettings
-    from .evaluate.evaluate import Calibration, evaluate as run_eval, plot as plot_report, summarize
+    from .evaluate.evaluate import Calibration, evaluate as run_eval, make_task, plot as plot_report, summarize
+
+    if (seq_len or prefix) and not task.startswith("wikitext"):
+        raise click.BadParameter("--seq-len and --prefix are for the language tasks (wikitext*)", param_hint="--task")
+    try:
+        task_obj = make_task(task, samples, seq_len, prefix)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--prefix") from None
 
     calibration = None
     if calibrate_data is not None:
@@ -1087,7 +1110,8 @@ def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, calibra
                                                 params=calibrate_params, lr=calibrate_lr),
                                   None if calibrate_data == "task" else calibrate_data, calibrate_window)
     report = run_eval(task, devices=_int_list(devices), compression_ratios=_int_list(crs),
-                      count_bias=_switch(count_bias), keep_sinks=_switch(sinks), samples=samples,
+                      count_bias=_switch(count_bias), keep_sinks=_switch(sinks), windows=_int_list(windows),
+                      far={"both": ["means", "none"]}.get(far, [far]), bounds=bounds, task_obj=task_obj,
                       calibration=calibration,
                       echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)),
                       progress=not as_json)
@@ -1104,16 +1128,24 @@ def evaluate(task, devices, crs, count_bias, sinks, samples, plot, save, calibra
 
         table = Table(title=f"{r['task']} ({r['metric']}), full model {r['full_model']:.4f}, {r['inputs']} inputs")
         cal = r.get("calibration") is not None
-        cols = ["P", "CR", "count bias", "sinks", r["metric"], "delta"] + (["calibrated", "delta"] if cal else [])
+        agree = any("agreement" in row for row in r["rows"])
+        cols = ["P", "CR", "W", "count bias", "sinks", r["metric"], "delta"] + (["top-1 agree"] if agree else []) + \
+            (["calibrated", "delta"] if cal else [])
         for col in cols + ["bytes/inference", "vs baseline"]:
             table.add_column(col, justify="right")
         for row in r["rows"]:
             after = ([f"{row['calibrated']:.4f}", f"{row['delta_calibrated']:+.4f}"] if "calibrated" in row
                      else ["", ""]) if cal else []
-            table.add_row(str(row["devices"]), str(row["compression_ratio"]), "on" if row["count_bias"] else "off",
-                          "on" if row["keep_sinks"] else "off", f"{row[r['metric']]:.4f}", f"{row['delta']:+.4f}",
-                          *after, f"{row['bytes_per_inference']:,.0f}", f"{100 * row['bytes_vs_baseline']:.2f}%")
+            table.add_row(str(row["devices"]), str(row["compression_ratio"]) if row["far"] == "means" else "no means",
+                          str(row["window"]), "on" if row["count_bias"] else "off", "on" if row["keep_sinks"] else "off",
+                          f"{row[r['metric']]:.4f}", f"{row['delta']:+.4f}",
+                          *([f"{100 * row['agreement']:.1f}%"] if agree else []), *after,
+                          f"{row['bytes_per_inference']:,.0f}", f"{100 * row['bytes_vs_baseline']:.2f}%")
         Console().print(table)
+        for b in r.get("bounds", []):
+            click.echo(f"  bound P={b['devices']} W={b['window']} sinks={'on' if b['keep_sinks'] else 'off'} "
+                       f"({b['bound']}): {r['metric']} {b[r['metric']]:.4f}" +
+                       (f", top-1 agreement {100 * b['agreement']:.1f}%" if "agreement" in b else ""))
         for k, v in r["summary"].items():
             click.echo(f"  {k}: {v}")
 

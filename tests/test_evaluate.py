@@ -43,7 +43,7 @@ def test_digits_accuracy_through_bundles(tmp_path):
 
 @pytest.mark.long
 def test_wikitext_perplexity_through_bundles(tmp_path):
-    task = WikiTextLM(samples=6, window=64, root=tmp_path, **GPT2_TINY)
+    task = WikiTextLM(samples=6, length=64, root=tmp_path, **GPT2_TINY)
     report = evaluate("wikitext", task_obj=task, **SWEEP)
     ppl = {r["compression_ratio"]: r["perplexity"] for r in report["rows"]}
     print({cr: round(v, 5) for cr, v in ppl.items()}, "full", report["full_model"])
@@ -108,3 +108,64 @@ def test_cli_evaluate_longtext(tmp_path):
     assert rep["full_model"] == pytest.approx(1.0, abs=1e-6) and rows[1]["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert 0.5 < rows[64]["cosine"] < 1.0
     assert png.is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_with_tokenizer(tmp_path_factory):
+    """A tiny random Llama (sharpened init, so that context matters) with MiniLM's 30522-token tokenizer: a
+    language task in seconds (perplexities are those of a random model; the relations below are exact)."""
+    import shutil
+
+    import torch
+    import transformers as tf
+
+    from conftest import TINY
+
+    folder = tmp_path_factory.mktemp("llama-tok")
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=30522, max_position_embeddings=128, num_key_value_heads=2, initializer_range=0.2,
+                         **TINY)
+    tf.LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / f, folder / f)
+    return folder
+
+
+def test_window_sweep_rows_sit_between_their_bounds(tiny_llama_with_tokenizer, tmp_path):
+    """A halo-window sweep through bundles: far="none" rows equal the masked full model computed by PyTorch
+    (the bound rows; fp32 onnxruntime vs PyTorch: relative 1e-4 on perplexity), a window over all of the
+    tokens is the full model, and the bytes grow with W."""
+    task = WikiTextLM(samples=4, length=48, source=str(tiny_llama_with_tokenizer))
+    report = evaluate("wikitext", task_obj=task, devices=(3,), compression_ratios=(4,), count_bias=(True,),
+                      keep_sinks=(True,), windows=(0, 8, 48), far=("means", "none"), bounds=True)
+    rows = {(r["far"], r["window"]): r for r in report["rows"]}
+    assert set(rows) == {(f, w) for f in ("means", "none") for w in (0, 8, 48)}
+    assert rows[("none", 8)]["compression_ratio"] is None and rows[("means", 8)]["compression_ratio"] == 4
+    bounds = {b["window"]: b for b in report["bounds"]}
+    assert bounds[0]["bound"] == "partition alone" and bounds[8]["bound"] == "partition + window"
+    for w in (0, 8, 48):
+        assert rows[("none", w)]["perplexity"] == pytest.approx(bounds[w]["perplexity"], rel=1e-4)
+    full = report["full_model"]
+    assert rows[("means", 48)]["perplexity"] == pytest.approx(full, rel=1e-4)
+    assert rows[("none", 48)]["agreement"] >= 0.99  # near-ties of fp32 logits may flip a rare argmax
+    assert bounds[0]["agreement"] < 0.95  # the partitions alone lose something
+    b = [rows[("means", w)]["bytes_per_inference"] for w in (0, 8, 48)]
+    assert b[0] < b[1] < b[2]
+    assert 0 < rows[("none", 8)]["bytes_vs_baseline"] < rows[("means", 48)]["bytes_vs_baseline"]
+    plot(report, tmp_path / "w.png")
+    assert (tmp_path / "w-pareto.png").stat().st_size > 1000
+
+
+@pytest.mark.long
+def test_continuations_are_scored_from_the_tails_cache(tiny_llama_with_tokenizer):
+    """--prefix: the first tokens are prefilled over the devices, the rest decoded on the tail. At CR=1 that
+    is the full model (relative 1e-4); with far="none" it is the masked full model of the prefix's plan."""
+    task = WikiTextLM(samples=2, length=40, source=str(tiny_llama_with_tokenizer), prefix=30)
+    report = evaluate("wikitext", task_obj=task, devices=(3,), compression_ratios=(1, 4), count_bias=(True,),
+                      keep_sinks=(True,), windows=(0, 4), far=("means", "none"), bounds=True)
+    rows = {(r["far"], r["compression_ratio"], r["window"]): r for r in report["rows"]}
+    assert rows[("means", 1, 0)]["perplexity"] == pytest.approx(report["full_model"], rel=1e-4)
+    bounds = {b["window"]: b for b in report["bounds"]}
+    for w in (0, 4):
+        assert rows[("none", None, w)]["perplexity"] == pytest.approx(bounds[w]["perplexity"], rel=1e-4)
+    assert rows[("means", 4, 4)]["perplexity"] != pytest.approx(report["full_model"], rel=1e-3)

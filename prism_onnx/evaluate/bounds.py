@@ -44,3 +44,16 @@ def masked_forward(model, inputs: dict, visible: np.ndarray):
             return model(input_ids=ids, attention_mask=vis.long(), **extra)
     raise InputError(f"masked full-model bounds need a model that takes an attention mask per query "
                      f"({', '.join(DECODER_4D + ENCODER_3D)}); {kind} has none")
+
+
+def decode_visibility(plan, total: int) -> np.ndarray:
+    """[B, total, total]: Plan.visibility() of a prefilled prompt of N tokens, extended by total - N tokens
+    decoded on the tail device: each sees what the tail's last prompt token sees (its compressed prefix cache:
+    remote rows and its own tokens) and the new tokens up to itself (PRISM.md, "Generation")."""
+    vis = plan.visibility()
+    B, N, _ = vis.shape
+    out = np.zeros((B, total, total), bool)
+    out[:, :N, :N] = vis
+    out[:, N:, :N] = vis[:, N - 1][:, None, :]
+    out[:, N:, N:] = np.tril(np.ones((total - N, total - N), bool))[None]
+    return out

@@ -7,6 +7,8 @@ Tasks (each with real weights, see tasks.py):
     digits     a small ViT trained on scikit-learn digits (32x32, 4x4 patches); held-out accuracy
     wikitext   a small GPT-2 trained on WikiText-2 valid; perplexity on test windows of 256 tokens
     wikitext-llama   the same with a small Llama (rotary, grouped-query attention: key/value exchange)
+    wikitext-smollm2 the real SmolLM2-135M (language.py): perplexity and top-1 agreement on WikiText-2 valid,
+                     N=512 (or --seq-len), optionally of generation continuations (--prefix)
 
 The model is traced once; every (P, CR, count_bias, sinks) setting is a bundle laid out from those graphs
 and run by the in-process executor (onnxruntime). With a `Calibration`, every setting with CR > 1 is also
@@ -40,9 +42,10 @@ from ..manifest import ExportSettings, PrismSettings
 from ..runtime.executor import Executor
 from ..runtime.wire import baseline_bytes_per_layer
 from . import tasks
+from .language import SMOLLM2, WikiTextLM
 from .probe import MINILM, mean_pool, sst2_probe
 
-TASKS = ("sst2", "longtext", "digits", "wikitext", "wikitext-llama")
+TASKS = ("sst2", "longtext", "digits", "wikitext", "wikitext-llama", "wikitext-smollm2")
 HIGHER_IS_BETTER = {"accuracy": True, "cosine": True, "perplexity": False}
 
 
@@ -91,6 +94,25 @@ class Task:
 
     def score(self, outputs: list[dict], batches: list) -> float:
         raise NotImplementedError
+
+    agreement = None  # (outputs, full outputs) -> top-1 agreement with the full model, for tasks that have one
+
+    def run(self, executor, inputs: dict):
+        """PRISM on one batch -> (outputs as `score` takes them, RequestStats)."""
+        result = executor.run(inputs)
+        return result.outputs, result.stats
+
+    def full(self, model, inputs: dict) -> dict:
+        """The unpartitioned model on one batch, as `score` takes it."""
+        return run_torch(model, inputs)
+
+    def bound(self, model, inputs: dict, plan) -> dict:
+        """The masked full model (evaluate/bounds.py) on one batch: each query sees what its device sees at
+        full resolution under `plan` (its partition, window and sinks), as `score` takes it."""
+        from .bounds import masked_forward
+
+        out = masked_forward(model, inputs, plan.visibility())
+        return {k: v.numpy() for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def calibration_data(self, folder: Path) -> tuple[Path, int | None]:
         """Unlabeled calibration inputs disjoint from the evaluation inputs, written under `folder`:
@@ -173,9 +195,6 @@ class LongText(Task):
         Path(folder).mkdir(parents=True, exist_ok=True)
         return write_paragraphs(Path(folder) / "wikitext-valid-paragraphs.txt", min_words), None
 
-    def full_outputs(self, model, data):
-        return [{"last_hidden_state": run_torch(model, inputs)["last_hidden_state"]} for inputs, _ in data]
-
     def score(self, outputs, data):
         cos = []
         for out, ref, (inputs, _) in zip(outputs, self.reference, data):
@@ -219,46 +238,6 @@ class Digits(Task):
         return hits / sum(len(y) for _, y in data)
 
 
-class WikiTextLM(Task):
-    metric = "perplexity"
-    MODELS = {"wikitext": ("gpt2-wikitext", tasks.build_gpt2_wikitext),
-              "wikitext-llama": ("llama-wikitext", tasks.build_llama_wikitext)}
-
-    def __init__(self, samples: int | None = 64, window: int = 256, root=None, task: str = "wikitext",
-                 **build_settings):
-        """samples windows of `window` tokens from wikitext2/test, scored with the task model of `task`
-        (wikitext: the GPT-2, wikitext-llama: the Llama); build_settings go to its builder."""
-        self.samples, self.window, self.root, self.build_settings = samples or 64, window, root, build_settings
-        self.folder, self.builder = self.MODELS[task]
-
-    def model_source(self):
-        return str(tasks.cached(self.folder, self.builder, self.root, **self.build_settings))
-
-    def batches(self, req):
-        ids = np.asarray(untruncated(req).encode(wikitext("test")).ids, np.int64)  # [T]
-        n = min(len(ids) // self.window, self.samples)
-        windows = ids[: n * self.window].reshape(n, self.window)  # [n, window]
-        return [({"input_ids": w, "attention_mask": np.ones_like(w)}, None) for w in batches(windows, 8)]
-
-    def calibration_data(self, folder):
-        """WikiText-2 valid (the language model's own training text; test is scored), cut into windows of
-        the evaluation's length."""
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        path = Path(folder) / "wikitext-valid.txt"
-        path.write_text(wikitext("valid"))
-        return path, self.window
-
-    def score(self, outputs, data):
-        total = count = 0.0
-        for out, (inputs, _) in zip(outputs, data):
-            logits = out["logits"][:, :-1].astype(np.float64)  # [B, T-1, V]
-            target = inputs["input_ids"][:, 1:]
-            logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-            total += float((logz - np.take_along_axis(logits, target[..., None], -1)[..., 0]).sum())
-            count += target.size
-        return math.exp(total / count)
-
-
 def write_paragraphs(path: Path, min_words: int) -> Path:
     """WikiText-2 valid paragraphs (no headings) of at least `min_words` words, one per line."""
     lines = [ln.strip() for ln in wikitext("valid").splitlines()]
@@ -278,10 +257,14 @@ class Calibration:
     max_inputs: int | None = None
 
 
-def make_task(name: str, samples: int | None = None) -> Task:
+def make_task(name: str, samples: int | None = None, length: int | None = None, prefix: int | None = None) -> Task:
+    """The task `name`; `length` (tokens per window) and `prefix` (score continuations) for language tasks."""
+    if name.startswith("wikitext"):
+        if name == "wikitext-smollm2":
+            return WikiTextLM(samples or 8, length or 512, split="valid", source=SMOLLM2, prefix=prefix)
+        return WikiTextLM(samples, length or 256, task=name, prefix=prefix)
     return {"sst2": lambda: SST2Probe(samples), "longtext": lambda: LongText(samples),
-            "digits": lambda: Digits(samples), "wikitext": lambda: WikiTextLM(samples),
-            "wikitext-llama": lambda: WikiTextLM(samples, task="wikitext-llama")}[name]()
+            "digits": lambda: Digits(samples)}[name]()
 
 
 def input_lengths(inputs: dict, spec) -> np.ndarray:
@@ -305,11 +288,29 @@ def run_torch(model, inputs: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- sweep
+def sweep_settings(devices, compression_ratios, count_bias, keep_sinks, windows=(0,), far=("means",)) -> list:
+    """The PrismSettings of a sweep, without rows that must be equal to another: at CR=1 every switch and
+    window is exact (one row per P); with far="none" no mean is sent, so CR and the count bias do not matter
+    (one row per P, window and sinks, at the sweep's smallest CR)."""
+    out = []
+    for P, cr, cb, sk, w, f in itertools.product(devices, compression_ratios, count_bias, keep_sinks, windows, far):
+        if f == "none" and (cr != min(compression_ratios) or cb != count_bias[0]):
+            continue
+        if f == "means" and cr == 1 and not (cb and sk and w == 0):
+            continue
+        out.append(PrismSettings(P, cr, count_bias=cb, keep_sinks=sk, window=w, far=f))
+    return out
+
+
 def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128), count_bias=(True, False),
-             keep_sinks=(True, False), samples: int | None = None, task_obj: Task | None = None,
-             calibration: Calibration | None = None, echo=lambda *_: None, progress: bool = False) -> dict:
-    """The sweep: the full model once, then one row per setting (P, CR, count bias, sinks), and with
-    `calibration` the calibrated metric of each CR > 1 setting. `echo` gets the status lines; `progress`
+             keep_sinks=(True, False), windows=(0,), far=("means",), bounds: bool = False, samples: int | None = None,
+             task_obj: Task | None = None, calibration: Calibration | None = None, echo=lambda *_: None,
+             progress: bool = False) -> dict:
+    """The sweep: the full model once, then one row per setting (P, CR, count bias, sinks, window W, far
+    context), and with `calibration` the calibrated metric of each CR > 1 setting; with `bounds`, the masked
+    full model of every (P, W, sinks): each partition alone (W=0) and partition + window (bounds.py).
+    Every setting runs through the runtime's in-process executor (onnxruntime, one export's graphs laid out
+    once and re-planned per setting: Executor.with_settings). `echo` gets the status lines; `progress`
     shows a progress bar over the settings on stderr (the status lines are then printed above it)."""
     from tqdm.auto import tqdm
 
@@ -322,11 +323,11 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
         graphs.source = str(t.model_source())
         spec = graphs.spec
         max_len = spec.max_positions
-        first = write_bundles(graphs, tmp / "first", ExportSettings(devices=1, compression_ratio=1, max_seq_len=max_len),
-                              link=True)
-        req = Executor(first).requests
-        data = t.batches(req)
-        full = [run_torch(model, inputs) for inputs, _ in data]
+        top = write_bundles(graphs, tmp / "all", ExportSettings(devices=max(devices), compression_ratio=1,
+                                                                max_seq_len=max_len), link=True)
+        executor = Executor(top)
+        data = t.batches(executor.requests)
+        full = [t.full(model, inputs) for inputs, _ in data]
         if isinstance(t, LongText):
             t.reference = full
         full_metric = t.score(full, data)
@@ -334,45 +335,95 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
         lengths = np.concatenate([input_lengths(inputs, spec) for inputs, _ in data])  # real tokens per input
         echo(f"{task}: full model {t.metric} {full_metric:.4f} on {n_inputs} inputs of {lengths.min()}-"
              f"{lengths.max()} tokens")
-        rows = []
         cal_data = None
         if calibration is not None:
             cal_data = ((Path(calibration.data), calibration.window) if calibration.data is not None
                         else t.calibration_data(tmp / "calibration"))
-        settings = [PrismSettings(*s) for s in itertools.product(devices, compression_ratios)]
-        settings = [replace(s, count_bias=cb, keep_sinks=sk) for s in settings for cb in count_bias
-                    for sk in keep_sinks]
-        settings = [s for s in settings if s.compression_ratio > 1 or (s.count_bias and s.keep_sinks)]
-        # (at CR=1 both switches are exact no-ops: one row is enough)
+        settings = sweep_settings(devices, compression_ratios, count_bias, keep_sinks, windows, far)
         bar = tqdm(settings, desc=f"{task}: settings", unit="setting", disable=not progress, file=sys.stderr)
         say = (lambda m: bar.write(m, file=sys.stderr)) if progress else echo
+        rows = []
         for i, s in enumerate(bar):
-            bundle = write_bundles(graphs, tmp / f"b{i}", ExportSettings(**asdict(s), max_seq_len=max_len), link=True)
-            ex = Executor(bundle)
-            results = [ex.run(inputs) for inputs, _ in data]
-            ex.close()
-            metric = t.score([r.outputs for r in results], data)
-            sent = sum(sum(r.stats.bytes_sent) for r in results)  # the runtime's own counters
-            baseline = spec.num_layers * sum(baseline_bytes_per_layer(spec, batch_mask(inputs, spec), s)
-                                             for inputs, _ in data)  # Voltage, analytic
-            rows.append({"devices": s.devices, "compression_ratio": s.compression_ratio, "count_bias": s.count_bias,
-                         "keep_sinks": s.keep_sinks, t.metric: metric, "delta": metric - full_metric,
-                         "bytes_per_inference": sent / n_inputs, "bytes_vs_baseline": sent / baseline})
-            say(f"  P={s.devices} CR={s.compression_ratio} count_bias={s.count_bias} sinks={s.keep_sinks}: "
-                 f"{t.metric} {metric:.4f} ({metric - full_metric:+.4f})")
-            if cal_data is not None and s.compression_ratio > 1:
+            rows.append(score_setting(t, executor.with_settings(**asdict(s)), s, data, full, full_metric, spec))
+            say("  " + describe_row(rows[-1], t.metric))
+            if cal_data is not None and s.compression_ratio > 1 and s.far == "means":
+                bundle = write_bundles(graphs, tmp / f"b{i}", ExportSettings(**asdict(s), max_seq_len=max_len),
+                                       link=True)
                 rows[-1].update(calibrated_row(t, bundle, tmp / f"c{i}", cal_data, calibration, data, full_metric))
                 say(f"    calibrated ({rows[-1]['calibration']['steps']} steps, "
-                     f"{rows[-1]['calibration']['seconds']:.0f} s): {t.metric} {rows[-1]['calibrated']:.4f} "
-                     f"({rows[-1]['delta_calibrated']:+.4f})")
+                    f"{rows[-1]['calibration']['seconds']:.0f} s): {t.metric} {rows[-1]['calibrated']:.4f} "
+                    f"({rows[-1]['delta_calibrated']:+.4f})")
                 shutil.rmtree(tmp / f"c{i}", ignore_errors=True)
-            shutil.rmtree(tmp / f"b{i}", ignore_errors=True)
-    return {"task": task, "metric": t.metric, "model": t.model_source(), "full_model": full_metric,
-            "calibration": None if calibration is None else {
-                "data": calibration.data or "task", "window": cal_data[1], **calibration.train.to_dict()},
-            "inputs": n_inputs, "tokens_per_input": {"min": int(lengths.min()), "mean": float(lengths.mean()),
-                                                     "max": int(lengths.max())}, "rows": rows,
-            "n512": cr_for_traffic_cut(spec, devices, compression_ratios, keep_sinks)}
+                shutil.rmtree(tmp / f"b{i}", ignore_errors=True)
+        executor.close()
+    report = {"task": task, "metric": t.metric, "model": t.model_source(), "full_model": full_metric,
+              "calibration": None if calibration is None else {
+                  "data": calibration.data or "task", "window": cal_data[1], **calibration.train.to_dict()},
+              "inputs": n_inputs, "tokens_per_input": {"min": int(lengths.min()), "mean": float(lengths.mean()),
+                                                       "max": int(lengths.max())}, "rows": rows,
+              "n512": cr_for_traffic_cut(spec, devices, compression_ratios, keep_sinks)}
+    if bounds:
+        report["bounds"] = bound_rows(t, model, spec, data, full, full_metric, devices, windows, keep_sinks, echo)
+    return report
+
+
+def score_setting(t: Task, executor: Executor, s: PrismSettings, data, full: list, full_metric: float, spec) -> dict:
+    """One row of the sweep: the task metric of PRISM under settings `s`, its agreement with the full model
+    (tasks that have one), and the bytes the runtime's own counters saw against the Voltage baseline."""
+    outputs, sent = [], 0
+    for inputs, _ in data:
+        out, stats = t.run(executor, inputs)
+        outputs.append(out)
+        sent += sum(stats.bytes_sent)  # the runtime's own counters
+    metric = t.score(outputs, data)
+    n_inputs = sum(len(next(iter(inputs.values()))) for inputs, _ in data)
+    baseline = spec.num_layers * sum(baseline_bytes_per_layer(spec, batch_mask(prefilled(t, inputs), spec), s)
+                                     for inputs, _ in data)  # Voltage, analytic
+    row = {"devices": s.devices, "compression_ratio": s.compression_ratio if s.far == "means" else None,
+           "count_bias": s.count_bias, "keep_sinks": s.keep_sinks, "window": s.window, "far": s.far,
+           t.metric: metric, "delta": metric - full_metric}
+    if t.agreement is not None:
+        row["agreement"] = t.agreement(outputs, full)
+    row.update(bytes_per_inference=sent / n_inputs, bytes_vs_baseline=sent / baseline)
+    return row
+
+
+def prefilled(t: Task, inputs: dict) -> dict:
+    """The part of a batch the devices prefill (a continuation task's prefix; else all of it)."""
+    prefix = getattr(t, "prefix", None)
+    return inputs if prefix is None else {k: v[:, :prefix] for k, v in inputs.items()}
+
+
+def describe_row(row: dict, metric: str) -> str:
+    cr = f"CR={row['compression_ratio']}" if row["far"] == "means" else "far=none"
+    agree = f", agreement {100 * row['agreement']:.1f}%" if "agreement" in row else ""
+    return (f"P={row['devices']} {cr} W={row['window']} count_bias={row['count_bias']} sinks={row['keep_sinks']}: "
+            f"{metric} {row[metric]:.4f} ({row['delta']:+.4f}){agree}, {100 * row['bytes_vs_baseline']:.2f}% of the "
+            f"baseline's bytes")
+
+
+def bound_rows(t: Task, model, spec, data, full, full_metric: float, devices, windows, keep_sinks, echo) -> list:
+    """The masked full model (bounds.py) for every (P, W, sinks): what PRISM with far="none" equals, computed
+    by the unpartitioned PyTorch model; W=0 is each partition alone."""
+    from ..plan import plan_for
+
+    if spec.model_type not in ("llama", "qwen2", "gpt2", "bert", "roberta"):
+        echo(f"  (no masked-model bounds for {spec.model_type}: it takes no per-query attention mask)")
+        return []
+    out = []
+    for P, w, sk in itertools.product(devices, windows, keep_sinks):
+        settings = PrismSettings(P, 1, keep_sinks=sk, window=w, far="none")
+        outputs = [t.bound(model, inputs, plan_for(spec, batch_mask(prefilled(t, inputs), spec), settings))
+                   for inputs, _ in data]
+        metric = t.score(outputs, data)
+        row = {"devices": P, "window": w, "keep_sinks": sk, "bound": "partition + window" if w else "partition alone",
+               t.metric: metric, "delta": metric - full_metric}
+        if t.agreement is not None:
+            row["agreement"] = t.agreement(outputs, full)
+        out.append(row)
+        echo(f"  bound P={P} W={w} sinks={sk} ({row['bound']}): {t.metric} {metric:.4f}" +
+             (f", agreement {100 * row['agreement']:.1f}%" if "agreement" in row else ""))
+    return out
 
 
 def calibrated_row(t: Task, bundle: Path, out: Path, cal_data: tuple, calibration: Calibration, data,
@@ -383,9 +434,8 @@ def calibrated_row(t: Task, bundle: Path, out: Path, cal_data: tuple, calibratio
     path, window = cal_data
     rep = calibrate(bundle, path, out, calibration.train, window=window, max_inputs=calibration.max_inputs)
     ex = Executor(out)
-    results = [ex.run(inputs) for inputs, _ in data]
+    metric = t.score([t.run(ex, inputs)[0] for inputs, _ in data], data)
     ex.close()
-    metric = t.score([r.outputs for r in results], data)
     keep = ("steps", "seconds", "trained_parameters", "train_inputs", "loss_before", "loss_after", "data_sha256")
     return {"calibrated": metric, "delta_calibrated": metric - full_metric,
             "calibration": {k: rep[k] for k in keep}}
@@ -418,7 +468,8 @@ def summarize(report: dict) -> dict:
         sinks = key.endswith("on")
         for cb in (True, False):
             rows = sorted([r for r in report["rows"] if r["devices"] == P and r["keep_sinks"] == sinks
-                           and r["count_bias"] == cb and r["compression_ratio"] > 1], key=lambda r: r["compression_ratio"])
+                           and r["count_bias"] == cb and r.get("far", "means") == "means" and not r.get("window")
+                           and r["compression_ratio"] > 1], key=lambda r: r["compression_ratio"])
             if not rows:
                 continue
             at = next((r for r in rows if r["compression_ratio"] == cr99), None)
@@ -431,17 +482,21 @@ def summarize(report: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- plots
 def plot(report: dict, path: str | Path) -> None:
+    """Metric vs CR and vs bytes, one line per (P, count bias, sinks, window) of the far="means" rows; with
+    far="none" rows or windows in the report, also a Pareto plot beside it (pareto())."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    groups = sorted({(r["devices"], r["count_bias"], r["keep_sinks"]) for r in report["rows"]})
-    for P, cb, sk in groups:
-        rows = sorted([r for r in report["rows"] if (r["devices"], r["count_bias"], r["keep_sinks"]) == (P, cb, sk)
-                       or (r["devices"] == P and r["compression_ratio"] == 1)], key=lambda r: r["compression_ratio"])
-        label = f"P={P} bias {'on' if cb else 'off'} sinks {'on' if sk else 'off'}"
+    means = [r for r in report["rows"] if r.get("far", "means") == "means"]
+    groups = sorted({(r["devices"], r["count_bias"], r["keep_sinks"], r.get("window", 0)) for r in means})
+    for P, cb, sk, w in groups:
+        rows = sorted([r for r in means if (r["devices"], r["count_bias"], r["keep_sinks"], r.get("window", 0)) ==
+                       (P, cb, sk, w) or (r["devices"] == P and r["compression_ratio"] == 1)],
+                      key=lambda r: r["compression_ratio"])
+        label = f"P={P} bias {'on' if cb else 'off'} sinks {'on' if sk else 'off'}" + (f" W={w}" if w else "")
         a1.plot([r["compression_ratio"] for r in rows], [r[report["metric"]] for r in rows], "o-", label=label)
         a2.plot([r["bytes_per_inference"] for r in rows], [r[report["metric"]] for r in rows], "o-", label=label)
     for ax, xl in ((a1, "compression ratio CR"), (a2, "bytes on the wire per inference")):
@@ -452,6 +507,52 @@ def plot(report: dict, path: str | Path) -> None:
         ax.grid(True, alpha=0.3)
     a1.legend(fontsize=7)
     fig.suptitle(f"{report['task']}: {report['model']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    if len(means) != len(report["rows"]) or any(r.get("window") for r in report["rows"]):
+        pareto(report, Path(path).with_name(Path(path).stem + "-pareto.png"))
+
+
+def pareto(report: dict, path: str | Path) -> None:
+    """Bytes against the baseline vs the metric, every row of the sweep, one panel per P: circles are Segment
+    Means (colour: window W), crosses the window alone (far="none"); the dotted line is the full model, the
+    dashed one each partition alone (the masked-model bound, W=0), and the points on the Pareto front are
+    joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, better = report["metric"], HIGHER_IS_BETTER[report["metric"]]
+    Ps = sorted({r["devices"] for r in report["rows"]})
+    windows = sorted({r.get("window", 0) for r in report["rows"]})
+    cmap = plt.get_cmap("viridis", max(len(windows), 2))
+    fig, axes = plt.subplots(1, len(Ps), figsize=(5 * len(Ps), 4), squeeze=False)
+    for ax, P in zip(axes[0], Ps):
+        rows = [r for r in report["rows"] if r["devices"] == P]
+        for r in rows:
+            c = cmap(windows.index(r.get("window", 0)))
+            ax.scatter(100 * r["bytes_vs_baseline"], r[metric], color=c, marker="o" if r["far"] == "means" else "x")
+        front, best = [], None
+        for r in sorted(rows, key=lambda r: r["bytes_vs_baseline"]):
+            if best is None or (r[metric] > best if better else r[metric] < best):
+                best = r[metric]
+                front.append(r)
+        ax.plot([100 * r["bytes_vs_baseline"] for r in front], [r[metric] for r in front], "k-", lw=0.8)
+        ax.axhline(report["full_model"], color="k", ls=":", label="full model")
+        alone = [b for b in report.get("bounds", []) if b["devices"] == P and b["window"] == 0 and b["keep_sinks"]]
+        if alone:
+            ax.axhline(alone[0][metric], color="r", ls="--", label="partition alone")
+        for i, w in enumerate(windows):
+            ax.scatter([], [], color=cmap(i), label=f"W={w}")
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes on the wire, % of uncompressed partitioning")
+        ax.set_ylabel(metric)
+        ax.set_title(f"P={P}")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{report['task']}: {Path(str(report['model'])).name} (o means + window, x window alone)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
