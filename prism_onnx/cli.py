@@ -1039,6 +1039,16 @@ def _int_list(text: str) -> list[int]:
         raise click.BadParameter(f"expected comma-separated integers, got '{text}'") from None
 
 
+def _wire_list(text: str) -> list[str]:
+    from .manifest import WIRE_DTYPES
+
+    wires = [w.strip() for w in text.split(",") if w.strip()]
+    bad = [w for w in wires if w not in WIRE_DTYPES]
+    if bad or not wires:
+        raise click.BadParameter(f"'{text}': wire precisions are {', '.join(WIRE_DTYPES)}", param_hint="--wire")
+    return wires
+
+
 def _switch(text: str) -> list[bool]:
     return {"both": [True, False], "on": [True], "off": [False]}[text]
 
@@ -1059,6 +1069,8 @@ def _switch(text: str) -> list[bool]:
               help="Comma-separated halo windows W (tokens each device receives at full resolution).")
 @click.option("--far", type=click.Choice(["means", "none", "both"]), default="means", show_default=True,
               help="Remote tokens outside the window: their Segment Means, nothing (window and sinks only), or both.")
+@click.option("--wire", "wire_dtypes", default="float32", show_default=True,
+              help="Comma-separated wire precisions of the exchanged rows (float32, float16, int8).")
 @click.option("--bounds/--no-bounds", default=True, show_default=True,
               help="Also score the masked full model of every (P, W, sinks): each partition alone and partition + "
                    "window (decoders, BERT and RoBERTa).")
@@ -1087,7 +1099,8 @@ def _switch(text: str) -> list[bool]:
 @json_option
 @friendly_errors
 @needs_export_extra
-def evaluate(task, devices, crs, count_bias, sinks, windows, far, bounds, seq_len, prefix, samples, plot, save,
+def evaluate(task, devices, crs, count_bias, sinks, windows, far, wire_dtypes, bounds, seq_len, prefix, samples, plot,
+             save,
              calibrate_data, calibrate_steps, calibrate_time_budget, calibrate_params, calibrate_lr, calibrate_window,
              as_json):
     """Task metric of the full model and of PRISM (through exported bundles) over P, CR and the switches;
@@ -1111,7 +1124,8 @@ def evaluate(task, devices, crs, count_bias, sinks, windows, far, bounds, seq_le
                                   None if calibrate_data == "task" else calibrate_data, calibrate_window)
     report = run_eval(task, devices=_int_list(devices), compression_ratios=_int_list(crs),
                       count_bias=_switch(count_bias), keep_sinks=_switch(sinks), windows=_int_list(windows),
-                      far={"both": ["means", "none"]}.get(far, [far]), bounds=bounds, task_obj=task_obj,
+                      far={"both": ["means", "none"]}.get(far, [far]), wire_dtypes=_wire_list(wire_dtypes),
+                      bounds=bounds, task_obj=task_obj,
                       calibration=calibration,
                       echo=(lambda *_: None) if as_json else (lambda m: click.echo(m, err=True)),
                       progress=not as_json)

@@ -288,22 +288,25 @@ def run_torch(model, inputs: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- sweep
-def sweep_settings(devices, compression_ratios, count_bias, keep_sinks, windows=(0,), far=("means",)) -> list:
+def sweep_settings(devices, compression_ratios, count_bias, keep_sinks, windows=(0,), far=("means",),
+                   wire_dtypes=("float32",)) -> list:
     """The PrismSettings of a sweep, without rows that must be equal to another: at CR=1 every switch and
-    window is exact (one row per P); with far="none" no mean is sent, so CR and the count bias do not matter
-    (one row per P, window and sinks, at the sweep's smallest CR)."""
+    window is exact (one row per P and wire precision); with far="none" no mean is sent, so CR and the count
+    bias do not matter (one row per P, window, sinks and wire, at the sweep's smallest CR)."""
     out = []
-    for P, cr, cb, sk, w, f in itertools.product(devices, compression_ratios, count_bias, keep_sinks, windows, far):
+    for P, cr, cb, sk, w, f, wire in itertools.product(devices, compression_ratios, count_bias, keep_sinks, windows,
+                                                       far, wire_dtypes):
         if f == "none" and (cr != min(compression_ratios) or cb != count_bias[0]):
             continue
         if f == "means" and cr == 1 and not (cb and sk and w == 0):
             continue
-        out.append(PrismSettings(P, cr, count_bias=cb, keep_sinks=sk, window=w, far=f))
+        out.append(PrismSettings(P, cr, count_bias=cb, keep_sinks=sk, window=w, far=f, wire_dtype=wire))
     return out
 
 
 def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128), count_bias=(True, False),
-             keep_sinks=(True, False), windows=(0,), far=("means",), bounds: bool = False, samples: int | None = None,
+             keep_sinks=(True, False), windows=(0,), far=("means",), wire_dtypes=("float32",), bounds: bool = False,
+             samples: int | None = None,
              task_obj: Task | None = None, calibration: Calibration | None = None, echo=lambda *_: None,
              progress: bool = False) -> dict:
     """The sweep: the full model once, then one row per setting (P, CR, count bias, sinks, window W, far
@@ -339,7 +342,7 @@ def evaluate(task: str, *, devices=(2, 4), compression_ratios=(1, 4, 16, 64, 128
         if calibration is not None:
             cal_data = ((Path(calibration.data), calibration.window) if calibration.data is not None
                         else t.calibration_data(tmp / "calibration"))
-        settings = sweep_settings(devices, compression_ratios, count_bias, keep_sinks, windows, far)
+        settings = sweep_settings(devices, compression_ratios, count_bias, keep_sinks, windows, far, wire_dtypes)
         bar = tqdm(settings, desc=f"{task}: settings", unit="setting", disable=not progress, file=sys.stderr)
         say = (lambda m: bar.write(m, file=sys.stderr)) if progress else echo
         rows = []
@@ -381,7 +384,7 @@ def score_setting(t: Task, executor: Executor, s: PrismSettings, data, full: lis
                                      for inputs, _ in data)  # Voltage, analytic
     row = {"devices": s.devices, "compression_ratio": s.compression_ratio if s.far == "means" else None,
            "count_bias": s.count_bias, "keep_sinks": s.keep_sinks, "window": s.window, "far": s.far,
-           t.metric: metric, "delta": metric - full_metric}
+           "wire_dtype": s.wire_dtype, t.metric: metric, "delta": metric - full_metric}
     if t.agreement is not None:
         row["agreement"] = t.agreement(outputs, full)
     row.update(bytes_per_inference=sent / n_inputs, bytes_vs_baseline=sent / baseline)
@@ -397,7 +400,8 @@ def prefilled(t: Task, inputs: dict) -> dict:
 def describe_row(row: dict, metric: str) -> str:
     cr = f"CR={row['compression_ratio']}" if row["far"] == "means" else "far=none"
     agree = f", agreement {100 * row['agreement']:.1f}%" if "agreement" in row else ""
-    return (f"P={row['devices']} {cr} W={row['window']} count_bias={row['count_bias']} sinks={row['keep_sinks']}: "
+    wire = "" if row["wire_dtype"] == "float32" else f" wire={row['wire_dtype']}"
+    return (f"P={row['devices']} {cr} W={row['window']} count_bias={row['count_bias']} sinks={row['keep_sinks']}{wire}: "
             f"{metric} {row[metric]:.4f} ({row['delta']:+.4f}){agree}, {100 * row['bytes_vs_baseline']:.2f}% of the "
             f"baseline's bytes")
 
