@@ -168,6 +168,11 @@ def test_tokenizer_special_tokens_and_chat_template_come_from_the_file(tiny, cac
     assert (tmp_path / pre.chat_template).read_text() == TEMPLATE
     assert pre.special_tokens["eos_token"] == "<|im_end|>" and pre.pad_id == 2
 
+    from prism_onnx.calibration.export import save_model  # `prism calibrate` keeps the template too
+
+    saved = save_model(model, prism_model(model), str(tiny), tmp_path / "calibrated")
+    assert (saved / "chat_template.jinja").read_text() == TEMPLATE
+
 
 def test_source_names_and_folders(tiny, cache, tmp_path):
     assert models.source_name(tiny.parent) == str(tiny.resolve())  # a GGUF folder names its file

@@ -152,7 +152,11 @@ class GGUFCache:
         return folder
 
     def _convert(self, path: Path, sha: str, folder: Path) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ModelLoadError(f"cannot create the GGUF cache {self.dir} ({e.strerror}); set PRISM_CACHE to a "
+                                 f"writable folder") from None
         self._remove_leftovers(sha)
         staging = self.dir / f".{sha}.{os.getpid()}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
