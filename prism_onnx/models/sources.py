@@ -143,12 +143,13 @@ class GGUFCache:
         found = self.lookup(path)
         if found is not None:
             return found
+        index = self._stat_key(path)  # before reading: a file changed meanwhile gets another key
         check_magic(path)
         sha = file_sha256(path)
         folder = self.folder(sha)
         if not (folder / "config.json").is_file():
             self._convert(path, sha, folder)
-        _write_atomic(self._stat_key(path), sha)
+        _write_atomic(index, sha)
         return folder
 
     def _convert(self, path: Path, sha: str, folder: Path) -> None:
@@ -190,8 +191,12 @@ class GGUFCache:
 
 
 def check_magic(path: Path) -> None:
-    with open(path, "rb") as f:
-        head = f.read(4)
+    """ModelLoadError unless `path` can be read and starts with the GGUF magic bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read '{path}' ({e.strerror})") from None
     if head != GGUF_MAGIC:
         raise ModelLoadError(f"'{path}' is not a GGUF file (it starts with {head!r}, not {GGUF_MAGIC!r})")
 
