@@ -933,6 +933,10 @@ def profile(bundle, lengths, repeats, threads, as_json):
               help="With --clients: the runners' --max-inflight.")
 @click.option("--batch-pad", "bench_batch_pad", is_flag=True,
               help="With --clients: the runners batch requests of different lengths too (prism run --batch-pad).")
+@click.option("--window", type=click.IntRange(min=0), default=None,
+              help="Measure with this halo window W instead of the export's (the same graphs, re-planned).")
+@click.option("--far", type=click.Choice(["means", "none"]), default=None,
+              help="Measure with this far context instead of the export's.")
 @click.option("--slow-device", default=None, metavar="RANK:FRACTION",
               help="Also measure latency with device RANK at FRACTION of a core (cgroup CPU quota; emulated where "
                    "cgroups are not available) under an even, the adaptive and the ideal split.")
@@ -940,7 +944,7 @@ def profile(bundle, lengths, repeats, threads, as_json):
 @friendly_errors
 @needs_export_extra
 def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curve, clients, texts_file, n_requests,
-          inflight, bench_batch_pad, slow_device, as_json):
+          inflight, bench_batch_pad, window, far, slow_device, as_json):
     """Bytes, per-device FLOPs and time, and latency of EXPORT_DIR vs CR=1 and vs one device; with --clients,
     throughput; with --slow-device, the adaptive split against an even and the ideal one."""
     from .evaluate.bench import bench as run_bench
@@ -960,7 +964,8 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curv
             raise click.BadParameter(str(e), param_hint="--slow-device") from None
     echo = (lambda *_: None) if as_json else (lambda m: click.echo(m, err=True))
     report = run_bench(export_dir, bandwidth=bandwidth, seq_len=seq_len, repeats=repeats, latency=not no_latency,
-                       sweep=sweep.split(",") if sweep else None, plot=plot, curve=curve, echo=echo)
+                       sweep=sweep.split(",") if sweep else None, plot=plot, curve=curve, window=window, far=far,
+                       echo=echo)
     if counts or slow:
         from .evaluate.bench import bench_inputs, requested_outputs
 
@@ -983,7 +988,8 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curv
 
     def human(r):
         click.echo(f"{r['model']} P={r['devices']} CR={r['compression_ratio']} wire={r['wire_dtype']} "
-                   f"sinks={'kept' if r['keep_sinks'] else 'averaged'}, {r['tokens']} tokens, outputs {r['outputs']}")
+                   f"sinks={'kept' if r['keep_sinks'] else 'averaged'} window={r['window']} far={r['far']}, "
+                   f"{r['tokens']} tokens, outputs {r['outputs']}")
         b = r["bytes_per_inference"]
         click.echo(f"  bytes per inference: PRISM {b['prism']:,}, CR=1 baseline {b['baseline']:,} "
                    f"({100 * r['bytes_ratio_vs_baseline']:.3f}%)")

@@ -43,6 +43,20 @@ def test_bench_bytes_flops_and_time(tiny_export):
     assert all(t > 0 for t in r["compute_ms_per_device"]["prism"])
 
 
+def test_bench_with_a_window_counts_its_rows(tiny_export):
+    """--window: the export's graphs re-planned with a halo window: per layer, each device sends W more
+    rows (less the one mean of W=16 tokens they replace) to the other (an encoder: window on both sides)."""
+    from prism_onnx.runtime.wire import frame_nbytes
+
+    plain = bench(tiny_export, latency=False, seq_len=64, repeats=1)
+    win = bench(tiny_export, latency=False, seq_len=64, repeats=1, window=16)
+    assert (win["window"], win["far"], plain["window"]) == (16, "means", 0)
+    assert win["bytes_per_inference"]["baseline"] == plain["bytes_per_inference"]["baseline"]
+    extra = win["bytes_per_inference"]["prism"] - plain["bytes_per_inference"]["prism"]
+    row = frame_nbytes(1, 1, 32, "float32") - frame_nbytes(1, 0, 32, "float32")  # one row of D=32 and its count
+    assert extra == 2 * 2 * (16 - 1) * row  # 2 layers x 2 devices x (16 rows - 1 mean)
+
+
 def test_bench_cli_latency_over_emulated_links(tiny_export, tmp_path):
     from prism_onnx.testbed import Testbed
 

@@ -157,10 +157,12 @@ def cut(a: float, b: float) -> float:
 
 def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | None = None, repeats: int = 3,
           latency: bool = True, sweep: list[str] | None = None, plot: str | Path | None = None,
-          timeout: float = 60.0, curve: str = "on", echo=lambda *_: None) -> dict:
+          timeout: float = 60.0, curve: str = "on", window: int | None = None, far: str | None = None,
+          echo=lambda *_: None) -> dict:
     """curve: "on" (latencies with CurveZMQ, as deployed), "off" (--insecure runners), or "both": also
     measure the export's own deployment without CurveZMQ, interleaved with it in the same run, and report
-    the cost of encryption and authentication."""
+    the cost of encryption and authentication. `window`, `far`: measure the export's graphs with this halo
+    window / far context instead of its own (a bundle laid out beside it)."""
     export_dir = Path(export_dir)
     m = read_manifest(export_dir / MANIFEST)
     graphs = Graphs.from_export(export_dir)
@@ -168,13 +170,15 @@ def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | 
     outputs = requested_outputs(m)
     n_tokens = inputs["input_ids"].shape[1] if "input_ids" in inputs else m.model.max_positions
     s = m.settings
+    changes = {k: v for k, v in (("window", window), ("far", far)) if v is not None}
+    s = replace(s, **changes)
     report = {"export": str(export_dir), "model": m.model.architecture, "config": m.config_summary,
               "devices": s.devices, "compression_ratio": s.compression_ratio, "wire_dtype": s.wire_dtype,
-              "keep_sinks": s.keep_sinks, "tokens": int(n_tokens), "outputs": outputs or "all",
-              "bandwidth": bandwidth}
+              "keep_sinks": s.keep_sinks, "window": s.window, "far": s.far, "tokens": int(n_tokens),
+              "outputs": outputs or "all", "bandwidth": bandwidth}
     with tempfile.TemporaryDirectory(prefix="prism-bench-", dir=export_dir.parent) as tmp:
         bundles = {
-            "prism": export_dir,
+            "prism": write_bundles(graphs, Path(tmp) / "prism", s, link=True) if changes else export_dir,
             "baseline": write_bundles(graphs, Path(tmp) / "baseline", s.baseline(), link=True),
             "single_device": write_bundles(graphs, Path(tmp) / "single",
                                            replace(s.baseline(), devices=1, split_weights=None), link=True),
