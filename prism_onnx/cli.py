@@ -13,6 +13,7 @@ import numpy as np
 from . import __version__
 from .errors import InputError, PrismError
 from .manifest import ExportSettings, PrismSettings
+from .runtime.settings import RunnerSettings
 
 
 class CommandError(click.ClickException):
@@ -69,7 +70,7 @@ def needs_export_extra(fn):
     return wrapper
 
 
-GRAPH_OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")  # runtime.device.GRAPH_OPTIMIZATION's keys
+from .runtime.settings import GRAPH_OPTIMIZATION_LEVELS  # noqa: E402 (runtime.device.GRAPH_OPTIMIZATION's keys)
 JSON_HELP = "Print one JSON object on stdout (errors too: {\"error\": {\"type\", \"message\"}})."
 
 
@@ -148,8 +149,9 @@ def one_input_kind(texts, images, input_ids):
 
 
 def settings_options(cls, exclude: tuple[str, ...] = ()):
-    """Click options for the fields of a settings dataclass (manifest.PrismSettings, ExportSettings), built
-    from the fields' own metadata: one statement of each setting's name, type, default and help."""
+    """Click options for the fields of a settings dataclass (manifest.PrismSettings, ExportSettings,
+    runtime.settings.RunnerSettings), built from the fields' own metadata: one statement of each setting's
+    name, type, default, bounds and help."""
     from .manifest import setting_fields, field_default
 
     def decorate(fn):
@@ -161,15 +163,25 @@ def settings_options(cls, exclude: tuple[str, ...] = ()):
             names = [flag] + ([meta["short"]] if "short" in meta else [])
             default = field_default(f)
             kw = {"help": meta["help"], "default": default, "show_default": default is not None}
-            if f.type in ("bool", bool):
-                names = [f"{flag}/--no-{flag[2:]}"]
+            kind = str(f.type).split(" |")[0]
+            if kind == "bool":
+                if meta.get("flag_only"):
+                    kw.update(is_flag=True, show_default=False)
+                else:
+                    names = [f"{flag}/--no-{flag[2:]}"]
             elif "choices" in meta:
                 kw["type"] = click.Choice(list(meta["choices"]))
-            elif f.type in ("int", "int | None", int):
-                kw["type"] = click.IntRange(min=meta.get("min"))
+            elif kind == "int":
+                kw["type"] = click.IntRange(min=meta.get("min"), max=meta.get("max"))
+            elif kind == "float":
+                kw["type"] = click.FloatRange(min=meta.get("min"), max=meta.get("max"))
+            elif meta.get("path"):
+                kw["type"] = click.Path(file_okay=False)
+            if "metavar" in meta:
+                kw["metavar"] = meta["metavar"]
             if f.name == "split_weights":
                 kw["callback"] = lambda ctx, param, value: _parse_split(value, ctx.params.get("devices"))
-            if default is None and f.name in ("devices", "compression_ratio"):
+            if meta.get("required") or (default is None and f.name in ("devices", "compression_ratio")):
                 kw["required"] = True
                 kw.pop("default")
             fn = click.option(*names, f.name, **kw)(fn)
@@ -475,63 +487,14 @@ def inspect(export_dir, verify, as_json):
 # ---------------------------------------------------------------------------------------------- runtime
 @main.command()
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False))
-@click.option("--rank", type=click.IntRange(min=0), default=None, help="This device's rank (default: the bundle's).")
-@click.option("--peers", required=True, help="HOST:PORT of every device, in rank order (this one included).")
-@click.option("--serve", type=click.IntRange(1, 65535), default=None, help="Accept client requests on this port.")
-@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="onnxruntime threads.")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
-              help="Seconds to wait for a peer's means at one exchange point.")
-@click.option("--peer-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
-              help="Seconds to wait at start-up for every peer to come up.")
-@click.option("--heartbeat-timeout", type=click.FloatRange(min=0.3), default=1.0, show_default=True,
-              help="A peer silent for this long is lost: the requests it was part of are rerun without it.")
-@click.option("--bind", default=None, help="Address to listen on (default: this device's own HOST in --peers; "
-                                           "'*' for every interface).")
-@click.option("--keys", "keys", type=click.Path(file_okay=False), default=None,
-              help="This device's CurveZMQ keys (default: BUNDLE/keys, written by `prism keys`).")
-@click.option("--insecure", is_flag=True, help="No authentication or encryption (a trusted, isolated network only).")
-@click.option("--max-cache-mb", type=click.FloatRange(min=0), default=1024.0, show_default=True,
-              help="Key/value cache one generation request may hold on this device (the tail decodes).")
-@click.option("--min-devices", type=click.IntRange(min=1), default=1, show_default=True,
-              help="With --serve: below this many live devices, requests fail at once, naming the lost devices "
-                   "(above it, a lost device's requests are rerun over the others).")
-@click.option("--http", "http", type=click.IntRange(1, 65535), default=None,
-              help="Also serve the OpenAI-compatible HTTP API on this port (needs --serve and the `serve` extra).")
+@settings_options(RunnerSettings)
 @click.option("--api-key", default=None, envvar="PRISM_API_KEY", show_envvar=True,
               help="HTTP requests must send 'Authorization: Bearer KEY' (prefer --api-key-file: argv is visible).")
 @click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A file of accepted API keys, one per line.")
-@click.option("--served-model-name", default=None,
-              help="The model name of the HTTP API (default: the export's source id or folder name).")
-@click.option("--provider", "providers", default="CPU", show_default=True, metavar="NAME[,NAME]",
-              help="onnxruntime execution providers in order of preference (CPU, CUDA, TensorRT, CoreML, XNNPACK... "
-                   "as the installed onnxruntime has them; the ExecutionProvider suffix is optional); CPU is "
-                   "always the last resort.")
-@click.option("--graph-optimization", "optimization", type=click.Choice(GRAPH_OPTIMIZATION_LEVELS), default="all",
-              show_default=True, help="onnxruntime graph optimization level of the device's sessions.")
-@click.option("--split", "split", default=None, metavar="auto|even|W,W,...",
-              help="With --serve: how requests are split over the devices: auto (weights from each device's "
-                   "measured speed, so they finish together), even, or one weight per device. Default: the "
-                   "export's --split if it has one, else auto.")
-@click.option("--max-inflight", "inflight", type=click.IntRange(1, 16), default=1, show_default=True,
-              help="Requests of one coordinator this device runs at once (pipelining: while one waits for "
-                   "another device's means, the next computes).")
-@click.option("--batch-wait-ms", "batch_wait_ms", type=click.FloatRange(0, 100), default=2.0, show_default=True,
-              help="With --serve: concurrent requests that get the same plan (equal token count) run as one batch; "
-                   "while other requests are running, wait up to this long for more to join (0: no batching).")
-@click.option("--batch-pad", is_flag=True,
-              help="With --serve: also batch text requests of different lengths, padded to the longest. Exact at CR=1; "
-                   "at CR > 1 a request's outputs then depend on what it was batched with.")
-@click.option("--emulate-slowdown", "slowdown", type=click.FloatRange(min=1.0), default=1.0, show_default=True,
-              help="Emulate a board this many times slower (sleep after each onnxruntime call): for testing mixed "
-                   "fleets on one machine.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
-              show_default=True, help="Log lines on stderr at this level and above.")
 @json_option
 @friendly_errors
-def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_timeout, bind, keys, insecure,
-        max_cache_mb, min_devices, http, api_key, api_key_file, served_model_name, providers, optimization, split,
-        inflight, batch_wait_ms, batch_pad, slowdown, log_level, as_json):
+def run(bundle, api_key, api_key_file, as_json, **options):
     """Run one device BUNDLE (device-K folder) and serve until SIGINT/SIGTERM; with --http, also the HTTP API
     (/v1/embeddings, /v1/completions, /v1/chat/completions, /embed, /health, /metrics).
 
@@ -545,34 +508,30 @@ def run(bundle, rank, peers, serve, threads, timeout, peer_timeout, heartbeat_ti
     from .runtime.device import check_providers
     from .runtime.host import DeviceHost
 
-    providers = check_providers(providers)  # before anything binds: one line listing the available ones
-
+    try:
+        settings = RunnerSettings(**options)  # every check of the options together, before anything binds
+    except PrismError as e:
+        raise click.UsageError(str(e)) from None
+    check_providers(settings.providers)  # one line listing the available ones
     api_keys = None
-    if http is not None:
+    if settings.http is not None:
         from .serve import read_api_keys, require_serve
 
-        require_serve()  # before anything binds: the one-line hint to install the extra
-        if serve is None:
-            raise click.UsageError("--http needs --serve PORT: the HTTP server talks to this runner's client port")
+        require_serve()  # the one-line hint to install the extra
         api_keys = read_api_keys(api_key, api_key_file)
-    elif api_key_file or served_model_name or (api_key and click.get_current_context().get_parameter_source(
+    elif api_key_file or settings.served_model_name or (api_key and click.get_current_context().get_parameter_source(
             "api_key") != click.core.ParameterSource.ENVIRONMENT):
         raise click.UsageError("--api-key, --api-key-file and --served-model-name go with --http")
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    host = DeviceHost(bundle, rank=rank, peers=peers, serve=serve, threads=threads, timeout=timeout,
-                      peer_timeout=peer_timeout, bind=bind, keys=keys, insecure=insecure,
-                      dead_after=heartbeat_timeout, max_cache_mb=max_cache_mb, min_devices=min_devices,
-                      local_client=http is not None, providers=providers, optimization=optimization, split=split,
-                      slowdown=slowdown, inflight=inflight, batch_wait_ms=batch_wait_ms,
-                      batch_pad=batch_pad)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    host = DeviceHost(bundle, settings)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: host.stop.set())
     server = None
-    if http is not None:
+    if settings.http is not None:
         from .serve import start_http
 
         try:
-            server = start_http(host, http, api_keys, served_model_name)
+            server = start_http(host, settings.http, api_keys, settings.served_model_name)
         except BaseException:
             host.transport.close()  # its authenticator thread would keep the process alive
             raise

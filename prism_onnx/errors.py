@@ -1,30 +1,127 @@
-"""Errors a user can cause (bad model id, bad input, tampered bundle, bad frame). The CLI prints their
-message and exits 1; anything else is a bug and keeps its traceback."""
+"""Errors a user can cause (bad model id, bad input, tampered bundle, bad frame) or meet (a busy or
+incomplete cluster). The CLI prints their message and exits 1; anything else is a bug and keeps its
+traceback.
+
+Every error has a `code` (what the HTTP status, the CLI's JSON `type` and the client's retry decision are
+made from: serve/errors.py holds the one table of statuses) and `retryable` (the same request may succeed
+later or elsewhere). Between runners and clients an error travels as an ErrorInfo (runtime/schema.py
+WireError), and `ErrorInfo.exception()` raises the same class on the other side: a too-long text reaches
+the caller as an InputError, a full coordinator as Busy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
 
 
 class PrismError(ValueError):
-    """Base class: a problem with what the user gave us, explained in the message."""
+    """Base class: a problem with what the user gave us, or with the cluster, explained in the message.
+    `ranks`: the devices it concerns (set when it comes from a cluster)."""
+
+    code = "error"
+    retryable = False
+
+    def __init__(self, *args, ranks=()):
+        super().__init__(*args)
+        self.ranks = tuple(ranks)
 
 
 class ModelLoadError(PrismError):
     """The model cannot be found, read, or is not supported."""
 
+    code = "model_load"
+
 
 class InputError(PrismError):
     """The request's inputs do not fit the model (shape, length, image size)."""
+
+    code = "invalid_input"
+
+
+class TooLong(InputError):
+    """The request is too large for this deployment: more tokens than --max-seq-len or the model's
+    positions, more rows than --max-batch, a key/value cache beyond --max-cache-mb."""
+
+    code = "too_long"
 
 
 class PlanError(PrismError):
     """Impossible partitioning: devices, split weights, compression ratio."""
 
+    code = "invalid_plan"
+
 
 class BundleError(PrismError):
     """A bundle is missing, incomplete, tampered with, or from another export."""
+
+    code = "bad_bundle"
 
 
 class FrameError(PrismError):
     """A network frame that is malformed or does not fit what the receiver expects."""
 
+    code = "bad_message"
+
 
 class PeerError(PrismError):
-    """A peer device is missing, died, or refused the handshake."""
+    """A peer device is missing, died, or refused the handshake; or a device failed a request because of
+    another device (a rerun may succeed)."""
+
+    code = "peer_failed"
+    retryable = True
+
+
+class DevicesUnavailable(PeerError):
+    """Fewer devices are live than the cluster needs (--min-devices), or a request gave up after reruns."""
+
+    code = "devices_unavailable"
+
+
+class Busy(PeerError):
+    """The coordinator (or this client's share of it) is full: retry later."""
+
+    code = "busy"
+
+
+class Timeout(PeerError):
+    """No answer within the time allowed."""
+
+    code = "timeout"
+
+
+class InternalError(PrismError):
+    """A bug in a runner, reported instead of crashing it."""
+
+    code = "internal"
+
+
+ERRORS = {cls.__name__: cls for cls in (PrismError, ModelLoadError, InputError, TooLong, PlanError, BundleError,
+                                        FrameError, PeerError, DevicesUnavailable, Busy, Timeout, InternalError)}
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """An error as it travels: its class name, code, message, whether a rerun may succeed, the devices it
+    concerns."""
+
+    type: str
+    code: str
+    message: str
+    retryable: bool = False
+    ranks: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, e: BaseException, ranks=()) -> "ErrorInfo":
+        """The ErrorInfo of an exception (anything not a PrismError is an InternalError: a bug)."""
+        if not isinstance(e, PrismError):
+            return cls("InternalError", InternalError.code, f"{type(e).__name__}: {e}", False, tuple(ranks))
+        return cls(type(e).__name__, e.code, str(e), e.retryable, tuple(ranks) or e.ranks)
+
+    def exception(self) -> PrismError:
+        """The error as the class it was raised as (a class this version does not know: by its code, else
+        PrismError)."""
+        cls = ERRORS.get(self.type) or next((c for c in ERRORS.values() if c.code == self.code), PrismError)
+        e = cls(self.message, ranks=self.ranks)
+        if cls is PrismError:
+            e.code, e.retryable = self.code, self.retryable
+        return e

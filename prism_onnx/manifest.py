@@ -93,7 +93,7 @@ class ModelSpec:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _opt(help: str, **more) -> dict:
+def option(help: str, **more) -> dict:
     """Field metadata the CLI turns into an option."""
     return {"help": help, **more}
 
@@ -102,20 +102,20 @@ def _opt(help: str, **more) -> dict:
 class PrismSettings:
     """What decides a request's partition plan and what travels on the wire."""
 
-    devices: int = field(metadata=_opt("Number of devices P.", flag="--devices", short="-P", min=1))
-    compression_ratio: int = field(metadata=_opt("Segment length CR: one mean row per CR tokens.",
+    devices: int = field(metadata=option("Number of devices P.", flag="--devices", short="-P", min=1))
+    compression_ratio: int = field(metadata=option("Segment length CR: one mean row per CR tokens.",
                                                  flag="--compression-ratio", short="--cr", min=1))
-    split_weights: tuple[float, ...] | None = field(default=None, metadata=_opt(
+    split_weights: tuple[float, ...] | None = field(default=None, metadata=option(
         "Uneven split: one positive weight per device, e.g. 2,1,1 (default: even).", flag="--split"))
-    count_bias: bool = field(default=True, metadata=_opt("Add log(count) to the attention score of a mean row."))
-    keep_sinks: bool = field(default=True, metadata=_opt(
+    count_bias: bool = field(default=True, metadata=option("Add log(count) to the attention score of a mean row."))
+    keep_sinks: bool = field(default=True, metadata=option(
         "Send sink tokens ([CLS], [SEP], the first token) as segments of their own."))
-    wire_dtype: str = field(default="float32", metadata=_opt(
+    wire_dtype: str = field(default="float32", metadata=option(
         "Precision of the means on the wire (int8: one scale per row).", choices=WIRE_DTYPES))
-    window: int = field(default=0, metadata=_opt(
+    window: int = field(default=0, metadata=option(
         "Halo window W: each device also receives the W tokens before its span (decoders; encoders: and after "
         "it) at full resolution, one row per token (0: the paper's PRISM).", min=0))
-    far: str = field(default="means", metadata=_opt(
+    far: str = field(default="means", metadata=option(
         "What a device receives of the remote tokens outside its window: their segment means, or none "
         "(window and sinks only).", choices=FAR_CONTEXT))
 
@@ -154,14 +154,14 @@ class PrismSettings:
 class ExportSettings(PrismSettings):
     """PrismSettings plus what is fixed when the graphs are written (recorded in every manifest)."""
 
-    max_seq_len: int | None = field(default=None, metadata=_opt(
+    max_seq_len: int | None = field(default=None, metadata=option(
         "Longest sequence the bundles accept (default: the model's positions).", min=1))
-    max_batch: int = field(default=64, metadata=_opt(
+    max_batch: int = field(default=64, metadata=option(
         "Largest batch a request (and a means frame) may carry; runners refuse more.", min=1))
-    quantize: str = field(default="none", metadata=_opt(
+    quantize: str = field(default="none", metadata=option(
         "int8: dynamic int8 weights, per channel (onnxruntime.quantization).", choices=QUANTIZE))
-    opset: int = field(default=DEFAULT_OPSET, metadata=_opt("ONNX opset of the exported graphs.", min=18))
-    exchange: str = field(default="auto", metadata=_opt(
+    opset: int = field(default=DEFAULT_OPSET, metadata=option("ONNX opset of the exported graphs.", min=18))
+    exchange: str = field(default="auto", metadata=option(
         "What devices exchange: hidden (Segment Means of the attention input, the paper) or kv (of the rotated "
         "keys and values; needed for generation). auto: the family's default.", choices=("auto",) + EXCHANGES))
 

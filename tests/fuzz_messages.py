@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from prism_onnx.runtime.protocol import CONTROL_HEADER, CONTROL_MAGIC, VERSION, Kind, encode
+from prism_onnx.runtime.schema import (Abort, Attempt, Hello, Request, Result, Status, WireError, encode_record,
+                                       request_id)
 from prism_onnx.runtime.wire import DTYPE_CODES, MAGIC, MEANS_HEADER, MeansFrame, encode_means
 
 
@@ -105,31 +107,32 @@ def crashers(t: Target, port: str) -> list[list[bytes]]:
 
 
 def valid(t: Target, port: str, rng: random.Random) -> list[bytes]:
-    """A well-formed message of this port (the base of the mutations)."""
+    """A well-formed message of this port (the base of the mutations), as the runtime's typed records make them."""
     if port == "client":
         n = rng.randint(1, 12)
         choice = rng.randrange(4)
         if choice == 0:
-            return encode(Kind.STATUS, {"call": rng.randrange(1 << 30)})
+            return encode_record(Status(call=rng.randrange(1 << 30)))
         if choice == 1:
-            return encode(Kind.REQUEST, {"texts": ["".join(rng.choice("ab cd") for _ in range(n))]})
+            return encode_record(Request(texts=("".join(rng.choice("ab cd") for _ in range(n)),)))
         ids = np.array([[rng.randrange(t.vocab) for _ in range(n)]], np.int64)
-        return encode(Kind.REQUEST, {"outputs": ["last_hidden_state"]}, {"input_ids": ids, "attention_mask":
-                                                                          np.ones_like(ids)})
+        return encode_record(Request(outputs=("last_hidden_state",), arrays={"input_ids": ids,
+                                                                            "attention_mask": np.ones_like(ids)}))
     choice = rng.randrange(5)
-    req = rng.randrange(1, 1 << 40)
+    req = request_id(rng.randrange(1, 1 << 40), t.src)
     if choice == 0:
-        return encode(Kind.HELLO, {"rank": t.src, "nonce": f"fuzz{rng.randrange(1000)}", "export_id": t.export_id,
-                                   "settings": {}, "serving": False, "t": 1.0, "echo": {}, "sees": [], "ready": True})
+        return encode_record(Hello(t.src, f"fuzz{rng.randrange(1000)}", t.export_id, 1.0, settings={}, ready=True,
+                                   echo={}, sees=()))
     if choice == 1:
-        n = rng.randint(1, 8)
-        return encode(Kind.START, {"request": req, "coordinator": t.src, "budget_s": 2.0, "outputs": None},
-                      {"attention_mask": np.ones((1, n), np.int64), "input_ids": np.ones((1, n // 2 + 1), np.int64),
-                       "token_type_ids": np.zeros((1, n // 2 + 1), np.int64)})
+        n = rng.randint(2, 8)
+        ranks = tuple(sorted({t.src, t.dst}))
+        return encode_record(Attempt(req, t.src, ranks, 2.0, arrays={
+            "attention_mask": np.ones((1, n), np.int64), "input_ids": np.ones((1, n // 2), np.int64),
+            "token_type_ids": np.zeros((1, n // 2), np.int64)}))
     if choice == 2:
-        return encode(Kind.ABORT, {"request": req, "reason": "fuzz"})
+        return encode_record(Abort(req, "fuzz"))
     if choice == 3:
-        return encode(Kind.RESULT, {"request": req, "rank": t.src, "ok": False, "error": "fuzz"})
+        return encode_record(Result(req, t.src, error=WireError("PeerError", "peer_failed", "fuzz", True)))
     rows = rng.randint(1, 4)
     return encode_means(MeansFrame(req, rng.randrange(t.layers), t.src, t.dst, t.tag, np.ones((1, rows), np.int32),
                                    np.zeros((1, rows, t.hidden), np.float32)), t.wire_dtype)

@@ -13,16 +13,21 @@ import pytest
 from conftest import as_served, text_batch
 from prism_onnx.runtime.batching import Prepared, gather
 from prism_onnx.runtime.lanes import Lane, Lanes
-from prism_onnx.runtime.worker import PrepareJob
+from prism_onnx.runtime.schema import Attempt, GenerateOptions, Request
+from prism_onnx.runtime.worker import Job
 
 
 def job(request, n, generate=None, outputs=None):
-    return PrepareJob(request, {"input_ids": np.ones((1, n), np.int64)}, outputs, 1e9, 10.0, generate)
+    """A client request's Job on the coordinator (a record built here, not decoded: any request id)."""
+    gen = GenerateOptions(**generate) if generate else None
+    outputs = tuple(outputs) if outputs else None
+    attempt = Attempt(request, 0, (0, 1), 10.0, outputs=outputs, generate=gen)
+    return Job(attempt, 1e9, Request(outputs=outputs, generate=gen, arrays={"input_ids": np.ones((1, n), np.int64)}))
 
 
 def tokenize_with(make_plan):
     def tokenize(j):
-        ids = j.kwargs["input_ids"]
+        ids = j.client.arrays["input_ids"]
         return Prepared(j, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, make_plan(np.ones_like(ids)))
     return tokenize
 
@@ -44,7 +49,7 @@ def test_queued_requests_of_equal_length_join_one_batch_the_others_wait_their_tu
     assert batch.members == [(1, 0, 1, 9), (2, 1, 2, 9), (4, 2, 3, 9)] and batch.inputs["input_ids"].shape == (3, 9)
     assert batch.request == 1 and batch.plan.batch == 3 and batch.plan.spans == plan_of(np.ones((1, 9))).spans
     # what did not fit went back to the lane, in order, ahead of the queue
-    assert [getattr(j, "request") for j in lane.ready] == [3, 5, 6] and lane.jobs.empty()
+    assert [j.request for j in lane.ready] == [3, 5, 6] and lane.jobs.empty()
     assert isinstance(lane.next_job(0.0), Prepared)  # request 3: already tokenized
 
 
@@ -68,7 +73,7 @@ def test_a_request_that_cannot_be_tokenized_runs_alone_to_report_its_error(plan_
     ok = tokenize_with(plan_of)
 
     def tokenize(j):
-        if j.kwargs["input_ids"].shape[1] == 0:
+        if j.client.arrays["input_ids"].shape[1] == 0:
             raise ValueError("a bug while tokenizing")
         return ok(j)
 
@@ -153,19 +158,18 @@ def coordinator_of_two():
 
     jobs, replies = [], []
     c = Coordinator(DeviceBundle(".", manifest(devices=2)), 0, FakeMembership(2), lambda q, parts: True,
-                    lambda client, meta, arrays=None, kind=None: replies.append((client, meta, arrays)),
-                    lambda j: jobs.append(j) or True)
+                    lambda client, record: replies.append((client, record)), lambda j: jobs.append(j) or True)
     return c, jobs, replies
 
 
 def test_the_coordinator_answers_each_request_of_a_batch_with_its_rows_and_reruns_them_each():
-    from test_coordinator import result
+    from dataclasses import replace
 
-    from prism_onnx.runtime.messages import Result
+    from test_coordinator import result
 
     c, jobs, replies = coordinator_of_two()
     for client in (b"a", b"b", b"c"):
-        c.on_request(client, {}, {"input_ids": np.arange(1, 6)[None]}, 0.0)
+        c.on_request(client, Request(arrays={"input_ids": np.arange(1, 6)[None]}), 0.0)
     ids = [j.request for j in jobs]
     c.on_batch(ids[0], [(ids[0], 0, 1, 5), (ids[2], 1, 2, 5)], 0.0)  # a and c batched; b runs on its own
     assert sorted(c.pending) == sorted([ids[0], ids[1]])
@@ -178,17 +182,17 @@ def test_the_coordinator_answers_each_request_of_a_batch_with_its_rows_and_rerun
     r = result(jobs[3].request, 0, n=5, span=(0, 5))
     out = {"last_hidden_state": np.stack([np.full((5, 8), 1.0), np.full((5, 8), 2.0)]).astype(np.float32),
            "pooler_output": np.array([[1.0] * 8, [2.0] * 8], np.float32)}
-    c.on_result(Result(r.request, 0, True, "", r.timings, r.traffic, out, (0, 5)), 0.2)
-    answered = {client: (meta, arrays) for client, meta, arrays in replies}
-    assert set(answered) == {b"a", b"c"} and all(meta["ok"] for meta, _ in answered.values())
-    assert answered[b"a"][1]["pooler_output"].tolist() == [[1.0] * 8]
-    assert answered[b"c"][1]["pooler_output"].tolist() == [[2.0] * 8]
-    assert answered[b"a"][1]["last_hidden_state"].shape == (1, 5, 8)  # a token output: its own 5 tokens,
-    assert answered[b"c"][1]["last_hidden_state"].shape == (1, 3, 8)  # c was padded from 3 to 5
-    assert answered[b"c"][0]["batched"] == {"requests": 2, "rows": [1, 2]}
+    c.on_result(replace(r, arrays=out), 0.2)
+    answered = {client: reply for client, reply in replies}
+    assert set(answered) == {b"a", b"c"} and all(reply.ok for reply in answered.values())
+    assert answered[b"a"].arrays["pooler_output"].tolist() == [[1.0] * 8]
+    assert answered[b"c"].arrays["pooler_output"].tolist() == [[2.0] * 8]
+    assert answered[b"a"].arrays["last_hidden_state"].shape == (1, 5, 8)  # a token output: its own 5 tokens,
+    assert answered[b"c"].arrays["last_hidden_state"].shape == (1, 3, 8)  # c was padded from 3 to 5
+    assert answered[b"c"].batched == {"requests": 2, "rows": [1, 2]}
     # the adaptive split counts the batch's rows: 5 tokens x 2 rows in the 1 ms the device reported
     assert c.split.recent[0][-1] == pytest.approx(5 * 2 / 0.001)
-    assert answered[b"c"][0]["reruns"] == ["lost device 1 (gone)"] and set(c.pending) == {jobs[5].request} <= new
+    assert answered[b"c"].reruns == ("lost device 1 (gone)",) and set(c.pending) == {jobs[5].request} <= new
 
 
 BATCH_EPS = 1e-5  # a batch runs the same graphs on more rows: onnxruntime may block its GEMMs differently
@@ -264,10 +268,12 @@ def test_pipelined_and_batched_requests_of_many_clients_equal_the_model_at_cr1(m
 
 def test_requests_batched_into_an_attempt_that_failed_first_are_rerun_not_left_waiting():
     c, jobs, replies = coordinator_of_two()
+    from prism_onnx.errors import ErrorInfo, InputError
+
     for client in (b"a", b"b"):
-        c.on_request(client, {}, {"input_ids": np.arange(1, 6)[None]}, 0.0)
+        c.on_request(client, Request(arrays={"input_ids": np.arange(1, 6)[None]}), 0.0)
     a, b = (j.request for j in jobs)
-    c.fail(a, "device 1: bad input")  # a's attempt fails before the worker's BATCH message is handled
+    c.fail(a, ErrorInfo.of(InputError("device 1: bad input")))  # a's attempt fails before the worker's Batched
     c.on_batch(a, [(a, 0, 1, 5), (b, 1, 2, 5)], 0.1)
-    assert [cl for cl, _, _ in replies] == [b"a"] and len(jobs) == 3 and list(c.pending) == [jobs[2].request]
+    assert [cl for cl, _ in replies] == [b"a"] and len(jobs) == 3 and list(c.pending) == [jobs[2].request]
     assert c.pending[jobs[2].request].reruns == [f"batched into request {a}, which was abandoned"]

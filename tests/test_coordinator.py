@@ -5,11 +5,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from prism_onnx.errors import FrameError, InputError, TooLong
+from prism_onnx.runtime.admission import request_rules
 from prism_onnx.runtime.bundle import DeviceBundle
 from prism_onnx.runtime.coordinator import Coordinator
-from prism_onnx.runtime.messages import Result
-from prism_onnx.runtime.protocol import Kind, decode
-from prism_onnx.runtime.worker import PrepareJob
+from prism_onnx.runtime.protocol import Kind, encode
+from prism_onnx.runtime.schema import Abort, Result, Tokens, TrafficInfo, WireError, decode_record
+from prism_onnx.runtime.worker import Job
 
 D, L = 8, 2
 
@@ -47,7 +49,7 @@ class FakeMembership:
 def coord():
     sent, replies, jobs, local = [], [], [], []
     c = Coordinator(DeviceBundle(Path("."), manifest()), 0, FakeMembership(), lambda q, parts: sent.append((q, parts))
-                    or True, lambda client, meta, arrays=None, kind=None: replies.append((client, meta, arrays)),
+                    or True, lambda client, record: replies.append((client, record)),
                     lambda job: jobs.append(job) or True, timeout=1.0,
                     abort_local=lambda request, why: local.append(request))
     c.sent, c.replies, c.jobs, c.local_aborts = sent, replies, jobs, local
@@ -58,45 +60,60 @@ def aborts(coord):
     """(device, request id) of every ABORT sent so far, the coordinator's own worker included."""
     out = []
     for q, parts in coord.sent:
-        kind, meta, _ = decode(parts, 0)
-        assert kind == Kind.ABORT
-        out.append((q, meta["request"]))
+        rec = decode_record(parts)
+        assert isinstance(rec, Abort)
+        out.append((q, rec.request))
     return sorted(out + [(coord.rank, r) for r in coord.local_aborts])
 
 
+def decoded(coord, meta=None, arrays=None):
+    """A REQUEST as the host decodes it: framing, arrays, the typed fields and their values."""
+    parts = encode(Kind.REQUEST, meta if meta is not None else {"call": 7},
+                   arrays if arrays is not None else {"input_ids": np.array([[1, 2, 3, 4, 5]])})
+    return decode_record(parts, coord.limits, {Kind.REQUEST: request_rules(coord.limits)})
+
+
 def request(coord, meta=None, arrays=None, client=b"c1", now=0.0):
-    coord.on_request(client, meta if meta is not None else {"call": 7},
-                     arrays if arrays is not None else {"input_ids": np.array([[1, 2, 3, 4, 5]])}, now)
+    coord.on_request(client, decoded(coord, meta, arrays), now)
 
 
-def result(request_id, rank, ok=True, n=2, error="", retry=False, span=(0, 0)):
-    traffic = {"bytes_sent": 10, "bytes_received": 20, "per_layer": {"sent": [5, 5], "received": [10, 10]}}
+def result(request_id, rank, ok=True, n=2, error="", retry=False, span=(0, 0), type="InputError"):
+    traffic = TrafficInfo((5, 5), (10, 10))
     outputs = {"last_hidden_state": np.full((1, n, D), float(rank), np.float32)} if ok else {}
     if ok and rank == 0:
         outputs["pooler_output"] = np.ones((1, D), np.float32)
-    return Result(request_id, rank, ok, error, {"embed": 0.001}, traffic, outputs, span, retry=retry)
+    err = None if ok else WireError("PeerError" if retry else type, "peer_failed" if retry else "invalid_input", error,
+                                    retry)
+    return Result(request_id, rank, err, {"embed": 0.001}, traffic, span, arrays=outputs)
+
+
+def error_of(reply) -> str:
+    assert not reply.ok
+    return reply.error.message
 
 
 def test_request_runs_on_every_device_and_the_reply_gathers_outputs_in_rank_order(coord):
     request(coord)
     (job,) = coord.jobs
-    assert isinstance(job, PrepareJob) and job.kwargs["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
+    assert isinstance(job, Job) and job.client.arrays["input_ids"].tolist() == [[1, 2, 3, 4, 5]]
     assert job.deadline == pytest.approx(coord.budget) and coord.budget == 1.0 * (L + 2)
+    assert job.attempt.coordinator == 0 and job.attempt.ranks == (0, 1, 2) and job.attempt.request & 0xFFF == 0
     for rank in (2, 0, 1):
         coord.on_result(result(job.request, rank), now=0.5)
-    ((client, meta, arrays),) = coord.replies
-    assert client == b"c1" and meta["ok"] and meta["call"] == 7 and not coord.pending
-    assert arrays["last_hidden_state"][0, :, 0].tolist() == [0, 0, 1, 1, 2, 2]
-    assert meta["stats"]["bytes_sent"] == [10, 10, 10] and meta["stats"]["latency_ms"] == 500.0
+    ((client, reply),) = coord.replies
+    assert client == b"c1" and reply.ok and reply.call == 7 and not coord.pending
+    assert reply.arrays["last_hidden_state"][0, :, 0].tolist() == [0, 0, 1, 1, 2, 2]
+    assert reply.stats["bytes_sent"] == [10, 10, 10] and reply.stats["latency_ms"] == 500.0
 
 
 def test_a_device_error_fails_the_request_once_and_aborts_everyone(coord):
     request(coord)
     r = coord.jobs[0].request
     coord.on_result(result(r, 1), 0.1)
-    coord.on_result(result(r, 2, ok=False, error="device 2: no means"), 0.2)
+    coord.on_result(result(r, 2, ok=False, error="text 0 has 702 tokens", type="TooLong"), 0.2)
     coord.on_result(result(r, 0), 0.3)  # late: ignored
-    assert [m["error"] for _, m, _ in coord.replies] == ["device 2: no means"]
+    ((_, reply),) = coord.replies
+    assert (reply.error.type, reply.error.message, reply.error.ranks) == ("TooLong", "text 0 has 702 tokens", (2,))
     assert aborts(coord) == [(0, r), (1, r), (2, r)]  # every device of the attempt, this one's worker too
 
 
@@ -106,7 +123,8 @@ def test_deadline_expiry_names_the_missing_devices(coord):
     coord.expire(1.0)
     assert not coord.replies
     coord.expire(coord.budget + 0.1)
-    assert "timed out waiting for devices [1, 2]" in coord.replies[0][1]["error"]
+    assert "timed out waiting for devices [1, 2]" in error_of(coord.replies[0][1])
+    assert coord.replies[0][1].error.type == "Timeout" and coord.replies[0][1].error.ranks == (1, 2)
 
 
 def test_planned_over_the_live_devices_and_refused_below_min_devices(coord):
@@ -117,40 +135,44 @@ def test_planned_over_the_live_devices_and_refused_below_min_devices(coord):
     coord.min_devices = 3
     request(coord, client=b"late")
     assert len(coord.jobs) == 1
-    assert coord.replies[0][1]["error"] == ("only 2 of 3 devices are live ([0, 2]) and --min-devices is 3: lost "
-                                            "device [1] (device 1 sent no heartbeat for 1.2 s)")
+    assert error_of(coord.replies[0][1]) == ("only 2 of 3 devices are live ([0, 2]) and --min-devices is 3: lost "
+                                             "device [1] (device 1 sent no heartbeat for 1.2 s)")
+    assert coord.replies[0][1].error.type == "DevicesUnavailable" and coord.replies[0][1].error.retryable
 
 
-@pytest.mark.parametrize("meta,arrays,match", [
-    ({"texts": 5}, {}, "'texts' must be a non-empty list"),
-    ({"texts": ["a"] * 100_000}, {}, "100000 texts exceeds this export's --max-batch 4"),
-    ({"texts": ["x" * 1_000_000]}, {}, "text 0 has 1,000,000 characters; the limit is 4,096"),
-    ({"texts": ["a", 3]}, {}, "text 1 is a int"),
-    ({"outputs": 5}, None, "'outputs' must be a non-empty list"),
-    ({"outputs": ["logits"]}, None, "unknown outputs"),
-    ({"bogus": 1}, None, "unknown request field"),
-    ({}, {"input_ids": np.array([[1, 200]])}, "input_ids out of range"),
-    ({}, {"input_ids": np.array([[1, 2]]), "attention_mask": np.array([[0, 0]])}, "at least one real token"),
-    ({}, {"input_ids": np.array([[1, 2]]), "attention_mask": np.array([[1, 5]])}, "only 0 and 1"),
-    ({"texts": ["a"]}, None, "exactly one of"),
-    ({}, {}, "exactly one of"),
+@pytest.mark.parametrize("meta,arrays,error,match", [
+    ({"texts": 5}, {}, FrameError, "field 'texts' must be a list"),
+    ({"texts": ["a"] * 100_000}, {}, TooLong, "100000 texts exceeds this export's --max-batch 4"),
+    ({"texts": ["x" * 1_000_000]}, {}, TooLong, "text 0 has 1,000,000 characters; the limit is 4,096"),
+    ({"texts": ["a", 3]}, {}, FrameError, "field 'texts' must be a string"),
+    ({"outputs": 5}, None, FrameError, "field 'outputs' must be a list"),
+    ({"outputs": ["logits"]}, None, InputError, "unknown outputs"),
+    ({"bogus": 1}, None, FrameError, "unknown field(s) ['bogus']"),
+    ({}, {"input_ids": np.array([[1, 200]])}, InputError, "input_ids out of range"),
+    ({}, {"input_ids": np.array([[1, 2]]), "attention_mask": np.array([[0, 0]])}, InputError, "at least one real token"),
+    ({}, {"input_ids": np.array([[1, 2]]), "attention_mask": np.array([[1, 5]])}, InputError, "only 0 and 1"),
+    ({"texts": ["a"]}, None, InputError, "exactly one of"),
+    ({}, {}, InputError, "exactly one of"),
+    ({"generate": {"max_new_tokens": 4}}, None, InputError, "this export cannot generate"),
 ])
-def test_bad_requests_get_one_clear_error_and_nothing_runs(coord, meta, arrays, match):
-    request(coord, meta, arrays)
-    assert not coord.jobs and not coord.pending
-    (_, reply, _), = coord.replies
-    assert not reply["ok"] and match in reply["error"]
+def test_bad_requests_get_one_clear_typed_error_before_the_coordinator(coord, meta, arrays, error, match):
+    """A REQUEST is checked while it is decoded (the host answers a refusal with its error; the coordinator
+    never sees it): the error's class says whose fault it is, its message what to change."""
+    with pytest.raises(error, match=match.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")
+                       .replace(")", r"\)")):
+        decoded(coord, meta, arrays)
 
 
 def test_busy_when_too_many_requests_are_pending_or_the_worker_queue_is_full(coord):
     coord.max_pending = 2
     for _ in range(3):
         request(coord)
-    assert len(coord.jobs) == 2 and "busy" in coord.replies[0][1]["error"]
+    assert len(coord.jobs) == 2 and "busy" in error_of(coord.replies[0][1])
+    assert coord.replies[0][1].error.type == "Busy" and coord.replies[0][1].error.code == "busy"
     coord.submit = lambda job: False
     coord.max_pending = 10
     request(coord)
-    assert "worker queue is full" in coord.replies[1][1]["error"]
+    assert "worker queue is full" in error_of(coord.replies[1][1])
 
 
 def test_outputs_that_do_not_fit_together_fail_the_request_not_the_runner(coord):
@@ -159,9 +181,9 @@ def test_outputs_that_do_not_fit_together_fail_the_request_not_the_runner(coord)
     coord.on_result(result(r, 0), 0.1)
     coord.on_result(result(r, 1), 0.1)
     bad = result(r, 2)
-    bad.outputs["last_hidden_state"] = np.zeros((3, 2, D), np.float32)  # another batch size
+    bad.arrays["last_hidden_state"] = np.zeros((3, 2, D), np.float32)  # another batch size
     coord.on_result(bad, 0.2)
-    assert "do not fit together" in coord.replies[0][1]["error"] and not coord.pending
+    assert "do not fit together" in error_of(coord.replies[0][1]) and not coord.pending
 
 
 # ---------------------------------------------------------------------------------------- elastic reruns
@@ -183,12 +205,12 @@ def test_a_lost_device_reruns_its_requests_over_the_survivors_with_new_ids(coord
     coord.on_result(result(old[0], 0), 0.3)  # late, from the abandoned attempt: ignored
     coord.on_result(result(new[0], 1, span=(3, 5)), 0.4)
     coord.on_result(result(new[0], 0, span=(0, 3)), 0.5)
-    ((client, meta, arrays),) = coord.replies
-    assert client == b"a" and meta["ok"] and meta["attempts"] == 2
-    assert meta["reruns"] == ["lost device 2 (device 2 closed the connection)"]
-    assert meta["stats"]["ranks"] == [0, 1] and meta["stats"]["spans"] == [[0, 3], [3, 5]]
-    assert meta["stats"]["split_weights"] is None and meta["stats"]["latency_ms"] == 500.0
-    assert arrays["last_hidden_state"][0, :, 0].tolist() == [0, 0, 1, 1]
+    ((client, reply),) = coord.replies
+    assert client == b"a" and reply.ok and reply.attempts == 2
+    assert reply.reruns == ("lost device 2 (device 2 closed the connection)",)
+    assert reply.stats["ranks"] == [0, 1] and reply.stats["spans"] == [[0, 3], [3, 5]]
+    assert reply.stats["split_weights"] is None and reply.stats["latency_ms"] == 500.0
+    assert reply.arrays["last_hidden_state"][0, :, 0].tolist() == [0, 0, 1, 1]
 
 
 def test_a_device_that_failed_for_another_devices_sake_is_rerun_when_membership_changes_or_after_the_hold(coord):
@@ -213,7 +235,8 @@ def test_a_device_that_failed_for_another_devices_sake_is_rerun_when_membership_
     assert len(coord.jobs) == 3 and coord.jobs[2].ranks == (0, 1, 2)  # ... until the hold ends (device 2 is back)
     third = coord.jobs[2].request
     coord.on_result(result(third, 2, ok=False, error="Sequence too long", retry=False), 2.0)
-    assert coord.replies[0][1] == {"ok": False, "error": "Sequence too long", "call": 7}
+    ((_, reply),) = coord.replies
+    assert reply.call == 7 and error_of(reply) == "Sequence too long" and reply.error.type == "InputError"
 
 
 def test_reruns_are_bounded_and_fail_fast_below_min_devices(coord):
@@ -224,22 +247,22 @@ def test_reruns_are_bounded_and_fail_fast_below_min_devices(coord):
     assert coord.jobs[-1].ranks == (0, 1)
     coord.membership.down = [1, 2]
     coord.on_peer_lost(1, "device 1 closed the connection", now=0.2)
-    error = coord.replies[0][1]["error"]
+    error = error_of(coord.replies[0][1])
     assert "only 1 of 3 devices are live ([0]) and --min-devices is 2: lost devices [1, 2]" in error
     assert "earlier attempts: lost device 2" in error and not coord.pending
     coord.min_devices, coord.max_attempts, coord.membership.down = 1, 2, []
     request(coord)
     for q in (1, 2):
         coord.on_peer_lost(q, f"device {q} closed the connection", now=0.3)
-    assert "gave up after 2 attempts" in coord.replies[1][1]["error"]
+    assert "gave up after 2 attempts" in error_of(coord.replies[1][1])
 
 
 def test_generation_carries_on_without_a_finished_device_and_reruns_when_the_tail_is_lost(coord):
     """The prefill of device 1 is in: losing it does not matter (the tail decodes from its own cache). Losing
     the tail while it decodes reruns the request from scratch over the survivors, whose tail is device 1;
     once tokens were streamed to the client, the request fails instead (the client has seen them)."""
-    gen = {"max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": None,
-           "stop_token_ids": [], "repetition_penalty": 1.0}
+    gen = {"max_new_tokens": 4, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "stop_token_ids": [],
+           "repetition_penalty": 1.0}
     coord.limits = type(coord.limits)(**{**coord.limits.__dict__, "generates": True})
     for stream in (False, True):
         coord.membership.down = []
@@ -251,11 +274,9 @@ def test_generation_carries_on_without_a_finished_device_and_reruns_when_the_tai
         coord.on_peer_lost(1, "device 1 closed the connection", now=0.2)
         assert coord.jobs[-1].request == r  # no rerun
         if stream:
-            from prism_onnx.runtime.messages import Tokens
-
-            coord.on_tokens(Tokens(r, 2, 0, np.array([7])), 0.3)
-            assert coord.replies[-1][1]["step"] == 0
+            coord.on_tokens(Tokens(r, 0, rank=2, arrays={"ids": np.array([7])}), 0.3)
+            assert isinstance(coord.replies[-1][1], Tokens) and coord.replies[-1][1].step == 0
         coord.membership.down = [1, 2]
         coord.on_peer_lost(2, "device 2 closed the connection", now=0.4)
-    assert coord.jobs[1].ranks == (0,) and coord.jobs[1].generate == gen  # the first request, rerun
-    assert "the tail device was lost after it streamed tokens" in coord.replies[-1][1]["error"]
+    assert coord.jobs[1].ranks == (0,) and coord.jobs[1].attempt.generate.max_new_tokens == 4  # the first, rerun
+    assert "the tail device was lost after it streamed tokens" in error_of(coord.replies[-1][1])

@@ -1,5 +1,5 @@
 """Parse limits and bounded memory, without sockets: the crashers found on main, the parsers under 10,000
-fuzzed messages, the means inbox and the exchange's stash bounds, rate-limited rejection logs."""
+fuzzed messages, the means inbox's bounds, rate-limited rejection logs."""
 
 import logging
 from pathlib import Path
@@ -10,15 +10,14 @@ import pytest
 import fuzz_messages
 from prism_onnx.errors import FrameError, PrismError
 from prism_onnx.plan import make_plan
-from prism_onnx.runtime.admission import check_request, request_rules
+from prism_onnx.runtime.admission import request_rules
 from prism_onnx.runtime.bundle import DeviceBundle
 from prism_onnx.runtime.counters import RateLimitedLog
-from prism_onnx.runtime.exchange import Abort, LocalHub
+from prism_onnx.runtime.exchange import Abort, Inbox, LocalHub
 from prism_onnx.runtime.membership import Membership
-from prism_onnx.runtime.messages import check_abort, check_result, check_start, request_id, result_rules, start_rules
-from prism_onnx.runtime.protocol import ArrayRules, Kind, decode, encode, json_depth, kind_of, peek_kind
-from prism_onnx.runtime.wire import MeansFrame, decode_means, encode_means
-from prism_onnx.runtime.worker import Inbox
+from prism_onnx.runtime.protocol import Kind, decode, encode, json_depth, kind_of
+from prism_onnx.runtime.schema import Hello, decode_record, peer_rules, request_id
+from prism_onnx.runtime.wire import MeansFrame, MeansHeader, decode_means, encode_means
 from test_coordinator import manifest
 
 LIMITS = DeviceBundle(Path("."), manifest(devices=2)).limits
@@ -58,7 +57,7 @@ def test_parsers_survive_10000_fuzzed_messages():
     t = fuzz_messages.Target(LIMITS.hidden, LIMITS.layers, LIMITS.wire_dtype, 0xEEEEEEEE, 0, 1, 2, LIMITS.vocab_size,
                              "e" * 64)
     m = Membership(1, {0: "x"}, "e" * 64, {}, "n")
-    rules = {Kind.START: start_rules(LIMITS), Kind.RESULT: result_rules(LIMITS), Kind.REQUEST: request_rules(LIMITS)}
+    rules = {**peer_rules(LIMITS), Kind.REQUEST: request_rules(LIMITS)}
     crashes, n = [], 0
     for port in ("peer", "client"):
         for parts in fuzz_messages.messages(5000, port, t, seed=7):
@@ -68,12 +67,9 @@ def test_parsers_survive_10000_fuzzed_messages():
                     decode_means(parts, wire_dtype=LIMITS.wire_dtype, hidden=LIMITS.hidden, max_rows=LIMITS.max_rows,
                                  max_batch=LIMITS.max_batch)
                     continue
-                k = peek_kind(parts)
-                _, meta, arrays = decode(parts, rules.get(k, ArrayRules(0, 0)))
-                {Kind.HELLO: lambda: m.on_hello(meta, 1.0, b"s", 0),
-                 Kind.START: lambda: check_start(meta, arrays, LIMITS),
-                 Kind.RESULT: lambda: check_result(meta, arrays, LIMITS), Kind.ABORT: lambda: check_abort(meta),
-                 Kind.REQUEST: lambda: check_request(meta, arrays, LIMITS)}.get(k, lambda: None)()
+                rec = decode_record(parts, LIMITS, rules)
+                if isinstance(rec, Hello):
+                    m.on_hello(rec, 1.0, b"s", 0)
             except PrismError:
                 pass
             except Exception as e:  # noqa: BLE001 - the point of the test
@@ -81,42 +77,48 @@ def test_parsers_survive_10000_fuzzed_messages():
     assert n == 10_000 and crashes == []
 
 
+def header(src: int, request: int, point: int = 0) -> MeansHeader:
+    return MeansHeader(request, point, src, 0, 7, 1, 1, 4)
+
+
 def test_inbox_is_bounded_per_source_and_in_total_and_expires_old_frames():
     box = Inbox(per_source=100, total=150)
-    assert box.put(1, 7, ["a"], 60, now=0.0) is None
-    assert "from device 1" in box.put(1, 7, ["b"], 60, now=0.0)
-    assert box.put(2, 8, ["c"], 60, now=1.0) is None
-    assert "inbox full" in box.put(3, 8, ["d"], 60, now=1.0)
+    assert box.put(header(1, 7), ["a"], 60, now=0.0) is None
+    assert "from device 1" in box.put(header(1, 7), ["b"], 60, now=0.0)
+    assert box.put(header(2, 8), ["c"], 60, now=1.0) is None
+    assert "inbox full" in box.put(header(3, 8), ["d"], 60, now=1.0)
     box.abort(Abort(7, "stop"))
-    assert isinstance(box.get(7, 0.01), Abort)  # an abort jumps its request's queue
-    assert box.get(7, 0.01) == ["a"] and box.nbytes == 60  # a reader gets only its own request's frames
-    assert box.put(1, 9, ["e"], 30, now=1.0) is None
+    assert isinstance(box.take(7, 0, 0.01), Abort)  # an abort jumps its request's queue
+    h, parts, nbytes = box.take(7, 0, 0.01)  # a reader gets only its own request's frames, of its point
+    assert parts == ["a"] and box.nbytes == 60
+    assert box.put(header(1, 9, point=1), ["e"], 30, now=1.0) is None
+    assert box.take(9, 0, 0.01) is None  # request 9's frame is for exchange point 1
     assert box.expire(now=5.0, max_age=3.5, keep={9}) == 1 and box.nbytes == 30  # request 9 is queued here
-    assert box.get(8, 0.01) is None and box.get(9, 0.01) == ["e"] and box.nbytes == 0
+    assert box.take(8, 0, 0.01) is None and box.take(9, 1, 0.01)[1] == ["e"] and box.nbytes == 0
     box.finish(9)
-    assert box.put(1, 9, ["late"], 30, now=6.0) is None and box.nbytes == 0  # finished: dropped
+    assert box.put(header(1, 9), ["late"], 30, now=6.0) is None and box.nbytes == 0  # finished: dropped
 
 
-def test_exchange_stash_is_bounded_in_bytes_per_source_and_expires():
+def test_early_frames_wait_in_the_bounded_inbox_and_expire():
+    """Frames of requests that never start here: held up to the inbox's bound per source (the rest refused
+    and counted), dropped when older than the exchange timeout."""
     from types import SimpleNamespace
 
     plan = make_plan(SimpleNamespace(causal=False, sinks=()), np.ones((1, 10), np.int64), devices=3,
                      compression_ratio=2)
     hub = LocalHub(3, wire_dtype="float32", width=4, points=["attn_in.0", "attn_in.1"], export_tag=7, max_rows=8,
-                   max_batch=2, timeout=0.5, stash_ttl=60.0)
+                   max_batch=2, timeout=0.5)
     dev = hub.endpoints[2]
     frame = lambda req, src: encode_means(MeansFrame(req, 0, src, 2, 7, plan.segments[src].counts,  # noqa: E731
                                                      np.zeros((1, plan.segments[src].rows, 4), np.float32)), "float32")
     size = sum(len(p) for p in frame(10, 0))
-    dev.stash_bytes_per_source = 3 * size  # room for three early frames per source
+    dev.inbox = Inbox(per_source=3 * size, total=100 * size)  # room for three early frames per source
     for req in range(10, 20):  # ten early frames of requests that never start here
-        hub.inboxes[2].put(frame(req, 0))
+        hub.endpoints[0]._send(2, frame(req, 0))
+    assert dev.inbox.nbytes == 3 * size and dev.traffic.rejected_frames == 7
     with pytest.raises(PrismError, match="no means"):
-        dev.all_gather(1, 0, np.zeros((1, plan.segments[2].rows, 4), np.float32), plan)
-    assert sorted(k[0] for k in dev._pending) == [17, 18, 19]  # the oldest made room
-    dev.stash_ttl = 0.0
-    dev.finish(1)  # expiry runs: frames older than the TTL are gone
-    assert not dev._pending
+        dev.gather(1, 0, plan)
+    assert dev.inbox.expire(now=1e9, max_age=dev.timeout) == 3 and dev.inbox.nbytes == 0
 
 
 def test_rejection_logs_are_rate_limited_and_say_how_many_were_not_logged(caplog):
@@ -141,7 +143,8 @@ def test_rejection_logs_are_rate_limited_and_say_how_many_were_not_logged(caplog
     ({"request": request_id(1, 0), "coordinator": 0, "budget_s": 1.0},
      {"attention_mask": np.ones((1, 2), np.int64), "input_ids": np.ones((1, 0), np.int64)}, "must be int64"),
     ({"request": request_id(1, 0), "coordinator": 0, "budget_s": 1.0},
-     {"attention_mask": np.ones((1, 2), np.int64), "input_ids": np.full((1, 2), 10 ** 6, np.int64)}, "out of range"),
+     {"attention_mask": np.ones((1, 2), np.int64), "input_ids": np.full((1, 2), 10 ** 6, np.int64)},
+     r"input_ids outside \[0, 100\)"),
     ({"request": request_id(1, 0), "coordinator": 0, "budget_s": 1.0},
      {"attention_mask": np.full((1, 2), 3, np.int64), "input_ids": np.ones((1, 2), np.int64)}, "only 0 and 1"),
     ({"request": request_id(1, 0), "coordinator": 0, "budget_s": 1.0},
@@ -149,5 +152,5 @@ def test_rejection_logs_are_rate_limited_and_say_how_many_were_not_logged(caplog
 ])
 def test_bad_starts_are_refused_before_any_job_exists(meta, arrays, match):
     with pytest.raises(PrismError, match=match):
-        _, meta, arrays = decode(encode(Kind.START, meta, arrays), start_rules(LIMITS))
-        check_start(meta, arrays, LIMITS)
+        decode_record(encode(Kind.START, {"ranks": [0, 1], **meta} if meta else meta, arrays), LIMITS,
+                      peer_rules(LIMITS))

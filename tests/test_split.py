@@ -77,34 +77,34 @@ def test_parse_split_refuses_what_is_not_a_split_of_three(text):
 
 
 def test_the_coordinator_plans_each_attempt_with_the_measured_split_and_reports_it():
-    """Device 1 reports twice device 0's time per token: from the next request on, the PrepareJob carries
-    the adaptive weights (device 1 about a third), and the reply reports the weights its attempt used."""
+    """Device 1 reports twice device 0's time per token: from the next request on, the attempt carries the
+    adaptive weights (device 1 about a third), and the reply reports the weights its attempt used."""
+    from dataclasses import replace
+
     from test_coordinator import FakeMembership, manifest, result
 
     from prism_onnx.runtime.bundle import DeviceBundle
     from prism_onnx.runtime.coordinator import Coordinator
-    from prism_onnx.runtime.messages import Result
-
+    from prism_onnx.runtime.schema import Request
 
     jobs, replies = [], []
     c = Coordinator(DeviceBundle(".", manifest(devices=2)), 0, FakeMembership(2), lambda q, parts: True,
-                    lambda client, meta, arrays=None, kind=None: replies.append(meta),
-                    lambda job: jobs.append(job) or True)
+                    lambda client, record: replies.append(record), lambda job: jobs.append(job) or True)
     assert c.split.mode == "auto"  # the export gives no split
-    ids = {"input_ids": np.arange(1, 13)[None]}
+    req = Request(arrays={"input_ids": np.arange(1, 13)[None]})
     for k in range(4):
-        c.on_request(b"c", {}, ids, float(k))
+        c.on_request(b"c", req, float(k))
         job = jobs[-1]
-        spans = split_tokens(12, 2, job.split_weights)
+        weights = job.attempt.split_weights
+        spans = split_tokens(12, 2, weights)
         for rank, (a, b) in enumerate(spans):
             r = result(job.request, rank, n=b - a, span=(a, b))
-            c.on_result(Result(r.request, r.rank, True, "", {"layer": (b - a) * (1.0 if rank == 0 else 2.0)},
-                               r.traffic, r.outputs, r.span), k + 0.5)
-        assert replies[-1]["ok"] and replies[-1]["stats"]["spans"] == [list(s) for s in spans]
-        assert replies[-1]["stats"]["split_weights"] == (list(job.split_weights) if job.split_weights else None)
-    assert jobs[0].split_weights is None  # nothing measured before the first request
-    assert jobs[-1].split_weights == pytest.approx((2 / 3, 1 / 3), abs=1e-3)
-    assert split_tokens(12, 2, jobs[-1].split_weights) == [(0, 8), (8, 12)]
+            c.on_result(replace(r, timings={"layer": (b - a) * (1.0 if rank == 0 else 2.0)}), k + 0.5)
+        assert replies[-1].ok and replies[-1].stats["spans"] == [list(s) for s in spans]
+        assert replies[-1].stats["split_weights"] == (list(weights) if weights else None)
+    assert jobs[0].attempt.split_weights is None  # nothing measured before the first request
+    assert jobs[-1].attempt.split_weights == pytest.approx((2 / 3, 1 / 3), abs=1e-3)
+    assert split_tokens(12, 2, jobs[-1].attempt.split_weights) == [(0, 8), (8, 12)]
 
 
 @pytest.fixture(scope="module")

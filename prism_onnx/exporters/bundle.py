@@ -28,7 +28,7 @@ CONFIG_SUMMARY = (
     "num_key_value_heads", "head_dim", "intermediate_size", "hidden_dim", "n_inner", "vocab_size",
     "max_position_embeddings", "n_positions", "image_size", "patch_size", "num_labels", "hidden_act",
     "activation_function", "activation", "rope_theta", "rope_scaling", "tie_word_embeddings", "bos_token_id",
-    "eos_token_id", "pad_token_id",
+    "eos_token_id", "pad_token_id", "type_vocab_size",
 )
 
 

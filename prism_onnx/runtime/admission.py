@@ -1,23 +1,22 @@
 """A client REQUEST, checked against the bundle's limits before anything is tokenized, decoded or queued.
 
 Order matters: the array descriptions are checked while the message is decoded (`request_rules`: names,
-dtypes, ranks, batch and length, before any array exists); then the JSON fields (`check_request`): the
-number of texts and each text's length before any tokenizer runs, the outputs asked for, ids within the
-vocabulary. Each refusal is an InputError or FrameError with one line naming the problem.
+dtypes, ranks, batch and length, before any array exists); then the fields' types and bounds
+(schema.Request); then their values (`check_request`): the number of texts and each text's length before
+any tokenizer runs, the outputs asked for, ids within the vocabulary. Each refusal is an InputError (the
+client's fault; TooLong for what exceeds the export's limits) or FrameError, one line naming the problem.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import FrameError, InputError
+from ..errors import FrameError, InputError, TooLong
 from .bundle import Limits
 from .protocol import ArrayRules
 
-REQUEST_FIELDS = {"texts", "outputs", "call", "generate", "stream"}
 ID_ARRAYS = ("input_ids", "attention_mask")
 
 
@@ -58,27 +57,16 @@ def request_rules(limits: Limits) -> ArrayRules:
     return ArrayRules(limits.max_client_bytes, max_arrays=limits.max_batch + 2, allow=allow)
 
 
-@dataclass
-class RequestInputs:
-    """A checked request: keyword arguments for `Requests.model_inputs`, the outputs asked for, the call id."""
-
-    kwargs: dict = field(default_factory=dict)
-    outputs: set[str] | None = None
-    call: int | None = None
-    generate: dict | None = None  # generate.GenerationConfig.to_dict(), checked
-    stream: bool = False
-
-
 def check_texts(texts, limits: Limits) -> list[str]:
     if not isinstance(texts, list) or not texts:
         raise InputError("'texts' must be a non-empty list of strings")
     if len(texts) > limits.max_batch:
-        raise InputError(f"a request of {len(texts)} texts exceeds this export's --max-batch {limits.max_batch}")
+        raise TooLong(f"a request of {len(texts)} texts exceeds this export's --max-batch {limits.max_batch}")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InputError(f"text {i} is a {type(t).__name__}, not a string")
         if len(t) > limits.max_text_chars:
-            raise InputError(f"text {i} has {len(t):,} characters; the limit is {limits.max_text_chars:,} "
+            raise TooLong(f"text {i} has {len(t):,} characters; the limit is {limits.max_text_chars:,} "
                              f"(this export reads at most {limits.max_seq_len} tokens)")
     return texts
 
@@ -108,64 +96,58 @@ def check_ids(ids: np.ndarray, mask: np.ndarray | None, limits: Limits) -> None:
             raise InputError("every batch row needs at least one real token (attention_mask is all zero in a row)")
 
 
-def check_generate(options, limits: Limits) -> dict:
-    """A request's generation options, checked (GenerationConfig) against what this export can do."""
-    from ..generate import GenerationConfig
-
+def check_generate(options, limits: Limits) -> None:
+    """A request's generation options (schema.GenerateOptions, their bounds checked), against what this
+    export can do."""
     if not limits.generates:
         raise InputError("this export cannot generate: it needs a language-model head (e.g. GPT2LMHeadModel, "
                          "LlamaForCausalLM) exported with --exchange kv")
-    if not isinstance(options, dict) or len(options) > 8:
-        raise InputError("'generate' must be an object of generation options")
-    config = GenerationConfig.from_dict(options)
-    if config.max_new_tokens > limits.max_positions or len(config.stop_token_ids) > 64:
-        raise InputError(f"max_new_tokens {config.max_new_tokens} exceeds the model's {limits.max_positions} "
-                         f"positions, or more than 64 stop tokens")
-    if any(not 0 <= t < limits.vocab_size for t in config.stop_token_ids):
-        raise InputError(f"stop_token_ids must be token ids in [0, {limits.vocab_size})")
-    return {**config.to_dict(), "stop_token_ids": None if "stop_token_ids" not in options else
-            list(config.stop_token_ids)}
 
 
-def check_request(meta: dict, arrays: dict[str, np.ndarray], limits: Limits) -> RequestInputs:
-    unknown = sorted(set(meta) - REQUEST_FIELDS)
-    if unknown:
-        raise FrameError(f"unknown request field(s) {[u[:40] for u in unknown[:5]]}")
-    call = meta.get("call")
-    if call is not None and (type(call) is not int or not 0 <= call < 1 << 63):
-        raise FrameError("field 'call' must be a non-negative integer")
-    out = RequestInputs(outputs=check_outputs(meta.get("outputs"), limits), call=call)
-    if meta.get("generate") is not None:
-        out.generate = check_generate(meta["generate"], limits)
-        out.stream = meta.get("stream") is True
-    elif meta.get("stream") is not None:
+def check_request(req, limits: Limits) -> None:
+    """A REQUEST's values (schema.Request, its fields already typed and bounded): exactly one kind of input,
+    what the model takes, within the export's limits. InputError (the client's fault) names the problem."""
+    if req.outputs is not None:
+        check_outputs(list(req.outputs), limits)
+    if req.generate is not None:
+        check_generate(req.generate, limits)
+    elif req.stream:
         raise InputError("'stream' streams generated tokens: it needs 'generate'")
-    given = [k for k, present in (("texts", meta.get("texts") is not None), ("arrays", bool(arrays))) if present]
+    arrays = req.arrays
+    given = [k for k, present in (("texts", req.texts is not None), ("arrays", bool(arrays))) if present]
     if len(given) != 1:
         raise InputError("a request needs exactly one of: texts, image files, pixel_values, input_ids")
-    if "texts" in meta and meta["texts"] is not None:
+    if req.texts is not None:
         if limits.input_kind != "text":
             raise InputError("this is an image model: send images or pixel_values, not texts")
-        out.kwargs["texts"] = check_texts(meta["texts"], limits)
-        return out
+        check_texts(list(req.texts), limits)
+        return
     images = [k for k in sorted(arrays) if k.startswith("image_")]
     if images:
         if len(images) != len(arrays):
             raise InputError("send either image files or pixel_values, not both")
         if len(images) > limits.max_batch:
-            raise InputError(f"a request of {len(images)} images exceeds this export's --max-batch {limits.max_batch}")
-        out.kwargs["images"] = [io.BytesIO(arrays[k].tobytes()) for k in images]
+            raise TooLong(f"a request of {len(images)} images exceeds this export's --max-batch {limits.max_batch}")
     elif "pixel_values" in arrays:
-        px = arrays["pixel_values"]
-        if not np.isfinite(px).all():
+        if not np.isfinite(arrays["pixel_values"]).all():
             raise InputError("pixel_values holds non-finite values")
-        out.kwargs["pixel_values"] = np.array(px)
     else:
         if "input_ids" not in arrays:
             raise InputError("attention_mask without input_ids")
-        ids, mask = arrays["input_ids"], arrays.get("attention_mask")
-        check_ids(ids, mask, limits)
-        out.kwargs["input_ids"] = np.atleast_2d(ids).astype(np.int64)
-        if mask is not None:
-            out.kwargs["attention_mask"] = np.atleast_2d(mask).astype(np.int64)
+        check_ids(arrays["input_ids"], arrays.get("attention_mask"), limits)
+
+
+def model_kwargs(req) -> dict:
+    """A checked request's inputs as keyword arguments of `device.Requests.model_inputs`."""
+    if req.texts is not None:
+        return {"texts": list(req.texts)}
+    arrays = req.arrays
+    images = [k for k in sorted(arrays) if k.startswith("image_")]
+    if images:
+        return {"images": [io.BytesIO(arrays[k].tobytes()) for k in images]}
+    if "pixel_values" in arrays:
+        return {"pixel_values": np.array(arrays["pixel_values"])}
+    out = {"input_ids": np.atleast_2d(arrays["input_ids"]).astype(np.int64)}
+    if arrays.get("attention_mask") is not None:
+        out["attention_mask"] = np.atleast_2d(arrays["attention_mask"]).astype(np.int64)
     return out

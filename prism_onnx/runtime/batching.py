@@ -1,7 +1,7 @@
 """Dynamic batching on the coordinator's device: concurrent client requests that would each get the same
 plan are run as one distributed request, and each client gets exactly its own rows back.
 
-When a thread of the coordinator's own lane takes a request (a PrepareJob), it tokenizes it, then takes the
+When a thread of the coordinator's own lane takes a client request (a Job), it tokenizes it, then takes the
 requests already queued behind it (and, while other requests of the lane are running, waits up to
 `batch_wait` seconds for more), up to the export's `max_batch` rows. Requests join the first one's batch
 only if their `Prepared.key` is equal: the same token count N, plan devices, split weights, requested outputs
@@ -17,7 +17,7 @@ sit on fewer devices and are averaged in other segments than alone. Use it where
 than bit-for-bit reproducibility of a request alone.
 
 The batch runs under the first request's id; its other requests ride along: the worker tells the
-coordinator (a BATCH message through its outbox, before any START leaves) which rows are whose, and the
+coordinator (a worker.Batched record, in process, before any START leaves) which rows are whose, and the
 coordinator answers each of them with its rows (coordinator.py).
 
 Vocabulary:
@@ -39,9 +39,10 @@ from ..plan import Plan
 
 @dataclass
 class Prepared:
-    """A PrepareJob (worker.py) tokenized and planned; `members` when it is a batch of several requests."""
+    """The coordinator's Job of a client request (worker.py) tokenized and planned; `members` when it is a
+    batch of several requests."""
 
-    job: object  # worker.PrepareJob
+    job: object  # worker.Job with its client Request
     inputs: dict[str, np.ndarray]  # token-level arrays [B, N, ...] (pixel_values [B, C, H, W])
     plan: Plan
     members: list[tuple[int, int, int, int]] = field(default_factory=list)
@@ -60,18 +61,22 @@ class Prepared:
         return self.job.coordinator
 
     @property
+    def attempt(self):
+        return self.job.attempt
+
+    @property
     def deadline(self) -> float:
         return self.job.deadline
 
     def key(self, pad: bool = False) -> tuple:
         """Requests with equal keys get, row by row, the same plan in one batch as alone; with `pad`, token
         inputs of any length N share a key (they are padded to the longest: see `merge`)."""
-        j = self.job
+        a = self.job.attempt
         padded = pad and "input_ids" in self.inputs
         arrays = tuple(sorted((k, v.shape[2:] if padded else v.shape[1:], str(v.dtype))
                               for k, v in self.inputs.items()))
         return (None if padded else self.plan.n_tokens, tuple(self.plan.ranks), self.plan.weights,
-                tuple(sorted(j.outputs)) if j.outputs else None, arrays)
+                tuple(sorted(a.outputs)) if a.outputs else None, arrays)
 
 
 def _pad(a: np.ndarray, n: int) -> np.ndarray:
@@ -97,12 +102,12 @@ def batchable(job) -> bool:
     """A request the coordinator's lane may batch: a client request (tokenized or not, not a batch already)
     that does not generate."""
     if isinstance(job, Prepared):
-        return not job.members and job.job.generate is None
-    return hasattr(job, "kwargs") and job.generate is None
+        return not job.members and job.attempt.generate is None
+    return getattr(job, "client", None) is not None and job.attempt.generate is None
 
 
 def gather(first, lane, tokenize, plan_of, max_rows: int, wait_s: float, pad: bool = False):
-    """`first` (a PrepareJob, or a Prepared put back earlier) and what can join it -> a Prepared (maybe a
+    """`first` (a client request's Job, or a Prepared put back earlier) and what can join it -> a Prepared (maybe a
     batch), or `first` itself when it cannot be tokenized (its own run reports the error). Candidates are
     the requests put back in `lane.ready` (in order), then the lane's queue; those that do not fit stay
     in, or go to, `lane.ready`, in order. tokenize(job) -> Prepared (raises on a bad request);

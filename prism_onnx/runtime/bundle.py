@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -213,6 +213,7 @@ class Limits:
     max_client_bytes: int  # largest client message
     max_positions: int = 0  # positions of the model: a prompt plus its new tokens fit in them
     generates: bool = False  # a decoder with a language-model head exchanging keys and values
+    token_ranges: dict = field(default_factory=dict)  # id input -> [lo, hi): input_ids, token_type_ids
 
     @classmethod
     def of(cls, m: Manifest) -> "Limits":
@@ -226,11 +227,16 @@ class Limits:
         outs = [int(o.shape[-1]) for g in m.graphs.values() for o in g.outputs if isinstance(o.shape[-1], int)]
         per_token_in = max([8] + [4 * w for _, w in token_inputs.values() if w])
         biggest = max(B * N * max([W, spec.hidden_size] + outs) * 4, B * N * per_token_in, B * N * 8) + (1 << 16)
-        return cls(devices=s.devices, max_batch=B, max_seq_len=N, max_rows=max_rows(N, s.compression_ratio, s.window, s.devices),
+        ranges = {"input_ids": (0, spec.vocab_size)}
+        if "token_type_ids" in spec.embed_inputs:  # exports before type_vocab_size was recorded: BERT's 2
+            ranges["token_type_ids"] = (0, int(m.config_summary.get("type_vocab_size", 2)))
+        return cls(devices=s.devices, max_batch=B, max_seq_len=N,
+                   max_rows=max_rows(N, s.compression_ratio, s.window, s.devices),
                    hidden=W, layers=len(m.program.points), wire_dtype=s.wire_dtype, input_kind=spec.input_kind,
                    vocab_size=spec.vocab_size, embed_inputs=spec.embed_inputs, token_inputs=token_inputs,
                    outputs=spec.outputs, image=(spec.num_channels, spec.image_size),
                    max_text_chars=max(4096, 32 * N), max_image_bytes=16 << 20,
                    max_message_bytes=biggest, max_client_bytes=max(biggest, 32 << 20),
                    max_positions=spec.max_positions,
-                   generates=m.program.exchange == "kv" and "logits" in m.program.token_outputs)
+                   generates=m.program.exchange == "kv" and "logits" in m.program.token_outputs,
+                   token_ranges={k: v for k, v in ranges.items() if k in spec.embed_inputs})

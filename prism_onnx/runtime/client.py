@@ -10,23 +10,27 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ..errors import FrameError, InputError, PeerError, PrismError
+from ..errors import FrameError, InputError, PeerError, PrismError, Timeout
 from .bundle import Export
 from .keys import CLIENT, ClientKeys
 from .preprocess import load_pixel_file
-from .protocol import ArrayRules, Kind, decode, encode
+from .protocol import ArrayRules, Kind
+from .schema import GenerateOptions, Reply, Request, Status, Tokens, decode_record, encode_record
 
 REPLY_RULES = ArrayRules(1 << 36, max_arrays=16)  # what a client accepts back from an authenticated server
 
 
 class ServerLost(PeerError):
     """The serving runner closed the connection, stopped answering, or never answered: another server may."""
+
+    code = "server_lost"
 
 
 def server_address(item: str) -> str:
@@ -163,7 +167,7 @@ class Client:
             raise
         poller = zmq.Poller()
         for s, _ in tries.values():
-            s.send_multipart(encode(Kind.STATUS, {"call": 0}))
+            s.send_multipart(encode_record(Status(call=0)))
             poller.register(s, zmq.POLLIN)
         ready = dict(poller.poll(int(1000 * self.dead_after)))
         for r, (s, m) in tries.items():
@@ -182,13 +186,13 @@ class Client:
         self.sock = self.monitor = None
         self._answered = False
 
-    def _call(self, kind: Kind, meta: dict, arrays: dict | None = None, timeout: float | None = None,
-              watch: bool = True, on_tokens=None):
-        """Send one message and wait for its REPLY; TOKENS of the same call go to on_tokens(meta, arrays)."""
+    def _call(self, message: Request | Status, timeout: float | None = None, watch: bool = True,
+              on_tokens=None) -> Reply:
+        """Send one message and wait for its Reply; Tokens of the same call go to on_tokens(tokens)."""
         self._connect()
         timeout = timeout or self.timeout
         call = next(self._calls)
-        self.sock.send_multipart(encode(kind, {**meta, "call": call}, arrays))
+        self.sock.send_multipart(encode_record(replace(message, call=call)))
         t0 = heard = time.monotonic()
         next_ping, poller = t0 + self.ping_every, zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -197,13 +201,13 @@ class Client:
             now = time.monotonic()
             if now - t0 >= timeout:
                 self._reset()
-                raise PeerError(f"no reply from {self.address} within {timeout:g} s")
+                raise Timeout(f"no reply from {self.address} within {timeout:g} s")
             if watch and now - heard >= self.dead_after:
                 self._reset()
                 raise ServerLost(f"the coordinator at {self.address} stopped responding: no answer for "
                                  f"{self.dead_after:g} s")
             if watch and now >= next_ping:
-                self.sock.send_multipart(encode(Kind.STATUS, {"call": 0}))
+                self.sock.send_multipart(encode_record(Status(call=0)))
                 next_ping = now + self.ping_every
             wait = min([t0 + timeout] + ([next_ping, heard + self.dead_after] if watch else [])) - now
             events = dict(poller.poll(max(1, int(1000 * wait))))
@@ -224,35 +228,38 @@ class Client:
                     raise ServerLost(f"{self.address} closed the connection (the coordinator stopped, or the "
                                      f"message was over its size limit)")
             if self.sock in events:
-                rkind, rmeta, rarrays = decode(self.sock.recv_multipart(), REPLY_RULES)
+                rec = decode_record(self.sock.recv_multipart(), None, REPLY_RULES, kinds=(Kind.REPLY, Kind.TOKENS))
                 heard, self._answered = time.monotonic(), True
-                if rmeta.get("call") == call:
-                    if rkind == Kind.TOKENS:
+                if rec.call == call:
+                    if isinstance(rec, Tokens):
                         if on_tokens is not None:
-                            on_tokens(rmeta, rarrays)
+                            on_tokens(rec)
                         continue
-                    return rmeta, rarrays
+                    return rec
 
     def status(self, timeout: float = 2.0) -> dict:
         """The STATUS of the server in use (no failover)."""
-        return self._call(Kind.STATUS, {}, timeout=timeout, watch=False)[0]
+        return self._call(Status(), timeout=timeout, watch=False).meta()
 
-    def _request(self, meta: dict, arrays: dict, on_tokens=None) -> tuple[dict, dict]:
+    def _request(self, request: Request, on_tokens=None) -> Reply:
         """One REQUEST, failing over to the next server (and resending) while servers are lost; a full
-        round of lost servers, or the client timeout, ends it."""
+        round of lost servers, or the client timeout, ends it. A reply with an error raises it, as the class
+        the cluster raised (errors.ErrorInfo.exception: InputError, TooLong, Busy, DevicesUnavailable...)."""
         t0, lost, streamed = time.monotonic(), [], []
 
-        def tokens(tmeta, tarrays):
+        def tokens(tok):
             streamed.append(1)
-            on_tokens(tmeta, tarrays)
+            on_tokens(tok)
 
         while True:
             left = self.timeout - (time.monotonic() - t0)
             try:
                 if left <= 0:
-                    raise PeerError(f"no reply within {self.timeout:g} s")
-                reply = self._call(Kind.REQUEST, meta, arrays, timeout=left, on_tokens=tokens if on_tokens else None)
-                self.last_server, self.last_failovers, self.last_reply = self.address, lost, reply[0]
+                    raise Timeout(f"no reply within {self.timeout:g} s")
+                reply = self._call(request, timeout=left, on_tokens=tokens if on_tokens else None)
+                self.last_server, self.last_failovers, self.last_reply = self.address, lost, reply.meta()
+                if reply.error is not None:
+                    raise reply.error.info().exception()
                 return reply
             except ServerLost as e:
                 lost.append(str(e))
@@ -267,46 +274,42 @@ class Client:
 
     def infer(self, *, texts=None, images=None, input_ids=None, attention_mask=None, pixel_values=None,
               outputs=None):
-        """-> (outputs {name: array}, stats). `outputs`: names to return (default all). Raises PeerError
-        with the server's message on failure."""
-        meta, arrays = self._inputs(texts, images, input_ids, attention_mask, pixel_values)
+        """-> (outputs {name: array}, stats). `outputs`: names to return (default all). A failure raises the
+        error the cluster raised (InputError, TooLong, Busy, DevicesUnavailable, Timeout, ...: errors.py)."""
+        request = self._inputs(texts, images, input_ids, attention_mask, pixel_values)
         if outputs:
-            meta["outputs"] = list(outputs)
-        meta, outputs = self._request(meta, arrays)
-        if not meta.get("ok"):
-            raise PeerError(f"request failed: {meta.get('error')}")
-        return {k: np.array(v) for k, v in outputs.items()}, meta["stats"]
+            request = replace(request, outputs=tuple(outputs))
+        reply = self._request(request)
+        return {k: np.array(v) for k, v in reply.arrays.items()}, reply.stats
 
     def generate(self, *, texts=None, input_ids=None, attention_mask=None, config=None, on_tokens=None):
         """Distributed prefill, then decoding on the tail device. `config`: a generate.GenerationConfig
         (default: 16 greedy tokens, stop at the model's EOS). on_tokens(step, ids [B], texts or None) is
         called as tokens arrive (streaming). -> (generated ids: a list per row, reply: stats, texts,
         generation stats, and client_time_to_first_token_ms when streaming)."""
-        meta, arrays = self._inputs(texts, None, input_ids, attention_mask, None)
-        options = (config.to_dict() if config is not None else {})
-        if config is not None and not config.stop_token_ids:
-            options.pop("stop_token_ids")  # none given: the model's EOS
-        meta.update(generate=options, stream=on_tokens is not None)
+        options = GenerateOptions.of(config, given_stops=bool(config.stop_token_ids)) if config is not None \
+            else GenerateOptions()  # no stop ids given: the model's EOS
+        request = replace(self._inputs(texts, None, input_ids, attention_mask, None), generate=options,
+                          stream=on_tokens is not None)
         t0, first = time.monotonic(), []
 
-        def tokens(tmeta, tarrays):
+        def tokens(tok):
             if not first:
                 first.append(time.monotonic())
-            on_tokens(int(tmeta.get("step", 0)), np.array(tarrays["ids"]), tmeta.get("texts"))
+            on_tokens(tok.step, np.array(tok.arrays["ids"]), list(tok.texts) if tok.texts is not None else None)
 
-        reply, outputs = self._request(meta, arrays, on_tokens=tokens if on_tokens else None)
-        if not reply.get("ok"):
-            raise PeerError(f"request failed: {reply.get('error')}")
-        ids = [[int(t) for t in row if t >= 0] for row in np.array(outputs["generated_ids"]).tolist()]
+        reply = self._request(request, on_tokens=tokens if on_tokens else None)
+        ids = [[int(t) for t in row if t >= 0] for row in np.array(reply.arrays["generated_ids"]).tolist()]
+        meta = reply.meta()
         if first:
-            reply["generation"]["client_time_to_first_token_ms"] = round(1e3 * (first[0] - t0), 3)
-        return ids, reply
+            meta["generation"]["client_time_to_first_token_ms"] = round(1e3 * (first[0] - t0), 3)
+        return ids, meta
 
     @staticmethod
-    def _inputs(texts, images, input_ids, attention_mask, pixel_values) -> tuple[dict, dict]:
-        meta, arrays = {}, {}
+    def _inputs(texts, images, input_ids, attention_mask, pixel_values) -> Request:
+        arrays = {}
         if texts:
-            meta["texts"] = list(texts)
+            return Request(texts=tuple(texts))
         elif images:
             npy = [p for p in images if str(p).endswith(".npy")]
             if npy:
@@ -321,8 +324,8 @@ class Client:
             if attention_mask is not None:
                 arrays["attention_mask"] = np.atleast_2d(np.asarray(attention_mask, np.int64))
         else:
-            raise PrismError("nothing to send: give texts, images, pixel_values or input_ids")
-        return meta, arrays
+            raise InputError("nothing to send: give texts, images, pixel_values or input_ids")
+        return Request(arrays=arrays)
 
     def close(self):
         self._reset()

@@ -1,25 +1,27 @@
 """Exchange points: at each point the device program declares (`attn_in.i` or `kv.i`, see program.py),
-every device sends its segment-mean rows to its receivers and gathers those of its sources. This is the
-only traffic per layer.
+every device sends its rows to its receivers and gathers those of its sources. This is the only traffic per
+layer.
 
-`Exchange` holds what every transport shares: encoding in the wire precision, byte counters, checking
-each frame against the plan, and matching frames to (request, layer, source) while frames of later
-requests wait in a stash bounded in count, in bytes per source and in total bytes; a stashed frame older
-than `stash_ttl` seconds (its request never started here) is dropped. Subclasses only move bytes:
-`LocalExchange` (in memory, for the in-process executor) and `ZmqExchange` (runtime/lanes.py).
+One receive path for every transport: a frame that arrives (from the network, through the runner's
+dispatch; or in memory, from another endpoint of a LocalHub) is checked once, on its header (`accept`:
+sizes against the bundle's limits, addressed to this device and export), and waits in the endpoint's Inbox,
+kept by (request, exchange point) and bounded in bytes per source and in total, until the gather of that
+point takes it; there its payload is decoded and its counts checked against the request's plan. Frames of a
+finished request are dropped; a frame no request here ever gathers is dropped when it is older than the
+exchange timeout (`Inbox.expire`). The endpoint counts the bytes it sends and accepts, per request and per
+exchange point. Subclasses only move bytes: `LocalExchange` (in memory, for the in-process executor) and
+`ZmqExchange` (runtime/lanes.py: out through the lane's outbox socket).
 
 Several requests may run through one endpoint at once (a lane's threads, `prism run --max-inflight`):
-each thread gathers only its own request's frames (`_recv(request, ...)`), and the shared state (stash,
-counters, finished requests) is guarded by one lock.
+each thread takes only its own request's frames from the inbox; counters are guarded by a lock.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +29,7 @@ import numpy as np
 from ..errors import FrameError, PeerError
 from ..plan import Plan
 from .counters import RateLimitedLog
-from .wire import MeansFrame, decode_means, encode_means, frame_nbytes
+from .wire import MeansFrame, MeansHeader, check_means, decode_payload, encode_means, frame_nbytes
 
 log = logging.getLogger("prism.exchange")
 rate_limited = RateLimitedLog(log)
@@ -83,39 +85,115 @@ class Traffic:
                    int(d.get("rejected_frames", 0)))
 
 
+class Inbox:
+    """The means frames one exchange endpoint has received and not yet used: each frame's header passed its
+    checks on arrival (`Exchange.accept`: sizes against the bundle's limits, addressed to this device, this
+    export, an exchange point it has), kept by (request, exchange point) until that point's gather takes it,
+    bounded in bytes per source and in total. An abort goes to the request it names; frames of a finished
+    request are dropped, also those that arrive later."""
+
+    def __init__(self, per_source: int, total: int, remember: int = 4096):
+        self.per_source, self.total = per_source, total
+        self._frames: dict[tuple[int, int], deque] = {}  # (request, point) -> (header, parts, nbytes, arrival)
+        self._bytes: dict[int, int] = {}  # source -> bytes held
+        self._aborts: dict[int, Abort] = {}
+        self._finished = RecentIds(remember)
+        self._cv = threading.Condition()
+
+    def put(self, h: MeansHeader, parts: list, nbytes: int, now: float) -> str | None:
+        """Keep a frame, or return why not."""
+        with self._cv:
+            if h.request in self._finished:
+                return None  # a late frame of a request finished here: nothing waits for it
+            if self._bytes.get(h.src, 0) + nbytes > self.per_source:
+                return f"inbox holds {self._bytes[h.src]} bytes from device {h.src}, the limit is {self.per_source}"
+            if sum(self._bytes.values()) + nbytes > self.total:
+                return f"inbox full ({self.total} bytes)"
+            self._frames.setdefault((h.request, h.layer), deque()).append((h, parts, nbytes, now))
+            self._bytes[h.src] = self._bytes.get(h.src, 0) + nbytes
+            self._cv.notify_all()
+        return None
+
+    def abort(self, a: Abort) -> None:
+        with self._cv:
+            self._aborts[a.request] = a
+            self._cv.notify_all()
+
+    def take(self, request: int, point: int, timeout: float):
+        """The next frame of `request` at exchange point `point` (header, parts, nbytes), an Abort of the
+        request, or None after `timeout` seconds."""
+        key = (request, point)
+        with self._cv:
+            self._cv.wait_for(lambda: request in self._aborts or self._frames.get(key), timeout)
+            if request in self._aborts:
+                return self._aborts.pop(request)
+            frames = self._frames.get(key)
+            if not frames:
+                return None
+            h, parts, nbytes, _ = frames.popleft()
+            if not frames:
+                del self._frames[key]
+            self._bytes[h.src] -= nbytes
+            return h, parts, nbytes
+
+    def finish(self, request: int) -> None:
+        """The request is done on this device: drop its frames and those that arrive later."""
+        with self._cv:
+            for key in [k for k in self._frames if k[0] == request]:
+                for h, _, nbytes, _ in self._frames.pop(key):
+                    self._bytes[h.src] -= nbytes
+            self._aborts.pop(request, None)
+            self._finished.add(request)
+
+    def expire(self, now: float, max_age: float, keep=()) -> int:
+        """Drop frames older than max_age, except those of the requests in `keep` (running or queued here)."""
+        dropped = 0
+        with self._cv:
+            for key in [k for k in self._frames if k[0] not in keep]:
+                frames = self._frames[key]
+                old = [it for it in frames if now - it[3] > max_age]
+                for h, _, nbytes, _ in old:
+                    self._bytes[h.src] -= nbytes
+                dropped += len(old)
+                frames = deque(it for it in frames if now - it[3] <= max_age)
+                if frames:
+                    self._frames[key] = frames
+                else:
+                    del self._frames[key]
+        return dropped
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._bytes.values())
+
+
+def inbox_for(max_batch: int, max_rows: int, width: int, wire_dtype: str, devices: int, inflight: int = 1) -> Inbox:
+    """An Inbox bounded for an export: per source, a few of its largest frames per request in flight (a
+    source runs at most one exchange point ahead), and that for every other device in total."""
+    per_source = (4 * frame_nbytes(max_batch, max_rows, width, wire_dtype) + (1 << 16)) * max(1, inflight)
+    return Inbox(per_source=per_source, total=per_source * max(1, devices - 1))
+
+
 class Exchange:
-    """One device's endpoint of the all-gather of segment means."""
+    """One device's endpoint of the exchange points: it sends its rows to its receivers (`send`), and takes
+    its sources' rows from its Inbox (`gather`); frames enter the inbox through `accept` (checked once)."""
 
     def __init__(self, rank: int, *, wire_dtype: str, width: int, points: list[str], export_tag: int, max_rows: int,
-                 max_batch: int, timeout: float = 30.0, max_pending: int = 256, stash_ttl: float | None = None,
-                 stash_bytes_per_source: int | None = None, stash_bytes: int | None = None, inflight: int = 1):
-        """width: values per row at every point; points: the exchange point names, in program order;
-        inflight: requests that may run through this endpoint at once (the stash bounds scale with it)."""
+                 max_batch: int, timeout: float = 30.0, inbox: Inbox | None = None, devices: int = 2):
+        """width: values per row at every point; points: the exchange point names, in program order; inbox:
+        where received frames wait (default: one bounded for `devices` devices, one request in flight)."""
         self.rank = rank
         self.wire_dtype, self.width, self.points = wire_dtype, width, list(points)
         self.layers = len(self.points)
         self.export_tag, self.max_rows, self.max_batch = export_tag, max_rows, max_batch
         self.timeout = timeout
+        self.inbox = inbox or inbox_for(max_batch, max_rows, width, wire_dtype, devices)
         self.traffic = Traffic(self.layers)  # totals since start
         self._per_request: dict[int, Traffic] = {}  # the same counts, attributed to each request
-        self.max_pending = max_pending
-        # a source is at most one exchange point ahead of this device within a request, and one request ahead
-        biggest = frame_nbytes(max_batch, max_rows, width, wire_dtype)
-        self.stash_bytes_per_source = stash_bytes_per_source or 4 * biggest * max(1, inflight)
-        self.stash_bytes = stash_bytes or 4 * self.stash_bytes_per_source
-        self.stash_ttl = stash_ttl or timeout * (self.layers + 2)
-        # (request, layer, src) -> (frame, bytes, arrival time), oldest first
-        self._pending: OrderedDict[tuple[int, int, int], tuple[MeansFrame, int, float]] = OrderedDict()
-        self._finished = RecentIds()  # requests finished here: their late frames are dropped
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()
 
-    # ---- transport hooks
+    # ---- transport hook
     def _send(self, dst: int, parts: list) -> None:
-        raise NotImplementedError
-
-    def _recv(self, request: int, timeout: float) -> list | Abort | None:
-        """The parts of one incoming means frame for `request` (a transport may also return other requests'
-        frames: they are stashed), or an Abort, or None when `timeout` seconds pass."""
         raise NotImplementedError
 
     # ---- the exchange
@@ -130,26 +208,61 @@ class Exchange:
             self._send(dst, parts)
             self._count("sent", request, point, sum(len(p) for p in parts))
 
+    def accept(self, parts: list, nbytes: int, now: float) -> MeansHeader:
+        """A frame that arrived: its header checked against the bundle's limits and this endpoint (FrameError
+        otherwise), then kept in the inbox until its gather (FrameError when the inbox refuses it)."""
+        h = check_means(parts, wire_dtype=self.wire_dtype, hidden=self.width, max_rows=self.max_rows,
+                        max_batch=self.max_batch)
+        self.admit(h, parts, nbytes, now)
+        return h
+
+    def admit(self, h: MeansHeader, parts: list, nbytes: int, now: float) -> None:
+        """A frame whose header and sizes `check_means` accepted (`accept`, or the runner's dispatch, which
+        also checks its sender): for this endpoint? then into the inbox (FrameError otherwise)."""
+        if h.dst != self.rank or h.export_tag != self.export_tag or not 0 <= h.layer < self.layers \
+                or h.src == self.rank:
+            raise FrameError(f"frame addressed to device {h.dst} of export tag {h.export_tag:08x}, exchange point "
+                             f"{h.layer}, from device {h.src}: not for this device")
+        why = self.inbox.put(h, parts, nbytes, now)
+        if why:
+            raise FrameError(why)
+
     def gather(self, request: int, point: int, plan: Plan) -> np.ndarray:
         """The rows [B, R, W] of my sources at exchange point `point`, in device order (waits for them)."""
         sources = plan.sources(self.rank)
-        frames = self._collect(request, point, sources, plan)
-        rows = [frames[q].means for q in sources]
+        got: dict[int, MeansFrame] = {}
+        deadline = time.monotonic() + self.timeout
+        while len(got) < len(sources):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = [q for q in sources if q not in got]
+                raise PeerError(f"device {self.rank}, request {request}, exchange {self.points[point]}: no means "
+                                f"from device(s) {missing} within {self.timeout:g} s")
+            item = self.inbox.take(request, point, min(remaining, 0.5))
+            if item is None:
+                continue
+            if isinstance(item, Abort):
+                raise PeerError(f"request {request} aborted by the coordinator: {item.reason}")
+            h, parts, nbytes = item
+            if h.src not in sources or h.src in got:
+                self._reject(nbytes, f"unexpected or duplicate frame from device {h.src}")
+                continue
+            f = decode_payload(h, parts, self.wire_dtype)
+            expected = plan.counts_to(h.src, self.rank)
+            if f.counts.shape != expected.shape or not np.array_equal(f.counts, expected):
+                self._reject(nbytes, f"frame from device {h.src} has counts {f.counts.shape} that do not match the "
+                                     f"plan {expected.shape}")
+                continue
+            self._count("received", request, point, nbytes)
+            got[h.src] = f
+        rows = [got[q].means for q in sources]
         return np.concatenate(rows, axis=1) if rows else np.zeros((plan.batch, 0, self.width), np.float32)
 
-    def all_gather(self, request: int, point: int, rows: np.ndarray, plan: Plan) -> np.ndarray:
-        """send, then gather."""
-        self.send(request, point, rows, plan)
-        return self.gather(request, point, plan)
-
     def finish(self, request: int) -> Traffic:
-        """Request done (or failed) on this device: drop its stashed frames and any that arrive later.
-        Returns the bytes this request moved through this device."""
+        """Request done (or failed) on this device: drop its frames and any that arrive later. Returns the
+        bytes this request moved through this device."""
+        self.inbox.finish(request)
         with self._lock:
-            self._finished.add(request)
-            for key in [k for k in self._pending if k[0] == request]:
-                del self._pending[key]
-            self._expire_stash(time.monotonic())
             return self._per_request.pop(request, Traffic(self.layers))
 
     def _count(self, direction: str, request: int, layer: int, nbytes: int) -> None:
@@ -163,108 +276,13 @@ class Exchange:
             self.traffic.rejected_bytes += nbytes
         rate_limited.warning("device %d rejected a frame (%d bytes): %s", self.rank, nbytes, why)
 
-    def _expire_stash(self, now: float) -> None:
-        for key, (_, _, t) in list(self._pending.items()):
-            if now - t > self.stash_ttl:
-                del self._pending[key]
-                rate_limited.warning("device %d: dropped a frame of request %d that never started here (%.0f s old)",
-                                     self.rank, key[0], now - t)
-
-    def _stash(self, f: MeansFrame, nbytes: int) -> None:
-        with self._lock:
-            self._stash_locked(f, nbytes)
-
-    def _stash_locked(self, f: MeansFrame, nbytes: int) -> None:
-        """Keep an early frame; over a bound, the oldest frames (of that source first) make room."""
-        self._pending[(f.request, f.layer, f.src)] = (f, nbytes, time.monotonic())
-
-        def evict(keys, why):
-            old = keys[0]
-            self._pending.pop(old)
-            rate_limited.warning("device %d: frame stash %s, dropped request %d layer %d from device %d", self.rank,
-                                 why, *old)
-
-        while sum(v[1] for k, v in self._pending.items() if k[2] == f.src) > self.stash_bytes_per_source:
-            evict([k for k in self._pending if k[2] == f.src], f"over {self.stash_bytes_per_source} bytes for one source")
-        while len(self._pending) > self.max_pending or sum(v[1] for v in self._pending.values()) > self.stash_bytes:
-            evict(list(self._pending), "full")
-
-    def _collect(self, request: int, layer: int, sources: list[int], plan: Plan) -> dict[int, MeansFrame]:
-        got = {}
-        with self._lock:
-            self._expire_stash(time.monotonic())
-            early = {q: self._pending.pop((request, layer, q), (None, 0, 0.0)) for q in sources}
-        for q, (f, nbytes, _) in early.items():  # frames that arrived while this device was at an earlier point
-            if f is not None and self._fits_plan(f, plan, nbytes):
-                self._count("received", request, layer, nbytes)
-                got[q] = f
-        deadline = time.monotonic() + self.timeout
-        while len(got) < len(sources):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                missing = [q for q in sources if q not in got]
-                raise PeerError(f"device {self.rank}, request {request}, exchange {self.points[layer]}: no means "
-                                f"from device(s) {missing} within {self.timeout:g} s")
-            parts = self._recv(request, remaining)
-            if parts is None:
-                continue
-            if isinstance(parts, Abort):
-                if parts.request == request:
-                    raise PeerError(f"request {request} aborted by the coordinator: {parts.reason}")
-                continue
-            nbytes = sum(len(p) for p in parts)
-            try:
-                f = decode_means(parts, wire_dtype=self.wire_dtype, hidden=self.width, max_rows=self.max_rows,
-                                 max_batch=self.max_batch)
-                self._check_header(f)
-            except FrameError as e:
-                self._reject(nbytes, str(e))
-                continue
-            if f.request in self._finished:
-                log.debug("device %d dropped a late frame of finished request %d", self.rank, f.request)
-                continue
-            if f.request == request and f.layer == layer:
-                if f.src not in sources or f.src in got:
-                    self._reject(nbytes, f"unexpected or duplicate frame from device {f.src}")
-                    continue
-                if not self._fits_plan(f, plan, nbytes):
-                    continue
-                self._count("received", request, layer, nbytes)
-                got[f.src] = f
-            else:  # a later exchange point or request: keep it until we get there (counted when accepted)
-                self._stash(f, nbytes)
-        return got
-
-    def _fits_plan(self, f: MeansFrame, plan: Plan, nbytes: int) -> bool:
-        """A frame's counts must be exactly what the request's plan says its source sends here; else it is
-        rejected."""
-        if f.src not in plan.ranks:
-            self._reject(nbytes, f"frame from device {f.src}, which is not in this request's plan {list(plan.ranks)}")
-            return False
-        expected = plan.counts_to(f.src, self.rank)
-        if f.counts.shape == expected.shape and np.array_equal(f.counts, expected):
-            return True
-        self._reject(nbytes, f"frame from device {f.src} has counts {f.counts.shape} that do not match the plan "
-                             f"{expected.shape}")
-        return False
-
-    def _check_header(self, f: MeansFrame) -> None:
-        if f.dst != self.rank:
-            raise FrameError(f"frame addressed to device {f.dst}, this is device {self.rank}")
-        if f.export_tag != self.export_tag:
-            raise FrameError(f"frame from another export (tag {f.export_tag:08x}, ours {self.export_tag:08x})")
-        if not 0 <= f.layer < self.layers:
-            raise FrameError(f"frame for exchange point {f.layer}, the model has {self.layers}")
-        if f.src == self.rank:
-            raise FrameError(f"frame claims to come from this device ({f.src})")
-
 
 class LocalHub:
-    """In-memory transport for P devices in one process (the in-process executor): one inbox per device."""
+    """In-memory transport for P devices in one process (the in-process executor): a frame one endpoint sends
+    enters the receiver's inbox through its `accept`, as a frame from the network does."""
 
     def __init__(self, devices: int, **kw):
-        self.inboxes = [queue.Queue() for _ in range(devices)]
-        self.endpoints = [LocalExchange(self, p, **kw) for p in range(devices)]
+        self.endpoints = [LocalExchange(self, p, devices=devices, **kw) for p in range(devices)]
 
 
 class LocalExchange(Exchange):
@@ -273,10 +291,9 @@ class LocalExchange(Exchange):
         self.hub = hub
 
     def _send(self, dst, parts):
-        self.hub.inboxes[dst].put([bytes(p) for p in parts])
-
-    def _recv(self, request, timeout):
+        parts = [bytes(p) for p in parts]
+        receiver = self.hub.endpoints[dst]
         try:
-            return self.hub.inboxes[self.rank].get(timeout=timeout)
-        except queue.Empty:
-            return None
+            receiver.accept(parts, sum(len(p) for p in parts), time.monotonic())
+        except FrameError as e:
+            receiver._reject(sum(len(p) for p in parts), str(e))

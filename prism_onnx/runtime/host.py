@@ -5,8 +5,8 @@ This module wires the parts together and runs the I/O loop; each part is its own
     membership.py   heartbeats, liveness, readiness, rank and export checks (pure logic)
     coordinator.py  client requests -> devices -> reply, failures and expiry (pure logic)
     worker.py       the worker: run_device for each request attempt, in lanes (lanes.py: one per coordinator,
-                    one job at a time within a lane), bounded means inboxes
-    dispatch.py     every message from a peer: checked (messages.py, wire.py) before it has any effect
+                    up to --max-inflight jobs at once within a lane), bounded means inboxes (exchange.py)
+    dispatch.py     every message from a peer: checked (schema.py, wire.py) before it has any effect
 
 Every runner may serve clients (--serve): whichever receives a request coordinates it, over the devices
 that are members now (membership.members: the live ones), and reruns it when one of them is lost.
@@ -26,33 +26,25 @@ from pathlib import Path
 
 import zmq
 
-from ..errors import BundleError, FrameError, PrismError
+from ..errors import BundleError, ErrorInfo, PrismError
 from .admission import request_rules
 from .bundle import DeviceBundle
 from .coordinator import Coordinator
 from .counters import Counters
-from .device import Engine, Requests
-from .dispatch import PeerMessages
+from .device import Engine, Requests, export_tag
+from .dispatch import Effects, PeerMessages
+from .exchange import inbox_for
 from .keys import RunnerKeys, loose_permissions, with_local_client
-from .membership import DEAD_AFTER_S, HEARTBEAT_S, Membership
-from .messages import MAX_DEVICES
-from .protocol import ArrayRules, Kind, decode, encode, peek_call, peek_kind
+from .membership import HEARTBEAT_S, Membership
+from .protocol import Kind, peek_call
+from .replies import error_reply
+from .schema import MAX_DEVICES, Reply, Request, decode_record, encode_record
+from .settings import RunnerSettings
 from .split import SplitPolicy, parse_split
-from .transport import Transport
-from .wire import frame_nbytes
-from .worker import Inbox, Worker, ZmqExchange
+from .transport import ENVELOPE, LOCAL, Transport
+from .worker import Worker, ZmqExchange
 
 log = logging.getLogger("prism.run")
-
-
-def parse_peers(peers: str) -> list[tuple[str, int]]:
-    out = []
-    for item in peers.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise PrismError(f"--peers: '{item}' is not HOST:PORT")
-        out.append((host, int(port)))
-    return out
 
 
 def local_host(bind: str) -> str:
@@ -80,85 +72,72 @@ def split_policy(split: str | None, bundle: DeviceBundle) -> SplitPolicy | None:
 
 
 class DeviceHost:
-    def __init__(self, bundle: str | Path, *, rank: int | None, peers: str, serve: int | None = None,
-                 threads: int = 1, timeout: float = 10.0, peer_timeout: float = 60.0, bind: str | None = None,
-                 keys: str | Path | None = None, insecure: bool = False, dead_after: float = DEAD_AFTER_S,
-                 max_cache_mb: float = 1024.0, min_devices: int = 1, local_client: bool = False,
-                 providers=None, optimization: str = "all", split: str | None = None, slowdown: float = 1.0,
-                 inflight: int = 1, batch_wait_ms: float = 2.0, batch_pad: bool = False):
-        """local_client: also accept a client key made in memory (keys.with_local_client), for the HTTP
-        server in this process (`prism run --http`); it is `self.local_client_keys`, and the client port
-        is reachable from this machine at `self.local_client_address`. providers, optimization: the
-        onnxruntime execution providers and graph optimization level of the device's sessions (Engine).
-        inflight: requests of one coordinator this device runs at once (pipelining; lanes.py).
-        batch_wait_ms: with serve, how long batching may wait for requests to join (batching.py; 0: off);
-        batch_pad: also batch requests of different lengths, padded (changes outputs at CR > 1).
-        split: how the coordinator splits requests (split.parse_split: auto, even, or weights; default the
-        export's static split if it has one, else auto); slowdown: emulate a slower board (Engine)."""
+    def __init__(self, bundle: str | Path, settings: RunnerSettings):
+        """One runner of `bundle` (a device-K folder) as `settings` say. With settings.http, it also accepts a
+        client key made in memory (keys.with_local_client) for the HTTP server in this process
+        (`self.local_client_keys`; the client port is reachable from this machine at
+        `self.local_client_address`)."""
+        s = self.settings = settings
         self.bundle = b = DeviceBundle.load(bundle)  # every sha256 and the export id, recomputed
-        self.rank = b.rank if rank is None else int(rank)
+        self.rank = b.rank if s.rank is None else int(s.rank)
         if self.rank != b.rank:
             raise BundleError(f"{bundle} is the bundle of device {b.rank}, not of rank {self.rank}")
-        addrs = parse_peers(peers)
-        if len(addrs) != b.devices:
-            raise PrismError(f"--peers lists {len(addrs)} devices, this export has {b.devices}")
         if b.devices > MAX_DEVICES:
             raise PrismError(f"this export has {b.devices} devices; the runtime supports up to {MAX_DEVICES}")
-        if not 1 <= min_devices <= b.devices:
-            raise PrismError(f"--min-devices {min_devices}: must be between 1 and this export's {b.devices} devices")
-        self.serve, self.peer_timeout, self.limits = serve, float(peer_timeout), b.limits
-        policy = split_policy(split, b)  # a bad --split is refused before anything binds
-        if not 1 <= inflight <= 16:
-            raise PrismError(f"--max-inflight {inflight}: must be between 1 and 16")
+        addrs = s.check(b.devices, self.rank)
+        self.serve, self.peer_timeout, self.limits = s.serve, s.peer_timeout, b.limits
+        policy = split_policy(s.split, b)  # a bad --split is refused before anything binds
         self.stop, self.fatal = threading.Event(), None
         self.counters = Counters(log)
         peer_addrs = {q: f"tcp://{h}:{p}" for q, (h, p) in enumerate(addrs) if q != self.rank}
-        if local_client and serve is None:
-            raise PrismError("--http needs --serve PORT: the HTTP server talks to this runner's client port")
-        runner_keys, self.local_client_keys = load_keys(b, self.rank, keys, insecure), None
-        if local_client and runner_keys is not None:
+        runner_keys, self.local_client_keys = load_keys(b, self.rank, s.keys, s.insecure), None
+        if s.http is not None and runner_keys is not None:
             runner_keys, self.local_client_keys = with_local_client(runner_keys, self.rank)
-        self.bind_host = bind or addrs[self.rank][0]
-        self.local_client_address = f"{local_host(self.bind_host)}:{serve}" if serve is not None else None
+        self.bind_host = s.bind or addrs[self.rank][0]
+        self.local_client_address = f"{local_host(self.bind_host)}:{s.serve}" if s.serve is not None else None
         self.membership = Membership(self.rank, peer_addrs, b.export_id, b.handshake_settings, uuid.uuid4().hex[:12],
-                                     serving=serve is not None, dead_after=dead_after,
+                                     serving=s.serve is not None, dead_after=s.heartbeat_timeout,
                                      peer_list=tuple(f"{h}:{p}" for h, p in addrs))
         self.transport = t = Transport(
             rank=self.rank, peers=peer_addrs, port=addrs[self.rank][1], bind=self.bind_host,
-            serve=serve, keys=runner_keys, max_peer_bytes=self.limits.max_message_bytes,
+            serve=s.serve, keys=runner_keys, max_peer_bytes=self.limits.max_message_bytes,
             max_client_bytes=self.limits.max_client_bytes, counters=self.counters)
-        self.engine = Engine(b, threads, providers=providers, optimization=optimization, slowdown=slowdown)
-        frame = frame_nbytes(self.limits.max_batch, self.limits.max_rows, self.limits.hidden, self.limits.wire_dtype)
-        per_source = (4 * frame + (1 << 16)) * inflight
+        self.engine = Engine(b, s.threads, providers=s.providers, optimization=s.optimization, slowdown=s.slowdown)
+        L = self.limits
 
-        def lane_exchange() -> ZmqExchange:  # each lane's own endpoint: inbox, stash, outbox socket
-            inbox = Inbox(per_source=per_source, total=per_source * max(1, b.devices - 1))
-            return ZmqExchange(self.rank, t.new_outbox(), inbox, inflight=inflight,
-                               **self.engine.exchange_kwargs(timeout))
+        def lane_exchange() -> ZmqExchange:  # each lane's own endpoint: inbox, outbox socket
+            inbox = inbox_for(L.max_batch, L.max_rows, L.hidden, L.wire_dtype, b.devices, s.inflight)
+            return ZmqExchange(self.rank, t.new_outbox(), inbox=inbox, **self.engine.exchange_kwargs(s.timeout))
 
-        self.worker = Worker(self.engine, self.rank, lane_exchange, Requests(b) if serve is not None else None,
+        self.worker = Worker(self.engine, self.rank, lane_exchange, Requests(b) if s.serve is not None else None,
                              on_internal_error=lambda: self.counters.event("internal_errors"),
-                             max_cache_bytes=int(max_cache_mb * 2**20), inflight=inflight,
-                             batch_wait=batch_wait_ms / 1e3 if serve is not None else 0.0, batch_pad=batch_pad)
+                             max_cache_bytes=int(s.max_cache_mb * 2**20), inflight=s.inflight,
+                             batch_wait=s.batch_wait_ms / 1e3 if s.serve is not None else 0.0, batch_pad=s.batch_pad)
         self.coordinator = None
-        if serve is not None:
+        if s.serve is not None:
             self.coordinator = Coordinator(b, self.rank, self.membership, t.send_peer, self._reply_client,
-                                           self.worker.submit, timeout=timeout, min_devices=min_devices,
-                                           abort_local=self.worker.abort, hold_s=dead_after + HEARTBEAT_S,
+                                           self.worker.submit, timeout=s.timeout, min_devices=s.min_devices,
+                                           abort_local=self.worker.abort, hold_s=s.heartbeat_timeout + HEARTBEAT_S,
                                            split=policy)
-        self.peer_messages = PeerMessages(self)
-        self.client_rules = request_rules(self.limits)
+        effects = Effects(self.worker.submit, self.worker.abort, self.worker.deliver_means,
+                          lambda session, parts: t.reply(t.peer_in, session, parts), self._set_fatal, self.coordinator)
+        self.peer_messages = PeerMessages(self.rank, self.limits, export_tag(b.export_id), self.membership,
+                                          self.counters, effects)
+        self.client_rules = {Kind.REQUEST: request_rules(self.limits)}
+
+    def _set_fatal(self, reason: str) -> None:
+        self.fatal = reason
 
     # ------------------------------------------------------------------------------------------ main loop
     def run(self) -> int:
         """Serve until stopped (SIGINT/SIGTERM set `stop`). Returns the process exit code."""
         self.worker.start(self.stop)
         t, poller = self.transport, zmq.Poller()
-        for s in t.sockets():
-            poller.register(s, zmq.POLLIN)
-        handlers = {t.peer_in: self.peer_messages.on_peer, t.outbox_in: self.peer_messages.on_outbox,
-                    t.clients: self._on_client, **{m: self._on_monitor for m in t.monitors},
-                    **{s: self.peer_messages.on_dealer(q) for q, s in t.out.items()}}
+        for sock in t.sockets():
+            poller.register(sock, zmq.POLLIN)
+        handlers = {t.peer_in: self._on_peer, t.outbox_in: self._on_outbox, t.clients: self._on_client,
+                    **{m: self._on_monitor for m in t.monitors},
+                    **{sock: self._on_refused(q) for q, sock in t.out.items()}}
         started, next_hello, was_ready = time.monotonic(), 0.0, False
         log.info("device %d/%d up on port %s (export %s)%s%s", self.rank, self.bundle.devices,
                  t.peer_in.last_endpoint.decode(), self.bundle.export_id[:12],
@@ -201,13 +180,32 @@ class DeviceHost:
             self.counters.event("internal_errors")
             log.exception("device %d: internal error while handling a message (the runner keeps serving)", self.rank)
 
+    def _on_peer(self, sock) -> None:
+        session, user, parts = self.transport.recv(sock)
+        self.peer_messages.on_peer(session, user, parts)
+
+    def _on_refused(self, q: int):
+        return lambda sock: self.peer_messages.on_refused(q, sock.recv_multipart())
+
+    def _on_outbox(self, sock) -> None:
+        """The worker's messages: forwarded to their peer, or (a wake-up) its records for our coordinator."""
+        frames = sock.recv_multipart(copy=False)
+        dst, request = ENVELOPE.unpack(frames[0].bytes)
+        if dst == LOCAL:
+            return self.peer_messages.on_local(self.transport.local.get_nowait())
+        if not self.transport.send_peer(dst, frames[1:]):
+            why = f"device {self.rank} cannot send to device {dst}: not connected"
+            self.worker.abort(request, why)
+            if self.coordinator:
+                self.coordinator.on_send_failed(request, dst, why, time.monotonic())
+
     def _on_monitor(self, m) -> None:
         q = self.transport.on_monitor(m)
         if q is not None:
             self.membership.on_disconnect(q, now=time.monotonic())
 
     def _hello(self, now: float) -> None:
-        msg = encode(Kind.HELLO, self.membership.hello(now, self.health))
+        msg = encode_record(self.membership.hello(now, self.health))
         for q in self.membership.peers:
             self.transport.send_peer(q, msg)  # IMMEDIATE: dropped while q is not connected
 
@@ -235,31 +233,26 @@ class DeviceHost:
                 "denied": ev["auth_denied"] + sum(ev[k] for k in ("handshake_failed", "handshake_failed_protocol"))}
 
     # ------------------------------------------------------------------------------------------ clients
-    def _reply_client(self, client: bytes, meta: dict, arrays: dict | None = None, kind: Kind = Kind.REPLY) -> None:
-        self.transport.reply(self.transport.clients, client, encode(kind, meta, arrays))
+    def _reply_client(self, client: bytes, record) -> None:
+        self.transport.reply(self.transport.clients, client, encode_record(record))
 
     def _on_client(self, sock) -> None:
         client, user, parts = self.transport.recv(sock)
-        kind = peek_kind(parts)
         try:
-            _, meta, arrays = decode(parts, self.client_rules if kind == Kind.REQUEST else ArrayRules(0, 0))
-        except FrameError as e:
+            rec = decode_record(parts, self.limits, self.client_rules, kinds=(Kind.REQUEST, Kind.STATUS))
+        except PrismError as e:
             self.counters.reject("client message", str(e), sum(len(p) for p in parts), user or "")
-            return self._reply_client(client, {"ok": False, "error": f"FrameError: {e}", "call": peek_call(parts)})
-        call = meta.get("call") if type(meta.get("call")) is int else None
-        if kind == Kind.STATUS:
-            self.counters.accept("status")
-            return self._reply_client(client, {**self.status(time.monotonic()), "call": call})
-        if kind != Kind.REQUEST:
-            self.counters.reject("client message", f"unexpected {kind.name}", 0, user or "")
-            return self._reply_client(client, {"ok": False, "error": f"unexpected {kind.name}", "call": call})
-        self.counters.accept("request")
-        self.coordinator.on_request(client, meta, arrays, time.monotonic())
+            return self._reply_client(client, error_reply(peek_call(parts), ErrorInfo.of(e)))
+        if isinstance(rec, Request):
+            self.counters.accept("request")
+            return self.coordinator.on_request(client, rec, time.monotonic())
+        self.counters.accept("status")
+        self._reply_client(client, Reply(call=rec.call, status=self.status(time.monotonic())))
 
     def status(self, now: float) -> dict:
         m = self.membership
         return {
-            "ok": True, "ready": m.ready(now), "export_id": self.bundle.export_id, "devices": self.bundle.devices,
+            "ready": m.ready(now), "export_id": self.bundle.export_id, "devices": self.bundle.devices,
             "coordinator": self.rank, "connected": m.connected(now), "members": m.members(now),
             "min_devices": self.coordinator.min_devices if self.coordinator else None,
             "secure": self.transport.keys is not None,

@@ -9,14 +9,15 @@ and always progresses: no two devices ever wait for each other's *other* request
 different coordinators run side by side (threads of their own), so two coordinators never deadlock each
 other, whatever order their STARTs reach the devices in.
 
-Each lane has its own exchange endpoint (ZmqExchange: its own Inbox, kept by request, and stash) and its
-own outbox socket (shared by the lane's threads: ZeroMQ sockets are not thread-safe, so the outbox
+Each lane has its own exchange endpoint (ZmqExchange: its own Inbox, kept by request and exchange point)
+and its own outbox socket (shared by the lane's threads: ZeroMQ sockets are not thread-safe, so the outbox
 serializes its sends). A means frame, an ABORT or a RESULT reaches the right lane by its request id, which
 names the coordinator (messages.request_id).
 
 Vocabulary:
     lane        the queue, threads (`slots`) and exchange endpoint of one coordinator's requests on this device
-    job         one request attempt this device computes (worker.Job, or worker.PrepareJob on the coordinator)
+    job         one request attempt this device computes (worker.Job; on the coordinator, a client request's
+                Job before it is tokenized, and batching.Prepared after)
     members     a job's `ranks`: the devices of its plan
 """
 
@@ -27,106 +28,23 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from .exchange import Abort, Exchange, RecentIds
-from .messages import coordinator_of
+from .exchange import Abort, Exchange
+from .schema import coordinator_of
 from .wire import MEANS_HEADER
 
 MAX_QUEUED = 64
 
 
-class Inbox:
-    """Means frames for one lane, kept by request, bounded in bytes per source and in total. A reader takes
-    only its own request's frames (`get(request, ...)`), so several requests of the lane can wait at once
-    (pipelining); an abort goes to the request it names. Frames of a finished request are dropped."""
-
-    def __init__(self, per_source: int, total: int, remember: int = 4096):
-        self.per_source, self.total = per_source, total
-        self._frames: dict[int, deque] = {}  # request -> (src, parts, nbytes, arrival), oldest first
-        self._bytes: dict[int, int] = {}  # source -> bytes held
-        self._aborts: dict[int, Abort] = {}
-        self._finished = RecentIds(remember)  # requests finished here
-        self._cv = threading.Condition()
-
-    def put(self, src: int, request: int, parts: list, nbytes: int, now: float) -> str | None:
-        """Queue a frame, or return why not."""
-        with self._cv:
-            if request in self._finished:
-                return None  # a late frame of a request finished here: nothing waits for it
-            if self._bytes.get(src, 0) + nbytes > self.per_source:
-                return f"inbox holds {self._bytes[src]} bytes from device {src}, the limit is {self.per_source}"
-            if sum(self._bytes.values()) + nbytes > self.total:
-                return f"inbox full ({self.total} bytes)"
-            self._frames.setdefault(request, deque()).append((src, parts, nbytes, now))
-            self._bytes[src] = self._bytes.get(src, 0) + nbytes
-            self._cv.notify_all()
-        return None
-
-    def abort(self, a: Abort) -> None:
-        with self._cv:
-            self._aborts[a.request] = a
-            self._cv.notify_all()
-
-    def get(self, request: int, timeout: float):
-        """The next frame of `request` (its parts), an Abort of it, or None after `timeout` seconds."""
-        with self._cv:
-            self._cv.wait_for(lambda: request in self._aborts or self._frames.get(request), timeout)
-            if request in self._aborts:
-                return self._aborts.pop(request)
-            frames = self._frames.get(request)
-            if not frames:
-                return None
-            src, parts, nbytes, _ = frames.popleft()
-            if not frames:
-                del self._frames[request]
-            self._bytes[src] -= nbytes
-            return parts
-
-    def finish(self, request: int) -> None:
-        """The request is done on this device: drop its frames and those that arrive later."""
-        with self._cv:
-            for src, _, nbytes, _ in self._frames.pop(request, ()):
-                self._bytes[src] -= nbytes
-            self._aborts.pop(request, None)
-            self._finished.add(request)
-
-    def expire(self, now: float, max_age: float, keep=()) -> int:
-        """Drop frames older than max_age, except those of the requests in `keep` (running or queued here)."""
-        dropped = 0
-        with self._cv:
-            for request in [r for r in self._frames if r not in keep]:
-                frames = self._frames[request]
-                old = [it for it in frames if now - it[3] > max_age]
-                for src, _, nbytes, _ in old:
-                    self._bytes[src] -= nbytes
-                dropped += len(old)
-                frames = deque(it for it in frames if now - it[3] <= max_age)
-                if frames:
-                    self._frames[request] = frames
-                else:
-                    del self._frames[request]
-        return dropped
-
-    @property
-    def nbytes(self) -> int:
-        return sum(self._bytes.values())
-
-
 class ZmqExchange(Exchange):
-    """Means leave through the lane's outbox (the I/O thread forwards them) and arrive through its Inbox."""
+    """Means leave through the lane's outbox (the I/O thread forwards them); frames arrive through the
+    runner's dispatch, which hands them to `accept` (exchange.py: checked once, then the inbox)."""
 
-    def __init__(self, rank: int, outbox, inbox: Inbox, **kw):
+    def __init__(self, rank: int, outbox, **kw):
         super().__init__(rank, **kw)
-        self.outbox, self.inbox = outbox, inbox
+        self.outbox = outbox
 
     def _send(self, dst, parts):
         self.outbox.send(dst, MEANS_HEADER.unpack(bytes(parts[0]))[3], parts)
-
-    def _recv(self, request, timeout):
-        return self.inbox.get(request, min(timeout, 0.5))
-
-    def finish(self, request):
-        self.inbox.finish(request)
-        return super().finish(request)
 
 
 class Lane:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import FrameError
-from .protocol import get_bool, get_dict, get_float, get_int, get_list, get_str
 
 HEARTBEAT_S = 0.2
 DEAD_AFTER_S = 1.0
@@ -123,32 +121,24 @@ class Membership:
         return q in self.peers and self.peers[q].session == session
 
     # ------------------------------------------------------------------------------------------ HELLO
-    def hello(self, now: float, health: dict | None = None) -> dict:
-        """Our heartbeat; `health` ({name: count}) is reported to the coordinator's STATUS."""
-        return {"rank": self.rank, "nonce": self.nonce, "export_id": self.export_id, "settings": self.settings,
-                "serving": self.serving, "t": now, "ready": self.ready(now), "formed": self.ever_ready,
-                "health": health or {}, "peers": list(self.peer_list),
-                "echo": {str(q): p.their_t for q, p in self.peers.items() if p.their_t is not None},
-                "sees": [q for q in self.peers if self.alive(q, now)]}
+    def hello(self, now: float, health: dict | None = None):
+        """Our heartbeat (schema.Hello); `health` ({name: count}) is reported to the coordinator's STATUS."""
+        from .schema import Hello
 
-    def on_hello(self, meta: dict, now: float, session: bytes, key_rank: int | None = None) -> Verdict:
-        """A HELLO from the connection `session`; `key_rank` is the rank of the CurveZMQ key it came with
-        (None without authentication). Raises FrameError when the HELLO is malformed."""
-        rank = get_int(meta, "rank", 0, 1 << 16)
-        nonce = get_str(meta, "nonce", 64)
-        export_id = get_str(meta, "export_id", 128)
-        settings = get_dict(meta, "settings", 32, default={})
-        serving, ready = get_bool(meta, "serving", default=False), get_bool(meta, "ready", default=False)
-        formed = get_bool(meta, "formed", default=False)
-        t = get_float(meta, "t", -1e15, 1e15)
-        echo = get_dict(meta, "echo", 256, default={}).get(str(self.rank))
-        if echo is not None and (type(echo) not in (int, float) or abs(echo) > 1e15):
-            raise FrameError("field 'echo' must map ranks to times")
-        sees = frozenset(get_list(meta, "sees", int, 256, default=[]))
-        health = get_dict(meta, "health", 8, default={})
-        if not all(type(v) is int for v in health.values()):
-            raise FrameError("field 'health' must map names to counts")
-        their_list = tuple(get_list(meta, "peers", str, 256, default=[]))
+        return Hello(self.rank, self.nonce, self.export_id, now, settings=dict(self.settings), serving=self.serving,
+                     ready=self.ready(now), formed=self.ever_ready, health=dict(health or {}),
+                     peers=tuple(self.peer_list),
+                     echo={str(q): p.their_t for q, p in self.peers.items() if p.their_t is not None},
+                     sees=tuple(q for q in self.peers if self.alive(q, now)))
+
+    def on_hello(self, hello, now: float, session: bytes, key_rank: int | None = None) -> Verdict:
+        """A HELLO (schema.Hello, its fields checked) from the connection `session`; `key_rank` is the rank of
+        the CurveZMQ key it came with (None without authentication)."""
+        rank, nonce, export_id, t = hello.rank, hello.nonce, hello.export_id, hello.t
+        settings, health = hello.settings or {}, hello.health or {}
+        serving, formed, sees = hello.serving, hello.formed, frozenset(hello.sees)
+        echo = (hello.echo or {}).get(str(self.rank))
+        their_list = tuple(hello.peers)
         if key_rank is not None and rank != key_rank:
             return Verdict(False, refuse=f"a HELLO claiming rank {rank} came with the key of device {key_rank}")
         if export_id != self.export_id:
@@ -185,7 +175,6 @@ class Membership:
         if not was_alive and p.alive(now, self.dead_after):
             p.up_since = now
         p.sees, p.serving, p.health, p.formed = sees, serving, health, formed
-        del ready  # a peer's own verdict is recomputed from `sees`
         if lists and (rank, their_list) not in self._noted_lists:  # host names only: said once per list
             self._noted_lists.add((rank, their_list))
             note = f"{note}; {lists[1]}" if note else lists[1]

@@ -9,8 +9,8 @@ Means frames (wire.py, magic b"PRSM") are the other message type; `kind_of` tell
 `decode` checks everything before it builds anything: the JSON's size and nesting depth (before it is
 parsed), the number of arrays, each array's dtype, rank and shape (Python integers, so no product can
 overflow) against `ArrayRules` (the receiver's limits and, optionally, what the manifest allows for each
-name), and the buffer sizes. The `get_*` helpers read one typed field of the JSON or raise FrameError
-naming it. Every failure is a FrameError with one line that names the problem.
+name), and the buffer sizes. The JSON's fields are then checked as the kind's typed record (schema.py).
+Every failure is a FrameError with one line that names the problem.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..errors import FrameError
 from .wire import MAGIC as MEANS_MAGIC
 
 CONTROL_MAGIC = b"PRSC"
-VERSION = 1
+VERSION = 2  # 2: typed records (schema.py), errors as ErrorInfo; runners of version 1 and 2 refuse each other
 CONTROL_HEADER = struct.Struct("<4sBBxx")
 MAX_JSON = 1 << 20
 MAX_DEPTH = 8  # nesting of the JSON part: legitimate messages need 4
@@ -48,7 +48,6 @@ class Kind(IntEnum):
     STATUS = 7  # client -> coordinator: is the cluster ready?
     ABORT = 8  # coordinator -> devices: request r failed, drop it (frees devices waiting on a dead peer)
     TOKENS = 9  # tail device -> coordinator -> client: the tokens just generated for request r (streaming)
-    BATCH = 10  # a coordinator's worker -> its own coordinator (never on the network): requests batched into r
 
 
 def kind_of(parts: list) -> str:
@@ -184,66 +183,3 @@ def decode(parts: list, rules: ArrayRules | int, *, max_json: int = MAX_JSON) ->
     arrays = {name: np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
               for (name, dtype, shape), buf in zip(checked, parts[2:])}
     return kind, meta, arrays
-
-
-# ------------------------------------------------------------------------------------- typed JSON fields
-_REQUIRED = object()
-
-
-def _field(meta: dict, key: str, default):
-    if key not in meta or meta[key] is None:
-        if default is _REQUIRED:
-            raise FrameError(f"field '{key}' is missing")
-        return default, False
-    return meta[key], True
-
-
-def get_int(meta: dict, key: str, lo: int = 0, hi: int = (1 << 63) - 1, default=_REQUIRED) -> int:
-    v, given = _field(meta, key, default)
-    if given and (type(v) is not int or not lo <= v <= hi):
-        raise FrameError(f"field '{key}' must be an integer in [{lo}, {hi}], got {str(v)[:40]}")
-    return v
-
-
-def get_float(meta: dict, key: str, lo: float, hi: float, default=_REQUIRED) -> float:
-    v, given = _field(meta, key, default)
-    if given and (type(v) not in (int, float) or not lo <= v <= hi):
-        raise FrameError(f"field '{key}' must be a number in [{lo:g}, {hi:g}], got {str(v)[:40]}")
-    return float(v) if v is not None else v
-
-
-def get_str(meta: dict, key: str, max_len: int = 256, default=_REQUIRED) -> str:
-    v, given = _field(meta, key, default)
-    if given and (not isinstance(v, str) or len(v) > max_len):
-        raise FrameError(f"field '{key}' must be a string of at most {max_len} characters")
-    return v
-
-
-def get_bool(meta: dict, key: str, default=_REQUIRED) -> bool:
-    v, given = _field(meta, key, default)
-    if given and type(v) is not bool:
-        raise FrameError(f"field '{key}' must be true or false")
-    return v
-
-
-def get_list(meta: dict, key: str, item: type, max_items: int, default=_REQUIRED, max_len: int = 256) -> list:
-    v, given = _field(meta, key, default)
-    if not given:
-        return v
-    if not isinstance(v, list) or len(v) > max_items:
-        raise FrameError(f"field '{key}' must be a list of at most {max_items} items")
-    if item is float:
-        ok = lambda x: type(x) in (int, float) and abs(x) < 1e300  # noqa: E731 (finite: no NaN, no inf)
-    else:
-        ok = (lambda x: type(x) is int) if item is int else (lambda x: isinstance(x, str) and len(x) <= max_len)
-    if not all(ok(x) for x in v):
-        raise FrameError(f"field '{key}' must hold only {item.__name__}s" +
-                         (f" of at most {max_len} characters" if item is str else ""))
-    return v
-
-
-def get_dict(meta: dict, key: str, max_items: int = 64, default=_REQUIRED) -> dict:
-    v, given = _field(meta, key, default)
-    if given and (not isinstance(v, dict) or len(v) > max_items):
-        raise FrameError(f"field '{key}' must be an object of at most {max_items} entries")
-    return v

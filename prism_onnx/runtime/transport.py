@@ -8,7 +8,8 @@
               identity: a reconnection is never mistaken for a stale one (see membership.py).
     clients   ROUTER on --serve: CURVE server, ZAP domain "clients": only the allowed client keys.
     outbox    inproc PUSH (one per worker lane) -> PULL (the I/O thread): the worker's messages, each
-              with an envelope (destination rank, request id).
+              with an envelope (destination rank, request id); for this runner's own coordinator a wake-up
+              (destination LOCAL) for a typed record waiting in `local`.
 
 The ZAP handler is pyzmq's ThreadAuthenticator with one credentials callback per domain (the key sets
 of runtime/keys.py); it names each connection ("device-K", "client", "client-NAME"), and the name comes
@@ -20,6 +21,7 @@ clients) and say so in a rate-limited log line. Without keys (--insecure) nothin
 from __future__ import annotations
 
 import logging
+import queue
 import struct
 import threading
 
@@ -63,17 +65,27 @@ class Authenticator(ThreadAuthenticator):
         return self.names.get(z85.encode(client_public_key), "unknown")
 
 
+LOCAL = -1  # the envelope's destination of a wake-up: typed records for this runner wait in `Outbox.local`
+
+
 class Outbox:
     """A lane's end of the outbox: its socket is used by that lane's threads only, one send at a time (a
-    ZeroMQ socket is not thread-safe)."""
+    ZeroMQ socket is not thread-safe). Records for this runner's own coordinator do not travel as bytes:
+    `local(record)` queues the object and sends a wake-up through the same socket, so the I/O thread takes
+    it in the order the lane sent everything (a batch's record before its STARTs)."""
 
-    def __init__(self, sock: zmq.Socket):
-        self.sock = sock
+    def __init__(self, sock: zmq.Socket, local_queue: queue.SimpleQueue):
+        self.sock, self.queue = sock, local_queue
         self._lock = threading.Lock()
 
     def send(self, dst: int, request: int, parts: list) -> None:
         with self._lock:
             self.sock.send_multipart([ENVELOPE.pack(dst, request), *parts], copy=False)
+
+    def local(self, record) -> None:
+        with self._lock:
+            self.queue.put(record)
+            self.sock.send(ENVELOPE.pack(LOCAL, 0))
 
 
 class Transport:
@@ -100,13 +112,14 @@ class Transport:
             self._bind(self.clients, bind, serve, "is the port in use?")
         self.outbox_in = self.ctx.socket(zmq.PULL)
         self.outbox_in.bind(f"inproc://outbox-{id(self)}")
+        self.local = queue.SimpleQueue()  # records for this runner's coordinator (Outbox.local)
 
     def new_outbox(self) -> Outbox:
         """An outbox for one worker thread (a lane): ZeroMQ sockets are not shared between threads."""
         push = self.ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(f"inproc://outbox-{id(self)}")
-        return Outbox(push)
+        return Outbox(push, self.local)
 
     # ------------------------------------------------------------------------------------------- setup
     def _monitor(self, sock: zmq.Socket, name: str, peer: int | None = None) -> None:

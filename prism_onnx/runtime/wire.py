@@ -99,6 +99,7 @@ class MeansHeader:
     export_tag: int
     batch: int
     rows: int
+    width: int = 0
 
 
 def check_means(parts: list, *, wire_dtype: str, hidden: int, max_rows: int, max_batch: int) -> MeansHeader:
@@ -122,7 +123,7 @@ def check_means(parts: list, *, wire_dtype: str, hidden: int, max_rows: int, max
     sizes = [len(p) for p in parts[1:]]
     if sizes != expected:
         raise FrameError(f"frame parts have {sizes[:4]} bytes, header [{B}, {S}, {D}] {wire_dtype} needs {expected}")
-    return MeansHeader(req, layer, src, dst, tag, B, S)
+    return MeansHeader(req, layer, src, dst, tag, B, S, D)
 
 
 def decode_means(parts: list[bytes], *, wire_dtype: str, hidden: int, max_rows: int, max_batch: int) -> MeansFrame:
@@ -131,8 +132,13 @@ def decode_means(parts: list[bytes], *, wire_dtype: str, hidden: int, max_rows: 
     `max_rows` and `max_batch` are the bundle's limits: a frame declaring more is refused without
     allocating anything for it.
     """
-    h = check_means(parts, wire_dtype=wire_dtype, hidden=hidden, max_rows=max_rows, max_batch=max_batch)
-    B, S = h.batch, h.rows
+    return decode_payload(check_means(parts, wire_dtype=wire_dtype, hidden=hidden, max_rows=max_rows,
+                                      max_batch=max_batch), parts, wire_dtype)
+
+
+def decode_payload(h: MeansHeader, parts: list, wire_dtype: str) -> MeansFrame:
+    """The payload of a frame whose header and part sizes `check_means` accepted: counts, values (float32)."""
+    B, S, hidden = h.batch, h.rows, h.width
     counts = np.frombuffer(parts[1], dtype="<i4").reshape(B, S)
     scales = np.frombuffer(parts[2], dtype="<f4").reshape(B, S) if wire_dtype == "int8" else None
     data = np.frombuffer(parts[-1], dtype=WIRE_DTYPES[wire_dtype]).reshape(B, S, hidden)

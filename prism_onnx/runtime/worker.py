@@ -19,53 +19,56 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..errors import PeerError, PrismError
-from ..generate import CacheCollector, GenerationConfig, check_prompt, decode, stop_ids
+from ..errors import ErrorInfo, InputError, PeerError, PrismError
+from ..generate import CacheCollector, check_prompt, decode, stop_ids
 from ..program import own_slice, run_device
+from .admission import model_kwargs
 from .batching import Prepared, batchable, gather
 from .device import Engine, Requests, check_outputs
-from .lanes import Inbox, Lane, Lanes, ZmqExchange
-from .messages import GENERATED, batch_message, coordinator_of, start_message, tokens_message
-from .protocol import Kind, encode
+from .exchange import Inbox
+from .lanes import Lane, Lanes, ZmqExchange
+from .schema import (GENERATED, PROMPT, Attempt, GenerationInfo, Request, Result, Tokens, TrafficInfo, WireError,
+                     coordinator_of, encode_record)
 
-__all__ = ["Inbox", "Job", "PrepareJob", "Worker", "ZmqExchange"]
+__all__ = ["Batched", "Inbox", "Job", "Worker", "ZmqExchange"]
 log = logging.getLogger("prism.run")
 
 
 @dataclass
 class Job:
-    request: int
-    coordinator: int
-    attention_mask: np.ndarray
-    own_inputs: dict[str, np.ndarray]
+    """One attempt as this device's worker runs it: the Attempt (on a device, with START's arrays: the
+    request's attention mask, this device's own token inputs, for the tail of a generation the whole
+    prompt), the time it must be done by, and on the coordinator the client's Request, prepared first
+    (tokenized, planned, STARTs sent: worker._start)."""
+
+    attempt: Attempt
     deadline: float
-    outputs: set[str] | None = None
-    generate: dict | None = None  # generation options: the tail device decodes after the prefill
-    stream: bool = False
-    prompt_ids: np.ndarray | None = None  # [B, N] the whole prompt, for the tail's repetition penalty
-    ranks: tuple[int, ...] | None = None  # the plan's devices (None: all of the export's)
-    split_weights: tuple[float, ...] | None = None  # one per plan position (None: the export's)
+    client: Request | None = None
+
+    @property
+    def request(self) -> int:
+        return self.attempt.request
+
+    @property
+    def coordinator(self) -> int:
+        return self.attempt.coordinator
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self.attempt.ranks
 
 
-@dataclass
-class PrepareJob:
-    """The coordinator's own part of a client request attempt: prepare the inputs, START the others, run.
-    `ranks`: the devices of the attempt's plan (the live ones, chosen by the coordinator; None: all)."""
+@dataclass(frozen=True)
+class Batched:
+    """The worker ran several requests as one attempt (batching.py): to its own coordinator, in process,
+    before any START of that attempt leaves: each member's (request id, first row, end row, tokens)."""
 
     request: int
-    kwargs: dict
-    outputs: set[str] | None
-    deadline: float
-    budget_s: float
-    generate: dict | None = None
-    stream: bool = False
-    ranks: tuple[int, ...] | None = None
-    split_weights: tuple[float, ...] | None = None
-    coordinator: int = -1  # set by the worker: its own rank
+    members: tuple[tuple[int, int, int, int], ...]
 
 
 @dataclass
@@ -95,15 +98,18 @@ class Worker:
     def start(self, stop: threading.Event) -> None:
         self.lanes.start(stop)
 
-    def submit(self, job: Job | PrepareJob) -> bool:
-        """Queue a job in its coordinator's lane (a PrepareJob: this device's own lane)."""
-        if isinstance(job, PrepareJob):
-            job.coordinator = self.rank
+    def submit(self, job: Job) -> bool:
+        """Queue a job in its coordinator's lane."""
         try:
             self.lanes.lane(job.coordinator).jobs.put_nowait(job)
             return True
         except queue.Full:
             return False
+
+    def deliver_means(self, header, parts: list, nbytes: int, now: float) -> None:
+        """I/O thread: a means frame whose header passed its checks, to its request's lane (Exchange.admit;
+        FrameError when refused)."""
+        self.lanes.of(header.request).exchange.admit(header, parts, nbytes, now)
 
     def abort(self, request: int, reason: str) -> None:
         """I/O thread: skip the request if queued, wake its lane if it waits for the request's means."""
@@ -116,15 +122,14 @@ class Worker:
         hit = []
         for lane in list(self.lanes.lanes.values()):
             for job in lane.jobs_now():
-                ranks = job.ranks if job.ranks is not None else range(self.bundle.devices)
-                if q in ranks or lane.coordinator == q:
+                if q in job.ranks or lane.coordinator == q:
                     lane.abort(job.request, reason)
                     hit.append(job.request)
         return hit
 
     def _loop(self, lane: Lane, stop: threading.Event) -> None:
         """One of a lane's threads: the lane's jobs in their order, one at a time on this thread; each one's
-        RESULT goes to its coordinator."""
+        RESULT goes to its coordinator (in process, when that is this device)."""
         while not stop.is_set():
             try:
                 job = lane.next_job(timeout=0.2)
@@ -135,108 +140,123 @@ class Worker:
                              self.batch_wait, self.batch_pad)
             lane.running[job.request] = job
             try:
-                meta, arrays = self._run(job, lane)
-                lane.exchange.outbox.send(job.coordinator, job.request, encode(Kind.RESULT, meta, arrays))
+                self._to_coordinator(lane, job.coordinator, job.request, self._run(job, lane))
             except Exception:  # a bug in reporting: count it, keep the lane alive
                 self.on_internal_error()
                 log.exception("device %d: could not report request %d", self.rank, job.request)
             finally:
                 lane.running.pop(job.request, None)
 
-    def _run(self, job, lane: Lane) -> tuple[dict, dict]:
-        meta, arrays = {"request": job.request, "rank": self.rank, "ok": False}, {}
-        exchange = lane.exchange
+    def _to_coordinator(self, lane: Lane, coordinator: int, request: int, record) -> None:
+        """A Result, Tokens or Batched for the attempt's coordinator: a typed object when that is this
+        device, else its message."""
+        if coordinator == self.rank:
+            lane.exchange.outbox.local(record)
+        else:
+            lane.exchange.outbox.send(coordinator, request, encode_record(record))
+
+    def _run(self, job, lane: Lane) -> Result:
+        exchange, request = lane.exchange, job.request
         try:
             if time.monotonic() > job.deadline:
-                raise PeerError(f"request {job.request} expired before device {self.rank} could start it")
-            if job.request in lane.aborted:
-                raise PeerError(f"request {job.request} was aborted before device {self.rank} started it")
-            if isinstance(job, PrepareJob):
+                raise PeerError(f"request {request} expired before device {self.rank} could start it")
+            if request in lane.aborted:
+                raise PeerError(f"request {request} was aborted before device {self.rank} started it")
+            if isinstance(job, Job) and job.client is not None:
                 job = self._start(self._tokenize(job), lane)
             elif isinstance(job, Prepared):
                 job = self._start(job, lane)
-            plan = self.bundle.manifest.plan(job.attention_mask, job.split_weights, job.ranks)
-            if job.generate is not None:
-                return self._generate(job, plan, meta, lane)
-            res = run_device(self.bundle.manifest.program, self.engine, plan, self.rank, job.own_inputs, exchange,
-                             job.request, job.outputs)
-            meta.update(ok=True, timings=res.timings, traffic=res.traffic.to_dict(), span=list(plan.span(self.rank)))
-            arrays = res.outputs
-        except PrismError as e:
-            # PeerError: another device failed this one (lost, silent, an ABORT): a rerun may succeed
-            meta.update(ok=False, error=str(e), traffic=exchange.finish(job.request).to_dict(),
-                        retry=isinstance(e, PeerError))
-            log.error("device %d: request %d failed: %s", self.rank, job.request, e)
-        except Exception as e:  # a bug: report it, keep serving
-            self.on_internal_error()
-            meta.update(ok=False, error=f"device {self.rank} internal error: {type(e).__name__}: {e}",
-                        traffic=exchange.finish(job.request).to_dict())
-            log.exception("device %d: request %d crashed", self.rank, job.request)
-        return meta, arrays
+            a = job.attempt
+            plan = self.bundle.manifest.plan(a.arrays["attention_mask"], a.split_weights, a.ranks)
+            own = {n: a.arrays[n] for n in self.bundle.spec.embed_inputs}
+            s, e = plan.span(self.rank)
+            if any(v.shape[1] != e - s for v in own.values()):
+                raise InputError(f"request {request}: device {self.rank}'s inputs hold "
+                                 f"{next(iter(own.values())).shape[1]} tokens, its span of the plan {e - s}")
+            if a.generate is not None:
+                return self._generate(job, plan, own, lane)
+            res = run_device(self.bundle.manifest.program, self.engine, plan, self.rank, own, exchange, request,
+                             set(a.outputs) if a.outputs is not None else None)
+            return Result(request, self.rank, timings=res.timings, traffic=_traffic(res.traffic),
+                          span=plan.span(self.rank), arrays=res.outputs)
+        except Exception as e:  # PrismError: the request's fault or another device's; else a bug (reported)
+            if not isinstance(e, PrismError):
+                self.on_internal_error()
+                log.exception("device %d: request %d crashed", self.rank, request)
+            else:
+                log.log(logging.WARNING if isinstance(e, PeerError) else logging.INFO,
+                        "device %d: request %d failed: %s", self.rank, request, e)
+            return Result(request, self.rank, error=WireError.of(ErrorInfo.of(e, ranks=(self.rank,))),
+                          traffic=_traffic(exchange.finish(request)))
 
-    def _tokenize(self, job: PrepareJob) -> Prepared:
+    def _tokenize(self, job: Job) -> Prepared:
         """Coordinator: a request's inputs -> token arrays and the plan over the attempt's devices (texts are
         padded on the left for generation)."""
-        generating = job.generate is not None
-        token_inputs, plan = self.requests.prepare(self.requests.model_inputs(**job.kwargs, left_pad=generating),
-                                                   job.split_weights, job.ranks)
+        a = job.attempt
+        generating = a.generate is not None
+        inputs = self.requests.model_inputs(**model_kwargs(job.client), left_pad=generating)
+        token_inputs, plan = self.requests.prepare(inputs, a.split_weights, a.ranks)
         if generating:
-            check_prompt(plan.attention_mask, GenerationConfig.from_dict(job.generate), self.bundle.spec.max_positions)
+            check_prompt(plan.attention_mask, a.generate.config(), self.bundle.spec.max_positions)
         return Prepared(job, token_inputs, plan)
 
-    def _plan_of(self, job: PrepareJob | Prepared):
+    def _plan_of(self, job: Job | Prepared):
         """The plan of a batch led by `job`: its devices and split, over the batch's mask."""
-        j = job.job if isinstance(job, Prepared) else job
-        return lambda mask: self.bundle.manifest.plan(mask, j.split_weights, j.ranks)
+        a = (job.job if isinstance(job, Prepared) else job).attempt
+        return lambda mask: self.bundle.manifest.plan(mask, a.split_weights, a.ranks)
 
     def _start(self, prep: Prepared, lane: Lane) -> Job:
         """Coordinator: START every other device of the plan with its own slice (a batch: first tell the
         coordinator whose rows are whose). Only the tail device (the plan's last) of a generation runs a head."""
-        job, plan, token_inputs = prep.job, prep.plan, prep.inputs
-        generating = job.generate is not None
-        want = set() if generating else check_outputs(self.bundle.spec, sorted(job.outputs) if job.outputs else None)
+        attempt, plan, token_inputs = prep.job.attempt, prep.plan, prep.inputs
+        generating = attempt.generate is not None
+        want = set() if generating else check_outputs(self.bundle.spec, attempt.outputs)
+        attempt = replace(attempt, outputs=tuple(sorted(want)) if want is not None else None)
         if len(prep.members) > 1:
-            lane.exchange.outbox.send(self.rank, job.request, batch_message(job.request, prep.members))
+            lane.exchange.outbox.local(Batched(attempt.request, tuple(prep.members)))
         mine = None
-        prompt = token_inputs["input_ids"] if generating else None
         for p in plan.ranks:
-            own = own_slice(token_inputs, plan, p)
+            arrays = {"attention_mask": np.asarray(plan.attention_mask, np.int64), **own_slice(token_inputs, plan, p)}
+            if generating and p == plan.tail:
+                arrays[PROMPT] = np.asarray(token_inputs["input_ids"], np.int64)
             if p == self.rank:
-                mine = own
+                mine = replace(attempt, arrays=arrays)
             else:
-                lane.exchange.outbox.send(p, job.request, start_message(
-                    job.request, self.rank, plan, own, job.budget_s, want, job.generate, job.stream,
-                    prompt if p == plan.tail else None))
-        return Job(job.request, self.rank, plan.attention_mask, mine, job.deadline, want, job.generate, job.stream,
-                   prompt, plan.ranks, job.split_weights)
+                lane.exchange.outbox.send(p, attempt.request, encode_record(replace(attempt, arrays=arrays)))
+        return Job(mine, prep.job.deadline)
 
-    def _generate(self, job: Job, plan, meta: dict, lane: Lane) -> tuple[dict, dict]:
+    def _generate(self, job: Job, plan, own: dict, lane: Lane) -> Result:
         """A generation request: the prefill like any request; the tail device (the plan's last) then
         decodes from its compressed prefix cache, streaming TOKENS to the coordinator when asked, and returns
         the generated ids. The exchange is not used after the prefill: no means move while decoding."""
-        program, tail = self.bundle.manifest.program, plan.tail
+        program, tail, a = self.bundle.manifest.program, plan.tail, job.attempt
         collector = CacheCollector(program) if self.rank == tail else None
         t0 = time.perf_counter()
-        res = run_device(program, self.engine, plan, self.rank, job.own_inputs, lane.exchange, job.request, set(),
-                         collector)
-        meta.update(ok=True, timings=res.timings, traffic=res.traffic.to_dict(), span=list(plan.span(self.rank)))
+        res = run_device(program, self.engine, plan, self.rank, own, lane.exchange, a.request, set(), collector)
+        done = Result(a.request, self.rank, timings=res.timings, traffic=_traffic(res.traffic),
+                      span=plan.span(self.rank))
         if collector is None:
-            return meta, {}
-        options = dict(job.generate)
-        options["stop_token_ids"] = stop_ids(self.bundle.manifest.config_summary, options.get("stop_token_ids"))
-        config = GenerationConfig.from_dict(options)
+            return done
+        config = a.generate.config(stop_ids(self.bundle.manifest.config_summary))
 
         def stream(step: int, ids: np.ndarray) -> None:
-            if job.stream:
-                lane.exchange.outbox.send(job.coordinator, job.request, tokens_message(job.request, self.rank, step, ids))
-            if job.request in lane.aborted:
-                raise PeerError(f"request {job.request} was aborted while device {self.rank} generated")
+            if a.stream:
+                self._to_coordinator(lane, a.coordinator, a.request,
+                                     Tokens(a.request, step, rank=self.rank, arrays={"ids": np.asarray(ids, np.int64)}))
+            if a.request in lane.aborted:
+                raise PeerError(f"request {a.request} was aborted while device {self.rank} generated")
 
-        prompt = job.prompt_ids if job.prompt_ids is not None else job.own_inputs["input_ids"]
+        prompt = a.arrays.get(PROMPT, own["input_ids"])
         gen = decode(program, self.engine, collector, prompt, plan.attention_mask, config, self.rank, t0,
                      self.max_cache_bytes, stream)
         ids = np.full((len(gen.ids), max(map(len, gen.ids))), -1, np.int64)
         for b, row in enumerate(gen.ids):
             ids[b, :len(row)] = row
-        meta["generation"] = {**gen.stats.to_dict(), "finish_reasons": gen.finish_reasons}
-        return meta, {GENERATED: ids}
+        st = gen.stats
+        info = GenerationInfo(st.prompt_tokens, st.generated, tuple(gen.finish_reasons), st.time_to_first_token_ms,
+                              st.decode_tokens_per_s, st.cache_bytes)
+        return replace(done, generation=info, arrays={GENERATED: ids})
+
+
+def _traffic(t) -> TrafficInfo:
+    return TrafficInfo(tuple(t.sent), tuple(t.received), t.rejected_frames)

@@ -37,8 +37,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..errors import PrismError
-from .errors import ApiError, bad_request, too_long, unauthorized, unavailable
-from .gateway import Gateway, cluster_error
+from .errors import ApiError, bad_request, from_cluster, too_long, unauthorized, unavailable
+from .gateway import Gateway
 from .params import Inputs, chat_request, completion_request, embed_request, embedding_request
 from .text import TextStream
 
@@ -331,7 +331,7 @@ class Session:
         except ApiError as e:
             self._put(("error", e))
         except PrismError as e:
-            self._put(("error", cluster_error(e)))
+            self._put(("error", from_cluster(e)))
         except Exception as e:  # a bug: the request fails, the server keeps serving
             log.exception("internal error while generating")
             self._put(("error", ApiError(500, f"internal error: {type(e).__name__}", code="internal_error")))

@@ -25,7 +25,7 @@ from ..generate import GenerationConfig, stop_ids
 from ..pooling import check_pooling, pool
 from ..runtime.bundle import DeviceBundle
 from ..runtime.client import Client
-from .errors import ApiError, bad_request, too_long, unavailable
+from .errors import ApiError, bad_request, from_cluster, too_long
 from .metrics import Metrics
 from .params import Inputs, Sampling
 from .text import ChatTemplate, Tokenizer
@@ -40,20 +40,6 @@ def model_name(bundle: DeviceBundle) -> str:
     if source.startswith("/"):  # a folder of the exporting machine (export records it resolved)
         return Path(source).name
     return source or bundle.manifest.model.model_type
-
-
-def cluster_error(e: PrismError) -> ApiError:
-    """An error from the cluster (runtime.client raises PeerError with the coordinator's message) -> the
-    HTTP status it deserves: the request's own fault 400, a busy coordinator or missing devices 503."""
-    msg = str(e).removeprefix("request failed: ")
-    for kind in ("InputError: ", "FrameError: "):
-        if msg.startswith(kind):
-            return bad_request(msg.removeprefix(kind))
-    if msg.startswith("busy"):
-        return unavailable(f"the cluster is busy ({msg}); retry later", code="busy")
-    if "(--max-cache-mb)" in msg:  # the tail device's key/value cache limit: the request asks too much
-        return too_long(msg, param="max_tokens")
-    return unavailable(msg)
 
 
 class Gateway:
@@ -225,4 +211,4 @@ class Gateway:
         except ApiError:
             raise
         except PrismError as e:
-            raise cluster_error(e) from None
+            raise from_cluster(e, param="max_tokens") from None
