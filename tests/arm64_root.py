@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
+import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,13 +136,17 @@ def check_machine() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the root
-def core_dependencies() -> list[str]:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+def core_dependencies(whl: Path) -> list[str]:
+    """The wheel's Requires-Dist without extras (the core install's dependencies)."""
+    with zipfile.ZipFile(whl) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    return sorted(ln.split(":", 1)[1].strip() for ln in meta.splitlines()
+                  if ln.startswith("Requires-Dist:") and "extra ==" not in ln)
 
 
-def recipe() -> dict:
+def recipe(whl: Path) -> dict:
     """What a cached root was built from: a root whose stamp differs is built again."""
-    return {"suite": SUITE, "packages": PACKAGES, "mirror": MIRROR, "dependencies": core_dependencies()}
+    return {"suite": SUITE, "packages": PACKAGES, "mirror": MIRROR, "dependencies": core_dependencies(whl)}
 
 
 def mounts_under(path: Path) -> list[str]:
@@ -227,12 +231,12 @@ def ensure_root(root: Path = DEFAULT_ROOT) -> dict:
     root = root.resolve()
     root.parent.mkdir(parents=True, exist_ok=True)
     partial = root.with_name(root.name + ".partial")
-    want = recipe()
     with open(root.with_name(root.name + ".lock"), "w") as lock, tempfile.TemporaryDirectory() as dist:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait, then reuse
         t0 = time.monotonic()
         whl = wheel(Path(dist))
         report = {"root": str(root), "wheel_s": time.monotonic() - t0}
+        want = recipe(whl)
         stamp = root / STAMP
         if stamp.exists() and json.loads(stamp.read_text()).get("recipe") == want:
             report["reused"] = True
@@ -243,7 +247,9 @@ def ensure_root(root: Path = DEFAULT_ROOT) -> dict:
             if root.exists():
                 log(f"{root} is incomplete or was built from another recipe: building it again")
             remove_root(root)
-            remove_root(partial)  # a run killed while building
+            if partial.exists():
+                log(f"removing {partial}, left by a run that did not finish")
+            remove_root(partial)
             report["reused"] = False
             report.update(build(partial, whl))
             (partial / STAMP).write_text(json.dumps({"recipe": want, "built": time.strftime("%Y-%m-%d %H:%M:%S"),
