@@ -411,8 +411,8 @@ class LocalCluster:
         return ",".join(self.serve_addresses if self.serve_all else self.serve_addresses[:1])
 
     def command(self, k: int) -> list[str]:
-        cmd = [self.python.get(k, sys.executable), "-m", "prism_onnx.cli", "run", str(self.root / f"device-{k}"), "--rank", str(k),
-               "--peers", self.peers, "--threads", str(self.threads), "--timeout", str(self.timeout)]
+        cmd = [self.python.get(k, sys.executable), "-m", "prism_onnx.cli", "run", str(self.root / f"device-{k}"),
+               "--rank", str(k), "--peers", self.peers, "--threads", str(self.threads), "--timeout", str(self.timeout)]
         if k == 0 or self.serve_all:
             cmd += ["--serve", str(self.serve_ports[k])]
         if k == 0:
