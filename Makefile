@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 # gigabytes, often a CUDA build). Elsewhere, `make TORCH=2.5.1 test` (or any version >= 2.4) works the same.
 TORCH  ?= 2.13.0
 
-.PHONY: venv test test-long test-all demo clean
+.PHONY: venv test test-long test-all test-arm64 arm64-root demo clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,15 @@ test-long: venv
 
 test-all: venv
 	$(BIN)/python -m pytest -q --durations=15
+
+# `make test-arm64`: device 1 of a P=2 cluster on an emulated aarch64 board, device 0 on this host (README,
+# "Boards"). Needs root; the arm64 root is built once under out/arm64-root (`make arm64-root`: minutes) and
+# reused. Its tests are `long`, so `make test-long` (CI) runs them too.
+test-arm64: venv
+	$(BIN)/python -m pytest -q -rs -m arm64 --durations=5
+
+arm64-root: venv
+	$(BIN)/python tests/arm64_root.py
 
 # The main job: MiniLM (real weights) exported to 2 device bundles, 2 runner processes over ZeroMQ,
 # one paragraph: its embedding, the bytes the devices exchanged, and the difference from PyTorch.

@@ -371,18 +371,22 @@ class LocalCluster:
     serve_all: every rank serves clients (each on a port of its own, `servers`), not only rank 0; with it,
              `new_client(failover=True)` talks to all of them in rank order (Client failover).
     rank_args: more arguments for some ranks only, e.g. {1: ["--emulate-slowdown", "2"]}.
+    python:  the Python that runs some ranks (default: this one), e.g. {1: "/venv/bin/python"} with
+             prefix(1) = ["chroot", ROOT]: rank 1 on another board's install (tests/test_arm64.py).
     """
 
     def __init__(self, export_dir: str | Path, *, threads: int = 1, timeout: float = 10.0,
                  hosts: list[str] | None = None, prefix=None, serve_host: str = "127.0.0.1",
                  log_dir: str | Path | None = None, ready_timeout: float = 90.0, extra_env: dict | None = None,
                  secure: bool = True, extra_args: list[str] | None = None, serve_args: list[str] | None = None,
-                 serve_all: bool = False, rank_args: dict[int, list[str]] | None = None):
+                 serve_all: bool = False, rank_args: dict[int, list[str]] | None = None,
+                 python: dict[int, str] | None = None):
         self.export = Export.load(export_dir)  # verify everything before starting anything
         self.root = Path(export_dir)
         self.secure, self.extra_args, self.serve_all = secure, list(extra_args or []), serve_all
         self.serve_args = list(serve_args or [])
         self.rank_args = {int(k): list(v) for k, v in (rank_args or {}).items()}
+        self.python = {int(k): str(v) for k, v in (python or {}).items()}
         self.client_keys = ClientKeys.load(self.root / CLIENT) if secure else None
         P = len(self.export.devices)
         self.hosts = hosts or ["127.0.0.1"] * P
@@ -410,8 +414,8 @@ class LocalCluster:
         return ",".join(self.serve_addresses if self.serve_all else self.serve_addresses[:1])
 
     def command(self, k: int) -> list[str]:
-        cmd = [sys.executable, "-m", "prism_onnx.cli", "run", str(self.root / f"device-{k}"), "--rank", str(k),
-               "--peers", self.peers, "--threads", str(self.threads), "--timeout", str(self.timeout)]
+        cmd = [self.python.get(k, sys.executable), "-m", "prism_onnx.cli", "run", str(self.root / f"device-{k}"),
+               "--rank", str(k), "--peers", self.peers, "--threads", str(self.threads), "--timeout", str(self.timeout)]
         if k == 0 or self.serve_all:
             cmd += ["--serve", str(self.serve_ports[k])]
         if k == 0:
