@@ -25,7 +25,7 @@ from pathlib import Path
 import click
 
 from prism_onnx.data import sst2
-from prism_onnx.runtime.client import LocalCluster
+from prism_onnx.runtime.cluster import LocalCluster
 
 def sentences(k: int) -> list[str]:
     """k SST-2 dev sentences, in order, repeating the set when k is larger."""

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fuzz_messages  # noqa: E402
 
 from prism_onnx.runtime.bundle import Export  # noqa: E402
-from prism_onnx.runtime.client import LocalCluster  # noqa: E402
+from prism_onnx.runtime.cluster import LocalCluster  # noqa: E402
 from prism_onnx.runtime.keys import RunnerKeys  # noqa: E402
 from prism_onnx.runtime.protocol import Kind, decode, encode  # noqa: E402
 

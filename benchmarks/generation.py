@@ -76,7 +76,7 @@ def main():
 @click.option("--repeats", default=3, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None)
 def ttft(model, seq_len, devices, cr, bandwidth, repeats, json_path):
-    from prism_onnx.runtime.client import LocalCluster
+    from prism_onnx.runtime.cluster import LocalCluster
     from prism_onnx.testbed import Testbed
 
     cores = os.cpu_count() or 1

@@ -791,7 +791,7 @@ def launch(export_dir, texts, images, input_ids, texts_file, ids_file, save, thr
     request per line; with --kill/--restart, show a device failing and coming back in the middle of them."""
     import threading
 
-    from .runtime.client import LocalCluster
+    from .runtime.cluster import LocalCluster
 
     kind = batch_kind(texts_file, ids_file, texts, images, input_ids)
     if not kind:

@@ -51,7 +51,7 @@ def run_demo(out: str | Path = "out/demo", devices: int = 2, cr: int = 8, text: 
     from .evaluate.probe import mean_pool
     from .reference import prism_model, run_devices
     from .runtime.bundle import DeviceBundle
-    from .runtime.client import LocalCluster
+    from .runtime.cluster import LocalCluster
     from .runtime.device import Requests
     from .runtime.wire import baseline_bytes_per_layer
 

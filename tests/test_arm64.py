@@ -31,7 +31,7 @@ import pytest
 
 from arm64_root import VENV, Unavailable, ensure_root, in_root
 from conftest import as_served, inputs_for_arch, minilm_path, sst2_sentences
-from prism_onnx.runtime.client import LocalCluster
+from prism_onnx.runtime.cluster import LocalCluster
 from prism_onnx.runtime.executor import Executor
 
 pytestmark = [pytest.mark.long, pytest.mark.arm64]

@@ -209,7 +209,7 @@ def test_requests_queued_behind_a_stalled_one_run_as_one_batch_each_with_its_own
     flight, so the next five requests provably queue in the coordinator's lane (STATUS shows them pending).
     Resumed: the four of equal length run as one batch, the fifth (another length) alone, and each reply
     equals the executor running that request alone over the plan it reports, at CR=4."""
-    from prism_onnx.runtime.client import LocalCluster
+    from prism_onnx.runtime.cluster import LocalCluster
     from prism_onnx.runtime.executor import Executor
     from test_runtime import poll_until
 
@@ -247,7 +247,7 @@ def test_pipelined_and_batched_requests_of_many_clients_equal_the_model_at_cr1(m
     --batch-pad (requests of different lengths batched, padded): every reply at CR=1 equals the unpartitioned
     transformers model within 1e-4 (fp32, exact path), whatever it was grouped with."""
     from conftest import hf_forward, tiny_model
-    from prism_onnx.runtime.client import LocalCluster
+    from prism_onnx.runtime.cluster import LocalCluster
 
     bundle = make_bundle("BertModel", devices=2, compression_ratio=1)
     model = tiny_model("BertModel")

@@ -57,7 +57,7 @@ def test_run_infer_launch_and_inspect_work_on_a_board(board, make_bundle, tmp_pa
     assert json.loads(r.stdout)["weight"] > 0  # this board's speed, for `prism run --split`
 
     # prism run (two runners) + prism infer, all from the board's install
-    code = (f"import sys, json\nfrom prism_onnx.runtime.client import LocalCluster\n"
+    code = (f"import sys, json\nfrom prism_onnx.runtime.cluster import LocalCluster\n"
             f"c = LocalCluster({str(bundle)!r}).__enter__()\nprint(json.dumps([c.serve_address]), flush=True)\n"
             f"sys.stdin.read()\nc.close()\n")
     cluster = subprocess.Popen([str(board / "python"), "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

@@ -39,7 +39,7 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(tiny_dirs, exported_graphs, tmp_path_factory) -> Setup:
     from prism_onnx.exporters.bundle import ExportSettings, write_bundles
-    from prism_onnx.runtime.client import free_ports
+    from prism_onnx.runtime.cluster import free_ports
 
     root = tmp_path_factory.mktemp("cli-errors")
     export = write_bundles(exported_graphs["BertModel"], root / "export",
@@ -196,7 +196,7 @@ def test_runners_given_different_peers_lists_say_so_and_stop(setup):
     'lost' lines. Device 1 stops too (exit 1): on device 0's REFUSE, which names the same entry, or, when
     that message is lost with device 0's exit, at its --peer-timeout (device 0 is unreachable at the
     port device 1 was given)."""
-    from prism_onnx.runtime.client import free_ports
+    from prism_onnx.runtime.cluster import free_ports
 
     p0, p1, p2 = free_ports(3)
     lists = [f"127.0.0.1:{p0},127.0.0.1:{p1}", f"127.0.0.1:{p0},127.0.0.1:{p2}"]

@@ -15,8 +15,8 @@ def test_a_client_that_reconnects_often_leaks_no_sockets():
     client = Client(f"127.0.0.1:{port}", dead_after=10.0)
     try:
         for _ in range(1100):
-            client._connect()
-            client._reset()
+            client.connection.connect()
+            client.connection.reset()
     finally:
         client.close()
         router.close(linger=0)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import hf_forward, sst2_sentences, tiny_model
-from prism_onnx.runtime.client import LocalCluster
+from prism_onnx.runtime.cluster import LocalCluster
 from prism_onnx.runtime.executor import Executor
 from test_runtime import poll_until
 

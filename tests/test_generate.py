@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import text_batch, tiny_model
-from prism_onnx.errors import InputError
+from prism_onnx.errors import InputError, TooLong
 from prism_onnx.generate import GenerationConfig, Sampler, kv_rows
 from prism_onnx.prism import kv_rows as torch_kv_rows
 from prism_onnx.reference import generate
@@ -148,7 +148,7 @@ def test_runners_generate_like_transformers_and_stream(lms, decoder_graphs, tmp_
     """Runner processes over CurveZMQ: greedy decoding at CR=1 equals transformers' generate; the streamed
     tokens are the returned ones, in order; the exchange counters of a generation request are those of the
     same prompt scored without generation (nothing moves between devices while decoding)."""
-    from prism_onnx.runtime.client import LocalCluster
+    from prism_onnx.runtime.cluster import LocalCluster
 
     inputs = text_batch(300, np.random.default_rng(6), (13, 9), left=True)
     expected = hf_greedy(lms[arch], inputs, 12)
@@ -172,14 +172,14 @@ def test_runners_generate_like_transformers_and_stream(lms, decoder_graphs, tmp_
 
 def test_a_request_over_the_cache_limit_fails_clearly_and_the_runners_keep_serving(decoder_graphs, tmp_path):
     from prism_onnx.errors import PeerError
-    from prism_onnx.runtime.client import LocalCluster
+    from prism_onnx.runtime.cluster import LocalCluster
 
     b = bundle(decoder_graphs, tmp_path, "LlamaForCausalLM", devices=2, compression_ratio=2)
     inputs = text_batch(300, np.random.default_rng(7), (20,), left=True)
     # the tiny Llama's cache: 2 layers x 32 values per row (float32) and a bias: ~260 bytes per row, so a
     # 10-token prompt and 40 new tokens need ~13 kB, over a limit of 0.01 MiB (10.5 kB); 4 new tokens fit
     with LocalCluster(b, extra_args=["--max-cache-mb", "0.01"]) as cluster:
-        with pytest.raises(PeerError, match=r"key/value cache of .* beyond the runner's limit of 0\.0 MiB"):
+        with pytest.raises(TooLong, match=r"key/value cache of .* beyond the runner's limit of 0\.0 MiB"):
             cluster.client.generate(input_ids=inputs["input_ids"], config=GenerationConfig(max_new_tokens=40))
         ids, _ = cluster.client.generate(input_ids=inputs["input_ids"], config=GenerationConfig(max_new_tokens=4))
         assert len(ids[0]) == 4

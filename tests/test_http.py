@@ -28,7 +28,7 @@ from conftest import minilm_path, sst2_sentences, tiny_model
 from prism_onnx import models
 from prism_onnx.exporters.bundle import ExportSettings, write_bundles, write_preprocessing
 from prism_onnx.pooling import DEFAULT, pool, pooling_of_folder
-from prism_onnx.runtime.client import LocalCluster, free_ports
+from prism_onnx.runtime.cluster import LocalCluster, free_ports
 
 openai = pytest.importorskip("openai")
 KEY = "sk-test-0123456789"

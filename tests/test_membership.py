@@ -1,9 +1,12 @@
 """Membership without sockets: heartbeats, liveness, readiness and the handshake, driven by explicit times."""
 
+from dataclasses import replace
+
 import pytest
 
 from prism_onnx.errors import FrameError
 from prism_onnx.runtime.membership import DEAD_AFTER_S, HEARTBEAT_S, Membership
+from prism_onnx.runtime.schema import Hello, parse, to_meta
 
 SETTINGS = {"devices": 3, "compression_ratio": 2}
 
@@ -87,23 +90,23 @@ def test_readiness_needs_every_pair_not_only_the_coordinator():
 def test_handshake_refusals():
     a, b = cluster(2)
     meta = b.hello(0.0)
-    assert "came with the key of device 0" in a.on_hello({**meta, "rank": 1}, 0.0, b"s", key_rank=0).refuse
+    assert "came with the key of device 0" in a.on_hello(replace(meta, rank=1), 0.0, b"s", key_rank=0).refuse
     other = Membership(1, {0: "x"}, "f" * 64, {**SETTINGS, "devices": 2, "compression_ratio": 3}, "n")
     v = a.on_hello(other.hello(0.0), 0.0, b"s", key_rank=1)
     assert "another export" in v.refuse and "compression_ratio 3 vs 2" in v.refuse and v.fatal  # before ready
-    assert a.on_hello({**meta, "serving": True}, 0.0, b"s").accept  # any number of runners may serve clients
-    assert "not in 0..1" in a.on_hello({**meta, "rank": 5}, 0.0, b"s").refuse
-    assert "two runners claim rank 0" in a.on_hello({**meta, "rank": 0}, 0.0, b"s").refuse
+    assert a.on_hello(replace(meta, serving=True), 0.0, b"s").accept  # any number of runners may serve clients
+    assert "not in 0..1" in a.on_hello(replace(meta, rank=5), 0.0, b"s").refuse
+    assert "two runners claim rank 0" in a.on_hello(replace(meta, rank=0), 0.0, b"s").refuse
 
 
 def test_second_runner_for_a_live_rank_is_refused_and_a_restarted_one_replaces_a_lost_one():
     ms = cluster(2)
     t = run(ms, 0.0, 1.0)
-    impostor = {**ms[1].hello(t), "nonce": "other"}
+    impostor = replace(ms[1].hello(t), nonce="other")
     assert "a live one is already connected" in ms[0].on_hello(impostor, t, b"x", key_rank=1).refuse
     later = t + DEAD_AFTER_S + 0.1
     ms[0].tick(later)
-    v = ms[0].on_hello({**impostor, "t": later}, later, b"x", key_rank=1)
+    v = ms[0].on_hello(replace(impostor, t=later), later, b"x", key_rank=1)
     assert v.accept and v.note == "device 1 restarted" and ms[0].is_session(1, b"x")
 
 
@@ -119,16 +122,14 @@ def test_messages_are_bound_to_the_session_of_the_last_hello():
                                  {"echo": {"0": "x"}}, {"sees": [1, "2"]}, {"serving": 1}, {"settings": [1]}])
 def test_malformed_hello_is_a_frame_error(bad):
     a, b = cluster(2)
-    with pytest.raises(FrameError):
-        a.on_hello({**b.hello(0.0), **bad}, 0.0, b"s")
+    with pytest.raises(FrameError):  # the HELLO's fields are checked when it is decoded (schema.Hello)
+        a.on_hello(parse(Hello, {**to_meta(b.hello(0.0)), **bad}), 0.0, b"s")
 
 
 def test_an_echo_from_the_future_is_ignored():
     a, b = cluster(2)
     run([a, b], 0.0, 1.0)
-    meta = b.hello(1.0)
-    meta["echo"] = {"0": 1e9}
-    a.on_hello(meta, 1.0, b"s1", key_rank=1)
+    a.on_hello(replace(b.hello(1.0), echo={"0": 1e9}), 1.0, b"s1", key_rank=1)
     assert a.peers[1].echo < 2.0
 
 
@@ -229,5 +230,5 @@ def test_peers_lists_that_differ_in_host_names_only_are_noted_once():
 def test_same_peers_lists_and_a_hello_without_one_are_accepted():
     a, b = lists_cluster([("h0:5000", "h1:5001")] * 2)
     assert a.on_hello(b.hello(0.0), 0.0, b"s1", key_rank=1).accept
-    old = {k: v for k, v in b.hello(0.2).items() if k != "peers"}  # a runner of an older version
+    old = replace(b.hello(0.2), peers=())  # a HELLO that sends no list
     assert a.on_hello(old, 0.2, b"s1", key_rank=1).accept

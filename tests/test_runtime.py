@@ -22,7 +22,8 @@ from click.testing import CliRunner
 from conftest import EXPORT_ARCHS, as_served, inputs_for_arch
 from prism_onnx.cli import main
 from prism_onnx.errors import FrameError, PeerError
-from prism_onnx.runtime.client import Client, LocalCluster, free_ports
+from prism_onnx.runtime.client import Client
+from prism_onnx.runtime.cluster import LocalCluster, free_ports
 from prism_onnx.runtime.executor import Executor
 from prism_onnx.runtime.keys import RunnerKeys
 from prism_onnx.runtime.wire import MAGIC, MEANS_HEADER, MeansFrame, decode_means, encode_means, plan_traffic
@@ -165,18 +166,19 @@ def test_many_requests_in_a_row_queued_and_bounded_memory(make_bundle):
         after = [rss_kb(p.pid) for p in cluster.procs]
         # several requests queued at once: their layers must not mix
         socks = []
-        from prism_onnx.runtime.protocol import Kind, decode, encode
+        from prism_onnx.runtime.connection import REPLY_RULES
+        from prism_onnx.runtime.schema import Request, decode_record, encode_record
         for i in range(8):
             s = client_dealer(cluster)
-            s.send_multipart(encode(Kind.REQUEST, {}, request_kwargs(cases[i % 4])))
+            s.send_multipart(encode_record(Request(arrays=request_kwargs(cases[i % 4]))))
             socks.append(s)
         for i, s in enumerate(socks):
             assert s.poll(30000)
-            _, meta, arrays = decode(s.recv_multipart(), 1 << 40)
-            assert meta["ok"], meta
-            want = as_served(ex, cases[i % 4], meta["stats"])  # equal lengths may have run as one batch:
+            reply = decode_record(s.recv_multipart(), None, REPLY_RULES)
+            assert reply.ok, reply.error
+            want = as_served(ex, cases[i % 4], reply.stats)  # equal lengths may have run as one batch:
             for k, v in want.items():  # the same graphs on more rows, summed in another order (1e-5)
-                assert np.abs(np.array(arrays[k]) - v).max() <= 1e-5, k
+                assert np.abs(np.array(reply.arrays[k]) - v).max() <= 1e-5, k
             s.close(linger=0)
     growth = [a - b for a, b in zip(after, before)]
     print("RSS growth over 200 requests (kB):", growth)
@@ -303,29 +305,27 @@ def test_declared_size_beyond_limits_is_refused_before_allocating():
 
 
 def test_early_frame_that_does_not_fit_the_plan_is_rejected_when_its_turn_comes():
-    """A frame for a later request waits in the stash; when that request reaches the exchange point, the
+    """A frame for a later request waits in the inbox; when that request reaches the exchange point, the
     frame is checked against the plan like any other and a wrong one is rejected, not used."""
+    from types import SimpleNamespace
+
     from prism_onnx.plan import make_plan
     from prism_onnx.runtime.exchange import LocalHub
-
-    from types import SimpleNamespace
 
     plan = make_plan(SimpleNamespace(causal=False, sinks=()), np.ones((1, 10), np.int64), devices=2, compression_ratio=2)
     hub = LocalHub(2, wire_dtype="float32", width=4, points=["attn_in.0"], export_tag=7, max_rows=8, max_batch=2,
                    timeout=2.0)
-    dev1 = hub.endpoints[1]
+    dev0, dev1 = hub.endpoints
     counts = plan.segments[0].counts  # [1, 3]: device 0 sends 3 means of its 5 tokens
     frame = lambda request, c: encode_means(MeansFrame(request, 0, 0, 1, 7, c, np.full((1, c.shape[1], 4), float(request),  # noqa: E731
                                                                                          np.float32)), "float32")
-    box = hub.inboxes[1]
-    box.put(frame(2, np.ones((1, 1), np.int32)))  # early, and one row where the plan says three
-    box.put(frame(1, counts))
-    mine = np.zeros((1, plan.segments[1].rows, 4), np.float32)
-    assert np.all(dev1.all_gather(1, 0, mine, plan) == 1.0)  # request 1 goes through; the bad frame is stashed
+    dev0._send(1, frame(2, np.ones((1, 1), np.int32)))  # early, and one row where the plan says three
+    dev0._send(1, frame(1, counts))
+    assert np.all(dev1.gather(1, 0, plan) == 1.0)  # request 1 goes through; request 2's frame waits
     dev1.finish(1)
     assert dev1.traffic.rejected_frames == 0
-    box.put(frame(2, counts))  # the real frame of request 2
-    got = dev1.all_gather(2, 0, mine, plan)
+    dev0._send(1, frame(2, counts))  # the real frame of request 2
+    got = dev1.gather(2, 0, plan)
     assert got.shape == (1, 3, 4) and np.all(got == 2.0)
     assert dev1.traffic.rejected_frames == 1
     good = sum(len(p) for p in frame(1, counts))

@@ -22,13 +22,15 @@ from click.testing import CliRunner
 import fuzz_messages
 from conftest import as_served, inputs_for_arch
 from prism_onnx.cli import main
-from prism_onnx.errors import PeerError
+from prism_onnx.errors import PeerError, TooLong
 from prism_onnx.exporters.bundle import ExportSettings, write_bundles
 from prism_onnx.runtime.bundle import Export, sha256_file
-from prism_onnx.runtime.client import Client, LocalCluster, free_ports
+from prism_onnx.runtime.client import Client
+from prism_onnx.runtime.cluster import LocalCluster, free_ports
 from prism_onnx.runtime.executor import Executor
 from prism_onnx.runtime.keys import ClientKeys, RunnerKeys
 from prism_onnx.runtime.protocol import Kind, decode, encode
+from prism_onnx.runtime.schema import decode_record
 from prism_onnx.runtime.wire import MeansFrame, encode_means
 from test_runtime import assert_same, dealer, device_dealer, poll_until, request_kwargs, run_cmd
 
@@ -208,18 +210,19 @@ def test_oversized_requests_are_refused_clearly_with_bounded_memory(bundle, clus
     legit(cluster, expected)
     before = rss_kb(pid)
     c = cluster.client
-    with pytest.raises(PeerError, match="a request of 100000 texts exceeds this export's --max-batch 64"):
+    with pytest.raises(TooLong, match="a request of 100000 texts exceeds this export's --max-batch 64"):
         c.infer(texts=["a long text " * 40] + [""] * 99_999)
-    with pytest.raises(PeerError, match="text 0 has 1,000,000 characters; the limit is 4,096"):
+    with pytest.raises(TooLong, match="text 0 has 1,000,000 characters; the limit is 4,096"):
         c.infer(texts=["x" * 1_000_000])
     s = dealer(cluster.serve_address, (c.keys.public, c.keys.secret), c.keys.servers[0])
     header = {"call": 1, "arrays": [{"name": "input_ids", "dtype": "int64", "shape": [1000, 1000, 1000]}]}
     s.send_multipart([encode(Kind.STATUS, {})[0][:4] + bytes([1, int(Kind.REQUEST), 0, 0]),
                       json.dumps(header).encode(), b"\0" * 64])
     assert s.poll(30_000)
-    _, reply, _ = decode(s.recv_multipart(), 0)
+    reply = decode_record(s.recv_multipart())
     s.close(linger=0)
-    assert not reply["ok"] and reply["call"] == 1 and "declares 8000000000 bytes, beyond the limit" in reply["error"]
+    assert not reply.ok and reply.call == 1 and reply.error.type == "FrameError"
+    assert "declares 8000000000 bytes, beyond the limit" in reply.error.message
     legit(cluster, expected)
     growth, peak = rss_kb(pid) - before, rss_kb(pid, "VmHWM") - before
     print(f"coordinator RSS growth over the oversized requests: {growth} kB, peak {peak} kB above the start")

@@ -136,7 +136,7 @@ def test_a_device_emulating_half_speed_ends_up_with_about_a_third_of_the_tokens(
     CR=1 equals the unpartitioned model within 1e-4, whatever split it used."""
     import torch
 
-    from prism_onnx.runtime.client import LocalCluster
+    from prism_onnx.runtime.cluster import LocalCluster
 
     export, model = small_bert
     ids = np.random.default_rng(0).integers(1, 1000, (1, 384))

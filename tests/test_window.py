@@ -294,7 +294,7 @@ def test_bundles_with_a_window_equal_the_reference_over_zeromq(arch, tiny_dirs, 
     test_export.py), a cluster of runner processes equals the executor bit for bit, and the runtime's byte
     counters equal the plan's traffic, window rows included."""
     from prism_onnx import models
-    from prism_onnx.runtime.client import LocalCluster
+    from prism_onnx.runtime.cluster import LocalCluster
     from prism_onnx.runtime.executor import Executor
     from prism_onnx.runtime.wire import plan_traffic
 

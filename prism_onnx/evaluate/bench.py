@@ -25,7 +25,7 @@ import numpy as np
 
 from ..exporters.bundle import Graphs, write_bundles
 from ..runtime.bundle import MANIFEST, read_manifest
-from ..runtime.client import LocalCluster
+from ..runtime.cluster import LocalCluster
 from ..runtime.executor import Executor
 from .flops import AVERAGER, graph_flops
 from .load import pinned

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..runtime.bundle import MANIFEST, read_manifest
-from ..runtime.client import LocalCluster
+from ..runtime.cluster import LocalCluster
 from ..runtime.keys import CLIENT
 
 CGROUP_CPU = Path("/sys/fs/cgroup/cpu")

@@ -1,0 +1,185 @@
+"""One client connection to one serving runner: a ZeroMQ DEALER (CurveZMQ with the client's keys), the
+wait for its TCP connection, and one call at a time (a REQUEST or STATUS, then its Reply; the TOKENS of a
+streaming call on the way). `Client` (client.py) keeps one per server and fails over between them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import time
+from dataclasses import replace
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ..errors import PeerError, Timeout
+from .protocol import ArrayRules, Kind
+from .schema import Reply, Request, Status, Tokens, decode_record, encode_record
+
+REPLY_RULES = ArrayRules(1 << 36, max_arrays=16)  # what a client accepts back from an authenticated server
+
+
+class ServerLost(PeerError):
+    """The serving runner closed the connection, stopped answering, or never answered: another server may."""
+
+    code = "server_lost"
+
+
+class Connection:
+    """To the runner serving at `address` ("tcp://HOST:PORT"), authenticated by the public key of device
+    `server_rank` (None: whichever device's key it answers to, found by trying each at once)."""
+
+    def __init__(self, address: str, keys, server_rank: int | None, dead_after: float, ping_every: float):
+        self.address, self.keys, self.server_rank = address, keys, server_rank
+        self.dead_after, self.ping_every = dead_after, ping_every
+        self.ctx = zmq.Context.instance()
+        self.sock = self.monitor = None
+        self._answered = False
+        self._calls = itertools.count(1)
+
+    def _socket(self, server_rank: int | None) -> tuple[zmq.Socket, zmq.Socket]:
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RECONNECT_IVL, 100)
+        if self.keys is not None:
+            s.curve_secretkey, s.curve_publickey = self.keys.secret, self.keys.public
+            s.curve_serverkey = self.keys.servers[server_rank]
+        m = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED |
+                                 zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED |
+                                 zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        try:
+            s.connect(self.address)
+            self._await_connection(m)
+        except zmq.ZMQError as e:
+            _close(s, m)
+            raise ServerLost(f"cannot connect to {self.address.removeprefix('tcp://')}: {e}") from None
+        except ServerLost:
+            _close(s, m)
+            raise
+        return s, m
+
+    def _await_connection(self, monitor: zmq.Socket) -> None:
+        """Wait for the socket's TCP connection (its monitor's CONNECTED event), at most `dead_after`
+        seconds: a refused connection (CONNECT_RETRIED first: nothing listens on that port) or none at all
+        raises ServerLost, instead of ZeroMQ retrying silently until the request's timeout."""
+        host_port = self.address.removeprefix("tcp://")
+        deadline = time.monotonic() + self.dead_after
+        while (left := deadline - time.monotonic()) > 0:
+            if not monitor.poll(max(1, int(1000 * left))):
+                break
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                return
+            if event == zmq.EVENT_CONNECT_RETRIED:
+                host = host_port.rpartition(":")[0].strip("[]")
+                try:
+                    socket.getaddrinfo(host, None)
+                except socket.gaierror as e:
+                    raise ServerLost(f"cannot resolve the host '{host}' of {host_port}: {e.strerror}") from None
+                raise ServerLost(f"connection refused by {host_port}: nothing listens there (is a runner "
+                                 f"serving clients with --serve {host_port.rpartition(':')[2]}?)")
+        raise ServerLost(f"no TCP connection to {host_port} within {self.dead_after:g} s (host down or "
+                         f"unreachable, or a firewall drops the connection)")
+
+    def connect(self):
+        if self.sock is not None:
+            return
+        if self.keys is None or self.server_rank is not None or len(self.keys.servers) == 1:
+            rank = self.server_rank if self.server_rank is not None else \
+                (next(iter(self.keys.servers)) if self.keys else None)
+            self.sock, self.monitor = self._socket(rank)
+            return
+        # which device serves? ask each key at once; the one whose handshake succeeds answers
+        tries = {}
+        try:
+            for r in self.keys.servers:
+                tries[r] = self._socket(r)
+        except ServerLost:
+            for s, m in tries.values():
+                _close(s, m)
+            raise
+        poller = zmq.Poller()
+        for s, _ in tries.values():
+            s.send_multipart(encode_record(Status(call=0)))
+            poller.register(s, zmq.POLLIN)
+        ready = dict(poller.poll(int(1000 * self.dead_after)))
+        for r, (s, m) in tries.items():
+            if self.sock is None and s in ready:
+                s.recv_multipart()
+                self.sock, self.monitor, self.server_rank = s, m, r
+            else:
+                _close(s, m)
+        if self.sock is None:
+            raise ServerLost(f"no answer from {self.address} within {self.dead_after:g} s with any of the "
+                             f"{len(tries)} device keys (is a runner serving there, and does it hold this client's key?)")
+
+    def reset(self):
+        if self.sock is not None:
+            _close(self.sock, self.monitor)
+        self.sock = self.monitor = None
+        self._answered = False
+
+    def call(self, message: Request | Status, timeout: float, watch: bool = True, on_tokens=None) -> Reply:
+        """Send one message and wait for its Reply (at most `timeout` seconds; with `watch`, STATUS pings and
+        ServerLost after `dead_after` seconds of silence); Tokens of the same call go to on_tokens(tokens)."""
+        self.connect()
+        call = next(self._calls)
+        self.sock.send_multipart(encode_record(replace(message, call=call)))
+        t0 = heard = time.monotonic()
+        next_ping, poller = t0 + self.ping_every, zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        while True:
+            now = time.monotonic()
+            if now - t0 >= timeout:
+                self.reset()
+                raise Timeout(f"no reply from {self.address} within {timeout:g} s")
+            if watch and now - heard >= self.dead_after:
+                self.reset()
+                raise ServerLost(f"the coordinator at {self.address} stopped responding: no answer for "
+                                 f"{self.dead_after:g} s")
+            if watch and now >= next_ping:
+                self.sock.send_multipart(encode_record(Status(call=0)))
+                next_ping = now + self.ping_every
+            wait = min([t0 + timeout] + ([next_ping, heard + self.dead_after] if watch else [])) - now
+            events = dict(poller.poll(max(1, int(1000 * wait))))
+            if self.monitor in events:
+                ev = recv_monitor_message(self.monitor)
+                if ev["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                    self.reset()
+                    raise PeerError(f"{self.address} refused this client's key (CURVE handshake failed): is it "
+                                    f"in the serving device's keys/clients?")
+                if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # the server holds our key: a later close
+                    self._answered = True                           # is the server going away
+                if ev["event"] == zmq.EVENT_DISCONNECTED:
+                    answered, _ = self._answered, self.reset()
+                    if not answered and self.keys is not None:
+                        raise PeerError(f"{self.address} closed the connection before any answer: the CURVE "
+                                        f"handshake failed (not device {self.server_rank}'s key, or another "
+                                        f"export's keys)")
+                    raise ServerLost(f"{self.address} closed the connection (the coordinator stopped, or the "
+                                     f"message was over its size limit)")
+            if self.sock in events:
+                rec = decode_record(self.sock.recv_multipart(), None, REPLY_RULES, kinds=(Kind.REPLY, Kind.TOKENS))
+                heard, self._answered = time.monotonic(), True
+                if rec.call == call:
+                    if isinstance(rec, Tokens):
+                        if on_tokens is not None:
+                            on_tokens(rec)
+                        continue
+                    return rec
+
+
+    def close(self) -> None:
+        self.reset()
+
+
+def _close(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:
+    """Close a DEALER and its monitor. The monitor is disabled first: closing a monitored socket leaves
+    libzmq's side of the monitor alive (it keeps its inproc address and counts against the context's
+    1,023 sockets), so a long-lived process that connects often ends with "Too many open files"."""
+    if monitor is not None:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+    sock.close(linger=0)
