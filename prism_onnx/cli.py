@@ -680,7 +680,7 @@ def _print_generation(r):
 
 
 def batch_options(fn):
-    """--texts-file / --ids-file: one request per line (the batch client, runtime/batch.py)."""
+    """--texts-file / --ids-file: one request per line (the batch client, runtime/batch_client.py)."""
     fn = click.option("--ids-file", type=click.Path(exists=True, dir_okay=False, allow_dash=True), default=None,
                       help="One request per line: comma-separated token ids ('-': stdin).")(fn)
     fn = click.option("--texts-file", type=click.Path(exists=True, dir_okay=False, allow_dash=True), default=None,
@@ -701,7 +701,7 @@ def batch_kind(texts_file, ids_file, texts, images, input_ids) -> tuple[str, str
 
 def _run_batch(client, kind, save, gen) -> None:
     """The batch client: one JSON line per request on stdout, a summary on stderr, exit 1 if any failed."""
-    from .runtime.batch import read_lines, run_batch
+    from .runtime.batch_client import read_lines, run_batch
 
     if save and Path(save).exists() and not Path(save).is_dir():
         raise click.UsageError(f"--save {save}: with a batch file, --save names a folder (NNNNNN.npz per request)")

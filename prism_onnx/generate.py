@@ -107,7 +107,7 @@ class Sampler:
 
 
 # -------------------------------------------------------------------------------------------------- cache
-def kv_rows(k: np.ndarray, v: np.ndarray) -> np.ndarray:
+def kv_rows_numpy(k: np.ndarray, v: np.ndarray) -> np.ndarray:
     """k, v [B, Hkv, t, dh] -> rows [B, t, 2*Hkv*dh]: [k heads | v heads], the layout of prism.kv_rows."""
     B, H, t, dh = k.shape
     return np.concatenate([k.transpose(0, 2, 1, 3).reshape(B, t, H * dh),
@@ -173,7 +173,7 @@ class CacheCollector:
         recv = [(n, split_ref(r)[1]) for n, r in step.inputs.items() if split_ref(r)[0] == "recv"]
         if recv:
             name, point = recv[0]
-            own = kv_rows(np.asarray(feeds[_input(step, "value:k")]), np.asarray(feeds[_input(step, "value:v")]))
+            own = kv_rows_numpy(np.asarray(feeds[_input(step, "value:k")]), np.asarray(feeds[_input(step, "value:v")]))
             self.rows[self.program.point_index(point)] = np.concatenate([own, np.asarray(feeds[name])], axis=1)
             self.local_bias = np.asarray(feeds[_input(step, "plan:local_bias")])
             self.remote_bias = np.asarray(feeds[_input(step, "plan:remote_bias")])
@@ -231,7 +231,7 @@ class CacheExchange:
             kind, name = split_ref(ref)
             if kind == "recv":
                 k, v = feeds[_input(step, "value:k")], feeds[_input(step, "value:v")]
-                self.cache.append_rows(self.program.point_index(name), kv_rows(np.asarray(k), np.asarray(v)))
+                self.cache.append_rows(self.program.point_index(name), kv_rows_numpy(np.asarray(k), np.asarray(v)))
 
 
 # -------------------------------------------------------------------------------------------------- decode

@@ -328,7 +328,7 @@ class Plan:
     def remote_bias(self, p: int) -> np.ndarray:
         return remote_bias(self.remote_counts(p), self.count_bias)
 
-    def kv_rows(self, p: int) -> int:
+    def projected_rows(self, p: int) -> int:
         """Rows device p projects to keys and values per layer: own tokens + received rows."""
         s, e = self.span(p)
         return (e - s) + int(self.remote_counts(p).shape[1])

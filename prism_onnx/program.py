@@ -195,7 +195,7 @@ class Backend(Protocol):
     def run(self, graph: str, feeds: dict[str, Any]) -> list: ...
 
 
-class Exchange(Protocol):
+class ExchangeEndpoint(Protocol):
     """One device's endpoint of the exchange points (runtime.exchange.Exchange, reference.TensorHub)."""
 
     rank: int
@@ -222,7 +222,7 @@ class DeviceResult:
 class DeviceRun:
     """One device's state while it runs one request's program: the values it holds, its outputs."""
 
-    def __init__(self, program: Program, backend: Backend, plan, rank: int, inputs: dict, exchange: Exchange,
+    def __init__(self, program: Program, backend: Backend, plan, rank: int, inputs: dict, exchange: ExchangeEndpoint,
                  request: int = 0, outputs: set[str] | None = None, on_step: Callable | None = None):
         """`plan`: anything with position_ids, averager, local_bias, remote_bias and span per rank (a Plan, or
         generate.DecodePlan); `on_step(step, feeds, results)` is called after every step this device runs."""

@@ -146,7 +146,7 @@ def generate(model, inputs=None, *, devices: int, compression_ratio: int, count_
     prefix cache (window rows included). `config` is a GenerationConfig (default: 16 greedy tokens, stop at
     the model's EOS); `inputs` and settings as for simulate, left-padded when batched. Returns a
     generate.Generation."""
-    from .generate import CacheCollector, GenerationConfig, check_prompt, decode, stop_ids
+    from .generate import CacheCollector, GenerationConfig, check_prompt, decode_from_cache, stop_ids
 
     pm = prism_model(model, "kv")
     settings = PrismSettings(devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
@@ -166,7 +166,7 @@ def generate(model, inputs=None, *, devices: int, compression_ratio: int, count_
     with torch.no_grad():
         run_lockstep(program, backend, plan, token_inputs, TensorHub(plan.devices, wire_dtype).endpoints,
                      outputs=set(), hooks={tail: collector})
-        return decode(program, backend, collector, token_inputs["input_ids"], mask, config, tail, t0)
+        return decode_from_cache(program, backend, collector, token_inputs["input_ids"], mask, config, tail, t0)
 
 
 def cli_inputs(source, spec, *, kind: str, texts=(), images=(), input_ids=None) -> dict:
@@ -238,7 +238,7 @@ def simulate_report(source, settings: PrismSettings, *, kind, texts=(), images=(
         }
     sent, _ = plan_traffic(plan, spec.row_width, 1, settings.wire_dtype)
     per_device = [{"rank": p, "span": list(plan.span(p)), "tokens": plan.span(p)[1] - plan.span(p)[0],
-                   "kv_rows": plan.kv_rows(p), "rows_sent": plan.sent_rows(p), "bytes_sent_per_layer": sent[p][0]}
+                   "kv_rows": plan.projected_rows(p), "rows_sent": plan.sent_rows(p), "bytes_sent_per_layer": sent[p][0]}
                   for p in range(plan.devices)]
     base_bytes = baseline_bytes_per_layer(spec, mask, settings)
     total = sum(d["bytes_sent_per_layer"] for d in per_device)

@@ -16,7 +16,7 @@ import torch
 from conftest import hf_forward, inputs_for_arch
 from prism_onnx import models, simulate
 from prism_onnx.runtime.executor import Executor
-from prism_onnx.runtime.wire import MEANS_HEADER, WIRE_DTYPES
+from prism_onnx.runtime.wire import MEANS_HEADER, WIRE_ENCODINGS
 
 PACKAGE = Path(models.__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_kv_exchange_row_bytes_from_the_runtime_counters(wire, make_bundle):
     _, plan = ex.requests.prepare(inputs)
     rows = plan.segments[0].rows  # device 0 -> device 1 (causal: device 1 sends nothing)
     assert rows == 1 + -(-10 // 4)  # the first token as a sink, then ceil(10 / 4) means of its other tokens
-    frame = MEANS_HEADER.size + rows * 4 + rows * width * WIRE_DTYPES[wire].itemsize  # header, counts, rows
+    frame = MEANS_HEADER.size + rows * 4 + rows * width * WIRE_ENCODINGS[wire].itemsize  # header, counts, rows
     assert result.stats.per_layer[0]["sent"] == [frame] * spec.num_layers
     assert result.stats.per_layer[1]["received"] == [frame] * spec.num_layers
     assert result.stats.bytes_sent[1] == 0

@@ -14,7 +14,7 @@ import torch
 
 from conftest import text_batch, tiny_model
 from prism_onnx.errors import InputError, TooLong
-from prism_onnx.generate import GenerationConfig, Sampler, kv_rows
+from prism_onnx.generate import GenerationConfig, Sampler, kv_rows_numpy
 from prism_onnx.prism import kv_rows as torch_kv_rows
 from prism_onnx.reference import generate
 from prism_onnx.runtime.executor import Executor
@@ -129,7 +129,7 @@ def test_sampler_filters():
 
 def test_numpy_kv_rows_match_the_torch_layout():
     k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
-    assert np.array_equal(kv_rows(k.numpy(), v.numpy()), torch_kv_rows(k, v).numpy())
+    assert np.array_equal(kv_rows_numpy(k.numpy(), v.numpy()), torch_kv_rows(k, v).numpy())
 
 
 def test_generation_refuses_what_it_cannot_do(lms, tiny_dirs):

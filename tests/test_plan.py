@@ -84,7 +84,7 @@ def test_bidirectional_plan_rows_and_bias():
     assert plan.remote_counts(0).tolist() == [[2, 0], [4, 2]]
     np.testing.assert_allclose(plan.remote_bias(0), [[np.log(2), MASKED], [np.log(4), np.log(2)]])
     assert plan.local_bias(1)[0].tolist() == [0, 0, MASKED, MASKED, MASKED, MASKED]
-    assert plan.kv_rows(0) == 6 + 2
+    assert plan.projected_rows(0) == 6 + 2
     assert remote_bias(np.array([[3]]), count_bias=False).tolist() == [[0.0]]
     # a row that is padding in every batch row is not sent at all
     assert Plan(mask[:1], devices=2, compression_ratio=4).remote_counts(0).tolist() == [[2]]

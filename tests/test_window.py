@@ -169,7 +169,7 @@ def test_window_rows_follow_the_definition():
     assert plan.counts_to(0, 2).tolist() == [[1, 2, 1]]
     assert plan.counts_to(0, 1).tolist() == [[1, 1, 1, 1]]  # device 1's window is 1..3: the sink and 3 rows
     assert plan.counts_to(1, 2).tolist() == [[1, 1, 1, 1]]
-    assert plan.sent_rows(1) == 4 and plan.kv_rows(2) == 4 + 7
+    assert plan.sent_rows(1) == 4 and plan.projected_rows(2) == 4 + 7
     none = Plan(np.ones((1, 12)), devices=3, compression_ratio=2, causal=True, sinks=("first",), window=3,
                 far="none")
     assert none.remote_counts(2).tolist() == [[1, 1, 1, 1]]  # the sink, then the window 5..7

@@ -20,7 +20,7 @@ from ..program import DeviceResult, gather_outputs, own_slice, run_device
 from .bundle import DeviceBundle
 from .preprocess import ImagePreprocessor, TextPreprocessor, load_pixel_file
 
-__all__ = ["DeviceResult", "Engine", "Requests", "check_outputs", "export_tag", "gather_outputs", "own_slice",
+__all__ = ["DeviceResult", "Engine", "Requests", "wanted_outputs", "export_tag", "gather_outputs", "own_slice",
            "run_device"]
 
 
@@ -103,7 +103,7 @@ def exchange_kwargs(m, timeout: float = 30.0) -> dict:
                 max_batch=s.max_batch, timeout=timeout)
 
 
-def check_outputs(spec, outputs) -> set[str] | None:
+def wanted_outputs(spec, outputs) -> set[str] | None:
     """Validate a request's choice of outputs (None = all)."""
     if outputs is None:
         return None

@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import PlanError
 from ..program import DeviceResult, RequestStats, gather_outputs, own_slice, run_device
 from .bundle import Export
-from .device import Engine, Requests, check_outputs, exchange_kwargs
+from .device import Engine, Requests, wanted_outputs, exchange_kwargs
 from .exchange import LocalHub
 
 
@@ -67,7 +67,7 @@ class Executor:
         (default all; e.g. the ranks a runner's reply reports after a device was lost: the plan in force);
         on_step: {rank: hook(step, feeds, results)} (see program.DeviceRun)."""
         token_inputs, plan = self.requests.prepare(inputs, split_weights, ranks)
-        want = check_outputs(self.spec, outputs)
+        want = wanted_outputs(self.spec, outputs)
         request = next(self._ids)
         hooks = on_step or {}
         futures = [self._pool.submit(run_device, self.program, self.engines[p], plan, p,
@@ -82,7 +82,7 @@ class Executor:
         tokens, stop at the model's EOS); on_tokens(step, ids [B]) streams the tokens as they come."""
         import time
 
-        from ..generate import GenerationConfig, check_prompt, decode, stop_ids
+        from ..generate import GenerationConfig, check_prompt, decode_from_cache, stop_ids
 
         config = config or GenerationConfig(stop_token_ids=stop_ids(self.manifest.config_summary))
         t0 = time.perf_counter()
@@ -90,7 +90,7 @@ class Executor:
         check_prompt(plan.attention_mask, config, self.spec.max_positions)
         collector, stats = self.prefill(token_inputs, plan)
         tail = plan.tail
-        gen = decode(self.program, self.engines[tail], collector, token_inputs["input_ids"], plan.attention_mask, config,
+        gen = decode_from_cache(self.program, self.engines[tail], collector, token_inputs["input_ids"], plan.attention_mask, config,
                      tail, t0, on_tokens=on_tokens)
         return gen, stats
 

@@ -18,8 +18,8 @@ import numpy as np
 
 from ..errors import FrameError, PrismError
 
-WIRE_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
-DTYPE_CODES = {name: i for i, name in enumerate(WIRE_DTYPES)}
+WIRE_ENCODINGS = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}  # manifest.WIRE_DTYPES
+DTYPE_CODES = {name: i for i, name in enumerate(WIRE_ENCODINGS)}
 MAGIC = b"PRSM"
 VERSION = 1
 
@@ -30,8 +30,8 @@ MEANS_HEADER = struct.Struct("<4sBBxxQiHHIIII")
 
 
 def check_wire_dtype(name: str) -> str:
-    if name not in WIRE_DTYPES:
-        raise PrismError(f"unknown wire dtype '{name}'; choose one of {', '.join(WIRE_DTYPES)}")
+    if name not in WIRE_ENCODINGS:
+        raise PrismError(f"unknown wire dtype '{name}'; choose one of {', '.join(WIRE_ENCODINGS)}")
     return name
 
 
@@ -39,7 +39,7 @@ def frame_nbytes(batch: int, rows: int, hidden: int, wire_dtype: str) -> int:
     """Bytes of one means frame on the wire (all parts)."""
     n = batch * rows
     scales = 4 * n if wire_dtype == "int8" else 0
-    return MEANS_HEADER.size + 4 * n + scales + n * hidden * WIRE_DTYPES[wire_dtype].itemsize
+    return MEANS_HEADER.size + 4 * n + scales + n * hidden * WIRE_ENCODINGS[wire_dtype].itemsize
 
 
 def encode_values(x: np.ndarray, wire_dtype: str) -> tuple[np.ndarray | None, np.ndarray]:
@@ -119,7 +119,7 @@ def check_means(parts: list, *, wire_dtype: str, hidden: int, max_rows: int, max
     if B > max_batch or S > max_rows:
         raise FrameError(f"frame declares [{B}, {S}, {D}], beyond the limits [{max_batch}, {max_rows}, {hidden}]")
     n = B * S
-    expected = [4 * n] + ([4 * n] if wire_dtype == "int8" else []) + [n * D * WIRE_DTYPES[wire_dtype].itemsize]
+    expected = [4 * n] + ([4 * n] if wire_dtype == "int8" else []) + [n * D * WIRE_ENCODINGS[wire_dtype].itemsize]
     sizes = [len(p) for p in parts[1:]]
     if sizes != expected:
         raise FrameError(f"frame parts have {sizes[:4]} bytes, header [{B}, {S}, {D}] {wire_dtype} needs {expected}")
@@ -141,7 +141,7 @@ def decode_payload(h: MeansHeader, parts: list, wire_dtype: str) -> MeansFrame:
     B, S, hidden = h.batch, h.rows, h.width
     counts = np.frombuffer(parts[1], dtype="<i4").reshape(B, S)
     scales = np.frombuffer(parts[2], dtype="<f4").reshape(B, S) if wire_dtype == "int8" else None
-    data = np.frombuffer(parts[-1], dtype=WIRE_DTYPES[wire_dtype]).reshape(B, S, hidden)
+    data = np.frombuffer(parts[-1], dtype=WIRE_ENCODINGS[wire_dtype]).reshape(B, S, hidden)
     if np.any(counts < 0):
         raise FrameError("frame counts must be >= 0")
     means = decode_values(scales, data)

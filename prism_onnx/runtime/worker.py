@@ -24,11 +24,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..errors import ErrorInfo, InputError, PeerError, PrismError
-from ..generate import CacheCollector, check_prompt, decode, stop_ids
+from ..generate import CacheCollector, check_prompt, decode_from_cache, stop_ids
 from ..program import own_slice, run_device
 from .admission import model_kwargs
 from .batching import Prepared, batchable, gather
-from .device import Engine, Requests, check_outputs
+from .device import Engine, Requests, wanted_outputs
 from .exchange import Inbox
 from .lanes import Lane, Lanes, ZmqExchange
 from .schema import (GENERATED, PROMPT, Attempt, GenerationInfo, Request, Result, Tokens, TrafficInfo, WireError,
@@ -210,7 +210,7 @@ class Worker:
         coordinator whose rows are whose). Only the tail device (the plan's last) of a generation runs a head."""
         attempt, plan, token_inputs = prep.job.attempt, prep.plan, prep.inputs
         generating = attempt.generate is not None
-        want = set() if generating else check_outputs(self.bundle.spec, attempt.outputs)
+        want = set() if generating else wanted_outputs(self.bundle.spec, attempt.outputs)
         attempt = replace(attempt, outputs=tuple(sorted(want)) if want is not None else None)
         if len(prep.members) > 1:
             lane.exchange.outbox.local(Batched(attempt.request, tuple(prep.members)))
@@ -247,7 +247,7 @@ class Worker:
                 raise PeerError(f"request {a.request} was aborted while device {self.rank} generated")
 
         prompt = a.arrays.get(PROMPT, own["input_ids"])
-        gen = decode(program, self.engine, collector, prompt, plan.attention_mask, config, self.rank, t0,
+        gen = decode_from_cache(program, self.engine, collector, prompt, plan.attention_mask, config, self.rank, t0,
                      self.max_cache_bytes, stream)
         ids = np.full((len(gen.ids), max(map(len, gen.ids))), -1, np.int64)
         for b, row in enumerate(gen.ids):
