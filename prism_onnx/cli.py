@@ -70,7 +70,6 @@ def needs_export_extra(fn):
     return wrapper
 
 
-from .runtime.settings import GRAPH_OPTIMIZATION_LEVELS  # noqa: E402 (runtime.device.GRAPH_OPTIMIZATION's keys)
 JSON_HELP = "Print one JSON object on stdout (errors too: {\"error\": {\"type\", \"message\"}})."
 
 

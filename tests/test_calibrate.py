@@ -20,7 +20,6 @@ from click.testing import CliRunner
 
 from conftest import inputs_for_arch, sst2_sentences, text_batch, tiny_model
 from prism_onnx import models, simulate
-from prism_onnx.calibration import params as P
 from prism_onnx.calibration.distill import Batch, Distiller
 from prism_onnx.calibration.train import TrainSettings, calibrate_model
 from prism_onnx.cli import main

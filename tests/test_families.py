@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import sys
 import tokenize
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

@@ -171,7 +171,6 @@ def test_runners_generate_like_transformers_and_stream(lms, decoder_graphs, tmp_
 
 
 def test_a_request_over_the_cache_limit_fails_clearly_and_the_runners_keep_serving(decoder_graphs, tmp_path):
-    from prism_onnx.errors import PeerError
     from prism_onnx.runtime.cluster import LocalCluster
 
     b = bundle(decoder_graphs, tmp_path, "LlamaForCausalLM", devices=2, compression_ratio=2)

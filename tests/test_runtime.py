@@ -21,8 +21,7 @@ from click.testing import CliRunner
 
 from conftest import EXPORT_ARCHS, as_served, inputs_for_arch
 from prism_onnx.cli import main
-from prism_onnx.errors import FrameError, PeerError
-from prism_onnx.runtime.client import Client
+from prism_onnx.errors import FrameError
 from prism_onnx.runtime.cluster import LocalCluster, free_ports
 from prism_onnx.runtime.executor import Executor
 from prism_onnx.runtime.keys import RunnerKeys

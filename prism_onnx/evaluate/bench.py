@@ -27,7 +27,7 @@ from ..exporters.bundle import Graphs, write_bundles
 from ..runtime.bundle import MANIFEST, read_manifest
 from ..runtime.cluster import LocalCluster
 from ..runtime.executor import Executor
-from .flops import AVERAGER, graph_flops
+from .flops import graph_flops
 from .load import pinned
 
 

@@ -24,11 +24,10 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np

@@ -13,7 +13,7 @@ import io
 
 import numpy as np
 
-from ..errors import FrameError, InputError, TooLong
+from ..errors import InputError, TooLong
 from .bundle import Limits
 from .protocol import ArrayRules
 

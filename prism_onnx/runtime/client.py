@@ -15,7 +15,7 @@ from ..errors import InputError, PrismError, Timeout
 from .connection import Connection, ServerLost
 from .keys import ClientKeys
 from .preprocess import load_pixel_file
-from .schema import GenerateOptions, Reply, Request
+from .schema import GenerateOptions, Reply, Request, Status
 
 __all__ = ["Client", "ServerLost", "server_address"]
 

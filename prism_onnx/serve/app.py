@@ -39,7 +39,7 @@ from starlette.routing import Route
 from ..errors import PrismError
 from .errors import ApiError, bad_request, from_cluster, too_long, unauthorized, unavailable
 from .gateway import Gateway
-from .params import Inputs, chat_request, completion_request, embed_request, embedding_request
+from .params import chat_request, completion_request, embed_request, embedding_request
 from .text import TextStream
 
 log = logging.getLogger("prism.http")
