@@ -274,7 +274,7 @@ def check_prompt(attention_mask: np.ndarray, config: GenerationConfig, max_posit
                          f"{max_positions} positions")
 
 
-def decode(program: Program, backend, collector: CacheCollector, prompt_ids: np.ndarray, attention_mask: np.ndarray,
+def decode_from_cache(program: Program, backend, collector: CacheCollector, prompt_ids: np.ndarray, attention_mask: np.ndarray,
            config: GenerationConfig, rank: int, t0: float, max_cache_bytes: int | None = None,
            on_tokens: Callable[[int, np.ndarray], None] | None = None) -> Generation:
     """Decode on the tail device after its prefill (collector filled). prompt_ids/attention_mask [B, N] of

@@ -105,15 +105,7 @@ class Coordinator:
 
     # ------------------------------------------------------------------------------------------ planning
     def members(self, now: float) -> tuple[list[int] | None, PrismError | None]:
-        """(the devices to plan over, None), or (None, why not): fewer live than `min_devices`."""
-        ranks = sorted(self.membership.members(now))
-        if len(ranks) >= self.min_devices:
-            return ranks, None
-        lost = [q for q in range(self.limits.devices) if q not in ranks]
-        why = "; ".join(self.membership.describe(q, now) for q in lost)
-        return None, DevicesUnavailable(
-            f"only {len(ranks)} of {self.limits.devices} devices are live ({ranks}) and --min-devices is "
-            f"{self.min_devices}: lost device{'s' if len(lost) > 1 else ''} {lost} ({why})", ranks=lost)
+        return plan_members(self.membership, self.limits.devices, self.min_devices, now)
 
     def on_request(self, client: bytes, req: Request, now: float) -> None:
         """A checked REQUEST (a request that failed its checks is answered by the host with its error)."""
@@ -194,13 +186,8 @@ class Coordinator:
         rows = next((len(v) for v in outputs.values()), 1)  # the batch the devices computed
         for r in p.results.values():  # the adaptive split learns each device's speed, in tokens x rows
             self.split.observe(r.rank, (r.span[1] - r.span[0]) * rows, sum((r.timings or {}).values()))
-        for q in [p, *p.riders]:
-            if q.rows is None:
-                self.reply(q.client, Reply(call=q.req.call, **fields, arrays=outputs))
-            else:
-                batched = {"requests": 1 + len(p.riders), "rows": list(q.rows[:2])}
-                self.reply(q.client, Reply(call=q.req.call, **fields, batched=batched,
-                                           arrays=self.assembler.rows(outputs, *q.rows)))
+        for client, reply in self.assembler.answers(p, fields, outputs):
+            self.reply(client, reply)
 
     def on_send_failed(self, request: int, q: int, why: str, now: float) -> None:
         """A message of an attempt (its START) could not be sent to device q."""
@@ -215,20 +202,19 @@ class Coordinator:
             if p.held_until is not None:
                 self._rerun(request, now)  # membership changed: rerun now, not at the end of the hold
             elif q in p.ranks and q not in p.results:
-                self._abandon(request, f"lost device {q} ({why})")
+                self.hold(request, f"lost device {q} ({why})", None)
                 self._rerun(request, now)
 
     # --------------------------------------------------------------------------------- reruns, failures
-    def hold(self, request: int, why: str, now: float) -> None:
-        """A device failed the attempt because of another device: abandon it, and rerun it as soon as
-        membership changes (that device is found lost) or after `hold_s` (a transient failure)."""
-        self._abandon(request, why)
-        self.pending[request].held_until = now + self.hold_s
-
-    def _abandon(self, request: int, why: str) -> None:
+    def hold(self, request: int, why: str, now: float | None) -> None:
+        """A device failed the attempt because of another device: abandon it (ABORT its devices), and rerun it
+        as soon as membership changes (that device is found lost) or after `hold_s` (a transient failure);
+        now=None: only abandon it (the caller reruns it at once)."""
         p = self.pending[request]
         p.reruns.append(why)
         self._abort(request, p.ranks, why)
+        if now is not None:
+            p.held_until = now + self.hold_s
 
     def _rerun(self, request: int, now: float) -> None:
         p = self.pending.pop(request)
@@ -285,8 +271,23 @@ class Coordinator:
                                                         ranks=missing)))
 
     def describe_pending(self, now: float) -> list[dict]:
-        """For STATUS: each pending request's attempt id, plan devices, attempt number and age."""
-        return [{"request": r, "ranks": list(p.ranks), "attempt": p.attempts, "held": p.held_until is not None,
-                 "batched_with": len(p.riders),
-                 "waiting_for": [q for q in p.ranks if q not in p.results], "age_ms": round(1e3 * (now - p.t0), 1)}
-                for r, p in self.pending.items()]
+        return describe_pending(self.pending, now)
+
+
+def plan_members(membership, devices: int, min_devices: int, now: float):
+    """(the devices to plan over, None), or (None, DevicesUnavailable): fewer live than `min_devices`."""
+    ranks = sorted(membership.members(now))
+    if len(ranks) >= min_devices:
+        return ranks, None
+    lost = [q for q in range(devices) if q not in ranks]
+    why = "; ".join(membership.describe(q, now) for q in lost)
+    return None, DevicesUnavailable(
+        f"only {len(ranks)} of {devices} devices are live ({ranks}) and --min-devices is {min_devices}: lost "
+        f"device{'s' if len(lost) > 1 else ''} {lost} ({why})", ranks=lost)
+
+
+def describe_pending(pending: dict, now: float) -> list[dict]:
+    """For STATUS: each pending request's attempt id, plan devices, attempt number and age."""
+    return [{"request": r, "ranks": list(p.ranks), "attempt": p.attempts, "held": p.held_until is not None,
+             "batched_with": len(p.riders), "waiting_for": [q for q in p.ranks if q not in p.results],
+             "age_ms": round(1e3 * (now - p.t0), 1)} for r, p in pending.items()]

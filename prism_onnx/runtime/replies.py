@@ -60,6 +60,19 @@ class Replies:
         return Traffic(self.limits.layers, list(t.sent), list(t.received), t.rejected_frames) if t is not None \
             else Traffic(self.limits.layers)
 
+    def answers(self, p, fields: dict, outputs: dict) -> list[tuple[bytes, Reply]]:
+        """(client, Reply) of every request the attempt answered: p's, and those that rode on it (batched:
+        each its own rows)."""
+        out = []
+        for q in [p, *p.riders]:
+            if q.rows is None:
+                out.append((q.client, Reply(call=q.req.call, **fields, arrays=outputs)))
+            else:
+                batched = {"requests": 1 + len(p.riders), "rows": list(q.rows[:2])}
+                out.append((q.client, Reply(call=q.req.call, **fields, batched=batched,
+                                            arrays=self.rows(outputs, *q.rows))))
+        return out
+
     def rows(self, outputs: dict, start: int, end: int, tokens: int) -> dict:
         """A batched request's own outputs: its rows, and of token outputs [B, N, ...] its own first `tokens`
         positions (a request padded on the right to the batch's length: `prism run --batch-pad`)."""
