@@ -28,19 +28,17 @@ import hmac
 import json
 import logging
 import time
-import uuid
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import PrismError
-from .errors import ApiError, bad_request, from_cluster, too_long, unauthorized, unavailable
+from .errors import ApiError, bad_request, too_long, unauthorized, unavailable
 from .gateway import Gateway
+from .generation import generation_response
 from .params import chat_request, completion_request, embed_request, embedding_request
-from .text import TextStream
 
 log = logging.getLogger("prism.http")
 MAX_BODY = 16 << 20  # bytes of one request's JSON
@@ -59,9 +57,10 @@ def endpoint(fn):
     """An endpoint: ApiError -> its response; any other exception is a bug: logged with its traceback, 500."""
 
     @functools.wraps(fn)
-    async def wrapper(request: Request):
+    async def wrapper(*args):  # (request) or, for a method, (self, request)
+        request = args[-1]
         try:
-            return await fn(request)
+            return await fn(*args)
         except ApiError as e:
             return error_response(e)
         except Exception as e:
@@ -139,40 +138,44 @@ class Observe:
         await error_response(e)(scope, receive, send)
 
 
-def create_app(gateway: Gateway, api_keys: list[str] | None = None) -> Starlette:
-    """The Starlette application of `gateway`; `api_keys`: the accepted keys (None or empty: open)."""
-    g = gateway
+class Api:
+    """The endpoints of one gateway (each an `endpoint`: errors become their OpenAI-shaped responses). The
+    cluster calls run in the gateway's pool, STATUS probes in its own single thread (a health check never
+    waits behind requests)."""
 
-    async def run(fn, *args, **kw):
-        return await asyncio.get_running_loop().run_in_executor(g.pool, functools.partial(fn, *args, **kw))
+    def __init__(self, gateway: Gateway):
+        self.g = gateway
 
-    async def probe():
-        return await asyncio.get_running_loop().run_in_executor(g.probes, g.status)
+    async def run(self, fn, *args, **kw):
+        return await asyncio.get_running_loop().run_in_executor(self.g.pool, functools.partial(fn, *args, **kw))
 
-    def check_model(model: str | None) -> None:
-        if model is not None and model != g.name:
-            raise ApiError(404, f"the model '{model[:100]}' does not exist: this deployment serves '{g.name}'",
+    async def probe(self):
+        return await asyncio.get_running_loop().run_in_executor(self.g.probes, self.g.status)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.g.name:
+            raise ApiError(404, f"the model '{model[:100]}' does not exist: this deployment serves '{self.g.name}'",
                            param="model", code="model_not_found")
 
     # ------------------------------------------------------------------------------------------- info
     @endpoint
-    async def health(request):
-        status = await probe()
-        g.metrics.status(status)
+    async def health(self, request):
+        status = await self.probe()
+        self.g.metrics.status(status)
         if status is None:
-            raise unavailable(f"the coordinator at {g.address} does not answer")
+            raise unavailable(f"the coordinator at {self.g.address} does not answer")
         if not status.get("ready"):
             down = "; ".join(str(v) for v in status.get("peers", {}).values())
             raise unavailable(f"not every device is up: {down or 'waiting for peers'}")
         return JSONResponse({"status": "ok", "devices": status.get("devices"), "connected": status.get("connected")})
 
     @endpoint
-    async def metrics(request):
-        g.metrics.status(await probe())
-        return Response(g.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(self, request):
+        self.g.metrics.status(await self.probe())
+        return Response(self.g.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def card() -> dict:
-        m = g.manifest
+    def card(self) -> dict:
+        g, m = self.g, self.g.manifest
         s = m.settings
         return {"id": g.name, "object": "model", "created": _timestamp(m.created), "owned_by": "prism-onnx",
                 "max_model_len": g.limits.max_seq_len,
@@ -181,23 +184,24 @@ def create_app(gateway: Gateway, api_keys: list[str] | None = None) -> Starlette
                           "embedding_dimensions": g.dimensions if g.embeds else None}}
 
     @endpoint
-    async def models(request):
+    async def models(self, request):
         model = request.path_params.get("model")
         if model is not None:
-            check_model(model)
-            return JSONResponse(card())
-        return JSONResponse({"object": "list", "data": [card()]})
+            self.check_model(model)
+            return JSONResponse(self.card())
+        return JSONResponse({"object": "list", "data": [self.card()]})
 
     # ------------------------------------------------------------------------------------- embeddings
     @endpoint
-    async def embeddings(request):
+    async def embeddings(self, request):
+        g = self.g
         req = embedding_request(await read_json(request), MAX_EMBED_INPUTS)
-        check_model(req.model)
+        self.check_model(req.model)
         if req.dimensions is not None and req.dimensions != g.dimensions:
             raise bad_request(f"'dimensions' {req.dimensions}: this model's embeddings have {g.dimensions}",
                               param="dimensions")
-        rows = await run(g.token_rows, req.inputs, "input")
-        vectors = await run(g.embed, rows)
+        rows = await self.run(g.token_rows, req.inputs, "input")
+        vectors = await self.run(g.embed, rows)
         data = [{"object": "embedding", "index": i,
                  "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if req.base64 else v.tolist()}
                 for i, v in enumerate(vectors)]
@@ -206,95 +210,48 @@ def create_app(gateway: Gateway, api_keys: list[str] | None = None) -> Starlette
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @endpoint
-    async def embed(request):
+    async def embed(self, request):
         req = embed_request(await read_json(request), MAX_EMBED_INPUTS)
-        rows = await run(g.token_rows, req.inputs, "inputs", truncate=req.truncate, left=req.left)
-        vectors = await run(g.embed, rows, normalize=req.normalize)
+        rows = await self.run(self.g.token_rows, req.inputs, "inputs", truncate=req.truncate, left=req.left)
+        vectors = await self.run(self.g.embed, rows, normalize=req.normalize)
         return JSONResponse(vectors.tolist())
 
     # ------------------------------------------------------------------------------------- generation
     @endpoint
-    async def completions(request):
-        req = completion_request(await read_json(request), g.limits.max_batch)
-        check_model(req.model)
-        rows = await run(g.token_rows, req.prompt, "prompt")
-        return await generation(req.sampling, rows, g.config(req.sampling, rows, 16), chat=False)
+    async def completions(self, request):
+        req = completion_request(await read_json(request), self.g.limits.max_batch)
+        self.check_model(req.model)
+        rows = await self.run(self.g.token_rows, req.prompt, "prompt")
+        return await generation_response(self.g, req.sampling, rows, self.g.config(req.sampling, rows, 16), chat=False)
 
     @endpoint
-    async def chat_completions(request):
+    async def chat_completions(self, request):
         req = chat_request(await read_json(request))
-        check_model(req.model)
-        rows = await run(g.chat_rows, req.messages, req.add_generation_prompt)
-        return await generation(req.sampling, rows, g.config(req.sampling, rows, None), chat=True)
+        self.check_model(req.model)
+        rows = await self.run(self.g.chat_rows, req.messages, req.add_generation_prompt)
+        return await generation_response(self.g, req.sampling, rows, self.g.config(req.sampling, rows, None),
+                                         chat=True)
 
-    async def generation(sampling, rows, config, chat: bool):
-        session = Session(g, rows, config, sampling.stop, asyncio.get_running_loop())
-        await session.start()  # the first tokens, or the cluster's error as this request's status
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        base = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": g.name}
-        if sampling.stream:
-            return StreamingResponse(sse(session, base, chat, sampling), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        async for _ in session.updates():
-            pass
-        choices = []
-        for b, st in enumerate(session.streams):
-            c = {"index": b, "finish_reason": st.finish}
-            if chat:
-                c["message"] = {"role": "assistant", "content": st.sent}
-            else:
-                c.update(text=st.sent, logprobs=None)
-            if sampling.return_token_ids:
-                c["token_ids"] = st.tokens
-            choices.append(c)
-        return JSONResponse({**base, "object": "chat.completion" if chat else "text_completion",
-                             "choices": choices, "usage": session.usage()})
 
-    async def sse(session: "Session", base: dict, chat: bool, sampling):
-        def event(obj) -> bytes:
-            return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+async def not_found(request, exc: HTTPException):
+    if exc.status_code == 404:
+        e = ApiError(404, f"no such endpoint: {request.method} {request.url.path}", code="unknown_url")
+    else:
+        e = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+    return error_response(e)
 
-        if chat:
-            yield event({**base, "choices": [{"index": b, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None} for b in range(len(session.streams))]})
-        try:
-            async for updates in session.updates():
-                choices = []
-                for b, text, ids, finish in updates:
-                    if not (text or finish or (ids and sampling.return_token_ids)):
-                        continue
-                    c = {"index": b, "finish_reason": finish}
-                    if chat:
-                        c["delta"] = {"content": text} if text else {}
-                    else:
-                        c.update(text=text, logprobs=None)
-                    if sampling.return_token_ids:
-                        c["token_ids"] = ids
-                    choices.append(c)
-                if choices:
-                    yield event({**base, "choices": choices})
-            if sampling.include_usage:
-                yield event({**base, "choices": [], "usage": session.usage()})
-        except ApiError as e:  # after the first token the status is sent: the error is the last event
-            log.warning("a streamed request failed after it started: %s", e.message)
-            yield event(e.body())
-        yield b"data: [DONE]\n\n"
 
-    async def not_found(request, exc: HTTPException):
-        if exc.status_code == 404:
-            e = ApiError(404, f"no such endpoint: {request.method} {request.url.path}", code="unknown_url")
-        else:
-            e = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
-        return error_response(e)
-
-    routes = [Route("/health", health, methods=["GET"]), Route("/metrics", metrics, methods=["GET"]),
-              Route("/v1/models", models, methods=["GET"]), Route("/v1/models/{model:path}", models, methods=["GET"]),
-              Route("/v1/embeddings", embeddings, methods=["POST"]), Route("/embed", embed, methods=["POST"]),
-              Route("/v1/completions", completions, methods=["POST"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"])]
+def create_app(gateway: Gateway, api_keys: list[str] | None = None) -> Starlette:
+    """The Starlette application of `gateway`; `api_keys`: the accepted keys (None or empty: open)."""
+    api = Api(gateway)
+    routes = [Route("/health", api.health, methods=["GET"]), Route("/metrics", api.metrics, methods=["GET"]),
+              Route("/v1/models", api.models, methods=["GET"]),
+              Route("/v1/models/{model:path}", api.models, methods=["GET"]),
+              Route("/v1/embeddings", api.embeddings, methods=["POST"]), Route("/embed", api.embed, methods=["POST"]),
+              Route("/v1/completions", api.completions, methods=["POST"]),
+              Route("/v1/chat/completions", api.chat_completions, methods=["POST"])]
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
-    return Observe(app, g, list(api_keys or []))
+    return Observe(app, gateway, list(api_keys or []))
 
 
 def _timestamp(iso: str) -> int:
@@ -306,81 +263,3 @@ def _timestamp(iso: str) -> int:
         return 0
 
 
-class Session:
-    """One generation request on its way: the cluster call runs in the gateway's pool and hands its tokens to
-    the event loop; `updates()` turns them into per-row text (TextStream: stop strings, stop tokens) and
-    ends when every row has (the cluster may still be generating tokens nobody reads: it cannot be told
-    to stop early)."""
-
-    def __init__(self, g: Gateway, rows: list[list[int]], config, stops: tuple[str, ...], loop):
-        self.g, self.rows, self.config, self.loop = g, rows, config, loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.streams = [TextStream(g.decode, stops, config.stop_token_ids) for _ in rows]
-        self.reply: dict | None = None
-        self._first = None
-        self._recorded = False
-
-    def _put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def _work(self) -> None:
-        try:
-            reply = self.g.generate(self.rows, self.config,
-                                    lambda step, ids, texts: self._put(("tokens", ids.tolist())))
-            self._put(("done", reply))
-        except ApiError as e:
-            self._put(("error", e))
-        except PrismError as e:
-            self._put(("error", from_cluster(e)))
-        except Exception as e:  # a bug: the request fails, the server keeps serving
-            log.exception("internal error while generating")
-            self._put(("error", ApiError(500, f"internal error: {type(e).__name__}", code="internal_error")))
-
-    async def start(self) -> None:
-        self.loop.run_in_executor(self.g.pool, self._work)
-        self._first = await self.queue.get()
-        if self._first[0] == "error":
-            raise self._first[1]
-
-    async def updates(self):
-        """Yields lists of (row, new text, new token ids, finish reason or None) until every row ended."""
-        item, self._first = self._first, None
-        while True:
-            if item is None:
-                item = await self.queue.get()
-            kind, value = item
-            item = None
-            if kind == "error":
-                raise value
-            out = []
-            if kind == "tokens":
-                for b, t in enumerate(value):
-                    st = self.streams[b]
-                    if t < 0 or st.finish:
-                        continue
-                    text = st.add(t)
-                    out.append((b, text, [t], st.finish))
-            else:  # done: rows the cluster ended (EOS or length) without a stop string
-                self.reply = value
-                reasons = value.get("generation", {}).get("finish_reasons") or []
-                for b, st in enumerate(self.streams):
-                    if not st.finish:
-                        text = st.end(reasons[b] if b < len(reasons) else "length")
-                        out.append((b, text, [], st.finish))
-            if out:
-                yield out
-            if all(st.finish for st in self.streams):
-                self._record()
-                return
-
-    def usage(self) -> dict:
-        prompt = sum(map(len, self.rows))
-        completion = sum(len(st.tokens) for st in self.streams)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def _record(self) -> None:
-        if not self._recorded:
-            self._recorded = True
-            u = self.usage()
-            self.g.metrics.generation((self.reply or {}).get("generation", {}), u["prompt_tokens"],
-                                      u["completion_tokens"])
