@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 
 
 class RateLimitedLog:
@@ -44,6 +44,7 @@ class Counters:
         self.rejected: Counter = Counter()
         self.events: Counter = Counter()
         self.rejected_bytes = 0
+        self.recent_reasons: deque = deque(maxlen=16)  # the last rejections' "category: why" (not in STATUS)
         self.log = log or RateLimitedLog(logger)
         self._lock = threading.Lock()
 
@@ -55,6 +56,7 @@ class Counters:
         with self._lock:
             self.rejected[category] += 1
             self.rejected_bytes += nbytes
+            self.recent_reasons.append(f"{category}: {why}")
         self.log.warning("rejected %s%s (%d bytes): %s", category, f" from {who}" if who else "", nbytes, why)
 
     def event(self, name: str, n: int = 1) -> None:
