@@ -84,8 +84,11 @@ def test_bench_clients_slow_device_and_profile_report_their_fields(tiny_export):
                                   "--clients", "1,2", "--requests", "6", "--slow-device", "1:0.5", "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
-    assert set(rep["throughput_rps"]) == {"1", "2"} and all(v > 0 for v in rep["throughput_rps"].values())
-    assert all(run["errors"] == 0 and run["requests"] == 6 for run in rep["throughput"]["runs"])
+    runs = rep["throughput"]["runs"]
+    assert all(run["errors"] == 0 and run["requests"] == 6 and run["p50_ms"] <= run["p90_ms"] for run in runs)
+    concurrent = {str(r["clients"]): r["throughput_rps"] for r in runs if r["runners"] == "concurrent"}
+    assert rep["throughput_rps"] == concurrent and set(concurrent) == {"1", "2"}  # the summary is the runs'
+    assert [r["runners"] for r in runs] == ["sequential", "concurrent", "concurrent"]
     assert set(rep["slow_device_latency_ms"]) == {"even", "adaptive", "ideal"}
     assert rep["slow_device"]["spans"]["even"] == [[0, 16], [16, 32]]
     assert rep["slow_device"]["spans"]["ideal"] == [[0, 21], [21, 32]]  # weights 1 : 0.5 of 30 free tokens

@@ -105,7 +105,7 @@ def test_cli_evaluate_longtext(tmp_path):
     rep = json.loads(saved.read_text())
     rows = {row["compression_ratio"]: row for row in rep["rows"]}
     assert 256 <= rep["tokens_per_input"]["min"] and rep["tokens_per_input"]["max"] <= 512  # long paragraphs
-    assert rep["full_model"] == pytest.approx(1.0, abs=1e-6) and rows[1]["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert rows[1]["cosine"] == pytest.approx(1.0, abs=1e-6)  # CR=1 through the bundles: the full model
     assert 0.5 < rows[64]["cosine"] < 1.0
     assert png.is_file()
 

@@ -217,12 +217,10 @@ def test_missing_peer_is_reported_after_the_stated_timeout(make_bundle):
     bundle = make_bundle("BertModel", devices=2, compression_ratio=2)
     ports = free_ports(2)
     peers = f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
-    t0 = time.monotonic()
     p = subprocess.run(run_cmd(bundle / "device-0", 0, peers, "--peer-timeout", 2), capture_output=True, text=True,
                        timeout=30)
     assert p.returncode == 1
     assert f"peer(s) 1 (tcp://127.0.0.1:{ports[1]}) did not come up within 2 s" in p.stderr
-    assert time.monotonic() - t0 < 15
 
 
 def test_peer_dying_mid_request_is_planned_around_and_rejoins(make_bundle):

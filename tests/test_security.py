@@ -349,10 +349,8 @@ def test_prism_infer_notices_a_dead_coordinator_fast(bundle, cluster, expected):
     c = cluster.new_client(timeout=60.0)
     os.killpg(cluster.procs[0].pid, signal.SIGSTOP)
     try:
-        t0 = time.monotonic()
-        with pytest.raises(PeerError, match="stopped responding: no answer for 2 s"):
-            c.infer(**request_kwargs(inputs_for_arch(ARCH)))
-        assert time.monotonic() - t0 < 20.0
+        with pytest.raises(PeerError, match="stopped responding: no answer for 2 s"):  # not the 60 s timeout's
+            c.infer(**request_kwargs(inputs_for_arch(ARCH)))  # "no reply within 60 s": the pings noticed it
     finally:
         os.killpg(cluster.procs[0].pid, signal.SIGCONT)
         c.close()

@@ -68,7 +68,7 @@ def test_random_shift_moves_each_image_and_fills_the_border():
 def test_vit_folder_loads_and_reproduces_recorded_accuracy(vit_dir):
     record = task_json(vit_dir)
     assert record["task"] == "digits"
-    assert record["settings"] == tasks.requested_settings(tasks.build_vit_digits, **VIT_TINY)
+    assert {k: record["settings"][k] for k in VIT_TINY} == VIT_TINY and record["settings"]["seed"] == 0
     assert record["test_indices"] == tasks.digits_split(0)[1].tolist()
     assert 0.25 < record["test_accuracy"] <= 1  # well above chance (0.1) after 4 short epochs (~0.46)
     assert record["train_seconds"] > 0
@@ -102,7 +102,7 @@ def test_vit_same_seed_same_weights(vit_dir, tmp_path):
 def test_gpt2_folder_loads_and_reproduces_recorded_perplexity(gpt2_dir):
     record = task_json(gpt2_dir)
     assert record["task"] == "wikitext"
-    assert record["settings"] == tasks.requested_settings(tasks.build_gpt2_wikitext, **GPT2_TINY)
+    assert {k: record["settings"][k] for k in GPT2_TINY} == GPT2_TINY and record["settings"]["seed"] == 0
     assert 1 < record["test_perplexity"] < 300  # below the vocabulary size: it learned something
 
     model = tf.GPT2LMHeadModel.from_pretrained(gpt2_dir)
