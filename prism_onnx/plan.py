@@ -208,7 +208,7 @@ class Plan:
         object.__setattr__(self, "spans", spans)
         segments, routes = [], {}
         for j in range(self.devices):
-            seg, routes_j = self._rows_of(j, spans, mask)
+            seg, routes_j = route_rows(self, j, spans, mask)
             segments.append(seg)
             routes.update(routes_j)
         object.__setattr__(self, "segments", segments)
@@ -223,36 +223,6 @@ class Plan:
         if W and not self.causal and e < n_tokens:
             out.append((e, min(n_tokens, e + W)))
         return out
-
-    def _rows_of(self, j: int, spans, mask):
-        """Position j's rows (the union of what its receivers use) and, per receiver, which of them it gets
-        and their counts. A receiver gets: the window rows of its own window; the means (far="means") of
-        segments outside its window (segments are cut at every receiver's window edge, so each lies wholly
-        inside or outside it); the sinks, with count 0 in the batch rows where the sink lies in its window.
-        So no remote token is represented twice, and with W=0 and far="means" this is the paper's plan."""
-        s, e = spans[j]
-        receivers = [i for i in range(self.devices) if i != j and (j < i or not self.causal)]
-        windows = {i: self._windows(i, spans) for i in receivers}
-        edges = tuple(x for i in receivers for rng in windows[i] for x in rng)
-        mine = tuple(t for i in receivers for a, b in windows[i] for t in range(max(a, s), min(b, e)))
-        full = segment_tokens(s, e, mask, self.compression_ratio, self.sinks, cuts=edges, window=tuple(set(mine)))
-        token = s + np.argmax(full.averager > 0, axis=2)  # [B, S] the token of a one-token row
-        chosen = {}
-        for i in receivers:
-            covered = np.zeros(mask.shape[1] + 1, bool)
-            for a, b in windows[i]:
-                covered[a:b] = True
-            start = full.ranges[:, 0]
-            take = np.where(full.kinds == WINDOW, covered[start],
-                            np.where(full.kinds == MEAN, (self.far == "means") & ~covered[start], True))
-            counts = np.where((full.kinds == SINK)[None, :] & covered[token], 0, full.counts).astype(np.int32)
-            take &= counts.any(axis=0)  # a sink inside the window in every batch row is not sent
-            chosen[i] = (np.flatnonzero(take), counts)
-        used = np.unique(np.concatenate([ix for ix, _ in chosen.values()] + [np.zeros(0, np.int64)]))
-        if not receivers:
-            used = np.arange(full.rows)  # computed, never sent (Plan.averager gives no rows)
-        routes = {(j, i): (np.searchsorted(used, ix), counts[:, ix]) for i, (ix, counts) in chosen.items()}
-        return full.take(used), routes
 
     @property
     def batch(self) -> int:
@@ -369,6 +339,37 @@ class Plan:
         their token spans [start, end), position by position."""
         return {"ranks": list(self.ranks), "split_weights": list(self.weights) if self.weights else None,
                 "spans": [list(s) for s in self.spans]}
+
+
+def route_rows(plan: "Plan", j: int, spans, mask):
+    """Plan position j's rows (the union of what its receivers use) and, per receiver, which of them it gets
+    and their counts. A receiver gets: the window rows of its own window; the means (far="means") of
+    segments outside its window (segments are cut at every receiver's window edge, so each lies wholly
+    inside or outside it); the sinks, with count 0 in the batch rows where the sink lies in its window.
+    So no remote token is represented twice, and with W=0 and far="means" this is the paper's plan."""
+    s, e = spans[j]
+    receivers = [i for i in range(plan.devices) if i != j and (j < i or not plan.causal)]
+    windows = {i: plan._windows(i, spans) for i in receivers}
+    edges = tuple(x for i in receivers for rng in windows[i] for x in rng)
+    mine = tuple(t for i in receivers for a, b in windows[i] for t in range(max(a, s), min(b, e)))
+    full = segment_tokens(s, e, mask, plan.compression_ratio, plan.sinks, cuts=edges, window=tuple(set(mine)))
+    token = s + np.argmax(full.averager > 0, axis=2)  # [B, S] the token of a one-token row
+    chosen = {}
+    for i in receivers:
+        covered = np.zeros(mask.shape[1] + 1, bool)
+        for a, b in windows[i]:
+            covered[a:b] = True
+        start = full.ranges[:, 0]
+        take = np.where(full.kinds == WINDOW, covered[start],
+                        np.where(full.kinds == MEAN, (plan.far == "means") & ~covered[start], True))
+        counts = np.where((full.kinds == SINK)[None, :] & covered[token], 0, full.counts).astype(np.int32)
+        take &= counts.any(axis=0)  # a sink inside the window in every batch row is not sent
+        chosen[i] = (np.flatnonzero(take), counts)
+    used = np.unique(np.concatenate([ix for ix, _ in chosen.values()] + [np.zeros(0, np.int64)]))
+    if not receivers:
+        used = np.arange(full.rows)  # computed, never sent (Plan.averager gives no rows)
+    routes = {(j, i): (np.searchsorted(used, ix), counts[:, ix]) for i, (ix, counts) in chosen.items()}
+    return full.take(used), routes
 
 
 def make_plan(spec, attention_mask, *, devices: int, compression_ratio: int, count_bias: bool = True,

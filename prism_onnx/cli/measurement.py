@@ -67,8 +67,8 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curv
           inflight, bench_batch_pad, window, far, slow_device, as_json):
     """Bytes, per-device FLOPs and time, and latency of EXPORT_DIR vs CR=1 and vs one device; with --clients,
     throughput; with --slow-device, the adaptive split against an even and the ideal one."""
-    from ..evaluate.bench import bench as run_bench
     from ..evaluate import load
+    from ..evaluate.bench import bench as run_bench, bench_load, report_lines
 
     counts = _int_list(clients) if clients else None
     if counts and any(k < 1 for k in counts):
@@ -87,75 +87,9 @@ def bench(export_dir, bandwidth, seq_len, repeats, sweep, plot, no_latency, curv
                        sweep=sweep.split(",") if sweep else None, plot=plot, curve=curve, window=window, far=far,
                        echo=echo)
     if counts or slow:
-        from ..evaluate.bench import bench_inputs, requested_outputs
-
-        outputs = requested_outputs(m)
-        inputs = {**bench_inputs(m, seq_len), "outputs": outputs}
-        if counts:
-            if texts_file:
-                lines = [t for t in Path(texts_file).read_text().splitlines() if t.strip()]
-                reqs = [{"texts": [t], "outputs": outputs} for t in lines]
-            else:
-                reqs = [inputs]
-            t = load.throughput(Path(export_dir), reqs, counts, n_requests, inflight=inflight,
-                                batch_pad=bench_batch_pad, echo=echo)
-            report["throughput"] = t
-            report["throughput_rps"] = t["throughput_rps"]
-        if slow:
-            s = load.slow_device(Path(export_dir), inputs, *slow, repeats=repeats, echo=echo)
-            report["slow_device"] = s
-            report["slow_device_latency_ms"] = s["latency_ms"]
-
-    def human(r):
-        click.echo(f"{r['model']} P={r['devices']} CR={r['compression_ratio']} wire={r['wire_dtype']} "
-                   f"sinks={'kept' if r['keep_sinks'] else 'averaged'} window={r['window']} far={r['far']}, "
-                   f"{r['tokens']} tokens, outputs {r['outputs']}")
-        b = r["bytes_per_inference"]
-        click.echo(f"  bytes per inference: PRISM {b['prism']:,}, CR=1 baseline {b['baseline']:,} "
-                   f"({100 * r['bytes_ratio_vs_baseline']:.3f}%)")
-        f = r["flops_per_device"]
-        c = r["flops_cut_vs_baseline"]
-        click.echo(f"  GFLOPs per device: PRISM {[round(x / 1e9, 2) for x in f['prism']]}, baseline "
-                   f"{[round(x / 1e9, 2) for x in f['baseline']]}, single device {round(f['single_device'][0] / 1e9, 2)}")
-        click.echo(f"  FLOPs cut vs baseline (busiest device): total {100 * c['total']:.1f}%, linear layers "
-                   f"{100 * c['linear']:.1f}% (bound ignoring attention {100 * c['linear_bound']:.1f}%)")
-        t = r["compute_ms_per_device"]
-        click.echo(f"  onnxruntime ms per device (1 thread): PRISM {t['prism']}, baseline {t['baseline']}, "
-                   f"single {t['single_device']}")
-        if r.get("latency_ms"):
-            lat = r["latency_ms"]
-            click.echo(f"  latency at {r['bandwidth']}: PRISM {lat['prism']:.1f} ms, baseline {lat['baseline']:.1f} ms, "
-                       f"single device {lat['single_device']:.1f} ms: PRISM {r['speedup_vs_single_device']:.2f}x "
-                       f"faster than one device")
-        if r.get("latency_over_runner_compute"):
-            rc, lo = r["runner_compute_ms"], r["latency_over_runner_compute"]
-            click.echo("  latency / the busiest runner's own onnxruntime time in the same requests: " + ", ".join(
-                f"{k} {lo[k]:.3f}x ({rc[k]:.0f} ms)" for k in lo))
-        if r.get("curve_cost"):
-            cc = r["curve_cost"]
-            click.echo(f"  CurveZMQ cost at {r['bandwidth']}: {cc['latency_ms_curve']:.1f} ms with, "
-                       f"{cc['latency_ms_plain']:.1f} ms without ({100 * cc['overhead']:+.2f}%; median of the "
-                       f"{cc['repeats']} paired ratios {100 * cc['overhead_paired_median']:+.2f}%)")
-        elif "latency_skipped" in r:
-            click.echo(f"  latency skipped: {r['latency_skipped']}")
-        if r.get("throughput"):
-            t = r["throughput"]
-            seq = next(x for x in t["runs"] if x["runners"] == "sequential")
-            click.echo(f"  throughput (loopback, --max-inflight {t['settings']['max_inflight']}): " + ", ".join(
-                f"{k} client(s) {v:.1f} req/s" for k, v in t["throughput_rps"].items()) +
-                f"; one request at a time: {seq['throughput_rps']:.1f} req/s, p50 {seq['p50_ms']:.1f} ms")
-            for x in t["runs"]:
-                click.echo(f"    {x['runners']:>10} {x['clients']:>3} client(s): {x['throughput_rps']:.1f} req/s, "
-                           f"p50 {x['p50_ms']:.1f} ms, p90 {x['p90_ms']:.1f} ms, errors {x['errors']}")
-        if r.get("slow_device"):
-            s = r["slow_device"]
-            lat = s["latency_ms"]
-            click.echo(f"  device {s['rank']} at {s['fraction']:g} speed ({s['slowed_by']}): even {lat['even']:.1f} ms, "
-                       f"adaptive {lat['adaptive']:.1f} ms, ideal {lat['ideal']:.1f} ms (adaptive/ideal "
-                       f"{s['adaptive_vs_ideal']:.3f}, even/ideal {s['even_vs_ideal']:.3f}); adaptive spans "
-                       f"{s['spans']['adaptive']}")
-
-    emit(report, as_json, human)
+        report.update(bench_load(export_dir, seq_len, counts, texts_file, n_requests, inflight, bench_batch_pad, slow,
+                                 repeats, echo))
+    emit(report, as_json, lambda r: click.echo("\n".join(report_lines(r))))
 
 
 def _wire_list(text: str) -> list[str]:

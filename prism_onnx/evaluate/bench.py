@@ -207,45 +207,57 @@ def bench(export_dir: str | Path, *, bandwidth: str = "100mbit", seq_len: int | 
         report["compute_time_cut_vs_baseline"] = cut(pt, bt)
 
         if latency:
-            from ..testbed import Testbed
+            report.update(latency_report(export_dir, bundles, inputs, outputs, bandwidth, sweep, repeats, timeout,
+                                         curve, plot, m, n_tokens, echo))
+    return report
 
-            ok, why = Testbed.available()
-            if not ok:
-                report["latency_ms"] = None
-                report["latency_skipped"] = why
-            else:
-                rates = list(dict.fromkeys([bandwidth, *(sweep or [])]))
-                table, runner = {}, {}
-                report["curve"] = curve
-                for rate in rates:
-                    table[rate] = {}
-                    for name, b in bundles.items():
-                        echo(f"measuring latency at {rate}: {name}")
-                        comp = runner.setdefault(rate, {}).setdefault(name, [])
-                        table[rate][name] = latency_ms(b, inputs, outputs, rate, repeats, timeout, curve != "off", comp)
-                report["latency_ms"] = table[bandwidth]
-                # latency against the busiest runner's onnxruntime time in the *same* requests: the replayed
-                # compute_ms_per_device is measured minutes earlier, in another process, under another load
-                # (a shared machine: other sessions' processes share the cores), so its ratio to latency
-                # mixes the runtime's overhead with changes in machine load
-                report["runner_compute_ms"] = {k: statistics.median(v) for k, v in runner[bandwidth].items()}
-                report["latency_over_runner_compute"] = {k: table[bandwidth][k] / c
-                                                         for k, c in report["runner_compute_ms"].items()}
-                if curve == "both":
-                    echo(f"measuring latency at {bandwidth}: prism with and without CurveZMQ, interleaved")
-                    pair = latencies(export_dir, inputs, outputs, bandwidth, repeats, timeout)
-                    on, off = statistics.median(pair[True]), statistics.median(pair[False])
-                    report["curve_cost"] = {
-                        "latency_ms_curve": on, "latency_ms_plain": off, "overhead": on / off - 1, "repeats": repeats,
-                        # each request with CurveZMQ against the plain one asked right after it
-                        "overhead_paired_median": statistics.median(a / b - 1 for a, b in zip(pair[True], pair[False])),
-                        "latencies_ms": {"curve": pair[True], "plain": pair[False]}}
-                report["speedup_vs_single_device"] = table[bandwidth]["single_device"] / table[bandwidth]["prism"]
-                report["latency_vs_bandwidth_ms"] = table
-                if plot and len(rates) > 1:
-                    plot_latency(table, plot, title=f"{m.model.architecture} P={s.devices} "
-                                                    f"CR={s.compression_ratio} N={n_tokens}")
-                    report["plot"] = str(plot)
+
+def latency_report(export_dir: Path, bundles: dict, inputs: dict, outputs, bandwidth: str, sweep, repeats: int,
+                   timeout: float, curve: str, plot, m, n_tokens: int, echo) -> dict:
+    """Latency of each bundle (PRISM, the baseline, one device) over emulated links at `bandwidth` (and the
+    `sweep` rates), with the busiest runner's own compute in the same requests; with curve="both", the
+    export's deployment with and without CurveZMQ, interleaved. Without network namespaces: latency_ms None
+    and why in latency_skipped."""
+    from ..testbed import Testbed
+
+    report, s = {}, m.settings
+    ok, why = Testbed.available()
+    if not ok:
+        report["latency_ms"] = None
+        report["latency_skipped"] = why
+    else:
+        rates = list(dict.fromkeys([bandwidth, *(sweep or [])]))
+        table, runner = {}, {}
+        report["curve"] = curve
+        for rate in rates:
+            table[rate] = {}
+            for name, b in bundles.items():
+                echo(f"measuring latency at {rate}: {name}")
+                comp = runner.setdefault(rate, {}).setdefault(name, [])
+                table[rate][name] = latency_ms(b, inputs, outputs, rate, repeats, timeout, curve != "off", comp)
+        report["latency_ms"] = table[bandwidth]
+        # latency against the busiest runner's onnxruntime time in the *same* requests: the replayed
+        # compute_ms_per_device is measured minutes earlier, in another process, under another load
+        # (a shared machine: other sessions' processes share the cores), so its ratio to latency
+        # mixes the runtime's overhead with changes in machine load
+        report["runner_compute_ms"] = {k: statistics.median(v) for k, v in runner[bandwidth].items()}
+        report["latency_over_runner_compute"] = {k: table[bandwidth][k] / c
+                                                 for k, c in report["runner_compute_ms"].items()}
+        if curve == "both":
+            echo(f"measuring latency at {bandwidth}: prism with and without CurveZMQ, interleaved")
+            pair = latencies(export_dir, inputs, outputs, bandwidth, repeats, timeout)
+            on, off = statistics.median(pair[True]), statistics.median(pair[False])
+            report["curve_cost"] = {
+                "latency_ms_curve": on, "latency_ms_plain": off, "overhead": on / off - 1, "repeats": repeats,
+                # each request with CurveZMQ against the plain one asked right after it
+                "overhead_paired_median": statistics.median(a / b - 1 for a, b in zip(pair[True], pair[False])),
+                "latencies_ms": {"curve": pair[True], "plain": pair[False]}}
+        report["speedup_vs_single_device"] = table[bandwidth]["single_device"] / table[bandwidth]["prism"]
+        report["latency_vs_bandwidth_ms"] = table
+        if plot and len(rates) > 1:
+            plot_latency(table, plot, title=f"{m.model.architecture} P={s.devices} "
+                                            f"CR={s.compression_ratio} N={n_tokens}")
+            report["plot"] = str(plot)
     return report
 
 
@@ -276,3 +288,80 @@ def plot_latency(table: dict, path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def bench_load(export_dir, seq_len, clients, texts_file, n_requests: int, inflight: int, batch_pad: bool, slow,
+               repeats: int, echo=lambda *_: None) -> dict:
+    """`prism bench --clients/--slow-device`: throughput with `clients` concurrent clients (requests: the lines of
+    `texts_file`, or the bench's own inputs), and latency with a slowed device (`slow`: (rank, fraction))."""
+    from . import load
+
+    export_dir = Path(export_dir)
+    m = read_manifest(export_dir / MANIFEST)
+    outputs = requested_outputs(m)
+    inputs = {**bench_inputs(m, seq_len), "outputs": outputs}
+    out = {}
+    if clients:
+        reqs = [inputs]
+        if texts_file:
+            lines = [t for t in Path(texts_file).read_text().splitlines() if t.strip()]
+            reqs = [{"texts": [t], "outputs": outputs} for t in lines]
+        t = load.throughput(export_dir, reqs, clients, n_requests, inflight=inflight, batch_pad=batch_pad, echo=echo)
+        out.update(throughput=t, throughput_rps=t["throughput_rps"])
+    if slow:
+        s = load.slow_device(export_dir, inputs, *slow, repeats=repeats, echo=echo)
+        out.update(slow_device=s, slow_device_latency_ms=s["latency_ms"])
+    return out
+
+
+def report_lines(r: dict) -> list[str]:
+    """What `prism bench` prints for a report (without --json)."""
+    out = []
+    out.append(f"{r['model']} P={r['devices']} CR={r['compression_ratio']} wire={r['wire_dtype']} "
+               f"sinks={'kept' if r['keep_sinks'] else 'averaged'} window={r['window']} far={r['far']}, "
+               f"{r['tokens']} tokens, outputs {r['outputs']}")
+    b = r["bytes_per_inference"]
+    out.append(f"  bytes per inference: PRISM {b['prism']:,}, CR=1 baseline {b['baseline']:,} "
+               f"({100 * r['bytes_ratio_vs_baseline']:.3f}%)")
+    f = r["flops_per_device"]
+    c = r["flops_cut_vs_baseline"]
+    out.append(f"  GFLOPs per device: PRISM {[round(x / 1e9, 2) for x in f['prism']]}, baseline "
+               f"{[round(x / 1e9, 2) for x in f['baseline']]}, single device {round(f['single_device'][0] / 1e9, 2)}")
+    out.append(f"  FLOPs cut vs baseline (busiest device): total {100 * c['total']:.1f}%, linear layers "
+               f"{100 * c['linear']:.1f}% (bound ignoring attention {100 * c['linear_bound']:.1f}%)")
+    t = r["compute_ms_per_device"]
+    out.append(f"  onnxruntime ms per device (1 thread): PRISM {t['prism']}, baseline {t['baseline']}, "
+               f"single {t['single_device']}")
+    if r.get("latency_ms"):
+        lat = r["latency_ms"]
+        out.append(f"  latency at {r['bandwidth']}: PRISM {lat['prism']:.1f} ms, baseline {lat['baseline']:.1f} ms, "
+                   f"single device {lat['single_device']:.1f} ms: PRISM {r['speedup_vs_single_device']:.2f}x "
+                   f"faster than one device")
+    if r.get("latency_over_runner_compute"):
+        rc, lo = r["runner_compute_ms"], r["latency_over_runner_compute"]
+        out.append("  latency / the busiest runner's own onnxruntime time in the same requests: " + ", ".join(
+            f"{k} {lo[k]:.3f}x ({rc[k]:.0f} ms)" for k in lo))
+    if r.get("curve_cost"):
+        cc = r["curve_cost"]
+        out.append(f"  CurveZMQ cost at {r['bandwidth']}: {cc['latency_ms_curve']:.1f} ms with, "
+                   f"{cc['latency_ms_plain']:.1f} ms without ({100 * cc['overhead']:+.2f}%; median of the "
+                   f"{cc['repeats']} paired ratios {100 * cc['overhead_paired_median']:+.2f}%)")
+    elif "latency_skipped" in r:
+        out.append(f"  latency skipped: {r['latency_skipped']}")
+    if r.get("throughput"):
+        t = r["throughput"]
+        seq = next(x for x in t["runs"] if x["runners"] == "sequential")
+        out.append(f"  throughput (loopback, --max-inflight {t['settings']['max_inflight']}): " + ", ".join(
+            f"{k} client(s) {v:.1f} req/s" for k, v in t["throughput_rps"].items()) +
+            f"; one request at a time: {seq['throughput_rps']:.1f} req/s, p50 {seq['p50_ms']:.1f} ms")
+        for x in t["runs"]:
+            out.append(f"    {x['runners']:>10} {x['clients']:>3} client(s): {x['throughput_rps']:.1f} req/s, "
+                       f"p50 {x['p50_ms']:.1f} ms, p90 {x['p90_ms']:.1f} ms, errors {x['errors']}")
+    if r.get("slow_device"):
+        s = r["slow_device"]
+        lat = s["latency_ms"]
+        out.append(f"  device {s['rank']} at {s['fraction']:g} speed ({s['slowed_by']}): even {lat['even']:.1f} ms, "
+                   f"adaptive {lat['adaptive']:.1f} ms, ideal {lat['ideal']:.1f} ms (adaptive/ideal "
+                   f"{s['adaptive_vs_ideal']:.3f}, even/ideal {s['even_vs_ideal']:.3f}); adaptive spans "
+                   f"{s['spans']['adaptive']}")
+    return out
