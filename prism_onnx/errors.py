@@ -6,7 +6,7 @@ Every error has a `code` (what the HTTP status, the CLI's JSON `type` and the cl
 made from: serve/errors.py holds the one table of statuses) and `retryable` (the same request may succeed
 later or elsewhere). Between runners and clients an error travels as an ErrorInfo (runtime/schema.py
 WireError), and `ErrorInfo.exception()` raises the same class on the other side: a too-long text reaches
-the caller as an InputError, a full coordinator as Busy.
+the caller as an InputError (code "too_long"), a full coordinator as Busy.
 """
 
 from __future__ import annotations
@@ -16,14 +16,17 @@ from dataclasses import dataclass
 
 class PrismError(ValueError):
     """Base class: a problem with what the user gave us, or with the cluster, explained in the message.
-    `ranks`: the devices it concerns (set when it comes from a cluster)."""
+    `ranks`: the devices it concerns (set when it comes from a cluster); `code`: the class's, unless a more
+    precise one is given (an InputError that is too long for the deployment: "too_long")."""
 
     code = "error"
     retryable = False
 
-    def __init__(self, *args, ranks=()):
+    def __init__(self, *args, ranks=(), code: str | None = None):
         super().__init__(*args)
         self.ranks = tuple(ranks)
+        if code is not None:
+            self.code = code
 
 
 class ModelLoadError(PrismError):
@@ -38,11 +41,14 @@ class InputError(PrismError):
     code = "invalid_input"
 
 
-class TooLong(InputError):
-    """The request is too large for this deployment: more tokens than --max-seq-len or the model's
-    positions, more rows than --max-batch, a key/value cache beyond --max-cache-mb."""
+TOO_LONG = "too_long"
 
-    code = "too_long"
+
+def too_long(message: str) -> InputError:
+    """An InputError of code "too_long": the request is too large for this deployment (more tokens than
+    --max-seq-len or the model's positions, more rows than --max-batch, a key/value cache beyond
+    --max-cache-mb). HTTP answers it 413."""
+    return InputError(message, code=TOO_LONG)
 
 
 class PlanError(PrismError):
@@ -95,7 +101,7 @@ class InternalError(PrismError):
     code = "internal"
 
 
-ERRORS = {cls.__name__: cls for cls in (PrismError, ModelLoadError, InputError, TooLong, PlanError, BundleError,
+ERRORS = {cls.__name__: cls for cls in (PrismError, ModelLoadError, InputError, PlanError, BundleError,
                                         FrameError, PeerError, DevicesUnavailable, Busy, Timeout, InternalError)}
 
 
@@ -121,7 +127,7 @@ class ErrorInfo:
         """The error as the class it was raised as (a class this version does not know: by its code, else
         PrismError)."""
         cls = ERRORS.get(self.type) or next((c for c in ERRORS.values() if c.code == self.code), PrismError)
-        e = cls(self.message, ranks=self.ranks)
+        e = cls(self.message, ranks=self.ranks, code=self.code)
         if cls is PrismError:
-            e.code, e.retryable = self.code, self.retryable
+            e.retryable = self.retryable
         return e

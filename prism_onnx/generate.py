@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InputError, TooLong
+from .errors import InputError, too_long
 from .program import DeviceRun, Program, split_ref
 
 
@@ -270,7 +270,7 @@ def check_prompt(attention_mask: np.ndarray, config: GenerationConfig, max_posit
         raise InputError("generation needs every row to end with a real token: pad on the left")
     longest = int(attention_mask.sum(1).max())
     if longest + config.max_new_tokens > max_positions:
-        raise TooLong(f"a prompt of {longest} tokens and {config.max_new_tokens} new ones exceed the model's "
+        raise too_long(f"a prompt of {longest} tokens and {config.max_new_tokens} new ones exceed the model's "
                          f"{max_positions} positions")
 
 
@@ -284,7 +284,7 @@ def decode_from_cache(program: Program, backend, collector: CacheCollector, prom
     widths = [p.width for p in program.points]
     need = KVCache.nbytes_for(B, collector.rows[0].shape[1] + config.max_new_tokens, widths)
     if max_cache_bytes is not None and need > max_cache_bytes:
-        raise TooLong(f"this request needs a key/value cache of {need / 2**20:.1f} MiB, beyond the runner's limit "
+        raise too_long(f"this request needs a key/value cache of {need / 2**20:.1f} MiB, beyond the runner's limit "
                          f"of {max_cache_bytes / 2**20:.1f} MiB (--max-cache-mb); ask for fewer tokens or rows")
     cache = collector.cache(config.max_new_tokens)
     stats = GenerationStats(prompt_tokens=int(attention_mask.sum()), cache_bytes=cache.nbytes)

@@ -183,11 +183,16 @@ def test_a_real_process_prints_one_line_and_no_traceback(setup):
 
 
 def test_a_text_longer_than_max_seq_len_is_refused_by_the_runners(setup):
-    """launch: the runners refuse it with its length (never cut silently), one line, exit 1."""
-    r = CliRunner().invoke(main, ["launch", str(setup.export), "--insecure", "--input-ids", ",".join(["7"] * 40)])
+    """launch: the runners refuse it with its length (never cut silently), one line, exit 1; under --json its
+    type is the cluster's own: an InputError (code too_long), not a wrapper of the client's."""
+    args = ["launch", str(setup.export), "--insecure", "--input-ids", ",".join(["7"] * 40)]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 1 and "Traceback" not in r.output
     lines = stderr_lines(r)
     assert len(lines) == 1 and "40 tokens" in lines[0] and "--max-seq-len 16" in lines[0], r.stderr
+    assert lines[0].startswith("Error: InputError: ")
+    j = CliRunner().invoke(main, [*args, "--json"])
+    assert j.exit_code == 1 and json.loads(j.stdout)["error"]["type"] == "InputError"
 
 
 def test_runners_given_different_peers_lists_say_so_and_stop(setup):

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prism_onnx.errors import FrameError, InputError, TooLong
+from prism_onnx.errors import FrameError, InputError
 from prism_onnx.runtime.admission import request_rules
 from prism_onnx.runtime.bundle import DeviceBundle
 from prism_onnx.runtime.coordinator import Coordinator
@@ -77,12 +77,12 @@ def request(coord, meta=None, arrays=None, client=b"c1", now=0.0):
     coord.on_request(client, decoded(coord, meta, arrays), now)
 
 
-def result(request_id, rank, ok=True, n=2, error="", retry=False, span=(0, 0), type="InputError"):
+def result(request_id, rank, ok=True, n=2, error="", retry=False, span=(0, 0), code="invalid_input"):
     traffic = TrafficInfo((5, 5), (10, 10))
     outputs = {"last_hidden_state": np.full((1, n, D), float(rank), np.float32)} if ok else {}
     if ok and rank == 0:
         outputs["pooler_output"] = np.ones((1, D), np.float32)
-    err = None if ok else WireError("PeerError" if retry else type, "peer_failed" if retry else "invalid_input", error,
+    err = None if ok else WireError("PeerError" if retry else "InputError", "peer_failed" if retry else code, error,
                                     retry)
     return Result(request_id, rank, err, {"embed": 0.001}, traffic, span, arrays=outputs)
 
@@ -110,10 +110,11 @@ def test_a_device_error_fails_the_request_once_and_aborts_everyone(coord):
     request(coord)
     r = coord.jobs[0].request
     coord.on_result(result(r, 1), 0.1)
-    coord.on_result(result(r, 2, ok=False, error="text 0 has 702 tokens", type="TooLong"), 0.2)
+    coord.on_result(result(r, 2, ok=False, error="text 0 has 702 tokens", code="too_long"), 0.2)
     coord.on_result(result(r, 0), 0.3)  # late: ignored
     ((_, reply),) = coord.replies
-    assert (reply.error.type, reply.error.message, reply.error.ranks) == ("TooLong", "text 0 has 702 tokens", (2,))
+    e = reply.error
+    assert (e.type, e.code, e.message, e.ranks) == ("InputError", "too_long", "text 0 has 702 tokens", (2,))
     assert aborts(coord) == [(0, r), (1, r), (2, r)]  # every device of the attempt, this one's worker too
 
 
@@ -142,8 +143,8 @@ def test_planned_over_the_live_devices_and_refused_below_min_devices(coord):
 
 @pytest.mark.parametrize("meta,arrays,error,match", [
     ({"texts": 5}, {}, FrameError, "field 'texts' must be a list"),
-    ({"texts": ["a"] * 100_000}, {}, TooLong, "100000 texts exceeds this export's --max-batch 4"),
-    ({"texts": ["x" * 1_000_000]}, {}, TooLong, "text 0 has 1,000,000 characters; the limit is 4,096"),
+    ({"texts": ["a"] * 100_000}, {}, InputError, "100000 texts exceeds this export's --max-batch 4"),
+    ({"texts": ["x" * 1_000_000]}, {}, InputError, "text 0 has 1,000,000 characters; the limit is 4,096"),
     ({"texts": ["a", 3]}, {}, FrameError, "field 'texts' must be a string"),
     ({"outputs": 5}, None, FrameError, "field 'outputs' must be a list"),
     ({"outputs": ["logits"]}, None, InputError, "unknown outputs"),

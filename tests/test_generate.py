@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import text_batch, tiny_model
-from prism_onnx.errors import InputError, TooLong
+from prism_onnx.errors import InputError
 from prism_onnx.generate import GenerationConfig, Sampler, kv_rows_numpy
 from prism_onnx.prism import kv_rows as torch_kv_rows
 from prism_onnx.reference import generate
@@ -178,7 +178,7 @@ def test_a_request_over_the_cache_limit_fails_clearly_and_the_runners_keep_servi
     # the tiny Llama's cache: 2 layers x 32 values per row (float32) and a bias: ~260 bytes per row, so a
     # 10-token prompt and 40 new tokens need ~13 kB, over a limit of 0.01 MiB (10.5 kB); 4 new tokens fit
     with LocalCluster(b, extra_args=["--max-cache-mb", "0.01"]) as cluster:
-        with pytest.raises(TooLong, match=r"key/value cache of .* beyond the runner's limit of 0\.0 MiB"):
+        with pytest.raises(InputError, match=r"key/value cache of .* beyond the runner's limit of 0\.0 MiB"):
             cluster.client.generate(input_ids=inputs["input_ids"], config=GenerationConfig(max_new_tokens=40))
         ids, _ = cluster.client.generate(input_ids=inputs["input_ids"], config=GenerationConfig(max_new_tokens=4))
         assert len(ids[0]) == 4

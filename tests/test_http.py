@@ -22,6 +22,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+
+from prism_onnx.errors import (BundleError, Busy, DevicesUnavailable, FrameError, InputError, InternalError, PeerError,
+                               PlanError, Timeout)
 import torch
 
 from conftest import minilm_path, sst2_sentences, tiny_model
@@ -364,3 +367,24 @@ def test_the_core_runner_imports_no_http_library_and_without_the_extra_says_what
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines()[-1] == ('Error: MissingExtra: --http needs uvicorn, which the core install '
                                                    'leaves out: pip install "prism-onnx[serve]"')
+
+
+@pytest.mark.parametrize("error,status,code", [
+    (InputError("bad ids"), 400, "invalid_input"), (InputError("702 tokens", code="too_long"), 413,
+                                                     "context_length_exceeded"),
+    (FrameError("malformed"), 400, "bad_message"), (PlanError("CR 0"), 400, "invalid_plan"),
+    (Busy("busy"), 503, "busy"), (DevicesUnavailable("1 of 3 live"), 503, "devices_unavailable"),
+    (PeerError("no means from device 2"), 503, "peer_failed"), (Timeout("no reply"), 504, "timeout"),
+    (InternalError("a bug"), 500, "internal"), (BundleError("tampered"), 500, "bad_bundle"),
+])
+def test_an_http_status_comes_from_the_errors_code(error, status, code):
+    """One table (serve/errors.STATUS_OF_CODE): the error the cluster raised travels as an ErrorInfo, is
+    raised again as its own class on the gateway's side, and its code, never its text, gives the status."""
+    from prism_onnx.errors import ERRORS, ErrorInfo
+    from prism_onnx.serve.errors import STATUS_OF_CODE, from_cluster
+
+    again = ErrorInfo.of(error).exception()
+    assert type(again) is type(error) and again.code == error.code and str(again) == str(error)
+    api = from_cluster(again)
+    assert (api.status, api.code) == (status, code)
+    assert all(cls.code in STATUS_OF_CODE for cls in ERRORS.values())

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 import fuzz_messages
 from conftest import as_served, inputs_for_arch
 from prism_onnx.cli import main
-from prism_onnx.errors import PeerError, TooLong
+from prism_onnx.errors import InputError, PeerError
 from prism_onnx.exporters.bundle import ExportSettings, write_bundles
 from prism_onnx.runtime.bundle import Export, sha256_file
 from prism_onnx.runtime.client import Client
@@ -209,9 +209,10 @@ def test_oversized_requests_are_refused_clearly_with_bounded_memory(bundle, clus
     legit(cluster, expected)
     before = rss_kb(pid)
     c = cluster.client
-    with pytest.raises(TooLong, match="a request of 100000 texts exceeds this export's --max-batch 64"):
+    with pytest.raises(InputError, match="a request of 100000 texts exceeds this export's --max-batch 64") as e:
         c.infer(texts=["a long text " * 40] + [""] * 99_999)
-    with pytest.raises(TooLong, match="text 0 has 1,000,000 characters; the limit is 4,096"):
+    assert e.value.code == "too_long"  # HTTP answers it 413
+    with pytest.raises(InputError, match="text 0 has 1,000,000 characters; the limit is 4,096"):
         c.infer(texts=["x" * 1_000_000])
     s = dealer(cluster.serve_address, (c.keys.public, c.keys.secret), c.keys.servers[0])
     header = {"call": 1, "arrays": [{"name": "input_ids", "dtype": "int64", "shape": [1000, 1000, 1000]}]}

@@ -27,7 +27,7 @@ Who checks what, where (nothing acts on a message before all of its checks pass)
     protocol.py    framing: header, JSON size and depth before parsing, array shapes and sizes before any
                    array exists (ArrayRules from the manifest's Limits)
     schema.py      every field of the kind's record: type and bounds; cross-field rules (`check`)
-    admission.py   a REQUEST's values: texts, ids in the vocabulary, the export's limits (InputError, TooLong)
+    admission.py   a REQUEST's values: texts, ids in the vocabulary, the export's limits (InputError; code too_long)
     dispatch.py    a peer message against its sender: the key names the device it claims to be, and it
                    arrives on that device's live session (membership.py); means frames: wire.check_means
     exchange.py    a means frame against the endpoint (addressed here, this export), then its counts
@@ -51,6 +51,6 @@ Every device runs the same device program (program.py) with the onnxruntime back
 it sends its rows to its receivers and gathers its sources' rows. Each device's RESULT goes to the
 coordinator (in process for its own), which assembles the REPLY (replies.py). A device that is lost (no
 HELLO) or fails the attempt for another's sake gets the attempt ABORTed and rerun over the live devices; any
-other error reaches the client as its own class (errors.ErrorInfo: InputError, TooLong, Busy,
+other error reaches the client as its own class (errors.ErrorInfo: InputError, Busy,
 DevicesUnavailable, Timeout, ...), from which the CLI's JSON error type and the HTTP status are made.
 """

@@ -4,7 +4,7 @@ Order matters: the array descriptions are checked while the message is decoded (
 dtypes, ranks, batch and length, before any array exists); then the fields' types and bounds
 (schema.Request); then their values (`check_request`): the number of texts and each text's length before
 any tokenizer runs, the outputs asked for, ids within the vocabulary. Each refusal is an InputError (the
-client's fault; TooLong for what exceeds the export's limits) or FrameError, one line naming the problem.
+client's fault; of code too_long for what exceeds the export's limits) or FrameError, one line naming the problem.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import io
 
 import numpy as np
 
-from ..errors import InputError, TooLong
+from ..errors import InputError, too_long
 from .bundle import Limits
 from .protocol import ArrayRules
 
@@ -61,12 +61,12 @@ def check_texts(texts, limits: Limits) -> list[str]:
     if not isinstance(texts, list) or not texts:
         raise InputError("'texts' must be a non-empty list of strings")
     if len(texts) > limits.max_batch:
-        raise TooLong(f"a request of {len(texts)} texts exceeds this export's --max-batch {limits.max_batch}")
+        raise too_long(f"a request of {len(texts)} texts exceeds this export's --max-batch {limits.max_batch}")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise InputError(f"text {i} is a {type(t).__name__}, not a string")
         if len(t) > limits.max_text_chars:
-            raise TooLong(f"text {i} has {len(t):,} characters; the limit is {limits.max_text_chars:,} "
+            raise too_long(f"text {i} has {len(t):,} characters; the limit is {limits.max_text_chars:,} "
                              f"(this export reads at most {limits.max_seq_len} tokens)")
     return texts
 
@@ -127,7 +127,7 @@ def check_request(req, limits: Limits) -> None:
         if len(images) != len(arrays):
             raise InputError("send either image files or pixel_values, not both")
         if len(images) > limits.max_batch:
-            raise TooLong(f"a request of {len(images)} images exceeds this export's --max-batch {limits.max_batch}")
+            raise too_long(f"a request of {len(images)} images exceeds this export's --max-batch {limits.max_batch}")
     elif "pixel_values" in arrays:
         if not np.isfinite(arrays["pixel_values"]).all():
             raise InputError("pixel_values holds non-finite values")

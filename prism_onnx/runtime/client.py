@@ -1,5 +1,5 @@
 """`Client` (prism infer, the HTTP gateway, your code): requests to a running cluster, with failover between
-its serving runners and the cluster's errors raised as their own classes (InputError, TooLong, Busy,
+its serving runners and the cluster's errors raised as their own classes (InputError, Busy,
 DevicesUnavailable, Timeout, ...). One connection per server: connection.py."""
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Client:
     def _request(self, request: Request, on_tokens=None) -> Reply:
         """One REQUEST, failing over to the next server (and resending) while servers are lost; a full
         round of lost servers, or the client timeout, ends it. A reply with an error raises it, as the class
-        the cluster raised (errors.ErrorInfo.exception: InputError, TooLong, Busy, DevicesUnavailable...)."""
+        the cluster raised (errors.ErrorInfo.exception: InputError, Busy, DevicesUnavailable...)."""
         t0, lost, streamed = time.monotonic(), [], []
 
         def tokens(tok):
@@ -125,7 +125,7 @@ class Client:
     def infer(self, *, texts=None, images=None, input_ids=None, attention_mask=None, pixel_values=None,
               outputs=None):
         """-> (outputs {name: array}, stats). `outputs`: names to return (default all). A failure raises the
-        error the cluster raised (InputError, TooLong, Busy, DevicesUnavailable, Timeout, ...: errors.py)."""
+        error the cluster raised (InputError, Busy, DevicesUnavailable, Timeout, ...: errors.py)."""
         request = self._inputs(texts, images, input_ids, attention_mask, pixel_values)
         if outputs:
             request = replace(request, outputs=tuple(outputs))

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import InputError, TooLong
+from ..errors import InputError, too_long
 from ..inputs import prepare
 from ..plan import Plan, max_rows
 from ..program import DeviceResult, gather_outputs, own_slice, run_device
@@ -164,7 +164,7 @@ class Requests:
         B, N = mask.shape
         s = self.manifest.settings
         if N > s.max_seq_len:
-            raise TooLong(f"sequence of {N} tokens is longer than this export's --max-seq-len {s.max_seq_len}")
+            raise too_long(f"sequence of {N} tokens is longer than this export's --max-seq-len {s.max_seq_len}")
         if B > s.max_batch:
-            raise TooLong(f"batch of {B} is larger than this export's limit {s.max_batch}")
+            raise too_long(f"batch of {B} is larger than this export's limit {s.max_batch}")
         return token_inputs, self.manifest.plan(mask, split_weights, ranks)

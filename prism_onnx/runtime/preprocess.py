@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, TooLong
+from ..errors import InputError, too_long
 
 # PIL resample codes as stored by transformers image processors (PILImageResampling values)
 _PIL_RESAMPLE = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
@@ -49,7 +49,7 @@ class TextPreprocessor:
         enc = self.tokenizer.encode_batch(list(texts))
         for i, e in enumerate(enc):
             if len(e.ids) > self.max_length:
-                raise TooLong(f"text {i} has {len(e.ids)} tokens, beyond this export's --max-seq-len "
+                raise too_long(f"text {i} has {len(e.ids)} tokens, beyond this export's --max-seq-len "
                                  f"{self.max_length}; shorten it or export with a larger --max-seq-len")
         n = max(len(e.ids) for e in enc)
         out = {k: np.zeros((len(enc), n), np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -83,7 +83,7 @@ class ImagePreprocessor:
             try:
                 opened = Image.open(image)  # reads the header only: the size is checked before decoding
                 if opened.size[0] * opened.size[1] > self.max_pixels:
-                    raise TooLong(f"image of {opened.size[0]}x{opened.size[1]} pixels exceeds the limit of "
+                    raise too_long(f"image of {opened.size[0]}x{opened.size[1]} pixels exceeds the limit of "
                                      f"{self.max_pixels:,} pixels")
                 opened.load()
             except (OSError, ValueError, Image.DecompressionBombError) as e:
