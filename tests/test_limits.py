@@ -154,3 +154,11 @@ def test_bad_starts_are_refused_before_any_job_exists(meta, arrays, match):
     with pytest.raises(PrismError, match=match):
         decode_record(encode(Kind.START, {"ranks": [0, 1], **meta} if meta else meta, arrays), LIMITS,
                       peer_rules(LIMITS))
+
+
+def test_a_message_of_another_protocol_version_is_refused_naming_both_versions():
+    from prism_onnx.runtime.protocol import CONTROL_HEADER, CONTROL_MAGIC, VERSION
+
+    parts = [CONTROL_HEADER.pack(CONTROL_MAGIC, VERSION - 1, int(Kind.HELLO)), b"{}"]
+    with pytest.raises(FrameError, match=f"protocol version {VERSION - 1}; this runner speaks version {VERSION}"):
+        decode_record(parts, LIMITS)

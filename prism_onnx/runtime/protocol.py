@@ -153,6 +153,10 @@ def decode(parts: list, rules: ArrayRules | int, *, max_json: int = MAX_JSON) ->
         raise FrameError("control message needs a header and a JSON part")
     magic, version, kind = CONTROL_HEADER.unpack(bytes(parts[0]))
     if magic != CONTROL_MAGIC or version != VERSION:
+        if magic == CONTROL_MAGIC:
+            raise FrameError(f"a control message of protocol version {version}; this runner speaks version {VERSION} "
+                             f"(runners and clients of different prism-onnx versions cannot talk: install the same "
+                             f"version everywhere)")
         raise FrameError(f"not a PRISM v{VERSION} control message")
     try:
         kind = Kind(kind)
