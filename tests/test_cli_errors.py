@@ -128,7 +128,7 @@ CASES = [
                                             "--insecure"], "PrismError", "--peers lists 1 devices"),
     ("run with a --peers entry without a port", lambda s: ["run", str(s.export / "device-0"), "--peers",
                                                            "127.0.0.1,127.0.0.1:2", "--insecure"],
-     "PrismError", "'127.0.0.1' is not HOST:PORT"),
+     "UsageError", "'127.0.0.1' is not HOST:PORT"),
     ("run with a --split of the wrong count", lambda s: ["run", str(s.export / "device-0"), "--peers",
                                                          "127.0.0.1:1,127.0.0.1:2", "--insecure", "--split", "1,1,1"],
      "PlanError", "expected 2 positive weights"),
@@ -149,11 +149,14 @@ def stderr_lines(r) -> list[str]:
     return [ln for ln in r.stderr.splitlines() if ln.strip()]
 
 
+USAGE = ("UsageError", "BadParameter", "NoSuchOption", "MissingParameter")
+
+
 @pytest.mark.parametrize("name, argv, kind, fragment", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_the_json_error_shape(setup, name, argv, kind, fragment):
     args = argv(setup)
     r = CliRunner().invoke(main, args)
-    assert r.exit_code != 0, r.output
+    assert r.exit_code == (2 if kind in USAGE else 1), r.output  # README: 2 for a misused option, 1 otherwise
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)  # no uncaught error
     lines = stderr_lines(r)
     assert len(lines) == 1 and lines[0].startswith("Error: ") and fragment in lines[0], r.stderr

@@ -129,3 +129,12 @@ def test_a_refuse_during_start_up_is_fatal(runner):
     pm, rec, _ = runner
     pm.on_refused(1, encode_record(Refuse(1, "bundle from another export")))
     assert rec.calls == [("fatal", "device 1 refused device 0 at the handshake: bundle from another export")]
+
+
+def test_an_accepted_hello_with_a_note_is_logged_and_counted(runner, caplog):
+    """Device 1 restarted (a new nonce, after its old HELLO went stale): accepted, noted in one INFO line."""
+    pm, rec, counters = runner
+    with caplog.at_level(logging.INFO, "prism.run"):
+        pm.on_peer(b"s1b", "device-1", encode_record(Hello(1, "n1-restarted", EXPORT, 5.0)), now=5.0)
+    assert rec.calls == [] and counters.accepted["hello"] == 1
+    assert "device 0: device 1 restarted" in caplog.text

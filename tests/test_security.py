@@ -28,7 +28,7 @@ from prism_onnx.runtime.client import Client
 from prism_onnx.runtime.cluster import LocalCluster, free_ports
 from prism_onnx.runtime.executor import Executor
 from prism_onnx.runtime.keys import ClientKeys, RunnerKeys
-from prism_onnx.runtime.protocol import Kind, decode, encode
+from prism_onnx.runtime.protocol import CONTROL_HEADER, CONTROL_MAGIC, VERSION, Kind, decode, encode
 from prism_onnx.runtime.schema import decode_record
 from prism_onnx.runtime.wire import MeansFrame, encode_means
 from test_runtime import assert_same, dealer, device_dealer, poll_until, request_kwargs, run_cmd
@@ -216,7 +216,7 @@ def test_oversized_requests_are_refused_clearly_with_bounded_memory(bundle, clus
         c.infer(texts=["x" * 1_000_000])
     s = dealer(cluster.serve_address, (c.keys.public, c.keys.secret), c.keys.servers[0])
     header = {"call": 1, "arrays": [{"name": "input_ids", "dtype": "int64", "shape": [1000, 1000, 1000]}]}
-    s.send_multipart([encode(Kind.STATUS, {})[0][:4] + bytes([1, int(Kind.REQUEST), 0, 0]),
+    s.send_multipart([CONTROL_HEADER.pack(CONTROL_MAGIC, VERSION, int(Kind.REQUEST)),
                       json.dumps(header).encode(), b"\0" * 64])
     assert s.poll(30_000)
     reply = decode_record(s.recv_multipart())

@@ -350,3 +350,12 @@ def test_cli_simulate_reports_the_window(tiny_dirs):
     assert [d["rows_sent"] for d in b["per_device"]][:3] != [d["rows_sent"] for d in a["per_device"]][:3]
     bad = CliRunner().invoke(main, args + ["--far", "everything"])
     assert bad.exit_code == 2 and "everything" in bad.output
+
+
+@pytest.mark.parametrize("arch", ["ViTModel", "DistilBertModel"])
+def test_masked_bounds_refuse_a_model_without_per_query_masks(tiny, arch):
+    from prism_onnx.errors import InputError
+
+    inputs = {"input_ids": np.ones((1, 4), np.int64), "attention_mask": np.ones((1, 4), np.int64)}
+    with pytest.raises(InputError, match="attention mask per query"):
+        masked_forward(tiny[arch], inputs, np.ones((1, 4, 4), bool))

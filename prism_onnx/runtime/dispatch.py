@@ -15,6 +15,7 @@ objects.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -28,6 +29,7 @@ from .wire import check_means
 from .worker import Batched, Job
 
 PEER_JSON = 1 << 16  # the JSON part of a peer's control message
+log = logging.getLogger("prism.run")
 
 
 @dataclass
@@ -116,7 +118,7 @@ class PeerMessages:
     def _hello(self, session: bytes, key_rank: int | None, hello: Hello, now: float) -> None:
         v: Verdict = self.m.on_hello(hello, now, session, key_rank)
         if v.note:
-            self.counters.log.info("device %d: %s", self.rank, v.note)
+            log.info("device %d: %s", self.rank, v.note)
         if v.refuse:
             self.counters.reject("hello", v.refuse, 0, f"device {hello.rank}")
             self.fx.reply_peer(session, encode_record(Refuse(self.rank, v.refuse[:2000])))
