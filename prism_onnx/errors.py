@@ -22,6 +22,14 @@ class PrismError(ValueError):
     code = "error"
     retryable = False
 
+    def __init_subclass__(cls, code: str | None = None, retryable: bool | None = None, **kw):
+        """`class Busy(PeerError, code="busy")`: a subclass states its code (and whether it is retryable)."""
+        super().__init_subclass__(**kw)
+        if code is not None:
+            cls.code = code
+        if retryable is not None:
+            cls.retryable = retryable
+
     def __init__(self, *args, ranks=(), code: str | None = None):
         super().__init__(*args)
         self.ranks = tuple(ranks)
@@ -29,16 +37,12 @@ class PrismError(ValueError):
             self.code = code
 
 
-class ModelLoadError(PrismError):
+class ModelLoadError(PrismError, code="model_load"):
     """The model cannot be found, read, or is not supported."""
 
-    code = "model_load"
 
-
-class InputError(PrismError):
+class InputError(PrismError, code="invalid_input"):
     """The request's inputs do not fit the model (shape, length, image size)."""
-
-    code = "invalid_input"
 
 
 TOO_LONG = "too_long"
@@ -51,54 +55,37 @@ def too_long(message: str) -> InputError:
     return InputError(message, code=TOO_LONG)
 
 
-class PlanError(PrismError):
+class PlanError(PrismError, code="invalid_plan"):
     """Impossible partitioning: devices, split weights, compression ratio."""
 
-    code = "invalid_plan"
 
-
-class BundleError(PrismError):
+class BundleError(PrismError, code="bad_bundle"):
     """A bundle is missing, incomplete, tampered with, or from another export."""
 
-    code = "bad_bundle"
 
-
-class FrameError(PrismError):
+class FrameError(PrismError, code="bad_message"):
     """A network frame that is malformed or does not fit what the receiver expects."""
 
-    code = "bad_message"
 
-
-class PeerError(PrismError):
+class PeerError(PrismError, code="peer_failed", retryable=True):
     """A peer device is missing, died, or refused the handshake; or a device failed a request because of
     another device (a rerun may succeed)."""
 
-    code = "peer_failed"
-    retryable = True
 
-
-class DevicesUnavailable(PeerError):
+class DevicesUnavailable(PeerError, code="devices_unavailable"):
     """Fewer devices are live than the cluster needs (--min-devices), or a request gave up after reruns."""
 
-    code = "devices_unavailable"
 
-
-class Busy(PeerError):
+class Busy(PeerError, code="busy"):
     """The coordinator (or this client's share of it) is full: retry later."""
 
-    code = "busy"
 
-
-class Timeout(PeerError):
+class Timeout(PeerError, code="timeout"):
     """No answer within the time allowed."""
 
-    code = "timeout"
 
-
-class InternalError(PrismError):
+class InternalError(PrismError, code="internal"):
     """A bug in a runner, reported instead of crashing it."""
-
-    code = "internal"
 
 
 ERRORS = {cls.__name__: cls for cls in (PrismError, ModelLoadError, InputError, PlanError, BundleError,

@@ -14,7 +14,7 @@ from conftest import as_served, text_batch
 from prism_onnx.runtime.batching import Prepared, gather
 from prism_onnx.runtime.lanes import Lane, Lanes
 from prism_onnx.runtime.schema import Attempt, GenerateOptions, Request
-from prism_onnx.runtime.worker import Job
+from prism_onnx.runtime.jobs import Job
 
 
 def job(request, n, generate=None, outputs=None):
@@ -28,7 +28,7 @@ def job(request, n, generate=None, outputs=None):
 def tokenize_with(make_plan):
     def tokenize(j):
         ids = j.client.arrays["input_ids"]
-        return Prepared(j, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, make_plan(np.ones_like(ids)))
+        return Prepared.of(j, {"input_ids": ids, "attention_mask": np.ones_like(ids)}, make_plan(np.ones_like(ids)))
     return tokenize
 
 

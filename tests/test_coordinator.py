@@ -11,7 +11,7 @@ from prism_onnx.runtime.bundle import DeviceBundle
 from prism_onnx.runtime.coordinator import Coordinator
 from prism_onnx.runtime.protocol import Kind, encode
 from prism_onnx.runtime.schema import Abort, Result, Tokens, TrafficInfo, WireError, decode_record
-from prism_onnx.runtime.worker import Job
+from prism_onnx.runtime.jobs import Job
 
 D, L = 8, 2
 

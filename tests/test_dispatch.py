@@ -16,7 +16,7 @@ from prism_onnx.runtime.protocol import Kind, encode
 from prism_onnx.runtime.schema import (Abort, Attempt, Hello, Refuse, Result, Tokens, TrafficInfo, decode_record,
                                        encode_record, request_id)
 from prism_onnx.runtime.wire import MeansFrame, encode_means
-from prism_onnx.runtime.worker import Batched
+from prism_onnx.runtime.jobs import Batched
 from test_coordinator import manifest
 
 EXPORT = "e" * 64

@@ -506,15 +506,9 @@ def plot(report: dict, path: str | Path) -> None:
         a2.plot([r["bytes_per_inference"] for r in rows], [r[report["metric"]] for r in rows], "o-", label=label)
     for ax, xl in ((a1, "compression ratio CR"), (a2, "bytes on the wire per inference")):
         ax.axhline(report["full_model"], color="k", ls=":", label="full model")
-        ax.set_xscale("log", base=2 if ax is a1 else 10)
-        ax.set_xlabel(xl)
-        ax.set_ylabel(report["metric"])
-        ax.grid(True, alpha=0.3)
+        _axes(ax, xl, report["metric"], base=2 if ax is a1 else 10)
     a1.legend(fontsize=7)
-    fig.suptitle(f"{report['task']}: {report['model']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, f"{report['task']}: {report['model']}", path)
     if len(means) != len(report["rows"]) or any(r.get("window") for r in report["rows"]):
         pareto(report, Path(path).with_name(Path(path).stem + "-pareto.png"))
 
@@ -551,13 +545,23 @@ def pareto(report: dict, path: str | Path) -> None:
             ax.axhline(alone[0][metric], color="r", ls="--", label="partition alone")
         for i, w in enumerate(windows):
             ax.scatter([], [], color=cmap(i), label=f"W={w}")
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes on the wire, % of uncompressed partitioning")
-        ax.set_ylabel(metric)
+        _axes(ax, "bytes on the wire, % of uncompressed partitioning", metric)
         ax.set_title(f"P={P}")
-        ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{report['task']}: {Path(str(report['model'])).name} (o means + window, x window alone)")
+    _save(fig, f"{report['task']}: {Path(str(report['model'])).name} (o means + window, x window alone)", path)
+
+
+def _axes(ax, xlabel: str, ylabel: str, base: int = 10) -> None:
+    ax.set_xscale("log", base=base)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+
+
+def _save(fig, title: str, path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -35,43 +35,25 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..plan import Plan
+from .jobs import Job
 
 
 @dataclass
-class Prepared:
-    """The coordinator's Job of a client request (worker.py) tokenized and planned; `members` when it is a
-    batch of several requests."""
+class Prepared(Job):
+    """A client request's Job (jobs.py) tokenized and planned; `members` when it is a batch of several."""
 
-    job: object  # worker.Job with its client Request
-    inputs: dict[str, np.ndarray]  # token-level arrays [B, N, ...] (pixel_values [B, C, H, W])
-    plan: Plan
+    inputs: dict = field(default_factory=dict)  # token-level arrays [B, N, ...] (pixel_values [B, C, H, W])
+    plan: Plan | None = None
     members: list[tuple[int, int, int, int]] = field(default_factory=list)
 
-    # what the lane needs of any job
-    @property
-    def request(self) -> int:
-        return self.job.request
-
-    @property
-    def ranks(self):
-        return self.job.ranks
-
-    @property
-    def coordinator(self) -> int:
-        return self.job.coordinator
-
-    @property
-    def attempt(self):
-        return self.job.attempt
-
-    @property
-    def deadline(self) -> float:
-        return self.job.deadline
+    @classmethod
+    def of(cls, job: Job, inputs: dict, plan: Plan, members=None) -> "Prepared":
+        return cls(job.attempt, job.deadline, job.client, inputs, plan, list(members or []))
 
     def key(self, pad: bool = False) -> tuple:
         """Requests with equal keys get, row by row, the same plan in one batch as alone; with `pad`, token
         inputs of any length N share a key (they are padded to the longest: see `merge`)."""
-        a = self.job.attempt
+        a = self.attempt
         padded = pad and "input_ids" in self.inputs
         arrays = tuple(sorted((k, v.shape[2:] if padded else v.shape[1:], str(v.dtype))
                               for k, v in self.inputs.items()))
@@ -95,7 +77,7 @@ def merge(group: list[Prepared], plan_of) -> Prepared:
     for p in group:
         members.append((p.request, row, row + p.plan.batch, p.plan.n_tokens))
         row += p.plan.batch
-    return Prepared(first.job, inputs, plan_of(np.concatenate([pad(p.plan.attention_mask) for p in group])), members)
+    return Prepared.of(first, inputs, plan_of(np.concatenate([pad(p.plan.attention_mask) for p in group])), members)
 
 
 def batchable(job) -> bool:

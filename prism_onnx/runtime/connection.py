@@ -20,10 +20,8 @@ from .schema import Reply, Request, Status, Tokens, decode_record, encode_record
 REPLY_RULES = ArrayRules(1 << 36, max_arrays=16)  # what a client accepts back from an authenticated server
 
 
-class ServerLost(PeerError):
+class ServerLost(PeerError, code="server_lost"):
     """The serving runner closed the connection, stopped answering, or never answered: another server may."""
-
-    code = "server_lost"
 
 
 class Connection:

@@ -41,7 +41,7 @@ from .bundle import DeviceBundle
 from .replies import Replies, error_reply
 from .schema import Abort, Attempt, Reply, Request, Result, Tokens, encode_record, request_id
 from .split import SplitPolicy
-from .worker import Job
+from .jobs import Job
 
 MAX_PENDING = 32
 HOLD_S = 1.2  # an attempt a device failed for another device's sake: rerun when membership changes, or after this

@@ -26,7 +26,7 @@ from .protocol import Kind
 from .schema import (Abort, Attempt, Hello, Refuse, Result, Tokens, coordinator_of, decode_record, encode_record,
                      peer_rules)
 from .wire import check_means
-from .worker import Batched, Job
+from .jobs import Batched, Job
 
 PEER_JSON = 1 << 16  # the JSON part of a peer's control message
 log = logging.getLogger("prism.run")

@@ -29,46 +29,12 @@ from ..program import own_slice, run_device
 from .admission import model_kwargs
 from .batching import Prepared, batchable, gather
 from .device import Engine, Requests, wanted_outputs
-from .exchange import Inbox
 from .lanes import Lane, Lanes, ZmqExchange
-from .schema import (GENERATED, PROMPT, Attempt, GenerationInfo, Request, Result, Tokens, TrafficInfo, WireError,
-                     coordinator_of, encode_record)
+from .jobs import Batched, Job
+from .schema import GENERATED, PROMPT, GenerationInfo, Result, Tokens, TrafficInfo, WireError, coordinator_of, encode_record
 
-__all__ = ["Batched", "Inbox", "Job", "Worker", "ZmqExchange"]
+__all__ = ["Worker", "ZmqExchange"]
 log = logging.getLogger("prism.run")
-
-
-@dataclass
-class Job:
-    """One attempt as this device's worker runs it: the Attempt (on a device, with START's arrays: the
-    request's attention mask, this device's own token inputs, for the tail of a generation the whole
-    prompt), the time it must be done by, and on the coordinator the client's Request, prepared first
-    (tokenized, planned, STARTs sent: worker._start)."""
-
-    attempt: Attempt
-    deadline: float
-    client: Request | None = None
-
-    @property
-    def request(self) -> int:
-        return self.attempt.request
-
-    @property
-    def coordinator(self) -> int:
-        return self.attempt.coordinator
-
-    @property
-    def ranks(self) -> tuple[int, ...]:
-        return self.attempt.ranks
-
-
-@dataclass(frozen=True)
-class Batched:
-    """The worker ran several requests as one attempt (batching.py): to its own coordinator, in process,
-    before any START of that attempt leaves: each member's (request id, first row, end row, tokens)."""
-
-    request: int
-    members: tuple[tuple[int, int, int, int], ...]
 
 
 @dataclass
@@ -162,10 +128,10 @@ class Worker:
                 raise PeerError(f"request {request} expired before device {self.rank} could start it")
             if request in lane.aborted:
                 raise PeerError(f"request {request} was aborted before device {self.rank} started it")
-            if isinstance(job, Job) and job.client is not None:
-                job = self._start(self._tokenize(job), lane)
-            elif isinstance(job, Prepared):
+            if isinstance(job, Prepared):
                 job = self._start(job, lane)
+            elif job.client is not None:
+                job = self._start(self._tokenize(job), lane)
             a = job.attempt
             plan = self.bundle.manifest.plan(a.arrays["attention_mask"], a.split_weights, a.ranks)
             own = {n: a.arrays[n] for n in self.bundle.spec.embed_inputs}
@@ -198,17 +164,17 @@ class Worker:
         token_inputs, plan = self.requests.prepare(inputs, a.split_weights, a.ranks)
         if generating:
             check_prompt(plan.attention_mask, a.generate.config(), self.bundle.spec.max_positions)
-        return Prepared(job, token_inputs, plan)
+        return Prepared.of(job, token_inputs, plan)
 
     def _plan_of(self, job: Job | Prepared):
         """The plan of a batch led by `job`: its devices and split, over the batch's mask."""
-        a = (job.job if isinstance(job, Prepared) else job).attempt
+        a = job.attempt
         return lambda mask: self.bundle.manifest.plan(mask, a.split_weights, a.ranks)
 
     def _start(self, prep: Prepared, lane: Lane) -> Job:
         """Coordinator: START every other device of the plan with its own slice (a batch: first tell the
         coordinator whose rows are whose). Only the tail device (the plan's last) of a generation runs a head."""
-        attempt, plan, token_inputs = prep.job.attempt, prep.plan, prep.inputs
+        attempt, plan, token_inputs = prep.attempt, prep.plan, prep.inputs
         generating = attempt.generate is not None
         want = set() if generating else wanted_outputs(self.bundle.spec, attempt.outputs)
         attempt = replace(attempt, outputs=tuple(sorted(want)) if want is not None else None)
@@ -223,7 +189,7 @@ class Worker:
                 mine = replace(attempt, arrays=arrays)
             else:
                 lane.exchange.outbox.send(p, attempt.request, encode_record(replace(attempt, arrays=arrays)))
-        return Job(mine, prep.job.deadline)
+        return Job(mine, prep.deadline)
 
     def _generate(self, job: Job, plan, own: dict, lane: Lane) -> Result:
         """A generation request: the prefill like any request; the tail device (the plan's last) then
