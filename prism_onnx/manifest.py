@@ -56,6 +56,7 @@ class ModelSpec:
     token_outputs: tuple[str, ...]  # per-token outputs (gathered along the sequence)
     pooled_outputs: tuple[str, ...]  # outputs read from token 0 on device 0
     exchange: str = "hidden"
+    defaults: dict = field(default_factory=dict)  # the family's measured PRISM defaults (window, count_bias, ...)
     kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = num_heads
     head_dim: int = 0  # 0 = hidden_size // num_heads
     vocab_size: int = 0
@@ -93,6 +94,9 @@ class ModelSpec:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+FALLBACK_DEFAULTS = {"count_bias": True, "keep_sinks": True, "window": 0}  # the paper's PRISM
+
+
 def option(help: str, **more) -> dict:
     """Field metadata the CLI turns into an option."""
     return {"help": help, **more}
@@ -107,14 +111,17 @@ class PrismSettings:
                                                  flag="--compression-ratio", short="--cr", min=1))
     split_weights: tuple[float, ...] | None = field(default=None, metadata=option(
         "Uneven split: one positive weight per device, e.g. 2,1,1 (default: even).", flag="--split"))
-    count_bias: bool = field(default=True, metadata=option("Add log(count) to the attention score of a mean row."))
-    keep_sinks: bool = field(default=True, metadata=option(
-        "Send sink tokens ([CLS], [SEP], the first token) as segments of their own."))
+    count_bias: bool | None = field(default=None, metadata=option(
+        "Add log(count) to the attention score of a mean row (default: the model family's measured choice)."))
+    keep_sinks: bool | None = field(default=None, metadata=option(
+        "Send sink tokens ([CLS], [SEP], the first token) as segments of their own (default: the model "
+        "family's measured choice)."))
     wire_dtype: str = field(default="float32", metadata=option(
         "Precision of the means on the wire (int8: one scale per row).", choices=WIRE_DTYPES))
-    window: int = field(default=0, metadata=option(
+    window: int | None = field(default=None, metadata=option(
         "Halo window W: each device also receives the W tokens before its span (decoders; encoders: and after "
-        "it) at full resolution, one row per token (0: the paper's PRISM).", min=0))
+        "it) at full resolution, one row per token (0: the paper's PRISM; default: the model family's "
+        "measured choice).", min=0))
     far: str = field(default="means", metadata=option(
         "What a device receives of the remote tokens outside its window: their segment means, or none "
         "(window and sinks only).", choices=FAR_CONTEXT))
@@ -128,7 +135,8 @@ class PrismSettings:
             raise PlanError(f"compression ratio must be an integer >= 1, got {self.compression_ratio!r}")
         if self.wire_dtype not in WIRE_DTYPES:
             raise PlanError(f"unknown wire dtype '{self.wire_dtype}'; choose one of {', '.join(WIRE_DTYPES)}")
-        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 0:
+        if self.window is not None and (not isinstance(self.window, int) or isinstance(self.window, bool)
+                                        or self.window < 0):
             raise PlanError(f"window must be an integer >= 0, got {self.window!r}")
         if self.far not in FAR_CONTEXT:
             raise PlanError(f"far context '{self.far}': choose one of {', '.join(FAR_CONTEXT)}")
@@ -138,6 +146,13 @@ class PrismSettings:
                 raise PlanError(f"--split has {len(w)} weights for {self.devices} devices")
             if not all(math.isfinite(x) and x > 0 for x in w):
                 raise PlanError(f"--split weights must be positive numbers, got {','.join(f'{x:g}' for x in w)}")
+
+    def resolved(self, spec: "ModelSpec") -> "PrismSettings":
+        """These settings with the ones left to the model family (None) filled from its measured defaults
+        (ModelSpec.defaults: the family file's DEFAULTS), else the paper's: count bias on, sinks kept, no
+        window."""
+        d = {**FALLBACK_DEFAULTS, **(getattr(spec, "defaults", None) or {})}
+        return replace(self, **{k: d[k] for k in FALLBACK_DEFAULTS if getattr(self, k) is None})
 
     def baseline(self) -> "PrismSettings":
         """Uncompressed position-wise partitioning (Voltage) on the same devices and split: CR=1, no sink
@@ -182,7 +197,7 @@ class ExportSettings(PrismSettings):
                             f"model's positions ({spec.max_positions})")
         if spec.input_kind == "image" and self.max_seq_len not in (None, spec.max_positions):
             raise PlanError(f"an image model has a fixed length of {spec.max_positions} tokens")
-        return replace(self, max_seq_len=max_len)
+        return replace(self, max_seq_len=max_len).resolved(spec)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -402,6 +402,7 @@ def plan_for(spec, attention_mask, settings, split_weights=None, ranks=None) -> 
         if len(set(ranks)) != len(ranks) or any(not 0 <= r < settings.devices for r in ranks) or not ranks:
             raise PlanError(f"plan ranks {ranks} must be distinct devices of 0..{settings.devices - 1}")
     devices = settings.devices if ranks is None else len(ranks)
+    settings = settings.resolved(spec)  # what the settings leave to the model family
     if split_weights is None:
         split_weights = settings.split_weights if ranks is None else member_weights(settings.split_weights, ranks)
     return make_plan(spec, attention_mask, devices=devices, compression_ratio=settings.compression_ratio,

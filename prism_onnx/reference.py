@@ -114,8 +114,8 @@ def run_devices(pm: PrismModel, token_inputs: dict[str, np.ndarray], plan: Plan,
     return gather_outputs(program, results, concat=torch.cat)
 
 
-def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_bias: bool = True,
-             keep_sinks: bool = True, split_weights=None, wire_dtype: str = "float32", window: int = 0,
+def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_bias: bool | None = None,
+             keep_sinks: bool | None = None, split_weights=None, wire_dtype: str = "float32", window: int | None = None,
              far: str = "means", exchange: str | None = None, trace: DeviceTrace | None = None, **model_inputs):
     """Drop-in for `model(**inputs)` that runs PRISM over `devices` simulated devices.
 
@@ -125,7 +125,8 @@ def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_
     TypeError). Padding (`attention_mask`) works. The settings are those of PrismSettings: `wire_dtype`
     (float32, float16, int8) applies the wire precision to every exchanged row; `window` (W) and `far`
     (means, none) the halo window; `exchange` (hidden, kv) chooses what the devices exchange (default: the
-    family's).
+    family's). `count_bias`, `keep_sinks` and `window` left as None take the model family's measured
+    defaults (ModelSpec.defaults; window=0 and both switches on give the paper's PRISM).
     """
     pm = prism_model(model, exchange)
     settings = PrismSettings(devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
@@ -138,8 +139,9 @@ def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_
         return pm.output_class(**run_devices(pm, token_inputs, plan, trace, settings.wire_dtype))
 
 
-def generate(model, inputs=None, *, devices: int, compression_ratio: int, count_bias: bool = True,
-             keep_sinks: bool = True, split_weights=None, wire_dtype: str = "float32", window: int = 0,
+def generate(model, inputs=None, *, devices: int, compression_ratio: int, count_bias: bool | None = None,
+             keep_sinks: bool | None = None, split_weights=None, wire_dtype: str = "float32",
+             window: int | None = None,
              far: str = "means", config=None, **model_inputs):
     """The reference of distributed generation (like `model.generate`): PRISM prefill over `devices`
     simulated devices exchanging keys and values, then decoding on the tail device from its compressed
@@ -220,6 +222,7 @@ def simulate_report(source, settings: PrismSettings, *, kind, texts=(), images=(
     spec = pm.spec
     inputs = cli_inputs(source, spec, kind=kind, texts=texts, images=images, input_ids=input_ids)
     token_inputs, mask = prepare(spec, inputs)
+    settings = settings.resolved(spec)  # the report names the family's defaults it used
     plan = plan_for(spec, mask, settings)
     with torch.no_grad():
         outputs = run_devices(pm, token_inputs, plan, wire_dtype=settings.wire_dtype)

@@ -457,7 +457,8 @@ def cr_for_traffic_cut(spec, devices, crs, keep_sinks, cut: float = 0.99, n: int
     for P, sinks in itertools.product(devices, keep_sinks):
         base = baseline_bytes_per_layer(spec, mask, PrismSettings(P, 1))
         ok = [cr for cr in sorted(crs) if sum(row[0] for row in plan_traffic(plan_for(
-            spec, mask, PrismSettings(P, cr, keep_sinks=sinks)), spec.row_width, 1, "float32")[0]) <= (1 - cut) * base]
+            spec, mask, PrismSettings(P, cr, keep_sinks=sinks, window=0)), spec.row_width, 1, "float32")[0])
+            <= (1 - cut) * base]
         out[f"P={P} sinks={'on' if sinks else 'off'}"] = ok[0] if ok else None
     return out
 

@@ -8,6 +8,8 @@ MLP, heads) from the transformers model's own weights and has the same entry poi
     convert(model)  -> PrismModel: step modules sharing the model's weights, plus its ModelSpec (which also
                        declares the exchange kind, "hidden" or "kv")
     example_inputs(spec, batch, tokens) -> dict of token-level tensors, for tracing the embed graph
+    DEFAULTS        (optional) the PRISM settings measured best for this family on real models, used where a
+                    user leaves them unset: {"window": W, "count_bias": bool, "keep_sinks": bool}
 
 Adding a family is adding that file (and its tests): nothing outside this folder names a family.
 `sources.py` is not a family: it finds a source's model folder (packaged hub ids, GGUF files converted
@@ -17,6 +19,7 @@ once into a cache); `resolve_source` and `local_folder` below are its entry poin
 from __future__ import annotations
 
 import importlib
+from dataclasses import replace
 import os
 import pkgutil
 from pathlib import Path
@@ -191,7 +194,9 @@ CALIBRATION_FILE = "prism_calibration.safetensors"  # a calibrated model folder'
 def convert(model) -> PrismModel:
     """PrismModel for a loaded transformers model, chosen by config.model_type. A model loaded from a folder
     that `prism calibrate` wrote gets its layers' RemoteCalibration from CALIBRATION_FILE there."""
-    pm = family(model.config.model_type).convert(model)
+    fam = family(model.config.model_type)
+    pm = fam.convert(model)
+    pm.spec = replace(pm.spec, defaults=dict(getattr(fam, "DEFAULTS", {})))  # its measured PRISM defaults
     folder = str(getattr(model, "name_or_path", "") or "")
     if folder and (Path(folder) / CALIBRATION_FILE).is_file():
         pm = load_calibration(pm, Path(folder) / CALIBRATION_FILE)
