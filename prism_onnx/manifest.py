@@ -297,6 +297,9 @@ class Manifest:
     rank: int | None = None
     calibration: dict | None = None  # `prism calibrate`: base model, data sha256, steps, trained parameters
 
+    def __post_init__(self):  # a manifest's settings are always complete: the family's defaults filled in
+        object.__setattr__(self, "settings", self.settings.resolved(self.model))
+
     @property
     def devices(self) -> int:
         return self.settings.devices

@@ -8,6 +8,7 @@ from . import llama
 
 MODEL_TYPE = "qwen2"
 ARCHITECTURES = ("Qwen2Model", "Qwen2ForCausalLM")  # the first is the default
+DEFAULTS = llama.DEFAULTS  # Llama's layout: the settings measured on a real Llama-family decoder (llama.py)
 
 
 def convert(model):
