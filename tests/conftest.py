@@ -6,8 +6,10 @@ package. Tiny BERT uses MiniLM's 30522-token vocabulary so that the real tokeniz
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network (a hub lookup would retry ~25 s)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "PRISM_GRAPH_CACHE" not in os.environ:  # `prism export` caches graphs: in a folder of this test run only
+    os.environ["PRISM_GRAPH_CACHE"] = tempfile.mkdtemp(prefix="prism-graph-cache-")
+    atexit.register(shutil.rmtree, os.environ["PRISM_GRAPH_CACHE"], True)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)

@@ -1,0 +1,153 @@
+"""A model's graph set: every step graph of its device program, traced (one layer per structure, the others
+substituted: reuse.py), the embedding table stored once (tied.py), quantized (quantize.py), and kept in the
+graph cache (cache.py) so that the next export of the same model traces nothing."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from ..manifest import DEFAULT_OPSET, GraphFile
+from ..program import build_program
+from ..reference import prism_model
+from .cache import GraphCache, graph_key
+from .graphs import graph_specs
+from .graphset import Graphs, graph_file
+from .quantize import quantize_int4, quantize_int8
+from .reuse import LayerGraphs
+from .tied import inline, share_embedding
+
+CONFIG_SUMMARY = (
+    "model_type", "hidden_size", "dim", "num_hidden_layers", "n_layers", "num_attention_heads", "n_heads",
+    "num_key_value_heads", "head_dim", "intermediate_size", "hidden_dim", "n_inner", "vocab_size",
+    "max_position_embeddings", "n_positions", "image_size", "patch_size", "num_labels", "hidden_act",
+    "activation_function", "activation", "rope_theta", "rope_scaling", "tie_word_embeddings", "bos_token_id",
+    "eos_token_id", "pad_token_id",
+)
+SHARED = ("embed", "token_head")  # written last: the embedding table they may share (tied.py)
+
+
+def _bar(items, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="graph", disable=not progress)
+
+
+def _save_set(folder: Path, protos: dict[str, onnx.ModelProto], files: dict[str, GraphFile]) -> None:
+    """Save embed and token_head (held back in `protos`) with their shared table; record their entries."""
+    share_embedding(folder, protos["embed"], protos.get("token_head"))
+    for name, proto in protos.items():
+        path = folder / f"{name}.onnx"
+        onnx.save_model(proto, str(path))
+        files[name] = graph_file(path, proto)
+
+
+def trace_set(pm, program, folder: Path, opset: int, progress: bool) -> tuple[dict[str, GraphFile], dict]:
+    """Every float32 graph of pm's program into `folder`. -> ({graph: GraphFile}, {"traced", "substituted"})."""
+    specs = graph_specs(pm, program)
+    layers = LayerGraphs(specs, opset)
+    files: dict[str, GraphFile] = {}
+    held: dict[str, onnx.ModelProto] = {}
+    for g in _bar(specs, "exporting graphs", progress):
+        proto = layers.graph(g)
+        if g.name in SHARED:
+            held[g.name] = proto
+            continue
+        path = folder / f"{g.name}.onnx"
+        onnx.save_model(proto, str(path))
+        files[g.name] = graph_file(path, proto)
+    _save_set(folder, held, files)
+    for name in SHARED:
+        if name in files and files[name].data:
+            onnx.checker.check_model(str(folder / files[name].file), full_check=True)
+    return {s.graph: files[s.graph] for s in program.steps}, dict(layers.counts)
+
+
+def quantize_set(src: Path, files: dict[str, GraphFile], dst: Path, quantize: str, block_size: int,
+                 progress: bool) -> dict[str, GraphFile]:
+    """The graphs of `src` with quantized weights, into `dst`."""
+    out: dict[str, GraphFile] = {}
+    held: dict[str, onnx.ModelProto] = {}
+    for name, gf in _bar(files.items(), f"quantizing ({quantize})", progress):
+        proto = inline(src / gf.file)
+        path = dst / gf.file
+        if quantize == "int8":
+            quantize_int8(proto, path)
+            proto = onnx.load(str(path))
+        else:
+            proto = quantize_int4(proto, block_size)
+        if name in SHARED:
+            held[name] = proto
+            continue
+        onnx.save_model(proto, str(path))
+        out[name] = graph_file(path, proto)
+    _save_set(dst, held, out)
+    return {name: out[name] for name in files}
+
+
+def _record(files: dict[str, GraphFile]) -> dict:
+    return {"files": {k: g.to_dict() for k, g in files.items()}}
+
+
+def _files(record: dict) -> dict[str, GraphFile]:
+    return {k: GraphFile.from_dict(g) for k, g in record["files"].items()}
+
+
+def _fetch(cache: GraphCache | None, key: str, folder: Path) -> dict[str, GraphFile] | None:
+    record = cache.get(key, folder) if cache is not None else None
+    return _files(record) if record else None
+
+
+def _store(cache: GraphCache | None, key: str, folder: Path, files: dict[str, GraphFile]) -> None:
+    if cache is not None:
+        cache.put(key, folder, list(dict.fromkeys(f for g in files.values() for f in g.files())), _record(files))
+
+
+def make_set(pm, program, folder: Path, *, opset: int, quantize: str, block_size: int, cache: GraphCache | None,
+             progress: bool) -> tuple[dict[str, GraphFile], dict]:
+    """pm's graphs in `folder`, from the cache or made (and then cached). -> (files, how they were made)."""
+    keys = {q: graph_key(pm, program, opset=opset, quantize=q, block_size=block_size if q == "int4" else None)
+            for q in dict.fromkeys(("none", quantize))} if cache is not None else {}
+    files = _fetch(cache, keys.get(quantize, ""), folder)
+    if files is not None:
+        return files, {"cached": len(files)}
+    if quantize == "none":
+        files, made = trace_set(pm, program, folder, opset, progress)
+        _store(cache, keys.get("none", ""), folder, files)
+        return files, made
+    with tempfile.TemporaryDirectory(prefix=".fp32-", dir=folder) as tmp:
+        tmp = Path(tmp)
+        base = _fetch(cache, keys.get("none", ""), tmp)
+        made = {"cached": len(base)} if base is not None else None
+        if base is None:
+            base, made = trace_set(pm, program, tmp, opset, progress)
+            _store(cache, keys.get("none", ""), tmp, base)
+        files = quantize_set(tmp, base, folder, quantize, block_size, progress)
+    _store(cache, keys.get(quantize, ""), folder, files)
+    return files, made
+
+
+def export_graphs(model, folder: Path, *, opset: int = DEFAULT_OPSET, quantize: str = "none", block_size: int = 32,
+                  exchange: str | None = None, progress: bool = False, cache: GraphCache | None = None) -> Graphs:
+    """Every step graph of `model`'s device program in `folder` (quantized as asked), plus the preprocessing
+    files. `exchange`: hidden | kv | None or "auto" (the family's default); `cache`: a GraphCache to read
+    and fill (None: none)."""
+    import logging
+
+    from .bundle import write_preprocessing
+
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its registry warns about torchvision ops
+    pm = prism_model(model, None if exchange == "auto" else exchange)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    program = build_program(pm.spec)
+    files, made = make_set(pm, program, folder, opset=opset, quantize=quantize, block_size=block_size, cache=cache,
+                           progress=progress)
+    cfg = model.config
+    out = Graphs(folder, pm.spec, program, files, quantize=quantize, opset=opset, block_size=block_size,
+                 source=str(getattr(model, "name_or_path", "")), made=made,
+                 config_summary={k: getattr(cfg, k) for k in CONFIG_SUMMARY if getattr(cfg, k, None) is not None})
+    out.preprocessing = write_preprocessing(model, pm.spec, folder)
+    return out
