@@ -306,45 +306,73 @@ def export(model, out, overwrite, as_json, **settings):
 @click.option("--data", type=click.Path(exists=True), default=None,
               help="Your own inputs: a text file (one per line) or a folder of images.")
 @click.option("--model", "model", default=None, help="PyTorch model to compare with (default: the export's source).")
+@click.option("--rtol", type=click.FloatRange(min=0), default=None,
+              help="Relative term of the bound: max |diff| <= atol + rtol * max |reference| (default 1e-4; "
+                   "given for a --quantize export, it replaces the cosine bound).")
+@click.option("--atol", type=click.FloatRange(min=0), default=None, help="Absolute term of the bound (default 1e-6).")
+@click.option("--min-cosine-vs-model", "min_model_cosine", type=click.FloatRange(-1, 1), default=None,
+              help="Also fail when an output's mean cosine against the unpartitioned model is below this "
+                   "(at CR > 1 it is otherwise reported, never failed on).")
 @json_option
 @friendly_errors
 @needs_export_extra
-def validate(export_dir, samples, data, model, as_json):
+def validate(export_dir, samples, data, model, rtol, atol, min_model_cosine, as_json):
     """Run EXPORT_DIR's bundles (onnxruntime) and PyTorch on the same inputs.
 
     \b
     Exit 1 when the bundles differ from the PyTorch PRISM reference run with the
-    rows the devices really received: by more than 1e-4 (max |diff|) in the rows
-    sent or in any output, or, for --quantize int8 exports, below a mean cosine of
-    0.98 or a worst cosine of 0.9 per output row. At CR=1 (fp32 weights and wire)
-    the outputs must also be within 1e-4 of the unpartitioned model. Reported, not
-    failed on: agreement with a reference that rounds its own wire rows, and with
-    the unpartitioned model at CR > 1 (what compression costs).
+    rows the devices really received, in the rows sent or in any output, by more
+    than  atol + rtol * max |reference value|  (default rtol 1e-4, atol 1e-6), or,
+    for --quantize int8/int4 exports, below a mean cosine of 0.98 or a worst
+    cosine of 0.9 per output row. At CR=1 (fp32 weights and wire) the outputs
+    must also be within that bound of the unpartitioned model.
+    \b
+    Why relative: onnxruntime and PyTorch sum the same float32 math in other
+    orders, which differ by a few float32 roundings (6e-8) of the values summed
+    at every operation; depth carries them to the output, so the difference
+    scales with the output's magnitude and the number of layers. Observed:
+    ~1e-6 of max |value| for 2-layer models, 3e-6 to 2.2e-5 for SmolLM2-135M
+    (30 layers, logits up to ~40): 1e-4 leaves 4.5x; a changed weight moves
+    outputs by 1e-2 of max |value| or more.
+    \b
+    Reported, not failed on (unless --min-cosine-vs-model): how far the bundles
+    are from the unpartitioned model at CR > 1 (max |diff|, mean and worst
+    cosine per row, top-1 agreement of logits): what compression costs.
     """
     from .validate import validate as run_validate
 
-    report = run_validate(export_dir, samples=samples, model=model, data=data, progress=not as_json)
-
-    def human(r):
-        s = r["settings"]
-        click.echo(f"{r['export']}: P={s['devices']} CR={s['compression_ratio']} wire={s['wire_dtype']} "
-                   f"quantize={s['quantize']} exchange={s['exchange']}, {r['samples']} inputs")
-        click.echo(f"  rows sent at the exchange points vs the reference: max |diff| {r['max_abs_diff_sent_rows']:.3g}")
-        for name, o in r["outputs"].items():
-            click.echo(f"  {name}: vs the PyTorch reference (same received rows) max |diff| "
-                       f"{o['max_abs_diff_vs_reference']:.3g}, cosine mean {o['mean_cosine_vs_reference']:.5f} "
-                       f"min {o['min_cosine_vs_reference']:.5f}; vs simulate (own rounding) max |diff| "
-                       f"{o['max_abs_diff_vs_simulate']:.3g}")
-            click.echo(f"  {name}: vs the unpartitioned model max |diff| {o['max_abs_diff_vs_model']:.3g}, cosine "
-                       f"mean {o['mean_cosine_vs_model']:.5f} worst {o['min_cosine_vs_model']:.5f}")
-        click.echo(f"  bound: {', '.join(f'{k} {v}' for k, v in r['tolerance'].items())}")
-        for f in r["failures"]:
-            click.echo(f"  FAIL {f}")
-        click.echo("passed" if r["passed"] else "FAILED")
-
-    emit(report, as_json, human)
+    report = run_validate(export_dir, samples=samples, model=model, data=data, progress=not as_json, rtol=rtol,
+                          atol=atol, min_model_cosine=min_model_cosine)
+    emit(report, as_json, _print_validate)
     if not report["passed"]:
         sys.exit(1)
+
+
+def _print_validate(r):
+    s = r["settings"]
+    click.echo(f"{r['export']}: P={s['devices']} CR={s['compression_ratio']} wire={s['wire_dtype']} "
+               f"quantize={s['quantize']} exchange={s['exchange']}, {r['samples']} inputs")
+    click.echo(f"  rows sent at the exchange points vs the reference: max |diff| {r['max_abs_diff_sent_rows']:.3g} "
+               f"({r['rel_diff_sent_rows']:.2g} of max |value|)")
+    for name, o in r["outputs"].items():
+        click.echo(f"  {name}: vs the PyTorch reference (same received rows) max |diff| "
+                   f"{o['max_abs_diff_vs_reference']:.3g} ({o['rel_diff_vs_reference']:.2g} of max |value| "
+                   f"{o['max_abs_value']:.3g}), cosine mean {o['mean_cosine_vs_reference']:.5f} min "
+                   f"{o['min_cosine_vs_reference']:.5f}; vs simulate (own rounding) max |diff| "
+                   f"{o['max_abs_diff_vs_simulate']:.3g}")
+        what = "checked: CR=1 is exact" if s["compression_ratio"] == 1 and s["quantize"] == "none" else \
+            "not checked: what " + " and ".join(([f"CR={s['compression_ratio']}"] if s["compression_ratio"] > 1 else [])
+                                                + ([f"{s['quantize']} weights"] if s["quantize"] != "none" else [])
+                                                + ([f"a {s['wire_dtype']} wire"] if s["wire_dtype"] != "float32" else [])) \
+            + " cost"
+        top1 = f", top-1 agreement {100 * o['top1_agreement_vs_model']:.1f}%" if "top1_agreement_vs_model" in o else ""
+        click.echo(f"  {name}: vs the unpartitioned model ({what}): max |diff| {o['max_abs_diff_vs_model']:.3g} "
+                   f"({o['rel_diff_vs_model']:.2g} of max |value|), cosine mean {o['mean_cosine_vs_model']:.5f} "
+                   f"worst {o['min_cosine_vs_model']:.5f}{top1}")
+    click.echo(f"  bound: {', '.join(f'{k} {v}' for k, v in r['tolerance'].items())}")
+    for f in r["failures"]:
+        click.echo(f"  FAIL {f}")
+    click.echo("passed" if r["passed"] else "FAILED")
 
 
 # ---------------------------------------------------------------------------------------------- calibrate

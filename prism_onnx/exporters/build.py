@@ -15,7 +15,7 @@ from ..reference import prism_model
 from .cache import GraphCache, graph_key
 from .graphs import graph_specs
 from .graphset import Graphs, graph_file
-from .quantize import quantize_int4, quantize_int8
+from .quantize import HEADS, quantize_int4, quantize_int8
 from .reuse import LayerGraphs
 from .tied import inline, share_embedding
 
@@ -77,7 +77,7 @@ def quantize_set(src: Path, files: dict[str, GraphFile], dst: Path, quantize: st
             quantize_int8(proto, path)
             proto = onnx.load(str(path))
         else:
-            proto = quantize_int4(proto, block_size)
+            proto = quantize_int4(proto, block_size, head=name in HEADS)
         if name in SHARED:
             held[name] = proto
             continue
