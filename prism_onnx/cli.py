@@ -287,15 +287,20 @@ def export(model, out, overwrite, as_json, **settings):
     from .exporters.bundle import export as do_export
     from .runtime.bundle import MANIFEST, read_manifest
 
+    from .exporters.bundle import disk_bytes
+
     settings = ExportSettings(**settings)
     t0 = time.perf_counter()
-    path = do_export(model, out, settings, overwrite=overwrite, progress=not as_json)
-    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    made: dict = {}
+    path = do_export(model, out, settings, overwrite=overwrite, progress=not as_json, made=made)
     report = {"settings": settings.to_dict(), "model": model, "out": str(path), "devices": settings.devices,
-              "export_id": read_manifest(Path(path) / MANIFEST).export_id, "total_bytes": size,
+              "export_id": read_manifest(Path(path) / MANIFEST).export_id, "total_bytes": disk_bytes(path),
+              "device_bytes": disk_bytes(Path(path) / "device-0"), "graphs": made,
               "seconds": round(time.perf_counter() - t0, 3)}
     emit(report, as_json, lambda r: click.echo(
-        f"exported {model} to {path}: {settings.devices} device bundles, {size / 1e6:.1f} MB, {r['seconds']:.1f} s"))
+        f"exported {model} to {path}: {settings.devices} device bundles of {r['device_bytes'] / 1e6:.1f} MB, "
+        f"{r['total_bytes'] / 1e6:.1f} MB on disk (each file once), {r['seconds']:.1f} s; graphs "
+        + ", ".join(f"{v} {k}" for k, v in made.items())))
 
 
 # ----------------------------------------------------------------------------------------------- validate
@@ -463,19 +468,22 @@ def inspect(export_dir, verify, as_json):
     has_onnx = importlib.util.find_spec("onnx") is not None
     graphs = {}
     for name, g in manifest.graphs.items():
-        graphs[name] = {"file": g.file, "bytes": (dev / g.file).stat().st_size}
+        graphs[name] = {"file": g.file, "bytes": (dev / g.file).stat().st_size, "data": list(g.data),
+                        "data_bytes": sum((dev / f).stat().st_size for f in g.data)}
         if has_onnx:
             import onnx
 
             proto = onnx.load(str(dev / g.file), load_external_data=False)
             graphs[name].update(ops=dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
                                 domains=sorted({n.domain or "ai.onnx" for n in proto.graph.node}))
-    files = {rel: (root / rel).stat().st_size for rel in manifest.files}
+    stats = {rel: (root / rel).stat() for rel in manifest.files}
+    files = {rel: st.st_size for rel, st in stats.items()}
+    on_disk = {(st.st_dev, st.st_ino): st.st_size for st in stats.values()}  # hard links once, as du counts
     report = {"export_id": manifest.export_id, "package_version": manifest.package_version,
               "created": manifest.created, "source": manifest.source, "settings": manifest.settings.to_dict(),
               "model": manifest.model.to_dict(),
               "exchange_points": [p.name for p in manifest.program.points], "graphs": graphs, "files": files,
-              "total_bytes": sum(files.values()), "verified": bool(verify)}
+              "total_bytes": sum(on_disk.values()), "listed_bytes": sum(files.values()), "verified": bool(verify)}
 
     def human(r):
         m, s = r["model"], r["settings"]
@@ -488,8 +496,10 @@ def inspect(export_dir, verify, as_json):
                    f"count_bias={s['count_bias']} keep_sinks={s['keep_sinks']} max_seq_len={s['max_seq_len']}")
         for name, g in r["graphs"].items():
             ops = ", ".join(f"{k} {v}" for k, v in g["ops"].items()) if "ops" in g else "(op counts need onnx)"
-            click.echo(f"  {name:<12} {g['bytes'] / 1e6:8.2f} MB  {ops}")
-        click.echo(f"  {len(r['files'])} files, {r['total_bytes'] / 1e6:.1f} MB in all" +
+            data = f" (+ {', '.join(g['data'])}, {g['data_bytes'] / 1e6:.2f} MB)" if g["data"] else ""
+            click.echo(f"  {name:<12} {g['bytes'] / 1e6:8.2f} MB{data}  {ops}")
+        click.echo(f"  {len(r['files'])} files, {r['total_bytes'] / 1e6:.1f} MB on disk (hard-linked files once; "
+                   f"{r['listed_bytes'] / 1e6:.1f} MB as listed)" +
                    ("; every sha256 and the export id verified" if r["verified"] else ""))
 
     emit(report, as_json, human)

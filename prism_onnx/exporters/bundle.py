@@ -154,10 +154,21 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
     path.write_text(json.dumps(manifest.to_dict(), indent=2))
 
 
+def disk_bytes(folder: str | Path) -> int:
+    """Bytes of the files under `folder`, a file hard-linked several times counted once (as `du` does)."""
+    seen = {}
+    for f in Path(folder).rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
+
+
 def export(source, out: str | Path, settings: ExportSettings, *, overwrite: bool = False, progress: bool = False,
-           cache: GraphCache | None | str = "default") -> Path:
+           cache: GraphCache | None | str = "default", made: dict | None = None) -> Path:
     """The whole `prism export`: load, trace (or take the graphs from the graph cache), quantize, lay out
-    bundles. `cache`: a GraphCache, None (no cache) or "default" (GraphCache.default(): $PRISM_GRAPH_CACHE)."""
+    bundles. `cache`: a GraphCache, None (no cache) or "default" (GraphCache.default(): $PRISM_GRAPH_CACHE);
+    `made`, when given, is filled with how the graphs came to be (Graphs.made: traced, substituted, cached)."""
     model = models.load(source)
     pm = prism_model(model, None if settings.exchange == "auto" else settings.exchange)  # fail before minutes
     settings.for_model(pm.spec)                                                          # of tracing
@@ -171,8 +182,10 @@ def export(source, out: str | Path, settings: ExportSettings, *, overwrite: bool
                                cache=cache)
         if isinstance(source, (str, os.PathLike)):
             graphs.source = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
+        if made is not None:
+            made.update(graphs.made)
         return write_bundles(graphs, out, settings, overwrite=overwrite)
 
 
-__all__ = ["CONFIG_SUMMARY", "ExportSettings", "GraphCache", "Graphs", "TOKENIZER_FILES", "export", "export_graphs",
-           "graph_file", "quantize_int8", "write_bundles", "write_preprocessing"]
+__all__ = ["CONFIG_SUMMARY", "ExportSettings", "GraphCache", "Graphs", "TOKENIZER_FILES", "disk_bytes", "export",
+           "export_graphs", "graph_file", "quantize_int8", "write_bundles", "write_preprocessing"]
