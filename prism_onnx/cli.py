@@ -277,10 +277,13 @@ def _print_simulate(r):
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="Output folder.")
 @settings_options(ExportSettings)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Reuse and keep this model's graphs in the graph cache ($PRISM_GRAPH_CACHE, default "
+                   "~/.cache/prism-onnx/graphs): another export of the same model with other settings traces nothing.")
 @json_option
 @friendly_errors
 @needs_export_extra
-def export(model, out, overwrite, as_json, **settings):
+def export(model, out, overwrite, cache, as_json, **settings):
     """Export MODEL (hub id or folder) to one ONNX bundle per device in OUT/device-K."""
     import time
 
@@ -292,7 +295,8 @@ def export(model, out, overwrite, as_json, **settings):
     settings = ExportSettings(**settings)
     t0 = time.perf_counter()
     made: dict = {}
-    path = do_export(model, out, settings, overwrite=overwrite, progress=not as_json, made=made)
+    path = do_export(model, out, settings, overwrite=overwrite, progress=not as_json, made=made,
+                     cache="default" if cache else None)
     report = {"settings": settings.to_dict(), "model": model, "out": str(path), "devices": settings.devices,
               "export_id": read_manifest(Path(path) / MANIFEST).export_id, "total_bytes": disk_bytes(path),
               "device_bytes": disk_bytes(Path(path) / "device-0"), "graphs": made,

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import InputError
+from ..errors import BundleError, InputError
 from ..inputs import prepare
 from ..plan import Plan, max_rows
 from ..program import DeviceResult, gather_outputs, own_slice, run_device
@@ -69,10 +69,23 @@ class Engine:
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[optimization])
-        self.sessions = {name: ort.InferenceSession(str(bundle.graph(name)), opts, providers=self.providers)
-                         for name in self.program.graphs()}
+        self.sessions = {name: self._session(name, opts) for name in self.program.graphs()}
         self.recorder: list | None = None  # set to a list to record every (graph, feeds) run (benchmarks)
         self.slowdown = float(slowdown)
+
+    def _session(self, name: str, opts) -> ort.InferenceSession:
+        """Graph `name`'s session; a graph using contrib operators (int4 weights) that this onnxruntime build
+        lacks is refused naming them (a minimal build for a board may leave out com.microsoft)."""
+        try:
+            return ort.InferenceSession(str(self.bundle.graph(name)), opts, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own pybind exception types
+            domains = self.manifest.graphs[name].domains
+            if not domains:
+                raise
+            raise BundleError(f"{self.bundle.root.name}/{self.manifest.graphs[name].file}: onnxruntime "
+                              f"{ort.__version__} cannot load it ({str(e).splitlines()[0][:200]}); it uses "
+                              f"{', '.join(domains)} operators (--quantize {self.manifest.settings.quantize}): install "
+                              f"an onnxruntime build with the contrib operators") from None
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}
