@@ -12,8 +12,9 @@ export   wall time of `prism export` in a fresh process with an empty graph cach
 quality  WikiText-2 (valid) perplexity through P=1, CR=1 bundles: the first --windows windows of --window
          tokens of the whole text, every token after the first of a window scored.
 runtime  one device's onnxruntime sessions in a fresh process (what a runner holds, without its sockets):
-         resident memory (VmRSS) once loaded and its peak (VmHWM) after a 128-token prompt and 64 greedy
-         tokens, and decode tokens/s (median of 3 generations) on --threads threads.
+         resident memory (VmRSS) once loaded and its peak (VmHWM) after 3 prompts of 512 tokens and 3
+         generations of 64 greedy tokens after 128, the 512-token prefill time and decode tokens/s (medians
+         of 3) on --threads threads, with onnxruntime's memory arena off (the runtime's default) or on.
 encoder  MiniLM at P=2, CR=1: the logistic SST-2 probe's accuracy on the 872 dev sentences and the embedding
          cosine against the float32 PyTorch model on 32 WikiText-2 paragraphs of 256-512 tokens.
 Each prints one JSON object per measurement (--json FILE appends them there too) and `uptime`'s load, since
@@ -135,23 +136,28 @@ def quality(model, windows, window, quantize, out, json_path):
 
 
 RUNNER = """
-import json, sys, time, numpy as np
+import json, statistics, sys, time, numpy as np
 def status():
     return {k: int(v.split()[0]) // 1024 for k, v in (l.split(":", 1) for l in open("/proc/self/status"))
             if k in ("VmRSS", "VmHWM")}
 from prism_onnx.generate import GenerationConfig
 from prism_onnx.runtime.executor import Executor
-ex = Executor(sys.argv[1], threads=int(sys.argv[2]))
+ex = Executor(sys.argv[1], threads=int(sys.argv[2]), memory_arena=sys.argv[3] == "on")
 loaded = status()["VmRSS"]
-ids = np.random.default_rng(0).integers(100, 20000, (1, 128))
-speeds, ttft = [], []
+rng = np.random.default_rng(0)
+prefill, speeds = [], []
 for _ in range(3):
+    ids = rng.integers(100, 20000, (1, 512))
+    t0 = time.perf_counter()
+    ex.run({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    prefill.append(1e3 * (time.perf_counter() - t0))
+for _ in range(3):
+    ids = rng.integers(100, 20000, (1, 128))
     gen, _ = ex.generate({"input_ids": ids, "attention_mask": np.ones_like(ids)},
                          GenerationConfig(max_new_tokens=65, stop_token_ids=()))
     speeds.append(gen.stats.decode_tokens_per_s)
-    ttft.append(gen.stats.time_to_first_token_ms)
 print(json.dumps({"rss_loaded_mb": loaded, "rss_peak_mb": status()["VmHWM"], "decode_tokens_per_s": speeds,
-                  "prefill_128_ms": ttft}))
+                  "prefill_512_ms": prefill}))
 """
 
 
@@ -159,25 +165,33 @@ print(json.dumps({"rss_loaded_mb": loaded, "rss_peak_mb": status()["VmHWM"], "de
 @click.option("--model", required=True)
 @click.option("--threads", default=1, show_default=True)
 @click.option("--quantize", default="none,int8,int4", show_default=True)
+@click.option("--arena", default="off", show_default=True, help="onnxruntime's CPU memory arena: off, on or both.")
+@click.option("--rounds", default=1, show_default=True, help="Runs of every setting, interleaved.")
 @click.option("--out", default="out/bench/bundles", show_default=True)
 @click.option("--json", "json_path", default=None)
-def runtime(model, threads, quantize, out, json_path):
-    """RSS of one device's sessions and decode tokens/s (P=1 bundles of `quality`)."""
-    for q in quantize.split(","):
-        dest = Path(out) / f"{Path(model).name}-p1-{q}"
-        if not dest.is_dir():
-            prism_export(model, dest, Path(os.environ.get("PRISM_GRAPH_CACHE", Path.home() / ".cache/prism-onnx/graphs")),
-                         "-P", "1", "--cr", "1", "--quantize", q, "--max-seq-len", "512")
-        p = subprocess.run([sys.executable, "-c", RUNNER, str(dest), str(threads)], capture_output=True, text=True)
-        if p.returncode:
-            raise click.ClickException(p.stderr[-600:])
-        r = json.loads(p.stdout.strip().splitlines()[-1])
-        emit({"bench": "runtime", "model": model, "quantize": q, "threads": threads,
-              "device_bytes": sum(f.stat().st_size for f in (dest / "device-0").iterdir() if f.is_file()),
-              "rss_loaded_mb": r["rss_loaded_mb"], "rss_peak_mb": r["rss_peak_mb"],
-              "decode_tokens_per_s": round(statistics.median(r["decode_tokens_per_s"]), 1),
-              "decode_runs": [round(x, 1) for x in r["decode_tokens_per_s"]],
-              "prefill_128_ms": round(statistics.median(r["prefill_128_ms"]), 1)}, json_path)
+def runtime(model, threads, quantize, arena, rounds, out, json_path):
+    """RSS of one device's sessions, 512-token prefill time and decode tokens/s (P=1 bundles of `quality`),
+    each setting in a fresh process: loaded, then 3 prefills of 512 tokens, then 3 generations of 64
+    tokens after 128; the peak (VmHWM) is after all of it."""
+    arenas = ("off", "on") if arena == "both" else (arena,)
+    for _ in range(rounds):
+        for q in quantize.split(","):
+            dest = Path(out) / f"{Path(model).name}-p1-{q}"
+            if not dest.is_dir():
+                prism_export(model, dest, Path(os.environ.get("PRISM_GRAPH_CACHE",
+                                                              Path.home() / ".cache/prism-onnx/graphs")),
+                             "-P", "1", "--cr", "1", "--quantize", q, "--max-seq-len", "512")
+            for a in arenas:
+                p = subprocess.run([sys.executable, "-c", RUNNER, str(dest), str(threads), a], capture_output=True,
+                                   text=True)
+                if p.returncode:
+                    raise click.ClickException(p.stderr[-600:])
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                emit({"bench": "runtime", "model": model, "quantize": q, "threads": threads, "memory_arena": a,
+                      "device_bytes": sum(f.stat().st_size for f in (dest / "device-0").iterdir() if f.is_file()),
+                      "rss_loaded_mb": r["rss_loaded_mb"], "rss_peak_mb": r["rss_peak_mb"],
+                      "decode_tokens_per_s": round(statistics.median(r["decode_tokens_per_s"]), 1),
+                      "prefill_512_ms": round(statistics.median(r["prefill_512_ms"]), 1)}, json_path)
 
 
 @main.command()

@@ -21,9 +21,12 @@ What decides the exit code (the bound), per export setting:
     step (2^-11 relative in float16, max|row|/127 in int8), and the layers after it amplify that step (0.002
     was seen on MiniLM with int8 rows). That comparison is still reported, as max_abs_diff_vs_simulate.
   * quantized weights (--quantize int8, int4): weight quantization error is real, so the bound is on
-    direction, per output row (token vector, logits row): mean and worst cosine against the fp32 reference
-    (int8: mean >= 0.98, worst >= 0.9; MiniLM, P=4, CR=8, 32 SST-2 sentences: mean 0.993, worst 0.976 per-
-    channel int8. int4: the same bounds). `--rtol`/`--atol` replace them with the relative bound.
+    direction, per output row (token vector, logits row): mean and worst cosine against the fp32 reference.
+    int8: mean >= 0.98, worst >= 0.9 (MiniLM, P=4, CR=8, 32 SST-2 sentences: mean 0.993, worst 0.976 per-
+    channel int8). int4: mean >= 0.95, worst >= 0.8 (4 bits per weight cost more: MiniLM P=2, 32 SST-2
+    sentences, token vectors: mean 0.980, worst 0.935; SmolLM2 logits on WikiText paragraphs: 0.9996, 0.984;
+    a wrong scale, zero point or table gives cosines near 0). `--rtol`/`--atol` replace them with the
+    relative bound.
   * at CR=1 with fp32 weights and a float32 wire, PRISM is exact: the outputs must also agree with the
     unpartitioned model within the relative bound.
 Reported and never failed on, unless asked (`--min-cosine-vs-model`): agreement with the unpartitioned model
@@ -53,7 +56,7 @@ from .reference import prism_model, run_devices
 from .runtime.executor import Executor
 
 RTOL, ATOL = 1e-4, 1e-6
-QUANT_MEAN_COS, QUANT_MIN_COS = 0.98, 0.9
+QUANT_COSINE = {"int8": (0.98, 0.9), "int4": (0.95, 0.8)}  # (mean, worst) per output row, see the docstring
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,8 @@ class Bound:
 def tolerance(settings, rtol: float | None = None, atol: float | None = None) -> Bound:
     """The bound for an export's ExportSettings (see module docstring); rtol/atol: the user's relative bound."""
     if settings.quantize != "none" and rtol is None and atol is None:
-        return Bound("cosine", mean_cosine=QUANT_MEAN_COS, min_cosine=QUANT_MIN_COS)
+        mean, worst = QUANT_COSINE[settings.quantize]
+        return Bound("cosine", mean_cosine=mean, min_cosine=worst)
     return Bound("relative", rtol=RTOL if rtol is None else rtol, atol=ATOL if atol is None else atol)
 
 

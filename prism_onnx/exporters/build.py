@@ -17,7 +17,7 @@ from .graphs import graph_specs
 from .graphset import Graphs, graph_file
 from .quantize import HEADS, quantize_int4, quantize_int8
 from .reuse import LayerGraphs
-from .tied import inline, share_embedding
+from .tied import Tables, externalize_tables, inline, point_head, settle
 
 CONFIG_SUMMARY = (
     "model_type", "hidden_size", "dim", "num_hidden_layers", "n_layers", "num_attention_heads", "n_heads",
@@ -35,10 +35,12 @@ def _bar(items, desc: str, progress: bool):
     return tqdm(items, desc=desc, unit="graph", disable=not progress)
 
 
-def _save_set(folder: Path, protos: dict[str, onnx.ModelProto], files: dict[str, GraphFile]) -> None:
-    """Save embed and token_head (held back in `protos`) with their shared table; record their entries."""
-    share_embedding(folder, protos["embed"], protos.get("token_head"))
-    for name, proto in protos.items():
+def _save_set(folder: Path, held: dict[str, onnx.ModelProto], files: dict[str, GraphFile], tables: Tables) -> None:
+    """Save embed and token_head (held back in `held`; embed's tables already in external data) once the head
+    reads the tables it ties to; record their entries."""
+    used = point_head(held["token_head"], tables) if "token_head" in held else set()
+    settle(held["embed"], tables, used)
+    for name, proto in held.items():
         path = folder / f"{name}.onnx"
         onnx.save_model(proto, str(path))
         files[name] = graph_file(path, proto)
@@ -50,15 +52,17 @@ def trace_set(pm, program, folder: Path, opset: int, progress: bool) -> tuple[di
     layers = LayerGraphs(specs, opset)
     files: dict[str, GraphFile] = {}
     held: dict[str, onnx.ModelProto] = {}
+    tables = None
     for g in _bar(specs, "exporting graphs", progress):
         proto = layers.graph(g)
         if g.name in SHARED:
             held[g.name] = proto
+            tables = externalize_tables(folder, proto) if g.name == "embed" else tables  # its memory freed now
             continue
         path = folder / f"{g.name}.onnx"
         onnx.save_model(proto, str(path))
         files[g.name] = graph_file(path, proto)
-    _save_set(folder, held, files)
+    _save_set(folder, held, files, tables)
     for name in SHARED:
         if name in files and files[name].data:
             onnx.checker.check_model(str(folder / files[name].file), full_check=True)
@@ -70,6 +74,7 @@ def quantize_set(src: Path, files: dict[str, GraphFile], dst: Path, quantize: st
     """The graphs of `src` with quantized weights, into `dst`."""
     out: dict[str, GraphFile] = {}
     held: dict[str, onnx.ModelProto] = {}
+    tables = None
     for name, gf in _bar(files.items(), f"quantizing ({quantize})", progress):
         proto = inline(src / gf.file)
         path = dst / gf.file
@@ -80,10 +85,11 @@ def quantize_set(src: Path, files: dict[str, GraphFile], dst: Path, quantize: st
             proto = quantize_int4(proto, block_size, head=name in HEADS)
         if name in SHARED:
             held[name] = proto
+            tables = externalize_tables(dst, proto) if name == "embed" else tables
             continue
         onnx.save_model(proto, str(path))
         out[name] = graph_file(path, proto)
-    _save_set(dst, held, out)
+    _save_set(dst, held, out, tables)
     return {name: out[name] for name in files}
 
 

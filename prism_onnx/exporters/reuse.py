@@ -135,7 +135,7 @@ def agrees(proto: onnx.ModelProto, g: GraphSpec, rtol: float = CHECK_RTOL) -> bo
 class LayerGraphs:
     """Graphs of the layer steps of one export: each traced once per structure, then substituted.
 
-    `graph(g)` returns g's graph and how it was made ("traced" or "substituted"); `counts` tallies them."""
+    `graph(g)` returns g's graph; `counts` tallies the traces (templates included) and the substitutions."""
 
     def __init__(self, specs: list[GraphSpec], opset: int):
         self.opset = opset
@@ -150,6 +150,7 @@ class LayerGraphs:
         if key is None or self.group_size.get(key, 0) < 2:
             return self._trace(g)
         if key not in self.templates:
+            self.counts["traced"] += 1  # the template: one trace for the whole group
             self.templates[key] = LayerTemplate.trace(g, self.opset)
         t = self.templates[key]
         if t is not None and t.fits(g.module):

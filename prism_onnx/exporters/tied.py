@@ -43,63 +43,85 @@ def _external(t: TensorProto, location: str, offset: int, length: int) -> None:
         entry.key, entry.value = key, value
 
 
-def _tie(head: onnx.ModelProto, tables: dict[str, np.ndarray]) -> dict[str, list[tuple[str, bool]]]:
-    """{table name: [(head initializer, transposed)]}: the head's weights that equal an embedding table,
-    byte for byte (any shape: int4's packed layouts) or as its transpose (float MatMul weights)."""
-    ties: dict[str, list[tuple[str, bool]]] = {}
+class Tables:
+    """The embedding tables of an `embed` graph once written to folder/embed.onnx.data: {initializer name:
+    (offset, dtype, shape)}; `array(name)` maps one back from the file (no copy in memory)."""
+
+    def __init__(self, folder: Path, location: str, entries: dict[str, tuple[int, np.dtype, tuple]]):
+        self.folder, self.location, self.entries = folder, location, entries
+
+    def array(self, name: str) -> np.ndarray:
+        offset, dtype, shape = self.entries[name]
+        return np.memmap(self.folder / self.location, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def externalize_tables(folder: Path, embed: onnx.ModelProto) -> Tables:
+    """Move embed's tables (initializers read by Gather or GatherBlockQuantized) into folder/embed.onnx.data at
+    aligned offsets; `embed` is changed in place (save it to folder/embed.onnx). Every table moves, whatever
+    its size, so that a tied head can point at it (`settle` undoes it when nothing needed it)."""
+    location = "embed" + DATA_SUFFIX
+    entries = {}
+    with open(folder / location, "wb") as f:
+        for t in _consumed(embed, TABLE_INPUTS):
+            a = numpy_helper.to_array(t)
+            f.write(b"\0" * (-f.tell() % ALIGN))
+            entries[t.name] = (f.tell(), a.dtype, a.shape)
+            f.write(np.ascontiguousarray(a).tobytes())
+            _external(t, location, f.tell() - a.nbytes, a.nbytes)
+    return Tables(folder, location, entries)
+
+
+def point_head(head: onnx.ModelProto, tables: Tables) -> set[str]:
+    """Point the head's weights that equal a table, byte for byte (any shape: int4's packed layouts) or as its
+    transpose (float MatMul weights), at the table's bytes; `head` changed in place. -> the tables it reads."""
+    used = set()
     for h in _consumed(head, WEIGHT_INPUTS):
         ha = numpy_helper.to_array(h)
-        for name, ea in tables.items():
-            if ha.dtype != ea.dtype or ha.nbytes != ea.nbytes:
+        for name, (offset, dtype, shape) in tables.entries.items():
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if ha.dtype != dtype or ha.nbytes != size:
                 continue
-            if ha.tobytes() == ea.tobytes():
-                ties.setdefault(name, []).append((h.name, False))
-                break
-            if ha.ndim == 2 and ea.ndim == 2 and ha.shape == ea.shape[::-1] and np.array_equal(ha, ea.T):
-                ties.setdefault(name, []).append((h.name, True))
-                break
-    return ties
+            table = tables.array(name)
+            if np.array_equal(ha.reshape(-1), table.reshape(-1)):
+                _external(h, tables.location, offset, size)
+            elif ha.ndim == 2 and len(shape) == 2 and ha.shape == tuple(shape[::-1]) and np.array_equal(ha, table.T):
+                _transpose_of(head, h, name, tables)
+            else:
+                continue
+            used.add(name)
+            break
+    return used
+
+
+def _transpose_of(head: onnx.ModelProto, weight: TensorProto, table: str, tables: Tables) -> None:
+    offset, dtype, shape = tables.entries[table]
+    shared = TensorProto(name=f"tied.{table}", data_type=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                         dims=list(shape))
+    _external(shared, tables.location, offset, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+    head.graph.initializer.remove(weight)
+    head.graph.initializer.append(shared)
+    head.graph.node.insert(0, helper.make_node("Transpose", [shared.name], [weight.name], perm=[1, 0],
+                                               name=f"tied.transpose.{weight.name}"))
+
+
+def settle(embed: onnx.ModelProto, tables: Tables, used: set[str], keep: int = MIN_BYTES) -> bool:
+    """After point_head: when no head reads a table and every table is smaller than `keep`, the tables go
+    back into embed.onnx and the data file is removed. -> whether embed.onnx.data remains."""
+    if used or any(int(np.prod(sh)) * np.dtype(dt).itemsize >= keep for _, dt, sh in tables.entries.values()):
+        return True
+    for t in embed.graph.initializer:
+        if t.name in tables.entries:
+            t.CopyFrom(numpy_helper.from_array(np.array(tables.array(t.name)), t.name))
+    (tables.folder / tables.location).unlink()
+    return False
 
 
 def share_embedding(folder: Path, embed: onnx.ModelProto, head: onnx.ModelProto | None,
                     min_bytes: int = MIN_BYTES) -> str | None:
-    """Move embed's tables (those the head shares, and any of min_bytes or more) into folder/embed.onnx.data
-    and point the head's equal weights at the same bytes; both protos are changed in place (save them to
-    folder/embed.onnx and folder/token_head.onnx). -> the data file's name, or None when nothing moved."""
-    tables = {t.name: numpy_helper.to_array(t) for t in _consumed(embed, TABLE_INPUTS)}
-    ties = _tie(head, tables) if head is not None else {}
-    moved = [n for n, a in tables.items() if n in ties or a.nbytes >= min_bytes]
-    if not moved:
-        return None
-    location = "embed" + DATA_SUFFIX
-    offsets = {}
-    with open(folder / location, "wb") as f:
-        for name in moved:
-            f.write(b"\0" * (-f.tell() % ALIGN))
-            offsets[name] = (f.tell(), tables[name].nbytes)
-            f.write(np.ascontiguousarray(tables[name]).tobytes())
-    for t in embed.graph.initializer:
-        if t.name in offsets:
-            _external(t, location, *offsets[t.name])
-    if head is not None:
-        _point_head(head, ties, tables, offsets, location)
-    return location
-
-
-def _point_head(head: onnx.ModelProto, ties: dict, tables: dict, offsets: dict, location: str) -> None:
-    inits = {t.name: t for t in head.graph.initializer}
-    for table, uses in ties.items():
-        for name, transposed in uses:
-            if not transposed:
-                _external(inits[name], location, *offsets[table])
-                continue
-            head.graph.initializer.remove(inits[name])
-            shared = TensorProto(name=f"tied.{table}", data_type=helper.np_dtype_to_tensor_dtype(tables[table].dtype),
-                                 dims=tables[table].shape)
-            _external(shared, location, *offsets[table])
-            head.graph.initializer.append(shared)
-            head.graph.node.insert(0, helper.make_node("Transpose", [shared.name], [name], perm=[1, 0],
-                                                       name=f"tied.transpose.{name}"))
+    """externalize_tables + point_head + settle, for protos held in memory. -> the data file's name or None."""
+    tables = externalize_tables(folder, embed)
+    used = point_head(head, tables) if head is not None else set()
+    return tables.location if settle(embed, tables, used, min_bytes) else None
 
 
 def load_graph(path: Path) -> onnx.ModelProto:

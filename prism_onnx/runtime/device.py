@@ -53,10 +53,12 @@ class Engine:
     (CPU, CUDA, TensorRT, CoreML, XNNPACK... as the installed onnxruntime has them); optimization: the graph
     optimization level (disable, basic, extended, all); slowdown: emulate a board this many times slower
     (after each call, sleep for slowdown - 1 times the call's duration; for tests and benchmarks of mixed
-    fleets on one machine)."""
+    fleets on one machine); memory_arena: onnxruntime's CPU memory arena, off by default: every session (one
+    per graph) keeps its arena at the peak of its largest request, which held a SmolLM2 runner at 2.4 GB
+    after one 512-token prompt against 1.0 GB without it, at the same speed (docs/RESULTS.md, section 12)."""
 
     def __init__(self, bundle: DeviceBundle, threads: int = 1, providers=None, optimization: str = "all",
-                 slowdown: float = 1.0):
+                 slowdown: float = 1.0, memory_arena: bool = False):
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.spec = bundle.spec
@@ -68,6 +70,7 @@ class Engine:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = bool(memory_arena)
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[optimization])
         self.sessions = {name: self._session(name, opts) for name in self.program.graphs()}
         self.recorder: list | None = None  # set to a list to record every (graph, feeds) run (benchmarks)

@@ -26,12 +26,14 @@ class Result:
 class Executor:
     """Load an export folder (every sha256 verified) and run requests through all its devices."""
 
-    def __init__(self, export_dir: str | Path | Export, threads: int = 1, timeout: float = 60.0):
+    def __init__(self, export_dir: str | Path | Export, threads: int = 1, timeout: float = 60.0,
+                 memory_arena: bool = False):
+        """memory_arena: onnxruntime's CPU memory arena (Engine)."""
         self.export = export_dir if isinstance(export_dir, Export) else Export.load(export_dir)
         self.manifest = self.export.manifest
         self.spec = self.manifest.model
         self.program = self.manifest.program
-        self.engines = [Engine(b, threads) for b in self.export.devices]
+        self.engines = [Engine(b, threads, memory_arena=memory_arena) for b in self.export.devices]
         self.requests = Requests(self.export.devices[0])
         self.hub = LocalHub(len(self.engines), **self.engines[0].exchange_kwargs(timeout))
         self._ids = itertools.count(1)
