@@ -101,38 +101,49 @@ def _files(record: dict) -> dict[str, GraphFile]:
     return {k: GraphFile.from_dict(g) for k, g in record["files"].items()}
 
 
-def _fetch(cache: GraphCache | None, key: str, folder: Path) -> dict[str, GraphFile] | None:
-    record = cache.get(key, folder) if cache is not None else None
-    return _files(record) if record else None
+class _Cached:
+    """make_set's view of the cache (or of none): fetch and store graph sets, and the files' sha256 known."""
 
+    def __init__(self, cache: GraphCache | None, keys: dict[str, str]):
+        self.cache, self.keys, self.digests = cache, keys, {}
 
-def _store(cache: GraphCache | None, key: str, folder: Path, files: dict[str, GraphFile]) -> None:
-    if cache is not None:
-        cache.put(key, folder, list(dict.fromkeys(f for g in files.values() for f in g.files())), _record(files))
+    def fetch(self, quantize: str, folder: Path) -> dict[str, GraphFile] | None:
+        record = self.cache.get(self.keys[quantize], folder) if self.cache is not None else None
+        if not record:
+            return None
+        self.digests = dict(record["sha256"])
+        return _files(record)
+
+    def store(self, quantize: str, folder: Path, files: dict[str, GraphFile]) -> None:
+        if self.cache is not None:
+            names = list(dict.fromkeys(f for g in files.values() for f in g.files()))
+            self.digests = self.cache.put(self.keys[quantize], folder, names, _record(files)) or {}
 
 
 def make_set(pm, program, folder: Path, *, opset: int, quantize: str, block_size: int, cache: GraphCache | None,
-             progress: bool) -> tuple[dict[str, GraphFile], dict]:
-    """pm's graphs in `folder`, from the cache or made (and then cached). -> (files, how they were made)."""
+             progress: bool) -> tuple[dict[str, GraphFile], dict, dict[str, str]]:
+    """pm's graphs in `folder`, from the cache or made (and then cached).
+    -> (files, how they were made, the sha256 of the files when the cache computed them)."""
     keys = {q: graph_key(pm, program, opset=opset, quantize=q, block_size=block_size if q == "int4" else None)
             for q in dict.fromkeys(("none", quantize))} if cache is not None else {}
-    files = _fetch(cache, keys.get(quantize, ""), folder)
+    cached = _Cached(cache, keys)
+    files = cached.fetch(quantize, folder)
     if files is not None:
-        return files, {"cached": len(files)}
+        return files, {"cached": len(files)}, cached.digests
     if quantize == "none":
         files, made = trace_set(pm, program, folder, opset, progress)
-        _store(cache, keys.get("none", ""), folder, files)
-        return files, made
+        cached.store("none", folder, files)
+        return files, made, cached.digests
     with tempfile.TemporaryDirectory(prefix=".fp32-", dir=folder) as tmp:
         tmp = Path(tmp)
-        base = _fetch(cache, keys.get("none", ""), tmp)
+        base = cached.fetch("none", tmp)
         made = {"cached": len(base)} if base is not None else None
         if base is None:
             base, made = trace_set(pm, program, tmp, opset, progress)
-            _store(cache, keys.get("none", ""), tmp, base)
+            cached.store("none", tmp, base)
         files = quantize_set(tmp, base, folder, quantize, block_size, progress)
-    _store(cache, keys.get(quantize, ""), folder, files)
-    return files, made
+    cached.store(quantize, folder, files)
+    return files, made, cached.digests
 
 
 def export_graphs(model, folder: Path, *, opset: int = DEFAULT_OPSET, quantize: str = "none", block_size: int = 32,
@@ -149,11 +160,11 @@ def export_graphs(model, folder: Path, *, opset: int = DEFAULT_OPSET, quantize: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     program = build_program(pm.spec)
-    files, made = make_set(pm, program, folder, opset=opset, quantize=quantize, block_size=block_size, cache=cache,
-                           progress=progress)
+    files, made, digests = make_set(pm, program, folder, opset=opset, quantize=quantize, block_size=block_size,
+                                    cache=cache, progress=progress)
     cfg = model.config
     out = Graphs(folder, pm.spec, program, files, quantize=quantize, opset=opset, block_size=block_size,
-                 source=str(getattr(model, "name_or_path", "")), made=made,
+                 source=str(getattr(model, "name_or_path", "")), made=made, digests=digests,
                  config_summary={k: getattr(cfg, k) for k in CONFIG_SUMMARY if getattr(cfg, k, None) is not None})
     out.preprocessing = write_preprocessing(model, pm.spec, folder)
     return out

@@ -90,6 +90,14 @@ def place(src: Path, dst: Path, link: bool) -> None:
     shutil.copyfile(src, dst)
 
 
+def _digest(graphs: Graphs, name: str, placed: Path) -> str:
+    """sha256 of a placed file: the known one when `placed` is a hard link of the graphs' file, else read."""
+    known = graphs.digests.get(name)
+    if known and os.path.samefile(placed, graphs.folder / name):
+        return known
+    return sha256_file(placed)
+
+
 def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, overwrite: bool = False,
                   link: bool = False, extra: dict[str, Path] | None = None) -> Path:
     """Lay out DIR/manifest.json and DIR/device-K/ from exported graphs. Atomic: a failed write leaves no
@@ -126,7 +134,7 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
             for name in payload:
                 if k == 0:
                     place(graphs.folder / name, dev / name, link)
-                    files[name] = sha256_file(dev / name)
+                    files[name] = _digest(graphs, name, dev / name)
                 else:
                     place(staging / "device-0" / name, dev / name, True)
         raw = json.loads(json.dumps(common.to_dict()))  # exactly what the manifests hold, for the digest
@@ -184,7 +192,9 @@ def export(source, out: str | Path, settings: ExportSettings, *, overwrite: bool
             graphs.source = str(Path(source).resolve()) if Path(source).is_dir() else str(source)
         if made is not None:
             made.update(graphs.made)
-        return write_bundles(graphs, out, settings, overwrite=overwrite)
+        # hard links to the graphs, which are the cache's own files when it is on: one copy on disk for every
+        # export of the model (an in-place change shows in the cache's check and in the sha256 tables)
+        return write_bundles(graphs, out, settings, overwrite=overwrite, link=True)
 
 
 __all__ = ["CONFIG_SUMMARY", "ExportSettings", "GraphCache", "Graphs", "TOKENIZER_FILES", "disk_bytes", "export",

@@ -9,9 +9,11 @@ prism-onnx's own source (any code change is a new key).
 Location: $PRISM_GRAPH_CACHE (a folder; "off" turns the cache off), else $XDG_CACHE_HOME/prism-onnx/graphs
 (~/.cache/prism-onnx/graphs). An entry is a folder KEY/ holding the graph files, their external data and
 `graphs.json` (the graphs' record and every file's sha256); it is written in a staging folder and renamed
-into place (atomic), and verified, file by file, before it is used: an entry that fails is removed. Entries
-beyond $PRISM_GRAPH_CACHE_GB gigabytes (default 20) are evicted, least recently used first. Exports copy
-from the cache, so deleting it (or an edited export) never affects the other.
+into place (atomic), and checked before it is used (every file's size and modification time as stored: an
+entry whose files changed is removed). Entries beyond $PRISM_GRAPH_CACHE_GB gigabytes (default 20) are
+evicted, least recently used first. Exports hard-link the cached files (one copy on disk for a sweep of
+exports): deleting the cache never affects an export, and an export file changed in place is noticed by
+the cache (its modification time) and by the export's own sha256 table.
 """
 
 from __future__ import annotations
@@ -102,12 +104,15 @@ class GraphCache:
 
     def get(self, key: str, into: Path) -> dict | None:
         """Place entry `key`'s files in folder `into` (hard links) and return its record, or None when there is
-        no such entry or it fails verification (then it is removed)."""
+        no such entry or it fails verification (then it is removed). Verification: every file has the size
+        and modification time it had when stored (an in-place write changes them; the files' sha256, in the
+        record, were computed then), so a warm export reads nothing twice."""
         entry = self.root / key
         try:
             record = json.loads((entry / RECORD).read_text())
             for name, digest in record["sha256"].items():
-                if _sha256(entry / name) != digest:
+                st = (entry / name).stat()
+                if [st.st_size, st.st_mtime_ns] != record["stat"][name]:
                     raise ValueError(f"{name} changed")
         except (OSError, ValueError, KeyError, TypeError):
             if entry.exists():
@@ -119,26 +124,28 @@ class GraphCache:
         os.utime(entry / RECORD)  # recently used
         return record
 
-    def put(self, key: str, folder: Path, files: list[str], record: dict) -> None:
-        """Store `files` of `folder` (and `record`) as entry `key`; never fails an export (a full disk, a
-        read-only cache: the export goes on without caching)."""
+    def put(self, key: str, folder: Path, files: list[str], record: dict) -> dict[str, str] | None:
+        """Store `files` of `folder` (hard links, and `record`) as entry `key`. -> the files' sha256, or None
+        when it could not (a full disk, a read-only cache: the export goes on without caching)."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".{key[:12]}-", dir=self.root))
         except OSError:
-            return
+            return None
         try:
-            digests = {}
+            digests, stats = {}, {}
             for name in files:
                 place(folder / name, staging / name)
-                digests[name] = _sha256(staging / name)
-            (staging / RECORD).write_text(json.dumps({**record, "sha256": digests}, indent=1))
+                st = (staging / name).stat()
+                digests[name], stats[name] = _sha256(staging / name), [st.st_size, st.st_mtime_ns]
+            (staging / RECORD).write_text(json.dumps({**record, "sha256": digests, "stat": stats}, indent=1))
             staging.chmod(0o755)
             os.rename(staging, self.root / key)  # atomic; fails if another export stored it meanwhile
         except OSError:
             shutil.rmtree(staging, ignore_errors=True)
-            return
+            return None
         self.evict(keep=key)
+        return digests
 
     def entries(self) -> list[tuple[float, int, Path]]:
         """(last use, bytes, folder) of every complete entry."""

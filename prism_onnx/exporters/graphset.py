@@ -17,7 +17,8 @@ from ..runtime.bundle import MANIFEST, read_manifest
 class Graphs:
     """A folder of exported graphs (+ preprocessing files), shared by all devices of one or more exports.
 
-    `made` says how the graphs came to be: {"traced": n, "substituted": n} (reuse.py) or {"cached": n}."""
+    `made` says how the graphs came to be: {"traced": n, "substituted": n} (reuse.py) or {"cached": n};
+    `digests` the sha256 of files whose content is known (write_bundles hashes the others)."""
 
     folder: Path
     spec: ModelSpec
@@ -31,6 +32,7 @@ class Graphs:
     calibration: dict | None = None  # what `prism calibrate` did to the model these graphs come from
     block_size: int = 32  # int4: values per quantization block
     made: dict = field(default_factory=dict)
+    digests: dict = field(default_factory=dict)  # file -> sha256, where known (the graph cache computed them)
 
     def path(self, name: str) -> Path:
         """The file of graph `name`."""
