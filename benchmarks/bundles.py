@@ -7,8 +7,8 @@
     python benchmarks/bundles.py encoder          # MiniLM: SST-2 probe accuracy, long-text cosine
 
 export   wall time of `prism export` in a fresh process with an empty graph cache (cold), then of a second
-         export with another CR (the cache warm); bytes of one device bundle and of the whole export on disk
-         (hard links once, as `du`), against the model's safetensors.
+         export with another CR (the cache warm); bytes of one device bundle, of the whole export and of
+         both exports on disk (hard links once, as `du`), against the model's safetensors.
 quality  WikiText-2 (valid) perplexity through P=1, CR=1 bundles: the first --windows windows of --window
          tokens of the whole text, every token after the first of a window scored.
 runtime  one device's onnxruntime sessions in a fresh process (what a runner holds, without its sockets):
@@ -85,14 +85,25 @@ def export(model, devices, quantize, max_seq_len, out, json_path):
     for q in quantize.split(","):
         with tempfile.TemporaryDirectory(prefix="prism-bench-cache-") as cache:
             dest = Path(out) / f"{Path(model).name}-p{devices}-{q}"
-            cold, cold_s = prism_export(model, dest, Path(cache), "-P", str(devices), "--cr", "1", "--quantize", q, *more)
-            warm, warm_s = prism_export(model, Path(str(dest) + "-cr16"), Path(cache), "-P", str(devices), "--cr", "16",
-                                        "--quantize", q, *more)
+            args = ("-P", str(devices), "--quantize", q, *more)
+            cold, cold_s = prism_export(model, dest, Path(cache), "--cr", "1", *args)
+            warm, warm_s = prism_export(model, Path(f"{dest}-cr16"), Path(cache), "--cr", "16", *args)
         emit({"bench": "export", "model": model, "devices": devices, "quantize": q, "cold_seconds": round(cold_s, 1),
               "graphs": cold["graphs"], "warm_seconds_other_cr": round(warm_s, 1), "warm_graphs": warm["graphs"],
               "device_bytes": cold["device_bytes"], "export_bytes": cold["total_bytes"],
-              "safetensors_bytes": weights, "device_vs_safetensors": round(cold["device_bytes"] / weights, 3)
-              if weights else None, "export_vs_device": round(cold["total_bytes"] / cold["device_bytes"], 3)}, json_path)
+              "both_exports_bytes": disk_bytes(dest, Path(f"{dest}-cr16")), "safetensors_bytes": weights,
+              "device_vs_safetensors": round(cold["device_bytes"] / weights, 3) if weights else None,
+              "export_vs_device": round(cold["total_bytes"] / cold["device_bytes"], 3)}, json_path)
+
+
+def disk_bytes(*folders: Path) -> int:
+    """Bytes of the files under `folders`, hard links once (as `du` counts them)."""
+    seen = {}
+    for folder in folders:
+        for f in folder.rglob("*"):
+            if f.is_file():
+                seen[(f.stat().st_dev, f.stat().st_ino)] = f.stat().st_size
+    return sum(seen.values())
 
 
 def perplexity(bundle: Path, windows: int, window: int) -> float:
