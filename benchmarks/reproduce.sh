@@ -64,3 +64,11 @@ $P evaluate --task digits -P 2 --cr 4 --count-bias on --sinks on --calibrate-dat
 $PY benchmarks/calibration_longtext.py remote 0.003 150 on 4 > $R/calib_longtext.txt
 $P evaluate --task sst2 -P 4 --cr 128 --count-bias on --sinks on --calibrate-data task --calibrate-time-budget 300 --save $R/calib_sst2.json
 $P evaluate --task wikitext -P 8 --cr 128 --count-bias on --sinks on --calibrate-data task --calibrate-time-budget 300 --save $R/calib_wikitext.json
+# issue 21: bundles for small boards (SmolLM2-135M as a float32 transformers folder; SMOLLM2 moves it)
+SMOLLM2=${SMOLLM2:-/work/cache/smollm2-135m}
+$PY benchmarks/bundles.py export --model "$SMOLLM2" --devices 4 --quantize none,int4,int8 --json $R/bundles.jsonl
+$PY benchmarks/bundles.py quality --model "$SMOLLM2" --windows 16 --json $R/bundles.jsonl
+$PY benchmarks/bundles.py runtime --model "$SMOLLM2" --arena both --rounds 2 --json $R/bundles.jsonl
+$PY benchmarks/bundles.py encoder --json $R/bundles.jsonl
+$PY benchmarks/bundles.py export --model out/bench/llama-3.2-1b --devices 4 --quantize none --max-seq-len 1024 \
+    --json $R/bundles.jsonl

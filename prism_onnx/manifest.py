@@ -25,8 +25,9 @@ from .program import Program
 FORMAT = "prism-onnx-bundle"
 FORMAT_VERSION = 2
 WIRE_DTYPES = ("float32", "float16", "int8")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4")
 EXCHANGES = ("hidden", "kv")
+BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits and GatherBlockQuantized: powers of two >= 16
 DEFAULT_OPSET = 20
 
 
@@ -174,7 +175,11 @@ class ExportSettings(PrismSettings):
     max_batch: int = field(default=64, metadata=option(
         "Largest batch a request (and a means frame) may carry; runners refuse more.", min=1))
     quantize: str = field(default="none", metadata=option(
-        "int8: dynamic int8 weights, per channel (onnxruntime.quantization).", choices=QUANTIZE))
+        "Weights: int8 (dynamic int8, per channel) or int4 (4-bit blocks: MatMulNBits, GatherBlockQuantized for "
+        "the embedding; onnxruntime.quantization).", choices=QUANTIZE))
+    block_size: int = field(default=32, metadata=option(
+        "int4: weights per quantization block, each with its own scale (16, 32, 64, 128 or 256; smaller is more "
+        "accurate and larger).", min=16))
     opset: int = field(default=DEFAULT_OPSET, metadata=option("ONNX opset of the exported graphs.", min=18))
     exchange: str = field(default="auto", metadata=option(
         "What devices exchange: hidden (Segment Means of the attention input, the paper) or kv (of the rotated "
@@ -188,6 +193,8 @@ class ExportSettings(PrismSettings):
             raise PlanError(f"unknown exchange '{self.exchange}'; choose one of auto, {', '.join(EXCHANGES)}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise PlanError(f"max batch must be an integer >= 1, got {self.max_batch!r}")
+        if self.block_size not in BLOCK_SIZES:
+            raise PlanError(f"block size {self.block_size!r}: choose one of {', '.join(map(str, BLOCK_SIZES))}")
 
     def for_model(self, spec: ModelSpec) -> "ExportSettings":
         """These settings checked against a model, with max_seq_len resolved."""
@@ -234,21 +241,40 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class GraphFile:
-    """One ONNX file of a bundle and its inputs and outputs."""
+    """One ONNX file of a bundle and its inputs and outputs.
+
+    data     the ONNX external-data files the graph's initializers live in, besides the graph file (e.g. the
+             tied embedding table, `embed.onnx.data`, read by both `embed` and `token_head`); every one is in
+             the bundle's sha256 table like any file
+    domains  the operator domains beyond the ONNX standard that the graph uses (`com.microsoft` for int4
+             weights: MatMulNBits, GatherBlockQuantized); empty for standard ONNX
+    """
 
     file: str
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
+    data: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"file": self.file, "inputs": [t.to_dict() for t in self.inputs],
-                "outputs": [t.to_dict() for t in self.outputs]}
+        d = {"file": self.file, "inputs": [t.to_dict() for t in self.inputs],
+             "outputs": [t.to_dict() for t in self.outputs]}
+        if self.data:
+            d["data"] = list(self.data)
+        if self.domains:
+            d["domains"] = list(self.domains)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "GraphFile":
         tensors = lambda key: tuple(TensorInfo(str(t["name"]), str(t["dtype"]), tuple(t["shape"]))  # noqa: E731
                                     for t in d[key])
-        return cls(str(d["file"]), tensors("inputs"), tensors("outputs"))
+        return cls(str(d["file"]), tensors("inputs"), tensors("outputs"), tuple(str(f) for f in d.get("data", ())),
+                   tuple(str(x) for x in d.get("domains", ())))
+
+    def files(self) -> list[str]:
+        """The graph file and its external-data files."""
+        return [self.file, *self.data]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ package. Tiny BERT uses MiniLM's 30522-token vocabulary so that the real tokeniz
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -20,6 +21,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # content-addressed, so SmolLM2 is converted once per machine. Tests of the cache itself use a fresh one.
 os.environ.setdefault("PRISM_CACHE", str(Path(tempfile.gettempdir()) / "prism-onnx-test-cache"))
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+if "PRISM_GRAPH_CACHE" not in os.environ:  # `prism export` caches graphs: in a folder of this test run only
+    os.environ["PRISM_GRAPH_CACHE"] = tempfile.mkdtemp(prefix="prism-graph-cache-")
+    atexit.register(shutil.rmtree, os.environ["PRISM_GRAPH_CACHE"], True)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)

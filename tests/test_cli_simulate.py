@@ -36,7 +36,7 @@ def test_simulate_text_json_reports_outputs_and_devices(tiny_dirs):
 
 
 def test_simulate_compression_cuts_traffic_and_reports_difference(tiny_dirs):
-    r = invoke("simulate", tiny_dirs["GPT2LMHeadModel"], "-P", 2, "--cr", 8, "--input-ids",
+    r = invoke("simulate", tiny_dirs["GPT2LMHeadModel"], "-P", 2, "--cr", 8, "--window", 0, "--input-ids",
                ",".join(str(i) for i in range(40)), "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)

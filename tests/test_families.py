@@ -96,7 +96,7 @@ def test_kv_exchange_row_bytes_from_the_runtime_counters(wire, make_bundle):
     """Llama-layout decoders exchange rotated keys and values: a row on the wire is 2 * kv_heads * head_dim
     values, whatever the hidden size. The tiny Qwen2 has 1 kv head of 8 dims: 16 values, half of D = 32
     (the tiny Llama's 2 kv heads would give 32 = D and could not tell the two apart)."""
-    bundle = make_bundle("Qwen2ForCausalLM", devices=2, compression_ratio=4, wire_dtype=wire)
+    bundle = make_bundle("Qwen2ForCausalLM", devices=2, compression_ratio=4, wire_dtype=wire, window=0)
     ex = Executor(bundle)
     spec = ex.manifest.model
     assert (spec.kv_heads, spec.head_dim, spec.hidden_size) == (1, 8, 32)

@@ -67,7 +67,7 @@ def test_compression_changes_the_output(tiny, arch):
     """Negative test: at CR=4 the means really replace the remote tokens."""
     model = tiny[arch]
     inputs = inputs_for(model)
-    out, ref, mask = run_both(model, inputs, devices=3, compression_ratio=4)
+    out, ref, mask = run_both(model, inputs, devices=3, compression_ratio=4, window=0)  # paper PRISM: no halo
     diff = outputs_match(out, ref, mask, 0)
     name = "logits" if getattr(ref, "logits", None) is not None else "last_hidden_state"
     a, b = getattr(out, name), getattr(ref, name)
@@ -97,7 +97,7 @@ def test_decoder_device0_is_exact_at_any_cr(tiny, arch, cr):
     ids = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-    out = simulate(model, {"input_ids": ids}, devices=3, compression_ratio=cr).logits
+    out = simulate(model, {"input_ids": ids}, devices=3, compression_ratio=cr, window=0).logits
     n0 = 7  # even split of 20 tokens over 3 devices: 7, 7, 6
     assert (out[:, :n0] - ref[:, :n0]).abs().max().item() <= EXACT
     if cr > 1:
@@ -207,8 +207,8 @@ def test_kv_exchange_is_the_same_math_as_hidden_exchange(tiny, arch):
     inputs = inputs_for(model)
     out, ref, mask = run_both(model, inputs, devices=3, compression_ratio=1, exchange="kv")
     assert outputs_match(out, ref, mask, EXACT) <= EXACT
-    hidden = simulate(model, inputs, devices=3, compression_ratio=4, exchange="hidden")
-    kv = simulate(model, inputs, devices=3, compression_ratio=4, exchange="kv")
+    hidden = simulate(model, inputs, devices=3, compression_ratio=4, exchange="hidden", window=0)
+    kv = simulate(model, inputs, devices=3, compression_ratio=4, exchange="kv", window=0)
     assert outputs_match(kv, hidden, mask, EXACT) <= EXACT
     assert outputs_match(kv, ref, mask, 0) > 1e-3  # and CR=4 did compress
 

@@ -278,7 +278,7 @@ def test_bytes_count_the_window_rows(arch):
 
     mask = np.ones((1, 64), np.int64)
     spec = convert(tiny_model(arch)).spec
-    base = plan_for(spec, mask, PrismSettings(devices=4, compression_ratio=8))
+    base = plan_for(spec, mask, PrismSettings(devices=4, compression_ratio=8, window=0))
     win = plan_for(spec, mask, PrismSettings(devices=4, compression_ratio=8, window=8))
     sent0, _ = plan_traffic(base, spec.row_width, 1, "float32")
     sent8, _ = plan_traffic(win, spec.row_width, 1, "float32")
@@ -317,7 +317,7 @@ def test_bundles_with_a_window_equal_the_reference_over_zeromq(arch, tiny_dirs, 
     sent, received = plan_traffic(plan, spec.row_width, spec.num_layers, "float32")
     assert [d["sent"] for d in expected.stats.per_layer] == sent
     assert [d["received"] for d in expected.stats.per_layer] == received
-    no_window, _ = plan_traffic(plan_for(spec, inputs["attention_mask"], PrismSettings(3, 4)), spec.row_width,
+    no_window, _ = plan_traffic(plan_for(spec, inputs["attention_mask"], PrismSettings(3, 4, window=0)), spec.row_width,
                                 spec.num_layers, "float32")
     assert sum(map(sum, sent)) > sum(map(sum, no_window))  # the window rows are on the wire and counted
     with LocalCluster(bundle) as cluster:
@@ -343,9 +343,12 @@ def test_cli_simulate_reports_the_window(tiny_dirs):
             "12 13 14 15 16 17 18 19 20 21 22 23 24", "--json"]
     r0 = CliRunner().invoke(main, args)
     r8 = CliRunner().invoke(main, args + ["--window", "3"])
+    rw = CliRunner().invoke(main, args + ["--window", "0"])
     assert r0.exit_code == 0 and r8.exit_code == 0, r0.output + r8.output
     a, b = json.loads(r0.output), json.loads(r8.output)
-    assert a["settings"]["window"] == 0 and b["settings"]["window"] == 3 and b["settings"]["far"] == "means"
+    # 128: the Llama family's default
+    assert a["settings"]["window"] == 128 and b["settings"]["window"] == 3 and b["settings"]["far"] == "means"
+    a = json.loads(rw.output)  # no window: the paper's PRISM
     assert b["traffic"]["bytes_per_layer"] > a["traffic"]["bytes_per_layer"]
     assert [d["rows_sent"] for d in b["per_device"]][:3] != [d["rows_sent"] for d in a["per_device"]][:3]
     bad = CliRunner().invoke(main, args + ["--far", "everything"])

@@ -99,7 +99,7 @@ def calibrate(export_dir: str | Path, data: str | Path, out: str | Path, cfg: Tr
         calibrated = models.load(str(folder))
         _check_saved(student, calibrated, settings.exchange)
         graphs = export_graphs(calibrated, Path(tmp) / "graphs", opset=settings.opset, quantize=settings.quantize,
-                               exchange=settings.exchange, progress=progress)
+                               block_size=settings.block_size, exchange=settings.exchange, progress=progress)
         graphs.source = str((out / MODEL_FOLDER).resolve())
         graphs.calibration = record
         write_bundles(graphs, out, settings, overwrite=overwrite, extra={MODEL_FOLDER: folder})

@@ -55,25 +55,33 @@ def _print_simulate(r):
 @click.option("--out", "-o", type=click.Path(file_okay=False), required=True, help="Output folder.")
 @settings_options(ExportSettings)
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Reuse and keep this model's graphs in the graph cache ($PRISM_GRAPH_CACHE, default "
+                   "~/.cache/prism-onnx/graphs): another export of the same model with other settings traces "
+                   "nothing.")
 @json_option
 @friendly_errors
 @needs_export_extra
-def export(model, out, overwrite, as_json, **settings):
+def export(model, out, overwrite, cache, as_json, **settings):
     """Export MODEL (hub id, folder, or .gguf file) to one ONNX bundle per device in OUT/device-K."""
     import time
 
-    from ..exporters.bundle import export as do_export
+    from ..exporters.bundle import disk_bytes, export as do_export
     from ..runtime.bundle import MANIFEST, read_manifest
 
     settings = ExportSettings(**settings)
     t0 = time.perf_counter()
-    path = do_export(model, out, settings, overwrite=overwrite, progress=not as_json)
-    size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    made: dict = {}
+    path = do_export(model, out, settings, overwrite=overwrite, progress=not as_json, made=made,
+                     cache="default" if cache else None)
     report = {"settings": settings.to_dict(), "model": model, "out": str(path), "devices": settings.devices,
-              "export_id": read_manifest(Path(path) / MANIFEST).export_id, "total_bytes": size,
+              "export_id": read_manifest(Path(path) / MANIFEST).export_id, "total_bytes": disk_bytes(path),
+              "device_bytes": disk_bytes(Path(path) / "device-0"), "graphs": made,
               "seconds": round(time.perf_counter() - t0, 3)}
     emit(report, as_json, lambda r: click.echo(
-        f"exported {model} to {path}: {settings.devices} device bundles, {size / 1e6:.1f} MB, {r['seconds']:.1f} s"))
+        f"exported {model} to {path}: {settings.devices} device bundles of {r['device_bytes'] / 1e6:.1f} MB, "
+        f"{r['total_bytes'] / 1e6:.1f} MB on disk (each file once), {r['seconds']:.1f} s; graphs "
+        + ", ".join(f"{v} {k}" for k, v in made.items())))
 
 
 @main.command()
@@ -83,43 +91,44 @@ def export(model, out, overwrite, as_json, **settings):
 @click.option("--data", type=click.Path(exists=True), default=None,
               help="Your own inputs: a text file (one per line) or a folder of images.")
 @click.option("--model", "model", default=None, help="PyTorch model to compare with (default: the export's source).")
+@click.option("--rtol", type=click.FloatRange(min=0), default=None,
+              help="Relative term of the bound: max |diff| <= atol + rtol * max |reference| (default 1e-4; "
+                   "given for a --quantize export, it replaces the cosine bound).")
+@click.option("--atol", type=click.FloatRange(min=0), default=None, help="Absolute term of the bound (default 1e-6).")
+@click.option("--min-cosine-vs-model", "min_model_cosine", type=click.FloatRange(-1, 1), default=None,
+              help="Also fail when an output's mean cosine against the unpartitioned model is below this "
+                   "(at CR > 1 it is otherwise reported, never failed on).")
 @json_option
 @friendly_errors
 @needs_export_extra
-def validate(export_dir, samples, data, model, as_json):
+def validate(export_dir, samples, data, model, rtol, atol, min_model_cosine, as_json):
     """Run EXPORT_DIR's bundles (onnxruntime) and PyTorch on the same inputs.
 
     \b
     Exit 1 when the bundles differ from the PyTorch PRISM reference run with the
-    rows the devices really received: by more than 1e-4 (max |diff|) in the rows
-    sent or in any output, or, for --quantize int8 exports, below a mean cosine of
-    0.98 or a worst cosine of 0.9 per output row. At CR=1 (fp32 weights and wire)
-    the outputs must also be within 1e-4 of the unpartitioned model. Reported, not
-    failed on: agreement with a reference that rounds its own wire rows, and with
-    the unpartitioned model at CR > 1 (what compression costs).
+    rows the devices really received, in the rows sent or in any output, by more
+    than  atol + rtol * max |reference value|  (default rtol 1e-4, atol 1e-6), or,
+    for --quantize exports, below a mean / worst cosine per output row of 0.98 /
+    0.9 (int8) or 0.95 / 0.8 (int4). At CR=1 (fp32 weights and wire) the outputs
+    must also be within that bound of the unpartitioned model.
+    \b
+    Why relative: onnxruntime and PyTorch sum the same float32 math in other
+    orders, which differ by a few float32 roundings (6e-8) of the values summed
+    at every operation; depth carries them to the output, so the difference
+    scales with the output's magnitude and the number of layers. Observed:
+    ~1e-6 of max |value| for 2-layer models, 3e-6 to 2.2e-5 for SmolLM2-135M
+    (30 layers, logits up to ~40): 1e-4 leaves 4.5x; a changed weight moves
+    outputs by 1e-2 of max |value| or more.
+    \b
+    Reported, not failed on (unless --min-cosine-vs-model): how far the bundles
+    are from the unpartitioned model at CR > 1 (max |diff|, mean and worst
+    cosine per row, top-1 agreement of logits): what compression costs.
     """
-    from ..validate import validate as run_validate
+    from ..validate import summary_lines, validate as run_validate
 
-    report = run_validate(export_dir, samples=samples, model=model, data=data, progress=not as_json)
-
-    def human(r):
-        s = r["settings"]
-        click.echo(f"{r['export']}: P={s['devices']} CR={s['compression_ratio']} wire={s['wire_dtype']} "
-                   f"quantize={s['quantize']} exchange={s['exchange']}, {r['samples']} inputs")
-        click.echo(f"  rows sent at the exchange points vs the reference: max |diff| {r['max_abs_diff_sent_rows']:.3g}")
-        for name, o in r["outputs"].items():
-            click.echo(f"  {name}: vs the PyTorch reference (same received rows) max |diff| "
-                       f"{o['max_abs_diff_vs_reference']:.3g}, cosine mean {o['mean_cosine_vs_reference']:.5f} "
-                       f"min {o['min_cosine_vs_reference']:.5f}; vs simulate (own rounding) max |diff| "
-                       f"{o['max_abs_diff_vs_simulate']:.3g}")
-            click.echo(f"  {name}: vs the unpartitioned model max |diff| {o['max_abs_diff_vs_model']:.3g}, cosine "
-                       f"mean {o['mean_cosine_vs_model']:.5f} worst {o['min_cosine_vs_model']:.5f}")
-        click.echo(f"  bound: {', '.join(f'{k} {v}' for k, v in r['tolerance'].items())}")
-        for f in r["failures"]:
-            click.echo(f"  FAIL {f}")
-        click.echo("passed" if r["passed"] else "FAILED")
-
-    emit(report, as_json, human)
+    report = run_validate(export_dir, samples=samples, model=model, data=data, progress=not as_json, rtol=rtol,
+                          atol=atol, min_model_cosine=min_model_cosine)
+    emit(report, as_json, lambda r: click.echo("\n".join(summary_lines(r))))
     if not report["passed"]:
         sys.exit(1)
 
@@ -203,19 +212,22 @@ def inspect(export_dir, verify, as_json):
     has_onnx = importlib.util.find_spec("onnx") is not None
     graphs = {}
     for name, g in manifest.graphs.items():
-        graphs[name] = {"file": g.file, "bytes": (dev / g.file).stat().st_size}
+        graphs[name] = {"file": g.file, "bytes": (dev / g.file).stat().st_size, "data": list(g.data),
+                        "data_bytes": sum((dev / f).stat().st_size for f in g.data)}
         if has_onnx:
             import onnx
 
             proto = onnx.load(str(dev / g.file), load_external_data=False)
             graphs[name].update(ops=dict(sorted(Counter(n.op_type for n in proto.graph.node).items())),
                                 domains=sorted({n.domain or "ai.onnx" for n in proto.graph.node}))
-    files = {rel: (root / rel).stat().st_size for rel in manifest.files}
+    stats = {rel: (root / rel).stat() for rel in manifest.files}
+    files = {rel: st.st_size for rel, st in stats.items()}
+    on_disk = {(st.st_dev, st.st_ino): st.st_size for st in stats.values()}  # hard links once, as du counts
     report = {"export_id": manifest.export_id, "package_version": manifest.package_version,
               "created": manifest.created, "source": manifest.source, "settings": manifest.settings.to_dict(),
               "model": manifest.model.to_dict(),
               "exchange_points": [p.name for p in manifest.program.points], "graphs": graphs, "files": files,
-              "total_bytes": sum(files.values()), "verified": bool(verify)}
+              "total_bytes": sum(on_disk.values()), "listed_bytes": sum(files.values()), "verified": bool(verify)}
 
     def human(r):
         m, s = r["model"], r["settings"]
@@ -229,8 +241,10 @@ def inspect(export_dir, verify, as_json):
                    f"max_seq_len={s['max_seq_len']}")
         for name, g in r["graphs"].items():
             ops = ", ".join(f"{k} {v}" for k, v in g["ops"].items()) if "ops" in g else "(op counts need onnx)"
-            click.echo(f"  {name:<12} {g['bytes'] / 1e6:8.2f} MB  {ops}")
-        click.echo(f"  {len(r['files'])} files, {r['total_bytes'] / 1e6:.1f} MB in all" +
+            data = f" (+ {', '.join(g['data'])}, {g['data_bytes'] / 1e6:.2f} MB)" if g["data"] else ""
+            click.echo(f"  {name:<12} {g['bytes'] / 1e6:8.2f} MB{data}  {ops}")
+        click.echo(f"  {len(r['files'])} files, {r['total_bytes'] / 1e6:.1f} MB on disk (hard-linked files once; "
+                   f"{r['listed_bytes'] / 1e6:.1f} MB as listed)" +
                    ("; every sha256 and the export id verified" if r["verified"] else ""))
 
     emit(report, as_json, human)

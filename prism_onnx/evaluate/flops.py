@@ -137,11 +137,13 @@ def _shape(name: str, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
 def skeleton(path, keep: int = 4096) -> onnx.ModelProto:
     """A graph without its weights' values: initializers above `keep` elements keep their dims and dtype but
     no data. Shape inference and the FLOP count need nothing more, and a 1 GB graph becomes kilobytes."""
-    model = onnx.load(os.fspath(path))
+    model = onnx.load(os.fspath(path), load_external_data=False)  # external data: tables, never shape values
     for t in model.graph.initializer:
-        if math.prod(t.dims) > keep:
+        if math.prod(t.dims) > keep or t.data_location == onnx.TensorProto.EXTERNAL:
             for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
                 t.ClearField(f)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
     # a fresh message: the loaded one keeps the weights' memory in its arena even with the fields cleared
     return onnx.ModelProto.FromString(model.SerializeToString())
 
@@ -149,7 +151,9 @@ def skeleton(path, keep: int = 4096) -> onnx.ModelProto:
 def _load(model_or_path) -> onnx.ModelProto:
     """A private copy of the model (callers' protos are never modified)."""
     if isinstance(model_or_path, (str, os.PathLike)):
-        return onnx.load(os.fspath(model_or_path))
+        from ..exporters.tied import load_graph  # external data too, even hard-linked (onnx.load refuses it)
+
+        return load_graph(model_or_path)
     model = onnx.ModelProto()
     model.CopyFrom(model_or_path)
     return model

@@ -1,4 +1,9 @@
-"""`prism export`: a transformers model -> DIR/manifest.json + DIR/device-K/ bundles (one per device)."""
+"""`prism export`: a transformers model -> DIR/manifest.json + DIR/device-K/ bundles (one per device).
+
+Every device folder holds the same files (the split is computed at run time), so an export stores each
+distinct file once: device-0 holds them, and device-1.. hard-link them (a copy where the filesystem has no
+hard links). `du -sh DIR` counts them once; `scp -r DIR/device-K` copies a complete, self-contained bundle.
+"""
 
 from __future__ import annotations
 
@@ -7,115 +12,24 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-
-import onnx
 
 from .. import __version__, models
 from ..errors import BundleError
-from ..manifest import DEFAULT_OPSET, ExportSettings, GraphFile, Manifest, ModelSpec, Preprocessing, TensorInfo
+from ..manifest import ExportSettings, Manifest, Preprocessing
 from ..pooling import DEFAULT as POOLING_DEFAULT, pooling_of_folder
-from ..program import Program, build_program
 from ..reference import prism_model
-from ..runtime.bundle import MANIFEST, content_digest, read_manifest, sha256_file
+from ..runtime.bundle import MANIFEST, content_digest, sha256_file
 from ..runtime.keys import generate_keys
 from ..runtime.preprocess import DEFAULT_IMAGE_CONFIG
-from .graphs import export_graph, graph_specs
-
-CONFIG_SUMMARY = (
-    "model_type", "hidden_size", "dim", "num_hidden_layers", "n_layers", "num_attention_heads", "n_heads",
-    "num_key_value_heads", "head_dim", "intermediate_size", "hidden_dim", "n_inner", "vocab_size",
-    "max_position_embeddings", "n_positions", "image_size", "patch_size", "num_labels", "hidden_act",
-    "activation_function", "activation", "rope_theta", "rope_scaling", "tie_word_embeddings", "bos_token_id",
-    "eos_token_id", "pad_token_id", "type_vocab_size",
-)
+from .build import CONFIG_SUMMARY, export_graphs
+from .cache import GraphCache
+from .graphset import Graphs, graph_file
+from .quantize import quantize_int8
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
-
-
-@dataclass
-class Graphs:
-    """A folder of exported graphs (+ preprocessing files), shared by all devices of one or more exports."""
-
-    folder: Path
-    spec: ModelSpec
-    program: Program
-    files: dict[str, GraphFile] = field(default_factory=dict)  # graph name -> file and its inputs/outputs
-    preprocessing: Preprocessing = field(default_factory=lambda: Preprocessing("text"))
-    quantize: str = "none"
-    opset: int = DEFAULT_OPSET
-    source: str = ""
-    config_summary: dict = field(default_factory=dict)
-    calibration: dict | None = None  # what `prism calibrate` did to the model these graphs come from
-
-    def path(self, name: str) -> Path:
-        """The file of graph `name`."""
-        return self.folder / self.files[name].file
-
-    @classmethod
-    def from_export(cls, export_dir: str | Path) -> "Graphs":
-        """The graphs of an existing export (device-0's copy), to lay out bundles with other settings:
-        the graphs do not depend on P, CR, the split or the wire precision."""
-        root = Path(export_dir)
-        m = read_manifest(root / MANIFEST)
-        return cls(root / "device-0", m.model, m.program, dict(m.graphs), m.preprocessing, m.settings.quantize,
-                   m.settings.opset, m.source, m.config_summary, m.calibration)
-
-
-def _tensor_info(v) -> TensorInfo:
-    t = v.type.tensor_type
-    return TensorInfo(v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name,
-                      tuple(d.dim_param or d.dim_value for d in t.shape.dim))
-
-
-def graph_file(path: Path, model: onnx.ModelProto) -> GraphFile:
-    return GraphFile(path.name, tuple(_tensor_info(v) for v in model.graph.input),
-                     tuple(_tensor_info(v) for v in model.graph.output))
-
-
-def quantize_int8(src: Path, dst: Path, per_channel: bool = True) -> None:
-    """Dynamic int8 weight quantization with onnxruntime.quantization (MatMul/Gemm/Gather weights).
-
-    Per-channel scales: on MiniLM, per-tensor scales gave a mean token cosine of 0.957 against fp32,
-    per-channel 0.993 (measured by benchmarks/quantization.py).
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
-    onnx.checker.check_model(onnx.load(str(dst)), full_check=True)
-
-
-def export_graphs(model, folder: Path, *, opset: int = DEFAULT_OPSET, quantize: str = "none",
-                  exchange: str | None = None, progress: bool = False) -> Graphs:
-    """Trace every step graph of `model`'s device program into `folder` (and quantize it), plus the
-    preprocessing files. `exchange`: hidden | kv | None or "auto" (the family's default)."""
-    import logging
-
-    from tqdm.auto import tqdm
-
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # its registry warns about torchvision ops
-    pm = prism_model(model, None if exchange == "auto" else exchange)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    program = build_program(pm.spec)
-    out = Graphs(folder, pm.spec, program, quantize=quantize, opset=opset,
-                 source=str(getattr(model, "name_or_path", "")))
-    cfg = model.config
-    out.config_summary = {k: getattr(cfg, k) for k in CONFIG_SUMMARY if getattr(cfg, k, None) is not None}
-    for g in tqdm(graph_specs(pm, program), desc="exporting graphs", unit="graph", disable=not progress):
-        path = folder / f"{g.name}.onnx"
-        proto = export_graph(g, path, opset)
-        if quantize == "int8":
-            tmp = folder / f"{g.name}.fp32.onnx"
-            os.replace(path, tmp)
-            quantize_int8(tmp, path)
-            tmp.unlink()
-            proto = onnx.load(str(path), load_external_data=False)
-        out.files[g.name] = graph_file(path, proto)
-    out.preprocessing = write_preprocessing(model, pm.spec, folder)
-    return out
 
 
 def write_preprocessing(model, spec, folder: Path) -> Preprocessing:
@@ -167,6 +81,7 @@ def chat_template_of(tok) -> str | None:
 
 
 def place(src: Path, dst: Path, link: bool) -> None:
+    """Hard-link (link=True; a copy on another filesystem) or copy src to dst."""
     if link:
         try:
             os.link(src, dst)
@@ -176,14 +91,24 @@ def place(src: Path, dst: Path, link: bool) -> None:
     shutil.copyfile(src, dst)
 
 
+def _digest(graphs: Graphs, name: str, placed: Path) -> str:
+    """sha256 of a placed file: the known one when `placed` is a hard link of the graphs' file, else read."""
+    known = graphs.digests.get(name)
+    if known and os.path.samefile(placed, graphs.folder / name):
+        return known
+    return sha256_file(placed)
+
+
 def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, overwrite: bool = False,
                   link: bool = False, extra: dict[str, Path] | None = None) -> Path:
     """Lay out DIR/manifest.json and DIR/device-K/ from exported graphs. Atomic: a failed write leaves no
     half bundle, and an existing non-empty DIR is only replaced with overwrite=True.
 
-    link=True hard-links the graph files instead of copying them (local sweeps and benchmarks: P copies
-    of a BERT-base graph set is GBs); bundles meant for boards are copies. `extra`: {name: folder} copied
-    into DIR/name (a calibrated export keeps its model folder there); not part of any device bundle.
+    Each distinct file is stored once: device-0's copy, hard-linked by the other devices (copied where the
+    filesystem has no hard links). link=True also hard-links device-0's files to the graphs' folder instead
+    of copying them (local sweeps and benchmarks over one traced set; an export then shares its files with
+    that folder). `extra`: {name: folder} copied into DIR/name (a calibrated export keeps its model folder
+    there); not part of any device bundle.
 
     The export id is the digest of the content (runtime/bundle.py content_digest); the CurveZMQ keys of
     every device and of one client are generated too (runtime/keys.py), outside every file table.
@@ -191,7 +116,7 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
     out = Path(out)
     # quantization, opset and exchange kind describe the graph files themselves: they come from the graphs
     settings = replace(settings.for_model(graphs.spec), quantize=graphs.quantize, opset=graphs.opset,
-                       exchange=graphs.spec.exchange)
+                       block_size=graphs.block_size, exchange=graphs.spec.exchange)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BundleError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
     common = Manifest(
@@ -199,7 +124,7 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
         preprocessing=graphs.preprocessing, files={}, source=graphs.source,
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), package_version=__version__,
         config_summary=graphs.config_summary, calibration=graphs.calibration)
-    payload = [g.file for g in graphs.files.values()] + graphs.preprocessing.files()
+    payload = graphs.graph_payload() + graphs.preprocessing.files()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))  # same filesystem as out
     try:
@@ -208,9 +133,11 @@ def write_bundles(graphs: Graphs, out: str | Path, settings: ExportSettings, *, 
             dev = staging / f"device-{k}"
             dev.mkdir()
             for name in payload:
-                place(graphs.folder / name, dev / name, link)
-                if name not in files:
-                    files[name] = sha256_file(dev / name)
+                if k == 0:
+                    place(graphs.folder / name, dev / name, link)
+                    files[name] = _digest(graphs, name, dev / name)
+                else:
+                    place(staging / "device-0" / name, dev / name, True)
         raw = json.loads(json.dumps(common.to_dict()))  # exactly what the manifests hold, for the digest
         common = replace(common, export_id=content_digest(raw, files))
         all_files = {}
@@ -236,18 +163,40 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
     path.write_text(json.dumps(manifest.to_dict(), indent=2))
 
 
-def export(source, out: str | Path, settings: ExportSettings, *, overwrite: bool = False,
-           progress: bool = False) -> Path:
-    """The whole `prism export`: load, trace, quantize, lay out bundles."""
+def disk_bytes(folder: str | Path) -> int:
+    """Bytes of the files under `folder`, a file hard-linked several times counted once (as `du` does)."""
+    seen = {}
+    for f in Path(folder).rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())
+
+
+def export(source, out: str | Path, settings: ExportSettings, *, overwrite: bool = False, progress: bool = False,
+           cache: GraphCache | None | str = "default", made: dict | None = None) -> Path:
+    """The whole `prism export`: load, trace (or take the graphs from the graph cache), quantize, lay out
+    bundles. `cache`: a GraphCache, None (no cache) or "default" (GraphCache.default(): $PRISM_GRAPH_CACHE);
+    `made`, when given, is filled with how the graphs came to be (Graphs.made: traced, substituted, cached)."""
     model = models.load(source)
     pm = prism_model(model, None if settings.exchange == "auto" else settings.exchange)  # fail before minutes
     settings.for_model(pm.spec)                                                          # of tracing
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BundleError(f"{out} exists and is not empty; choose another --out or pass --overwrite")
+    cache = GraphCache.default() if cache == "default" else cache
     with tempfile.TemporaryDirectory(prefix="prism-graphs-") as tmp:
         graphs = export_graphs(model, Path(tmp), opset=settings.opset, quantize=settings.quantize,
-                               exchange=settings.exchange, progress=progress)
+                               block_size=settings.block_size, exchange=settings.exchange, progress=progress,
+                               cache=cache)
         if isinstance(source, (str, os.PathLike)):
             graphs.source = models.source_name(source)
-        return write_bundles(graphs, out, settings, overwrite=overwrite)
+        if made is not None:
+            made.update(graphs.made)
+        # hard links to the graphs, which are the cache's own files when it is on: one copy on disk for every
+        # export of the model (an in-place change shows in the cache's check and in the sha256 tables)
+        return write_bundles(graphs, out, settings, overwrite=overwrite, link=True)
+
+
+__all__ = ["CONFIG_SUMMARY", "ExportSettings", "GraphCache", "Graphs", "TOKENIZER_FILES", "disk_bytes", "export",
+           "export_graphs", "graph_file", "quantize_int8", "write_bundles", "write_preprocessing"]

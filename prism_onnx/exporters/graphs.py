@@ -76,8 +76,9 @@ def graph_specs(pm: PrismModel, program: Program) -> list[GraphSpec]:
     return specs
 
 
-def export_graph(g: GraphSpec, path: Path, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """torch.onnx (dynamo) export of one step; checked with onnx's full checker (types and shapes)."""
+def trace_graph(g: GraphSpec, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """torch.onnx (dynamo) export of one step; checked with onnx's full checker (types and shapes) and
+    refused if it uses anything but standard ONNX operators."""
     dynamic_shapes = tuple(g.dynamic.get(name, {}) for name in g.input_names)
     params = inspect.signature(g.module.forward).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):  # forward(*args): one tuple argument
@@ -97,8 +98,14 @@ def export_graph(g: GraphSpec, path: Path, opset: int = DEFAULT_OPSET) -> onnx.M
     if foreign or model.functions:
         raise RuntimeError(f"{g.name}: graph uses non-standard domains {foreign} or local functions")
     onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def export_graph(g: GraphSpec, path: Path, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """trace_graph, saved to `path`."""
+    model = trace_graph(g, opset)
     onnx.save_model(model, str(path))
     return model
 
 
-__all__ = ["GraphSpec", "Step", "export_graph", "graph_specs"]
+__all__ = ["GraphSpec", "Step", "export_graph", "graph_specs", "trace_graph"]

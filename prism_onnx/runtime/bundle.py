@@ -3,7 +3,9 @@
     DIR/manifest.json           the export: model spec, P, CR, split, wire dtype, opset, export id,
                                 sha256 of every file under DIR
     DIR/device-K/manifest.json  the same settings + rank K + sha256 of every file in device-K/
-    DIR/device-K/*.onnx         the graphs (identical on every device: the split is computed at run time)
+    DIR/device-K/*.onnx         the graphs (identical on every device: the split is computed at run time),
+                                and their external data (embed.onnx.data: the embedding table, read by the
+                                head too when the model ties them); one copy per export, hard-linked
     DIR/device-K/tokenizer.json or preprocessor_config.json
 
 The export id is a digest of the export's content: every manifest setting and every file's sha256
@@ -77,15 +79,23 @@ def check_export_id(manifest: dict, files: dict[str, str], path: Path) -> None:
                           f"content-addressed export ids; re-export it")
 
 
-def verify_files(root: Path, files: dict[str, str], label: str = "") -> None:
-    """Every listed file exists and has its recorded sha256."""
+def verify_files(root: Path, files: dict[str, str], label: str = "", seen: dict | None = None) -> None:
+    """Every listed file exists and has its recorded sha256. `seen` ({(device, inode, size, mtime): sha256},
+    shared between calls) hashes a file that several names hard-link (an export's device folders) once."""
+    seen = {} if seen is None else seen
     for rel, digest in sorted(files.items()):
         path = root / rel
         name = f"{label}{rel}"
         if not path.is_file():
             raise BundleError(f"{name}: missing from the bundle")
-        if sha256_file(path) != digest:
-            raise BundleError(f"{name}: sha256 mismatch, the file changed after export")
+        st = path.stat()
+        inode = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if inode not in seen:
+            seen[inode] = sha256_file(path)
+        if seen[inode] != digest:
+            shared = f" (one file with {st.st_nlink - 1} hard link(s): the device folders of an export share it)" \
+                if st.st_nlink > 1 else ""
+            raise BundleError(f"{name}: sha256 mismatch, the file changed after export{shared}")
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,8 @@ class DeviceBundle:
         return name in self.manifest.graphs
 
     @classmethod
-    def load(cls, root: str | Path, verify: bool = True) -> "DeviceBundle":
+    def load(cls, root: str | Path, verify: bool = True, seen: dict | None = None) -> "DeviceBundle":
+        """`seen`: verify_files' memo of files already hashed (Export.load shares one over its devices)."""
         root = Path(root)
         if not root.is_dir():
             raise BundleError(f"{root}: no such bundle folder")
@@ -146,7 +157,7 @@ class DeviceBundle:
         if manifest.rank is None:
             raise BundleError(f"{root / MANIFEST}: this is an export folder, not a device bundle (use {root}/device-K)")
         if verify:
-            verify_files(root, manifest.files, label=f"{root.name}/")
+            verify_files(root, manifest.files, label=f"{root.name}/", seen=seen)
             check_export_id(raw, manifest.files, Path(root.name) / MANIFEST)
         return cls(root, manifest)
 
@@ -170,8 +181,9 @@ class Export:
         manifest = Manifest.from_dict(raw, str(root / MANIFEST))
         if manifest.rank is not None:
             raise BundleError(f"{root}: this is one device's bundle; give the export folder that holds device-K/")
+        seen: dict = {}  # the device folders hard-link one copy of each file: hash it once
         if verify:
-            verify_files(root, manifest.files)
+            verify_files(root, manifest.files, seen=seen)
             prefix = "device-0/"
             files = {k[len(prefix):]: v for k, v in manifest.files.items()
                      if k.startswith(prefix) and k != prefix + MANIFEST}
@@ -179,7 +191,7 @@ class Export:
         devices = []
         for k in range(manifest.devices):
             folder = root / f"device-{k}"
-            dev = DeviceBundle.load(folder, verify=verify)
+            dev = DeviceBundle.load(folder, verify=verify, seen=seen)
             if dev.export_id != manifest.export_id:
                 raise BundleError(f"device-{k}/{MANIFEST}: belongs to export {dev.export_id[:12]}, not to this export "
                                   f"{manifest.export_id[:12]} (a device folder from another export)")

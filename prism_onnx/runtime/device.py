@@ -13,7 +13,7 @@ import time
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import InputError, too_long
+from ..errors import BundleError, InputError, too_long
 from ..inputs import prepare
 from ..plan import Plan, max_rows
 from ..program import DeviceResult, gather_outputs, own_slice, run_device
@@ -53,10 +53,12 @@ class Engine:
     (CPU, CUDA, TensorRT, CoreML, XNNPACK... as the installed onnxruntime has them); optimization: the graph
     optimization level (disable, basic, extended, all); slowdown: emulate a board this many times slower
     (after each call, sleep for slowdown - 1 times the call's duration; for tests and benchmarks of mixed
-    fleets on one machine)."""
+    fleets on one machine); memory_arena: onnxruntime's CPU memory arena, off by default: every session (one
+    per graph) keeps its arena at the peak of its largest request, which held a SmolLM2 runner at 2.4 GB
+    after one 512-token prompt against 1.0 GB without it, at the same speed (docs/RESULTS.md, section 12)."""
 
     def __init__(self, bundle: DeviceBundle, threads: int = 1, providers=None, optimization: str = "all",
-                 slowdown: float = 1.0, sessions: dict | None = None):
+                 slowdown: float = 1.0, memory_arena: bool = False, sessions: dict | None = None):
         """`sessions`: another Engine's sessions of the very same graph files (same sha256), shared instead
         of loaded again (the in-process executor's devices: onnxruntime sessions are safe to run from
         several threads at once, and every device bundle holds the same graphs)."""
@@ -71,12 +73,25 @@ class Engine:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = bool(memory_arena)
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_OPTIMIZATION[optimization])
-        self.sessions = sessions or {name: ort.InferenceSession(str(bundle.graph(name)), opts,
-                                                                providers=self.providers)
-                                     for name in self.program.graphs()}
+        self.sessions = sessions or {name: self._session(name, opts) for name in self.program.graphs()}
         self.recorder: list | None = None  # set to a list to record every (graph, feeds) run (benchmarks)
         self.slowdown = float(slowdown)
+
+    def _session(self, name: str, opts) -> ort.InferenceSession:
+        """Graph `name`'s session; a graph using contrib operators (int4 weights) that this onnxruntime build
+        lacks is refused naming them (a minimal build for a board may leave out com.microsoft)."""
+        try:
+            return ort.InferenceSession(str(self.bundle.graph(name)), opts, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own pybind exception types
+            domains = self.manifest.graphs[name].domains
+            if not domains:
+                raise
+            raise BundleError(f"{self.bundle.root.name}/{self.manifest.graphs[name].file}: onnxruntime "
+                              f"{ort.__version__} cannot load it ({str(e).splitlines()[0][:200]}); it uses "
+                              f"{', '.join(domains)} operators (--quantize {self.manifest.settings.quantize}): install "
+                              f"an onnxruntime build with the contrib operators") from None
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         feeds = {k: np.ascontiguousarray(v) for k, v in feeds.items()}

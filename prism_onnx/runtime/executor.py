@@ -29,7 +29,9 @@ class Executor:
     """Load an export folder (every sha256 verified) and run requests through all its devices. Devices whose
     graph files are the same (every export's are) share one set of onnxruntime sessions."""
 
-    def __init__(self, export_dir: str | Path | Export, threads: int = 1, timeout: float = 60.0):
+    def __init__(self, export_dir: str | Path | Export, threads: int = 1, timeout: float = 60.0,
+                 memory_arena: bool = False):
+        """memory_arena: onnxruntime's CPU memory arena (Engine)."""
         self.export = export_dir if isinstance(export_dir, Export) else Export.load(export_dir)
         self.manifest = self.export.manifest
         self.spec = self.manifest.model
@@ -40,7 +42,7 @@ class Executor:
             first = self.engines[0] if self.engines else None
             same = first is not None and all(b.manifest.files.get(g.file) == first.bundle.manifest.files.get(g.file)
                                               for g in b.manifest.graphs.values())
-            self.engines.append(Engine(b, threads, sessions=first.sessions if same else None))
+            self.engines.append(Engine(b, threads, memory_arena=memory_arena, sessions=first.sessions if same else None))
         self.requests = Requests(self.export.devices[0])
         self.hub = LocalHub(len(self.engines), **exchange_kwargs(self.manifest, timeout))
         self._ids = itertools.count(1)
