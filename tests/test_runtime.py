@@ -53,7 +53,7 @@ def dealer(address: str, keys: tuple[bytes, bytes] | None = None, server_key: by
 
 def client_dealer(cluster):
     k = cluster.client_keys
-    return dealer(cluster.serve_address, (k.public, k.secret), k.servers[0])
+    return dealer(cluster.serve_address, (k.public, k.secret), k.server)
 
 
 def device_dealer(bundle, cluster, as_rank: int, to_rank: int):
@@ -140,7 +140,7 @@ def test_cli_launch_and_infer_save_npz(make_bundle, tmp_path):
         r = CliRunner().invoke(main, ["infer", "--server", cluster.serve_address, "--keys", keys, "--input-ids",
                                       ",".join(["5"] * 65)])
         assert r.exit_code == 1 and "longer than" in r.output
-        assert cluster.client.status()["ready"]
+        assert cluster.operator_status()["ready"]
 
 
 def test_many_requests_in_a_row_queued_and_bounded_memory(make_bundle):
@@ -280,8 +280,8 @@ def test_bad_frames_are_rejected_and_the_runner_keeps_serving(make_bundle):
         ]
         for parts in bad:
             s.send_multipart(parts)
-        rejected = poll_until(lambda: (cluster.client.status()["rejected_frames"]["1"] >= len(bad)) and
-                              cluster.client.status(), f"device 1 reports {len(bad)} rejected frames")
+        rejected = poll_until(lambda: (cluster.operator_status()["rejected_frames"]["1"] >= len(bad)) and
+                              cluster.operator_status(), f"device 1 reports {len(bad)} rejected frames")
         assert rejected["ready"]
         outputs, stats = cluster.client.infer(**request_kwargs(inputs))
         assert_same(outputs, as_served(ex, inputs, stats))

@@ -73,12 +73,16 @@ def test_keys_layout_permissions_rotation_and_added_clients(make_bundle, tmp_pat
     for k in range(3):
         keys = out / f"device-{k}" / "keys"
         assert sorted(p.name for p in keys.iterdir()) == ["clients", f"device-{k}.key", f"device-{k}.key_secret",
-                                                          "peers"]
+                                                          "keyset.json", "peers", "server.key", "server.key_secret"]
         assert sorted(p.name for p in (keys / "peers").iterdir()) == [f"device-{j}.key" for j in range(3) if j != k]
         assert (keys / f"device-{k}.key_secret").stat().st_mode & 0o777 == 0o600
-        RunnerKeys.load(keys, k, 3)
+        assert (keys / "server.key_secret").stat().st_mode & 0o777 == 0o600
+        RunnerKeys.load(keys, k, 3, Export.load(out).export_id)
     assert (out / "client" / "client.key_secret").stat().st_mode & 0o777 == 0o600
-    assert sorted(ClientKeys.load(out / "client").servers) == [0, 1, 2]
+    assert sorted(p.name for p in (out / "client").iterdir()) == ["client.key", "client.key_secret", "keyset.json",
+                                                                  "server.key"]
+    servers = {RunnerKeys.load(out / f"device-{k}" / "keys", k, 3).server_public for k in range(3)}
+    assert servers == {ClientKeys.load(out / "client").server}  # one client-port key: no probing
     top = json.loads((out / "manifest.json").read_text())
     assert not [f for f in top["files"] if "key" in f]  # keys are no content: not in any file table
     old = ClientKeys.load(out / "client").public
@@ -144,7 +148,7 @@ def test_a_process_without_the_keys_never_reaches_the_application(bundle, cluste
     """REQUEST, START, ABORT, HELLO and means frames from sockets without the cluster's keys: plain text,
     an unknown CURVE key, and the client's key on the device port. CurveZMQ refuses each connection before
     any of its bytes reach the runners: nothing accepted, nothing even rejected, and the cluster serves."""
-    before = cluster.client.status()
+    before = cluster.operator_status()
     assert before["secure"] and before["counters"]["rejected"] == {}
     tag = int(before["export_id"][:8], 16)
     attack = [encode(Kind.REQUEST, {"texts": ["forged"]}), encode(Kind.STATUS, {}),
@@ -168,12 +172,12 @@ def test_a_process_without_the_keys_never_reaches_the_application(bundle, cluste
             s.send_multipart(parts)  # queued by ZeroMQ: a handshake that never completes sends nothing
 
     def denied():
-        h = cluster.client.status()["health"]
+        h = cluster.operator_status()["health"]
         return h["0"]["denied"] >= 5 and h["1"]["denied"] >= 3 and h
 
     health = poll_until(denied, "both runners report every refused connection (CurveZMQ/ZAP)")
     legit(cluster, expected)
-    after = cluster.client.status()
+    after = cluster.operator_status()
     c0, c1 = before["counters"], after["counters"]
     assert c1["rejected"] == {} and after["rejected_frames"] == {"0": 0, "1": 0}
     for kind in ("start", "abort"):
@@ -197,7 +201,7 @@ def test_wrong_client_keys_get_a_clear_error(bundle, cluster, tmp_path):
         c.infer(texts=["hello"])
     right = ClientKeys.load(bundle / "client")
     stranger = ClientKeys.load(out / "client")
-    c = Client(cluster.serve_address, keys=ClientKeys(stranger.public, stranger.secret, right.servers), server_rank=0)
+    c = Client(cluster.serve_address, keys=ClientKeys(stranger.public, stranger.secret, right.server), server_rank=0)
     with pytest.raises(PeerError, match="refused this client's key"):  # right server, unknown client: ZAP says no
         c.infer(texts=["hello"])
     c.close()
@@ -214,7 +218,7 @@ def test_oversized_requests_are_refused_clearly_with_bounded_memory(bundle, clus
     assert e.value.code == "too_long"  # HTTP answers it 413
     with pytest.raises(InputError, match="text 0 has 1,000,000 characters; the limit is 4,096"):
         c.infer(texts=["x" * 1_000_000])
-    s = dealer(cluster.serve_address, (c.keys.public, c.keys.secret), c.keys.servers[0])
+    s = dealer(cluster.serve_address, (c.keys.public, c.keys.secret), c.keys.server)
     header = {"call": 1, "arrays": [{"name": "input_ids", "dtype": "int64", "shape": [1000, 1000, 1000]}]}
     s.send_multipart([CONTROL_HEADER.pack(CONTROL_MAGIC, VERSION, int(Kind.REQUEST)),
                       json.dumps(header).encode(), b"\0" * 64])
@@ -230,7 +234,7 @@ def test_oversized_requests_are_refused_clearly_with_bounded_memory(bundle, clus
 
 
 # ------------------------------------------------------------------------------------------------ fuzz
-def fuzz(sock, msgs, probe, is_probe_reply, batch=250):
+def fuzz(sock, msgs, probe, is_probe_reply, batch=250, pids=()):
     """Send msgs in batches; after each batch send `probe` and read until its reply: the runner has
     handled every message before it (one connection keeps its order). Returns the replies seen."""
     replies = 0
@@ -239,7 +243,11 @@ def fuzz(sock, msgs, probe, is_probe_reply, batch=250):
             sock.send_multipart(parts)
         sock.send_multipart(probe)
         while True:
-            assert sock.poll(120_000), "the runner stopped answering during the fuzz"
+            if not sock.poll(60_000):
+                for pid in pids:
+                    os.kill(pid, signal.SIGUSR1)
+                time.sleep(3)
+            assert sock.poll(60_000), "the runner stopped answering during the fuzz"
             parts = sock.recv_multipart()
             replies += 1
             if is_probe_reply(parts):
@@ -255,7 +263,7 @@ def test_fuzzing_every_port_crashes_nothing_and_memory_stays_bounded(bundle, clu
     pids = [p.pid for p in cluster.procs]
     rss0, peak0 = [rss_kb(p) for p in pids], [rss_kb(p, "VmHWM") for p in pids]
     m = Export.load(bundle).devices[0].limits
-    status = cluster.client.status()
+    status = cluster.operator_status()
     t0 = time.monotonic()
 
     def target(src, dst):
@@ -264,9 +272,9 @@ def test_fuzzing_every_port_crashes_nothing_and_memory_stays_bounded(bundle, clu
 
     # the client port of the coordinator; its STATUS reply with our call id is the probe
     c = cluster.client.keys
-    s = dealer(cluster.serve_address, (c.public, c.secret), c.servers[0])
+    s = dealer(cluster.serve_address, (c.public, c.secret), c.server)
     fuzz(s, list(fuzz_messages.messages(n, "client", target(0, 0), seed=1)), encode(Kind.STATUS, {"call": 424242}),
-         lambda parts: decode(parts, 1 << 30)[1].get("call") == 424242)
+         lambda parts: decode(parts, 1 << 30)[1].get("call") == 424242, pids=pids)
     s.close(linger=0)
     # both peer ports, each with the other device's key; a HELLO of a stranger export is refused, and that
     # REFUSE (naming its export id) is the probe
@@ -274,12 +282,12 @@ def test_fuzzing_every_port_crashes_nothing_and_memory_stays_bounded(bundle, clu
         s = device_dealer(bundle, cluster, as_rank=src, to_rank=dst)
         probe = encode(Kind.HELLO, {"rank": src, "nonce": "probe", "export_id": "feedfacefeed" * 4, "t": 0.0})
         fuzz(s, list(fuzz_messages.messages(n, "peer", target(src, dst), seed=2 + src)), probe,
-             lambda parts: b"feedfacefeed" in parts[1])
+             lambda parts: b"feedfacefeed" in parts[1], pids=pids)
         s.close(linger=0)
     elapsed = time.monotonic() - t0
     assert all(p.poll() is None for p in cluster.procs), "a runner died"
     legit(cluster, expected)
-    status = cluster.client.status()
+    status = cluster.operator_status()
     rss1, peak = [rss_kb(p) for p in pids], [rss_kb(p, "VmHWM") for p in pids]
     print(f"fuzz: {3 * n} messages in {elapsed:.1f} s; RSS before {rss0} kB, after {rss1} kB, peak {peak} kB; "
           f"health {status['health']}; rejected by category {status['counters']['rejected']}")
