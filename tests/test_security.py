@@ -141,6 +141,50 @@ def test_export_id_is_the_content_digest_independent_of_rank(make_bundle):
     b = make_bundle(ARCH, devices=3, compression_ratio=4)
     assert Export.load(a).export_id != Export.load(b).export_id
     assert sha256_file(a / "device-0" / "layer_0.onnx") == sha256_file(b / "device-0" / "layer_0.onnx")
+    c = make_bundle(ARCH, devices=3, compression_ratio=2)  # a's content again, written later, with its own keys
+    assert Export.load(c).export_id == Export.load(a).export_id
+    assert json.loads((a / "manifest.json").read_text())["created"] != "" and \
+        RunnerKeys.load(a / "device-0" / "keys", 0, 3).public != RunnerKeys.load(c / "device-0" / "keys", 0, 3).public
+
+
+def test_the_same_model_exported_twice_has_the_same_export_id(tiny_dirs, make_bundle, tmp_path):
+    """The whole `prism export` (the model loaded and traced again, files written again, at another time) gives
+    the export id of the session's earlier export of the same model with the same settings."""
+    from prism_onnx.exporters.bundle import export
+
+    again = export(tiny_dirs[ARCH], tmp_path / "again", ExportSettings(devices=2, compression_ratio=2))
+    assert Export.load(again).export_id == Export.load(make_bundle(ARCH, devices=2, compression_ratio=2)).export_id
+
+
+def test_keys_of_another_export_or_mixed_up_are_refused_at_start_naming_the_file(make_bundle):
+    """Each keys/ folder is checked against its key set (keyset.json, naming the export) when a runner
+    starts: keys of another export, a peer's key of another key set, a keypair whose halves differ."""
+    import shutil
+
+    a, b, c = (make_bundle(ARCH, devices=2, compression_ratio=cr) for cr in (2, 3, 2))  # c: a's content, other keys
+    ports = free_ports(2)
+    peers = f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
+
+    def start(folder):
+        r = CliRunner().invoke(main, ["run", str(folder), "--peers", peers, "--peer-timeout", "1"])
+        return r.exit_code, r.output
+
+    shutil.rmtree(a / "device-1" / "keys")
+    shutil.copytree(b / "device-1" / "keys", a / "device-1" / "keys")  # another export's keys
+    code, out = start(a / "device-1")
+    assert code == 1 and "keys/keyset.json: these keys belong to export" in out and "another export" in out, out
+    assert "Traceback" not in out
+    shutil.copyfile(c / "device-0" / "keys" / "peers" / "device-1.key", a / "device-0" / "keys" / "peers" /
+                    "device-1.key")  # one peer key of another key set
+    code, out = start(a / "device-0")
+    assert code == 1 and "peers/device-1.key: not device 1's key of this key set" in out, out
+    secret = c / "device-1" / "keys" / "device-1.key_secret"  # a keypair whose public half is another's
+    text = secret.read_text()
+    other = (c / "device-0" / "keys" / "device-0.key").read_text()
+    public = [ln for ln in other.splitlines() if "public-key" in ln][0]
+    secret.write_text("\n".join(public if "public-key" in ln else ln for ln in text.splitlines()) + "\n")
+    code, out = start(c / "device-1")
+    assert code == 1 and "device-1.key_secret: its public key is not the one of its secret key" in out, out
 
 
 # -------------------------------------------------------------------------------------- authentication

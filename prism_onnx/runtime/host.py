@@ -189,7 +189,7 @@ class DeviceHost:
             self.worker.lanes.join(timeout=2)
             t.close(linger_ms=1000 if self.fatal else 0)  # a fatal refusal reaches the peer it refused
         if self.fatal:
-            log.error("device %d stopped: %s", self.rank, self.fatal)
+            log.error("device %d stopped: no cluster can form with its peers (the refusal above)", self.rank)
             return 1
         log.info("device %d stopped", self.rank)
         return 0
