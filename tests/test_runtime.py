@@ -7,7 +7,6 @@ must be bit-identical for every wire precision (float32, float16, int8).
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess

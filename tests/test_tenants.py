@@ -135,7 +135,7 @@ def test_a_jittery_peer_is_not_lost_a_dead_one_is_within_the_cap():
     loop). With the floor of 1 s alone, the first such pause would be a false loss; the detector learns
     from the earlier, shorter pauses that this peer pauses, and never loses it. Then it stops: lost."""
     rng = np.random.default_rng(0)
-    floor, g, t, last, lost_once = 1.0, Gaps(), 0.0, 0.0, []
+    floor, g, t, lost_once = 1.0, Gaps(), 0.0, []
     pauses = {50: 0.7, 120: 0.9, 200: 1.1, 300: 1.3, 420: 1.3, 650: 1.35}
     for k in range(700):
         gap = pauses.get(k, 0.2 + rng.uniform(-0.05, 0.15))
@@ -248,3 +248,197 @@ def test_a_bug_is_one_error_line_per_cause_a_minute_its_traceback_at_debug(lines
     except KeyError as e:
         log.error(e, "device 1: request 142 crashed")
     assert "(141 more since the last line)" in [r for r in records if r.levelno == logging.ERROR][-1].getMessage()
+
+
+# ======================================================================= on a cluster of runner processes
+ARCH = "BertModel"
+
+
+@pytest.fixture(scope="module")
+def shared(exported_graphs, tmp_path_factory):
+    """One P=2 cluster shared by clients alice and mallory (keys added with `prism keys --add-client`), each
+    allowed 2 requests at once and 2 waiting; device 1 emulates a board 40 times slower, so that a request
+    of 32 rows is in flight long enough to be found pending."""
+    from prism_onnx.exporters.bundle import ExportSettings, write_bundles
+    from prism_onnx.runtime.cluster import LocalCluster
+    from prism_onnx.runtime.keys import add_client
+
+    root = tmp_path_factory.mktemp("tenants")
+    bundle = write_bundles(exported_graphs[ARCH], root / "export", ExportSettings(devices=2, compression_ratio=2))
+    for name in ("alice", "mallory"):
+        add_client(bundle, name)
+    with LocalCluster(bundle, log_dir=root / "logs", rank_args={1: ["--emulate-slowdown", "40"]},
+                      serve_args=["--max-client-inflight", "2", "--max-client-queue", "2"]) as c:
+        yield c
+
+
+def keys_of(cluster, name):
+    from prism_onnx.runtime.keys import ClientKeys
+
+    return ClientKeys.load(cluster.root / name)
+
+
+def raw(cluster, name, routing_id=None):
+    """A DEALER holding client `name`'s key (optionally with a routing id of its choosing)."""
+    import zmq
+
+    k = keys_of(cluster, name)
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    if routing_id is not None:
+        s.setsockopt(zmq.ROUTING_ID, routing_id)
+    s.curve_publickey, s.curve_secretkey, s.curve_serverkey = k.public, k.secret, k.server
+    s.connect(f"tcp://{cluster.serve_address}")
+    return s
+
+
+def slow_request(call: int):
+    from prism_onnx.runtime.schema import encode_record
+
+    ids = np.random.default_rng(call).integers(5, 30000, size=(32, 48))
+    return encode_record(Request(call=call, arrays={"input_ids": ids, "attention_mask": np.ones_like(ids)}))
+
+
+def replies(sock, timeout_ms):
+    from prism_onnx.runtime.connection import REPLY_RULES
+    from prism_onnx.runtime.schema import decode_record
+
+    out = []
+    while sock.poll(timeout_ms):
+        out.append(decode_record(sock.recv_multipart(), None, REPLY_RULES))
+        timeout_ms = 0
+    return out
+
+
+def pending_of(cluster, client):
+    return [r for r in cluster.operator_status()["requests"] if r.get("client") == client]
+
+
+def test_a_normal_client_connection_causes_no_handshake_warning_on_any_runner(shared):
+    """Clients learn the client ports' one key (keys/server.key), so connecting never fails a handshake: the
+    runners log no refused connection and count none. (The first test of the module: nothing else has
+    connected yet.)"""
+    from prism_onnx.runtime.client import Client
+
+    for name in ("client", "client-alice"):
+        with Client(shared.serve_address, keys=shared.root / name) as c:
+            outputs, _ = c.infer(texts=["a gripping, funny film"])
+            assert c.status()["ready"] and outputs["last_hidden_state"].shape[0] == 1
+    health = shared.operator_status()["health"]  # answered after every connection above shook hands
+    assert all(h["denied"] == 0 for h in health.values()), health
+    for log in shared.logs:
+        text = log.read_text()
+        assert "refused a connection" not in text and "handshake" not in text.lower(), text
+
+
+def test_a_reply_never_goes_to_another_connection_with_the_same_routing_id(shared):
+    """Reply takeover, refused: alice's ZeroMQ-style id (zero-prefixed, as libzmq makes them) taken by mallory
+    while alice waits (ZeroMQ ignores the second connection: handover is off), and after alice's connection
+    closed (the reply is bound to alice's connection: dropped, not given to mallory); an id of the client's
+    own choosing ("victim-1") is refused outright."""
+    victim = b"\x00\x00\x00\x07\x01"
+    alice = raw(shared, "client-alice", victim)
+    alice.send_multipart(slow_request(1))
+    poll_until(lambda: pending_of(shared, "client-alice"), "alice's request is pending")
+    mallory = raw(shared, "client-mallory", victim)
+    mallory.send_multipart(encode_record_status(2))
+    got = replies(alice, 120_000)
+    assert [r.call for r in got] == [1] and got[0].ok
+    # not alice's reply (ZeroMQ ignores mallory's connection while alice's holds the id; it may later name
+    # that connection after mallory's own first frame, whose rest is then refused like any chosen id)
+    assert not [r for r in replies(mallory, 1000) if r.call == 1 or r.ok]
+    mallory.close()
+
+    # alice asks again and hangs up; mallory takes the id: the reply is dropped at the coordinator
+    dropped = shared.operator_status()["counters"].get("replies_dropped", 0)
+    alice.send_multipart(slow_request(3))
+    poll_until(lambda: pending_of(shared, "client-alice"), "alice's second request is pending")
+    connections = shared.operator_status()["connections"]
+    alice.close()
+    poll_until(lambda: shared.operator_status()["connections"] < connections, "the runner saw alice hang up")
+    mallory = raw(shared, "client-mallory", victim)
+    mallory.send_multipart(encode_record_status(4))
+    mine = replies(mallory, 60_000)  # its own STATUS: mallory's connection now holds the id
+    poll_until(lambda: shared.operator_status()["counters"].get("replies_dropped", 0) > dropped,
+               "the coordinator dropped alice's reply")
+    mine += replies(mallory, 1000)
+    assert [r.call for r in mine] == [4] and mine[0].status["client"] == "client-mallory"
+    assert not [r for r in mine[0].status["requests"] if r.get("client") != "client-mallory"]
+    mallory.close()
+
+    chooser = raw(shared, "client-alice", b"victim-1")
+    chooser.send_multipart(slow_request(5))
+    got = replies(chooser, 60_000)
+    assert got[0].call == 5 and got[0].error.type == "FrameError"
+    assert "set its own ZeroMQ routing id" in got[0].error.message
+    chooser.close()
+
+
+def test_one_client_flooding_does_not_starve_another_and_status_shows_each_its_own(shared):
+    """mallory keeps 40 requests outstanding; alice sends 12, one at a time: every one of alice's is answered,
+    mallory is refused busy beyond its share (2 running, 2 waiting). alice's STATUS shows none of
+    mallory's requests, the operator's (a device key) shows them."""
+    import threading
+
+    from prism_onnx.errors import Busy
+    from prism_onnx.runtime.client import Client
+
+    stop, outcome = threading.Event(), {"busy": 0, "ok": 0}
+    mallory = raw(shared, "client-mallory")
+
+    def flood():
+        call = 100
+        for _ in range(40):
+            mallory.send_multipart(slow_request(call))
+            call += 1
+        while not stop.is_set():
+            for r in replies(mallory, 100):
+                outcome["busy" if r.error is not None and r.error.code == "busy" else "ok"] += 1
+                mallory.send_multipart(slow_request(call))
+                call += 1
+
+    thread = threading.Thread(target=flood)
+    thread.start()
+    try:
+        poll_until(lambda: len(pending_of(shared, "client-mallory")) >= 2, "mallory's share is running")
+        answered = []
+        with Client(shared.serve_address, keys=shared.root / "client-alice", timeout=300) as alice:
+            for k in range(12):
+                ids = np.random.default_rng(k).integers(5, 30000, size=(1, 16))
+                try:
+                    outputs, _ = alice.infer(input_ids=ids, attention_mask=np.ones_like(ids))
+                    answered.append(outputs["last_hidden_state"].shape)
+                except Busy as e:
+                    answered.append(str(e))
+            view = alice.status()
+        operator = shared.operator_status()
+    finally:
+        stop.set()
+        thread.join()
+        mallory.close()
+    print(f"alice: {len(answered)} answered; mallory: {outcome}; alice's STATUS {view['share']}, requests "
+          f"{view['requests']}; the operator's clients {operator['clients']}")
+    assert answered == [(1, 16, 32)] * 12
+    assert outcome["busy"] >= 30 and outcome["ok"] >= 1
+    assert view["client"] == "client-alice" and all(r["client"] == "client-alice" for r in view["requests"])
+    assert "counters" not in view and "health" not in view and "clients" not in view
+    assert operator["clients"].get("client-mallory", {}).get("inflight", 0) >= 1
+    assert any(r.get("client") == "client-mallory" for r in operator["requests"])
+
+
+def encode_record_status(call):
+    from prism_onnx.runtime.schema import Status, encode_record
+
+    return encode_record(Status(call=call))
+
+
+def poll_until(fn, what, timeout=120.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout:g} s: {what}")

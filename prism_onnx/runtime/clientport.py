@@ -87,7 +87,8 @@ class ClientPort:
         full = self.status(now)
         share = {**self.tenants.usage(client)[client], **self.tenants.limits()}
         if is_operator(client) or client == LOCAL_CLIENT or self.t.keys is None:  # --insecure: no one is anyone
-            return {**full, "client": client, "share": share, "clients": self.tenants.usage()}
+            return {**full, "client": client, "share": share, "clients": self.tenants.usage(),
+                    "connections": len(self.sessions.epochs)}
         mine = [r for r in full["requests"] if r.get("client") == client]
         return {**{k: full[k] for k in CLIENT_VIEW if k in full}, "client": client, "share": share,
                 "pending": len(mine), "requests": mine}

@@ -51,8 +51,8 @@ ENDPOINTS = ("/v1/embeddings", "/embed", "/v1/completions", "/v1/chat/completion
 
 def error_response(e: ApiError) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
-    if e.status in (408, 413):  # the body was not read (whole): this connection cannot carry another request
-        headers["Connection"] = "close"
+    if e.status in (408, 413) or getattr(e, "unread_body", False):  # the body was not read (whole): this
+        headers["Connection"] = "close"                                     # connection cannot carry another
     return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
 
 
@@ -96,8 +96,9 @@ class Bodies:
             await asyncio.wait_for(self.slots.acquire(), L.body_timeout)
         except asyncio.TimeoutError:
             self.refused("too_many_bodies", host, f"{L.max_bodies} bodies were being read for {L.body_timeout:g} s")
-            raise unavailable(f"the server is reading {L.max_bodies} other request bodies: retry later",
-                              code="busy") from None
+            e = unavailable(f"the server is reading {L.max_bodies} other request bodies: retry later", code="busy")
+            e.unread_body = True
+            raise e from None
         try:
             body = await self._read(request, deadline, host)
         finally:

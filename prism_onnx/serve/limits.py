@@ -2,8 +2,9 @@
 are read at once and how large each may be. A client that is slow on purpose (slowloris), or many large
 bodies at once, cost the runner's process a bounded number of sockets and bytes.
 
-    max_connections   uvicorn's `limit_concurrency`: with that many connections (or requests) open, a new
-                      request gets uvicorn's own 503 at once ("Service Unavailable", connection closed)
+    max_connections   connections (or requests) served at once: a request that comes while that many others
+                      are open gets uvicorn's own 503 at once ("Service Unavailable", connection closed):
+                      uvicorn's `limit_concurrency` of max_connections + 1 (it counts the new one too)
     header_timeout    a connection that has not sent a whole request line and headers this many seconds
                       after it opened (or after the first byte of a next request on a kept-alive one) gets
                       408 and is closed: uvicorn has no such timeout, so `LimitedH11` (uvicorn's h11 protocol

@@ -38,7 +38,7 @@ class HttpServer:
         refused = Refusals(gateway.metrics)
         config = uvicorn.Config(create_app(gateway, api_keys, limits, refused), log_config=None, access_log=False,
                                 timeout_graceful_shutdown=2, lifespan="off", http=limited_protocol(limits, refused),
-                                limit_concurrency=limits.max_connections, timeout_keep_alive=limits.keep_alive)
+                                limit_concurrency=limits.max_connections + 1, timeout_keep_alive=limits.keep_alive)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="prism-http", daemon=True)
 
