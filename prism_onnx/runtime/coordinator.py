@@ -294,9 +294,10 @@ def describe_pending(pending: dict, now: float) -> list[dict]:
     with `rides_on` that attempt."""
     out = []
     for r, p in pending.items():
+        waiting = [q for q in p.ranks if q not in p.results]
         out.append({"request": r, "client": getattr(p.client, "client", None), "ranks": list(p.ranks),
                     "attempt": p.attempts, "held": p.held_until is not None, "batched_with": len(p.riders),
-                    "waiting_for": [q for q in p.ranks if q not in p.results], "age_ms": round(1e3 * (now - p.t0), 1)})
-        out += [{"rides_on": r, "client": getattr(q.client, "client", None), "age_ms": round(1e3 * (now - q.t0), 1)}
-                for q in p.riders]
+                    "waiting_for": waiting, "age_ms": round(1e3 * (now - p.t0), 1)})
+        out += [{"rides_on": r, "client": getattr(q.client, "client", None), "ranks": list(p.ranks),
+                 "waiting_for": waiting, "age_ms": round(1e3 * (now - q.t0), 1)} for q in p.riders]
     return out

@@ -35,11 +35,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..runtime.counters import BUGS
 from .errors import ApiError, bad_request, too_long, unauthorized, unavailable
 from .gateway import Gateway
 from .generation import generation_response
-from .limits import HttpLimits, Refusals
+from .limits import BUGS, HttpLimits, Refusals
 from .params import chat_request, completion_request, embed_request, embedding_request
 
 log = logging.getLogger("prism.http")

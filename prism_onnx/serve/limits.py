@@ -30,9 +30,10 @@ from dataclasses import dataclass
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..runtime.counters import FailureSummary
+from ..runtime.counters import CauseLog, FailureSummary
 
 log = logging.getLogger("prism.http")
+BUGS = CauseLog(log)  # the HTTP server's own errors: one ERROR line per cause a minute, tracebacks at DEBUG
 _SLOW = b"the request headers did not arrive in time\n"
 TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\nconnection: close\r\ncontent-length: " + \
     str(len(_SLOW)).encode() + b"\r\n\r\n" + _SLOW
