@@ -71,7 +71,7 @@ def main(export_dir, n, seed):
         tag = int(status["export_id"][:8], 16)
         t0 = time.monotonic()
         c = cluster.client_keys
-        s = dealer(cluster.serve_address, c.public, c.secret, c.servers[0])
+        s = dealer(cluster.serve_address, c.public, c.secret, c.server)
         target = fuzz_messages.Target(limits.hidden, limits.layers, limits.wire_dtype, tag, 0, 0, 2, limits.vocab_size,
                                       status["export_id"])
         send_all(s, list(fuzz_messages.messages(n, "client", target, seed)), encode(Kind.STATUS, {"call": 4242}),

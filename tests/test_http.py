@@ -388,3 +388,132 @@ def test_an_http_status_comes_from_the_errors_code(error, status, code):
     api = from_cluster(again)
     assert (api.status, api.code) == (status, code)
     assert all(cls.code in STATUS_OF_CODE for cls in ERRORS.values())
+
+
+# ------------------------------------------------------------------------------------------- HTTP limits
+LIMITS = ["--http-header-timeout", "1", "--http-body-timeout", "6", "--http-max-connections", "16",
+          "--http-max-bodies", "2", "--http-max-body-mb", "1"]
+
+
+@pytest.fixture(scope="module")
+def limited(exported_graphs, tmp_path_factory):
+    """The tiny BERT at P=2 served over HTTP with small limits: headers within 1 s, a body within 6 s, 16
+    connections, 2 bodies of up to 1 MiB read at once."""
+    bundle = write_bundles(exported_graphs["BertModel"], tmp_path_factory.mktemp("limits") / "export",
+                           ExportSettings(devices=2, compression_ratio=1, max_seq_len=64))
+    cluster, base = deploy(bundle, *LIMITS)
+    try:
+        yield cluster, base
+    finally:
+        cluster.close()
+
+
+def tcp(base: str):
+    import socket
+
+    host, port = base.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=60)  # a hang guard: the server closes first
+
+
+def until_closed(s) -> bytes:
+    """Everything the server sends until it closes the connection (b"reset" when it resets it)."""
+    out = b""
+    try:
+        while chunk := s.recv(65536):
+            out += chunk
+    except ConnectionResetError:
+        out = out or b"reset"
+    s.close()
+    return out
+
+
+def refused(base: str, reason: str) -> float:
+    return scrape(base).get(("prism_http_refused_total", (("reason", reason),)), 0.0)
+
+
+EMBED_HEAD = "POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+
+
+def test_slow_headers_and_slow_bodies_are_closed_after_their_timeouts(limited):
+    """Slowloris: 20 connections that never finish their headers, then 2 whose body stops half way: each gets
+    408 and is closed by the server (the sockets' own timeout of 60 s is only a hang guard)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cluster, base = limited
+    slow_headers = [tcp(base) for _ in range(20)]
+    for s in slow_headers:
+        s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\n")  # no blank line: the headers never end
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(until_closed, slow_headers))
+    assert all(a.startswith(b"HTTP/1.1 408 ") and a.endswith(b"did not arrive in time\n") for a in answers), answers
+    slow_bodies = [tcp(base) for _ in range(2)]
+    for s in slow_bodies:
+        s.sendall((EMBED_HEAD + "content-length: 100\r\n\r\n").encode() + b'{"input": [[1, 2')
+    answers = [until_closed(s) for s in slow_bodies]
+    assert all(a.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 6 s" in a for a in answers), answers
+    assert refused(base, "header_timeout") == 20 and refused(base, "body_timeout") == 2
+    with http(base, None) as c:  # and it serves
+        assert c.post("/v1/embeddings", json={"input": [[101, 2023, 102]]}).status_code == 200
+
+
+def test_connections_beyond_the_limit_are_refused_at_once_with_503(limited):
+    """16 connections held by bodies in flight (2 being read, 14 waiting for their turn); one more gets 503 at
+    once, and once the 16 end (408, or 503 for those that never got a turn) a request is served again."""
+    cluster, base = limited
+    held = [tcp(base) for _ in range(16)]
+    for s in held:
+        s.sendall((EMBED_HEAD + "content-length: 100\r\n\r\n").encode() + b'{"input"')
+    with http(base, None) as c:
+        poll = time.monotonic() + 60
+        while (r := c.get("/health")).status_code != 503 and time.monotonic() < poll:
+            time.sleep(0.05)  # until the 16 connections are open on the server's side (a hang guard)
+        assert r.status_code == 503 and r.text == "Service Unavailable"
+    answers = [until_closed(s).split(b"\r\n")[0] for s in held]
+    assert sorted(set(answers)) == [b"HTTP/1.1 408 Request Timeout", b"HTTP/1.1 503 Service Unavailable"], answers
+    with http(base, None) as c:
+        assert c.get("/health").status_code == 200
+
+
+def test_memory_stays_bounded_under_concurrent_oversized_bodies(limited):
+    """12 clients send a 15 MB body each, at once (the issue's case: the runner's RSS went from 215 to 475 MB
+    before each got its 413): 6 declare their length (refused before a byte of it is read), 6 send it
+    chunked (read up to the limit of 1 MiB, 2 at a time). Every one is refused (counted), and the server's
+    memory grows by little."""
+    import select
+    from concurrent.futures import ThreadPoolExecutor
+
+    cluster, base = limited
+    pid = cluster.procs[0].pid
+
+    def kb(field):
+        return next(int(ln.split()[1]) for ln in open(f"/proc/{pid}/status") if ln.startswith(field))
+
+    with http(base, None) as c:  # warm: the first request's allocations are not the bodies'
+        assert c.post("/v1/embeddings", json={"input": [[101, 102]]}).status_code == 200
+    before, peak_before, count_before = kb("VmRSS"), kb("VmHWM"), refused(base, "body_too_large")
+    body = b'{"input": "' + b"x" * (15 << 20) + b'"}'
+
+    def send(chunked: bool) -> bytes:
+        s = tcp(base)
+        head = EMBED_HEAD + ("transfer-encoding: chunked\r\n\r\n" if chunked else
+                             f"content-length: {len(body)}\r\n\r\n")
+        try:
+            s.sendall(head.encode())
+            for i in range(0, len(body), 1 << 18):  # until the server answers (it need not read the rest)
+                part = body[i:i + (1 << 18)]
+                s.sendall(f"{len(part):x}\r\n".encode() + part + b"\r\n" if chunked else part)
+                if select.select([s], [], [], 0)[0]:
+                    break
+        except OSError:
+            pass  # the server answered and closed before the body was sent
+        return until_closed(s)
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(send, [k % 2 == 1 for k in range(12)]))
+    assert all(a.startswith(b"HTTP/1.1 413 ") or a == b"reset" for a in answers), [a[:100] for a in answers]
+    assert all(a.startswith(b"HTTP/1.1 413 ") for a in answers[0::2])  # declared: answered before the body
+    assert refused(base, "body_too_large") - count_before == 12
+    growth, peak = kb("VmRSS") - before, kb("VmHWM") - max(before, peak_before)
+    print(f"RSS of the serving runner over 12 concurrent 15 MB bodies: {growth} kB growth, peak {peak} kB above "
+          f"its earlier peak (12 x 15 MB = {12 * 15 * 1024:,} kB sent)")
+    assert growth < 60_000 and peak < 60_000

@@ -73,12 +73,16 @@ def test_keys_layout_permissions_rotation_and_added_clients(make_bundle, tmp_pat
     for k in range(3):
         keys = out / f"device-{k}" / "keys"
         assert sorted(p.name for p in keys.iterdir()) == ["clients", f"device-{k}.key", f"device-{k}.key_secret",
-                                                          "peers"]
+                                                          "keyset.json", "peers", "server.key", "server.key_secret"]
         assert sorted(p.name for p in (keys / "peers").iterdir()) == [f"device-{j}.key" for j in range(3) if j != k]
         assert (keys / f"device-{k}.key_secret").stat().st_mode & 0o777 == 0o600
-        RunnerKeys.load(keys, k, 3)
+        assert (keys / "server.key_secret").stat().st_mode & 0o777 == 0o600
+        RunnerKeys.load(keys, k, 3, Export.load(out).export_id)
     assert (out / "client" / "client.key_secret").stat().st_mode & 0o777 == 0o600
-    assert sorted(ClientKeys.load(out / "client").servers) == [0, 1, 2]
+    assert sorted(p.name for p in (out / "client").iterdir()) == ["client.key", "client.key_secret", "keyset.json",
+                                                                  "server.key"]
+    servers = {RunnerKeys.load(out / f"device-{k}" / "keys", k, 3).server_public for k in range(3)}
+    assert servers == {ClientKeys.load(out / "client").server}  # one client-port key: no probing
     top = json.loads((out / "manifest.json").read_text())
     assert not [f for f in top["files"] if "key" in f]  # keys are no content: not in any file table
     old = ClientKeys.load(out / "client").public
@@ -137,6 +141,50 @@ def test_export_id_is_the_content_digest_independent_of_rank(make_bundle):
     b = make_bundle(ARCH, devices=3, compression_ratio=4)
     assert Export.load(a).export_id != Export.load(b).export_id
     assert sha256_file(a / "device-0" / "layer_0.onnx") == sha256_file(b / "device-0" / "layer_0.onnx")
+    c = make_bundle(ARCH, devices=3, compression_ratio=2)  # a's content again, written later, with its own keys
+    assert Export.load(c).export_id == Export.load(a).export_id
+    assert json.loads((a / "manifest.json").read_text())["created"] != "" and \
+        RunnerKeys.load(a / "device-0" / "keys", 0, 3).public != RunnerKeys.load(c / "device-0" / "keys", 0, 3).public
+
+
+def test_the_same_model_exported_twice_has_the_same_export_id(tiny_dirs, make_bundle, tmp_path):
+    """The whole `prism export` (the model loaded and traced again, files written again, at another time) gives
+    the export id of the session's earlier export of the same model with the same settings."""
+    from prism_onnx.exporters.bundle import export
+
+    again = export(tiny_dirs[ARCH], tmp_path / "again", ExportSettings(devices=2, compression_ratio=2))
+    assert Export.load(again).export_id == Export.load(make_bundle(ARCH, devices=2, compression_ratio=2)).export_id
+
+
+def test_keys_of_another_export_or_mixed_up_are_refused_at_start_naming_the_file(make_bundle):
+    """Each keys/ folder is checked against its key set (keyset.json, naming the export) when a runner
+    starts: keys of another export, a peer's key of another key set, a keypair whose halves differ."""
+    import shutil
+
+    a, b, c = (make_bundle(ARCH, devices=2, compression_ratio=cr) for cr in (2, 3, 2))  # c: a's content, other keys
+    ports = free_ports(2)
+    peers = f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
+
+    def start(folder):
+        r = CliRunner().invoke(main, ["run", str(folder), "--peers", peers, "--peer-timeout", "1"])
+        return r.exit_code, r.output
+
+    shutil.rmtree(a / "device-1" / "keys")
+    shutil.copytree(b / "device-1" / "keys", a / "device-1" / "keys")  # another export's keys
+    code, out = start(a / "device-1")
+    assert code == 1 and "keys/keyset.json: these keys belong to export" in out and "another export" in out, out
+    assert "Traceback" not in out
+    shutil.copyfile(c / "device-0" / "keys" / "peers" / "device-1.key", a / "device-0" / "keys" / "peers" /
+                    "device-1.key")  # one peer key of another key set
+    code, out = start(a / "device-0")
+    assert code == 1 and "peers/device-1.key: not device 1's key of this key set" in out, out
+    secret = c / "device-1" / "keys" / "device-1.key_secret"  # a keypair whose public half is another's
+    text = secret.read_text()
+    other = (c / "device-0" / "keys" / "device-0.key").read_text()
+    public = [ln for ln in other.splitlines() if "public-key" in ln][0]
+    secret.write_text("\n".join(public if "public-key" in ln else ln for ln in text.splitlines()) + "\n")
+    code, out = start(c / "device-1")
+    assert code == 1 and "device-1.key_secret: its public key is not the one of its secret key" in out, out
 
 
 # -------------------------------------------------------------------------------------- authentication
@@ -144,7 +192,7 @@ def test_a_process_without_the_keys_never_reaches_the_application(bundle, cluste
     """REQUEST, START, ABORT, HELLO and means frames from sockets without the cluster's keys: plain text,
     an unknown CURVE key, and the client's key on the device port. CurveZMQ refuses each connection before
     any of its bytes reach the runners: nothing accepted, nothing even rejected, and the cluster serves."""
-    before = cluster.client.status()
+    before = cluster.operator_status()
     assert before["secure"] and before["counters"]["rejected"] == {}
     tag = int(before["export_id"][:8], 16)
     attack = [encode(Kind.REQUEST, {"texts": ["forged"]}), encode(Kind.STATUS, {}),
@@ -168,12 +216,12 @@ def test_a_process_without_the_keys_never_reaches_the_application(bundle, cluste
             s.send_multipart(parts)  # queued by ZeroMQ: a handshake that never completes sends nothing
 
     def denied():
-        h = cluster.client.status()["health"]
+        h = cluster.operator_status()["health"]
         return h["0"]["denied"] >= 5 and h["1"]["denied"] >= 3 and h
 
     health = poll_until(denied, "both runners report every refused connection (CurveZMQ/ZAP)")
     legit(cluster, expected)
-    after = cluster.client.status()
+    after = cluster.operator_status()
     c0, c1 = before["counters"], after["counters"]
     assert c1["rejected"] == {} and after["rejected_frames"] == {"0": 0, "1": 0}
     for kind in ("start", "abort"):
@@ -197,7 +245,7 @@ def test_wrong_client_keys_get_a_clear_error(bundle, cluster, tmp_path):
         c.infer(texts=["hello"])
     right = ClientKeys.load(bundle / "client")
     stranger = ClientKeys.load(out / "client")
-    c = Client(cluster.serve_address, keys=ClientKeys(stranger.public, stranger.secret, right.servers), server_rank=0)
+    c = Client(cluster.serve_address, keys=ClientKeys(stranger.public, stranger.secret, right.server), server_rank=0)
     with pytest.raises(PeerError, match="refused this client's key"):  # right server, unknown client: ZAP says no
         c.infer(texts=["hello"])
     c.close()
@@ -214,7 +262,7 @@ def test_oversized_requests_are_refused_clearly_with_bounded_memory(bundle, clus
     assert e.value.code == "too_long"  # HTTP answers it 413
     with pytest.raises(InputError, match="text 0 has 1,000,000 characters; the limit is 4,096"):
         c.infer(texts=["x" * 1_000_000])
-    s = dealer(cluster.serve_address, (c.keys.public, c.keys.secret), c.keys.servers[0])
+    s = dealer(cluster.serve_address, (c.keys.public, c.keys.secret), c.keys.server)
     header = {"call": 1, "arrays": [{"name": "input_ids", "dtype": "int64", "shape": [1000, 1000, 1000]}]}
     s.send_multipart([CONTROL_HEADER.pack(CONTROL_MAGIC, VERSION, int(Kind.REQUEST)),
                       json.dumps(header).encode(), b"\0" * 64])
@@ -230,7 +278,7 @@ def test_oversized_requests_are_refused_clearly_with_bounded_memory(bundle, clus
 
 
 # ------------------------------------------------------------------------------------------------ fuzz
-def fuzz(sock, msgs, probe, is_probe_reply, batch=250):
+def fuzz(sock, msgs, probe, is_probe_reply, batch=250, pids=()):
     """Send msgs in batches; after each batch send `probe` and read until its reply: the runner has
     handled every message before it (one connection keeps its order). Returns the replies seen."""
     replies = 0
@@ -239,7 +287,11 @@ def fuzz(sock, msgs, probe, is_probe_reply, batch=250):
             sock.send_multipart(parts)
         sock.send_multipart(probe)
         while True:
-            assert sock.poll(120_000), "the runner stopped answering during the fuzz"
+            if not sock.poll(60_000):
+                for pid in pids:
+                    os.kill(pid, signal.SIGUSR1)
+                time.sleep(3)
+            assert sock.poll(60_000), "the runner stopped answering during the fuzz"
             parts = sock.recv_multipart()
             replies += 1
             if is_probe_reply(parts):
@@ -255,7 +307,7 @@ def test_fuzzing_every_port_crashes_nothing_and_memory_stays_bounded(bundle, clu
     pids = [p.pid for p in cluster.procs]
     rss0, peak0 = [rss_kb(p) for p in pids], [rss_kb(p, "VmHWM") for p in pids]
     m = Export.load(bundle).devices[0].limits
-    status = cluster.client.status()
+    status = cluster.operator_status()
     t0 = time.monotonic()
 
     def target(src, dst):
@@ -264,9 +316,9 @@ def test_fuzzing_every_port_crashes_nothing_and_memory_stays_bounded(bundle, clu
 
     # the client port of the coordinator; its STATUS reply with our call id is the probe
     c = cluster.client.keys
-    s = dealer(cluster.serve_address, (c.public, c.secret), c.servers[0])
+    s = dealer(cluster.serve_address, (c.public, c.secret), c.server)
     fuzz(s, list(fuzz_messages.messages(n, "client", target(0, 0), seed=1)), encode(Kind.STATUS, {"call": 424242}),
-         lambda parts: decode(parts, 1 << 30)[1].get("call") == 424242)
+         lambda parts: decode(parts, 1 << 30)[1].get("call") == 424242, pids=pids)
     s.close(linger=0)
     # both peer ports, each with the other device's key; a HELLO of a stranger export is refused, and that
     # REFUSE (naming its export id) is the probe
@@ -274,16 +326,19 @@ def test_fuzzing_every_port_crashes_nothing_and_memory_stays_bounded(bundle, clu
         s = device_dealer(bundle, cluster, as_rank=src, to_rank=dst)
         probe = encode(Kind.HELLO, {"rank": src, "nonce": "probe", "export_id": "feedfacefeed" * 4, "t": 0.0})
         fuzz(s, list(fuzz_messages.messages(n, "peer", target(src, dst), seed=2 + src)), probe,
-             lambda parts: b"feedfacefeed" in parts[1])
+             lambda parts: b"feedfacefeed" in parts[1], pids=pids)
         s.close(linger=0)
     elapsed = time.monotonic() - t0
     assert all(p.poll() is None for p in cluster.procs), "a runner died"
     legit(cluster, expected)
-    status = cluster.client.status()
+    status = cluster.operator_status()
     rss1, peak = [rss_kb(p) for p in pids], [rss_kb(p, "VmHWM") for p in pids]
     print(f"fuzz: {3 * n} messages in {elapsed:.1f} s; RSS before {rss0} kB, after {rss1} kB, peak {peak} kB; "
           f"health {status['health']}; rejected by category {status['counters']['rejected']}")
     assert all(h["internal_errors"] == 0 for h in status["health"].values())
+    for log in cluster.logs:  # hostile input is the sender's problem: WARNINGs, rate-limited; no ERROR
+        text = log.read_text()
+        assert " ERROR " not in text and "Traceback" not in text, text[-3000:]
     assert status["rejected_frames"]["0"] > n // 2 and status["rejected_frames"]["1"] > n // 4
     assert max(b - a for a, b in zip(rss0, rss1)) < 50_000
     assert max(b - max(a, c) for a, b, c in zip(rss0, peak, peak0)) < 50_000

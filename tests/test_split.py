@@ -149,7 +149,7 @@ def test_a_device_emulating_half_speed_ends_up_with_about_a_third_of_the_tokens(
             assert np.abs(out["last_hidden_state"] - want).max() < 1e-4, stats["spans"]
             (a0, b0), (a1, b1) = stats["spans"]
             shares.append((b1 - a1) / 384)
-        status = cluster.client.status()
+        status = cluster.operator_status()
     print("shares of device 1:", shares)
     assert shares[0] == 0.5  # nothing measured before the first request: even
     assert 0.2 <= sorted(shares[-4:])[1] <= 0.45, shares  # the lower median of the last four requests

@@ -22,8 +22,12 @@ The messages (every control message is a typed record of schema.py; frames are w
 
 Who checks what, where (nothing acts on a message before all of its checks pass)
 
+    keys.py        at start: each keypair's halves, and the key set (keyset.json: this export, these public keys)
     transport.py   CurveZMQ: a connection whose key is not the export's is refused before any byte arrives;
-                   the key's name ("device-K", "client-NAME") comes with every message; size limits per port
+                   the key's name ("device-K", "client-NAME") comes with every message; size limits per port;
+                   refused connections said once per host and summed up (counters.FailureSummary)
+    clients.py     a client message's connection: ZeroMQ's own routing ids only; its replies go back on that
+                   connection while it is open, or nowhere
     protocol.py    framing: header, JSON size and depth before parsing, array shapes and sizes before any
                    array exists (ArrayRules from the manifest's Limits)
     schema.py      every field of the kind's record: type and bounds; cross-field rules (`check`)
@@ -36,7 +40,10 @@ Who checks what, where (nothing acts on a message before all of its checks pass)
 
 Where each one waits
 
-    membership.py  peers' liveness and readiness, from HELLOs (sans-IO: explicit times)
+    membership.py  peers' liveness and readiness, from HELLOs (sans-IO: explicit times); each peer's timeout
+                   learned from its heartbeats' gaps (detector.py)
+    tenants.py     client requests beyond their client's share of the coordinator (--max-client-inflight),
+                   admitted one client after another (round robin)
     coordinator.py client requests not yet answered (`pending`, by attempt), their deadlines, reruns held
                    for a lost device (sans-IO)
     lanes.py       a device's jobs: one lane per coordinator, up to --max-inflight running, started in order
@@ -44,7 +51,8 @@ Where each one waits
     transport.py   the worker's outbox (inproc): messages to peers, and typed records for its own
                    coordinator (a wake-up on the outbox; the records themselves wait in a queue)
 
-A request, end to end: the client sends a REQUEST to a serving runner; its coordinator plans it over the
+A request, end to end: the client sends a REQUEST to a serving runner (clientport.py: bound to its
+connection, through its client's share); its coordinator plans it over the
 live devices (an Attempt with a new request id) and queues a Job in its own worker; that lane tokenizes the
 texts, batches equal requests (batching.py), STARTs every other device of the plan and runs its own part.
 Every device runs the same device program (program.py) with the onnxruntime backend; at each exchange point

@@ -9,8 +9,9 @@
     DIR/device-K/tokenizer.json or preprocessor_config.json
 
 The export id is a digest of the export's content: every manifest setting and every file's sha256
-(`content_digest`), the same for every device. Loading checks every sha256 and recomputes the export id,
-so a changed file, an edited manifest, or a device folder from another export is refused with an error
+(`content_digest`), the same for every device; not the creation time, so the same model exported twice with
+the same settings (and the same prism version) gets the same id. Loading checks every sha256 and recomputes
+the export id, so a changed file, an edited manifest, or a device folder from another export is refused with an error
 that names the file. Keys (DIR/device-K/keys, runtime/keys.py) are not content: they rotate without a
 re-export and are in no file table.
 """
@@ -54,13 +55,16 @@ def read_manifest(path: Path) -> Manifest:
     return Manifest.from_dict(read_raw_manifest(path), str(path))
 
 
-NOT_CONTENT = ("export_id", "rank", "files")  # the id itself, and what differs between the devices' manifests
+NOT_CONTENT = ("export_id", "rank", "files", "created")  # the id itself, what differs between the devices'
+# manifests, and when it was written (not content: exporting the same content twice gives the same id)
 
 
-def content_digest(manifest: dict, files: dict[str, str]) -> str:
+def content_digest(manifest: dict, files: dict[str, str], legacy: bool = False) -> str:
     """The export id: sha256 of every manifest setting (all fields but NOT_CONTENT) and of the payload
-    files' sha256 (names relative to a device folder). Independent of rank: every device computes the same."""
-    settings = {k: v for k, v in manifest.items() if k not in NOT_CONTENT}
+    files' sha256 (names relative to a device folder). Independent of rank: every device computes the same.
+    `legacy`: the digest of exports written before the creation time was left out (it was included)."""
+    skip = [k for k in NOT_CONTENT if not (legacy and k == "created")]
+    settings = {k: v for k, v in manifest.items() if k not in skip}
     blob = json.dumps({"settings": settings, "files": dict(sorted(files.items()))}, sort_keys=True,
                       separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -71,9 +75,10 @@ def check_export_id(manifest: dict, files: dict[str, str], path: Path) -> None:
     was edited after export)."""
     try:
         digest = content_digest(manifest, files)
+        legacy = content_digest(manifest, files, legacy=True) if "created" in manifest else digest
     except (TypeError, ValueError) as e:
         raise BundleError(f"{path}: manifest cannot be digested ({e})") from None
-    if manifest.get("export_id") != digest:
+    if manifest.get("export_id") not in (digest, legacy):  # legacy: the same check of an older export's id
         raise BundleError(f"{path}: export id {str(manifest.get('export_id'))[:12]} does not match the manifest's "
                           f"content (digest {digest[:12]}): the manifest was edited after export, or predates "
                           f"content-addressed export ids; re-export it")

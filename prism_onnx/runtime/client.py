@@ -42,11 +42,12 @@ class Client:
     resent (its tokens were shown); the call fails instead. `last_server` and `last_failovers` tell where the
     last request was answered and which servers failed it first.
 
-    keys: the client folder `prism keys` wrote (EXPORT_DIR/client) or ClientKeys; None talks plain text
-    (to a runner started with --insecure). Each server is authenticated by its public key: the one of
-    `server_rank` (one rank, or one per address), or, when that is not given, whichever device's key the
-    server answers to. While a request runs, the client sends STATUS pings; a coordinator that answers
-    nothing for `dead_after` seconds (stopped, killed, unreachable) fails the call then, not at `timeout`.
+    keys: the client folder `prism keys` wrote (EXPORT_DIR/client) or ClientKeys, or a device's keys/ folder
+    (an operator: its STATUS shows every client's requests); None talks plain text (to a runner started with
+    --insecure). Every server is authenticated by the cluster's client-port key, which every serving runner
+    holds (`server_rank`, one rank or one per address, only names the device in messages). While a request
+    runs, the client sends STATUS pings; a coordinator that answers nothing for `dead_after` seconds
+    (stopped, killed, unreachable) fails the call then, not at `timeout`.
     Before its first message to a server, the client waits for the TCP connection (`_await_connection`,
     at most `dead_after` seconds): a port where nothing listens fails at once with "connection refused",
     a host that does not answer fails after `dead_after` seconds (ServerLost: the next server is tried).
@@ -68,9 +69,6 @@ class Client:
             raise PrismError(f"{len(ranks)} server ranks for {len(self.addresses)} servers")
         self.timeout, self.dead_after, self.ping_every = timeout, dead_after, ping_every
         self.keys = ClientKeys.load(keys) if isinstance(keys, (str, os.PathLike)) else keys
-        for r in ranks:
-            if self.keys is not None and r is not None and r not in self.keys.servers:
-                raise PrismError(f"the client keys hold no public key of device {r}")
         self.connections = [Connection(a, self.keys, r, dead_after, ping_every) for a, r in zip(self.addresses, ranks)]
         self.index = 0  # the server in use
         self.last_server, self.last_failovers, self.last_reply = None, [], {}

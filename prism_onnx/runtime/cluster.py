@@ -136,6 +136,14 @@ class LocalCluster:
         return Client(self.serve_address, **{"timeout": max(60.0, self.timeout * 4), "keys": self.client_keys,
                                              "server_rank": 0, **kw})
 
+    def operator_status(self, timeout: float = 5.0) -> dict:
+        """The serving runner's STATUS as an operator sees it (every client's requests, the counters, every
+        device's health): asked with device 0's own keys (or plain text, --insecure)."""
+        if getattr(self, "_operator", None) is None:
+            keys = ClientKeys.load(self.root / "device-0" / "keys") if self.secure else None
+            self._operator = Client(self.serve_address, timeout=max(60.0, self.timeout * 4), keys=keys)
+        return self._operator.status(timeout=timeout)
+
     def kill(self, k: int) -> None:
         """SIGKILL runner k (a crash: no goodbye to anyone); `start_device(k)` restarts it."""
         self.stop_device(k, signal.SIGKILL)
@@ -183,8 +191,9 @@ class LocalCluster:
                 p.wait()
 
     def close(self):
-        if self.client is not None:
-            self.client.close()
+        for c in (self.client, getattr(self, "_operator", None)):
+            if c is not None:
+                c.close()
         for k in range(len(self.procs)):
             self.stop_device(k)
 

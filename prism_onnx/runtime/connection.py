@@ -25,8 +25,9 @@ class ServerLost(PeerError, code="server_lost"):
 
 
 class Connection:
-    """To the runner serving at `address` ("tcp://HOST:PORT"), authenticated by the public key of device
-    `server_rank` (None: whichever device's key it answers to, found by trying each at once)."""
+    """To the runner serving at `address` ("tcp://HOST:PORT"), authenticated by the cluster's client-port key
+    (keys.ClientKeys.server: every serving runner answers with it). `server_rank`: the device it is, when
+    known (for messages only)."""
 
     def __init__(self, address: str, keys, server_rank: int | None, dead_after: float, ping_every: float):
         self.address, self.keys, self.server_rank = address, keys, server_rank
@@ -36,13 +37,13 @@ class Connection:
         self._answered = False
         self._calls = itertools.count(1)
 
-    def _socket(self, server_rank: int | None) -> tuple[zmq.Socket, zmq.Socket]:
+    def _socket(self) -> tuple[zmq.Socket, zmq.Socket]:
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RECONNECT_IVL, 100)
         if self.keys is not None:
             s.curve_secretkey, s.curve_publickey = self.keys.secret, self.keys.public
-            s.curve_serverkey = self.keys.servers[server_rank]
+            s.curve_serverkey = self.keys.server
         m = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_DISCONNECTED |
                                  zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_SUCCEEDED |
                                  zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED)
@@ -81,36 +82,8 @@ class Connection:
                          f"unreachable, or a firewall drops the connection)")
 
     def connect(self):
-        if self.sock is not None:
-            return
-        if self.keys is None or self.server_rank is not None or len(self.keys.servers) == 1:
-            rank = self.server_rank if self.server_rank is not None else \
-                (next(iter(self.keys.servers)) if self.keys else None)
-            self.sock, self.monitor = self._socket(rank)
-            return
-        # which device serves? ask each key at once; the one whose handshake succeeds answers
-        tries = {}
-        try:
-            for r in self.keys.servers:
-                tries[r] = self._socket(r)
-        except ServerLost:
-            for s, m in tries.values():
-                _close(s, m)
-            raise
-        poller = zmq.Poller()
-        for s, _ in tries.values():
-            s.send_multipart(encode_record(Status(call=0)))
-            poller.register(s, zmq.POLLIN)
-        ready = dict(poller.poll(int(1000 * self.dead_after)))
-        for r, (s, m) in tries.items():
-            if self.sock is None and s in ready:
-                s.recv_multipart()
-                self.sock, self.monitor, self.server_rank = s, m, r
-            else:
-                _close(s, m)
         if self.sock is None:
-            raise ServerLost(f"no answer from {self.address} within {self.dead_after:g} s with any of the "
-                             f"{len(tries)} device keys (is a runner serving there, and does it hold this client's key?)")
+            self.sock, self.monitor = self._socket()
 
     def reset(self):
         if self.sock is not None:
@@ -154,8 +127,8 @@ class Connection:
                     answered, _ = self._answered, self.reset()
                     if not answered and self.keys is not None:
                         raise PeerError(f"{self.address} closed the connection before any answer: the CURVE "
-                                        f"handshake failed (not device {self.server_rank}'s key, or another "
-                                        f"export's keys)")
+                                        f"handshake failed (not this cluster's client-port key: client keys of "
+                                        f"another export or another `prism keys` run)")
                     raise ServerLost(f"{self.address} closed the connection (the coordinator stopped, or the "
                                      f"message was over its size limit)")
             if self.sock in events:

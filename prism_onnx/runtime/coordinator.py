@@ -31,8 +31,7 @@ so tests drive it with plain functions and numbers for `now`.
 
 from __future__ import annotations
 
-import itertools
-import time
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -45,20 +44,24 @@ from .jobs import Job
 
 MAX_PENDING = 32
 HOLD_S = 1.2  # an attempt a device failed for another device's sake: rerun when membership changes, or after this
-EPOCH_US = 1_735_689_600_000_000  # 2025-01-01 in microseconds since 1970
+SEQUENCE_BITS = 50  # request_id: a random number of this many bits above the coordinator's rank
 
 
-def first_sequence() -> int:
-    """Where a coordinator's request sequence starts: microseconds since 2025, so that a restarted
-    coordinator's ids are larger than those of its earlier life."""
-    return max(0, time.time_ns() // 1000 - EPOCH_US)
+def new_request_id(rank: int, pending) -> int:
+    """A new attempt's id (schema.request_id) with a random sequence: unpredictable (ids tell nobody how many
+    requests others sent, nor which id comes next), and none of the `pending` ids (devices forget finished
+    ids after 4,096 more, exchange.RecentIds; random ids of 50 bits meet within that window once in ~10^11)."""
+    while True:
+        request = request_id(secrets.randbits(SEQUENCE_BITS), rank)
+        if request not in pending:
+            return request
 
 
 @dataclass
 class Pending:
     """One client request, at its current attempt."""
 
-    client: bytes
+    client: object  # who asked (clients.ClientRef), handed back with the replies
     req: Request  # the checked request, kept to rerun it
     t0: float
     attempt: Attempt | None = None  # the current attempt
@@ -82,7 +85,7 @@ class Coordinator:
     rank: int
     membership: object  # membership.Membership (members, describe)
     send: Callable[[int, list], bool]  # (peer rank, parts) -> sent?
-    reply: Callable[[bytes, Reply | Tokens], None]  # to a client: its Reply, or Tokens while it streams
+    reply: Callable[[object, Reply | Tokens], None]  # to a client: its Reply, or Tokens while it streams
     submit: Callable[[Job], bool]  # to the local worker
     timeout: float = 10.0
     max_pending: int = MAX_PENDING
@@ -97,7 +100,6 @@ class Coordinator:
         self.limits = self.bundle.limits
         self.budget = self.timeout * (self.limits.layers + 2)
         self.max_attempts = self.max_attempts or self.limits.devices + 1
-        self.sequence = itertools.count(first_sequence())  # increasing across coordinator restarts
         self.assembler = Replies(self.bundle)
         if self.split is None:
             static = self.bundle.manifest.settings.split_weights
@@ -107,7 +109,7 @@ class Coordinator:
     def members(self, now: float) -> tuple[list[int] | None, PrismError | None]:
         return plan_members(self.membership, self.limits.devices, self.min_devices, now)
 
-    def on_request(self, client: bytes, req: Request, now: float) -> None:
+    def on_request(self, client, req: Request, now: float) -> None:
         """A checked REQUEST (a request that failed its checks is answered by the host with its error)."""
         ranks, why = self.members(now)
         if why is None and len(self.pending) >= self.max_pending:
@@ -123,7 +125,7 @@ class Coordinator:
         budget = self.budget
         if p.req.generate is not None:  # the tail decodes after the prefill: a generous second per token
             budget += self.timeout + p.req.generate.max_new_tokens
-        attempt = Attempt(request_id(next(self.sequence), self.rank), self.rank, tuple(ranks), budget,
+        attempt = Attempt(new_request_id(self.rank, self.pending), self.rank, tuple(ranks), budget,
                           self.split.weights(ranks), p.req.outputs, p.req.generate, p.req.stream)
         if not self.submit(Job(attempt, now + budget, p.req)):
             return False
@@ -287,7 +289,15 @@ def plan_members(membership, devices: int, min_devices: int, now: float):
 
 
 def describe_pending(pending: dict, now: float) -> list[dict]:
-    """For STATUS: each pending request's attempt id, plan devices, attempt number and age."""
-    return [{"request": r, "ranks": list(p.ranks), "attempt": p.attempts, "held": p.held_until is not None,
-             "batched_with": len(p.riders), "waiting_for": [q for q in p.ranks if q not in p.results],
-             "age_ms": round(1e3 * (now - p.t0), 1)} for r, p in pending.items()]
+    """For STATUS: each pending request's attempt id, plan devices, attempt number and age, and the client
+    that sent it (`client`: its name, clients.ClientRef); a request batched into another's attempt is listed
+    with `rides_on` that attempt."""
+    out = []
+    for r, p in pending.items():
+        waiting = [q for q in p.ranks if q not in p.results]
+        out.append({"request": r, "client": getattr(p.client, "client", None), "ranks": list(p.ranks),
+                    "attempt": p.attempts, "held": p.held_until is not None, "batched_with": len(p.riders),
+                    "waiting_for": waiting, "age_ms": round(1e3 * (now - p.t0), 1)})
+        out += [{"rides_on": r, "client": getattr(q.client, "client", None), "ranks": list(p.ranks),
+                 "waiting_for": waiting, "age_ms": round(1e3 * (now - q.t0), 1)} for q in p.riders]
+    return out

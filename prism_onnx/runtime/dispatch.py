@@ -42,6 +42,7 @@ class Effects:
     reply_peer: Callable[[bytes, list], None]  # (session, parts): answer on the peer port (REFUSE)
     fatal: Callable[[str], None]  # stop the runner with this reason
     coordinator: object | None = None  # coordinator.Coordinator when this runner serves clients
+    refused_by: Callable[[int], None] = lambda q: None  # peer q refused our HELLO (it knows why it cannot join)
 
 
 class PeerMessages:
@@ -135,6 +136,7 @@ class PeerMessages:
         except PrismError as e:
             return self._reject("reply from a peer", str(e), sum(len(p) for p in parts), f"device {q}")
         reason = f"device {rec.sender} refused device {self.rank} at the handshake: {rec.reason}"
+        self.fx.refused_by(q)
         if self.m.on_refuse(reason):
             self.fx.fatal(reason)
         else:

@@ -18,7 +18,9 @@ rate-limited log line), and an unexpected exception while handling one is counte
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -26,25 +28,25 @@ from pathlib import Path
 
 import zmq
 
-from ..errors import BundleError, ErrorInfo, PrismError
-from .admission import request_rules
+from ..errors import BundleError, PrismError
 from .bundle import DeviceBundle
+from .clientport import ClientPort
 from .coordinator import Coordinator
-from .counters import Counters
+from .counters import BUGS, Counters
 from .device import Engine, Requests, export_tag
 from .dispatch import Effects, PeerMessages
 from .exchange import inbox_for
 from .keys import RunnerKeys, loose_permissions, with_local_client
 from .membership import HEARTBEAT_S, Membership
-from .protocol import Kind, peek_call
-from .replies import error_reply
-from .schema import MAX_DEVICES, Reply, Request, decode_record, encode_record
+from .schema import MAX_DEVICES, encode_record
 from .settings import RunnerSettings
 from .split import SplitPolicy, parse_split
 from .transport import ENVELOPE, LOCAL, Transport
 from .worker import Worker, ZmqExchange
 
 log = logging.getLogger("prism.run")
+REFUSAL_GRACE_S = 3.0  # a runner that refuses a peer at start-up keeps sending HELLOs (its export id) this long,
+# or until that peer's own REFUSE shows it has decided too: both name the cause, whatever message was lost
 
 
 def local_host(bind: str) -> str:
@@ -57,9 +59,10 @@ def load_keys(bundle: DeviceBundle, rank: int, keys: str | Path | None, insecure
         log.warning("device %d runs WITHOUT authentication or encryption (--insecure): anyone who can reach its "
                     "ports can send it requests and frames, and read its traffic", rank)
         return None
-    k = RunnerKeys.load(keys or bundle.keys_dir, rank, bundle.devices)
-    if loose_permissions(k.folder / f"device-{rank}.key_secret"):
-        log.warning("%s is readable by other users: chmod 600 it", k.folder / f"device-{rank}.key_secret")
+    k = RunnerKeys.load(keys or bundle.keys_dir, rank, bundle.devices, bundle.export_id)
+    for secret in (k.folder / f"device-{rank}.key_secret", k.folder / "server.key_secret"):
+        if loose_permissions(secret):
+            log.warning("%s is readable by other users: chmod 600 it", secret)
     return k
 
 
@@ -87,12 +90,12 @@ class DeviceHost:
         addrs = s.check(b.devices, self.rank)
         self.serve, self.peer_timeout, self.limits = s.serve, s.peer_timeout, b.limits
         policy = split_policy(s.split, b)  # a bad --split is refused before anything binds
-        self.stop, self.fatal = threading.Event(), None
+        self.stop, self.fatal, self.fatal_at, self.refused_by = threading.Event(), None, None, set()
         self.counters = Counters(log)
         peer_addrs = {q: f"tcp://{h}:{p}" for q, (h, p) in enumerate(addrs) if q != self.rank}
         runner_keys, self.local_client_keys = load_keys(b, self.rank, s.keys, s.insecure), None
         if s.http is not None and runner_keys is not None:
-            runner_keys, self.local_client_keys = with_local_client(runner_keys, self.rank)
+            runner_keys, self.local_client_keys = with_local_client(runner_keys)
         self.bind_host = s.bind or addrs[self.rank][0]
         self.local_client_address = f"{local_host(self.bind_host)}:{s.serve}" if s.serve is not None else None
         self.membership = Membership(self.rank, peer_addrs, b.export_id, b.handshake_settings, uuid.uuid4().hex[:12],
@@ -113,38 +116,54 @@ class DeviceHost:
                              on_internal_error=lambda: self.counters.event("internal_errors"),
                              max_cache_bytes=int(s.max_cache_mb * 2**20), inflight=s.inflight,
                              batch_wait=s.batch_wait_ms / 1e3 if s.serve is not None else 0.0, batch_pad=s.batch_pad)
-        self.coordinator = None
+        self.coordinator = self.client_port = None
         if s.serve is not None:
-            self.coordinator = Coordinator(b, self.rank, self.membership, t.send_peer, self._reply_client,
-                                           self.worker.submit, timeout=s.timeout, min_devices=s.min_devices,
-                                           abort_local=self.worker.abort, hold_s=s.heartbeat_timeout + HEARTBEAT_S,
-                                           split=policy)
+            self.coordinator = Coordinator(b, self.rank, self.membership, t.send_peer, None, self.worker.submit,
+                                           timeout=s.timeout, min_devices=s.min_devices, abort_local=self.worker.abort,
+                                           hold_s=s.heartbeat_timeout + HEARTBEAT_S, split=policy)
+            self.client_port = ClientPort(t, self.coordinator, self.limits, self.counters, self.status,
+                                          max_inflight=s.max_client_inflight, max_queued=s.max_client_queue)
         effects = Effects(self.worker.submit, self.worker.abort, self.worker.deliver_means,
-                          lambda session, parts: t.reply(t.peer_in, session, parts), self._set_fatal, self.coordinator)
+                          lambda session, parts: t.reply(t.peer_in, session, parts), self._set_fatal, self.coordinator,
+                          refused_by=self.refused_by.add)
         self.peer_messages = PeerMessages(self.rank, self.limits, export_tag(b.export_id), self.membership,
                                           self.counters, effects)
-        self.client_rules = {Kind.REQUEST: request_rules(self.limits)}
 
     def _set_fatal(self, reason: str) -> None:
-        self.fatal = reason
+        """No cluster can form with a peer (another export, other keys, another --peers): stop, after a grace
+        (REFUSAL_GRACE_S) in which this runner's HELLOs still tell that peer why."""
+        if self.fatal is None:
+            log.error("%s", reason)
+            self.fatal, self.fatal_at = reason, time.monotonic()
+
+    def _done(self, now: float) -> bool:
+        """Stop now? SIGINT/SIGTERM, or a fatal refusal whose peer has refused us too (or whose grace ended)."""
+        if self.stop.is_set():
+            return True
+        return self.fatal is not None and (bool(self.refused_by) or now - self.fatal_at > REFUSAL_GRACE_S)
 
     # ------------------------------------------------------------------------------------------ main loop
     def run(self) -> int:
-        """Serve until stopped (SIGINT/SIGTERM set `stop`). Returns the process exit code."""
+        """Serve until stopped (SIGINT/SIGTERM set `stop`). Returns the process exit code. SIGUSR1 writes every
+        thread's stack to stderr (faulthandler), for a runner that seems stuck."""
+        if hasattr(faulthandler, "register"):
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
         self.worker.start(self.stop)
         t, poller = self.transport, zmq.Poller()
         for sock in t.sockets():
             poller.register(sock, zmq.POLLIN)
-        handlers = {t.peer_in: self._on_peer, t.outbox_in: self._on_outbox, t.clients: self._on_client,
+        handlers = {t.peer_in: self._on_peer, t.outbox_in: self._on_outbox,
+                    t.clients: self.client_port.on_message if self.client_port else None,
                     **{m: self._on_monitor for m in t.monitors},
                     **{sock: self._on_refused(q) for q, sock in t.out.items()}}
         started, next_hello, was_ready = time.monotonic(), 0.0, False
         log.info("device %d/%d up on port %s (export %s)%s%s", self.rank, self.bundle.devices,
                  t.peer_in.last_endpoint.decode(), self.bundle.export_id[:12],
                  f", serving clients on port {self.serve}" if self.serve else "",
+                 f", CurveZMQ (key set {t.keys.keyset.digest[:12]})" if t.keys and t.keys.keyset else
                  ", CurveZMQ" if t.keys else ", NOT authenticated (--insecure)")
         try:
-            while not self.stop.is_set() and self.fatal is None:
+            while not self._done(time.monotonic()):
                 now = time.monotonic()
                 if now >= next_hello:
                     self._hello(now)
@@ -153,7 +172,7 @@ class DeviceHost:
                 if self.membership.ever_ready and not was_ready:
                     was_ready = True
                     log.info("device %d ready: all %d peers connected", self.rank, len(self.membership.peers))
-                elif not was_ready and now - started > self.peer_timeout:
+                elif not was_ready and now - started > self.peer_timeout and self.fatal is None:
                     missing = [f"{q} ({self.membership.peers[q].address})" for q in self.membership.missing(now)]
                     log.error("device %d: peer(s) %s did not come up within %g s", self.rank, ", ".join(missing),
                               self.peer_timeout)
@@ -162,13 +181,15 @@ class DeviceHost:
                     self._guarded(handlers[sock], sock)
                 if self.coordinator:
                     self.coordinator.expire(time.monotonic())
+                    self.client_port.expire(time.monotonic())
                 self.worker.lanes.expire(time.monotonic())
+                t.summary.flush()
         finally:
             self.stop.set()
             self.worker.lanes.join(timeout=2)
             t.close(linger_ms=1000 if self.fatal else 0)  # a fatal refusal reaches the peer it refused
         if self.fatal:
-            log.error("%s", self.fatal)
+            log.error("device %d stopped: no cluster can form with its peers (the refusal above)", self.rank)
             return 1
         log.info("device %d stopped", self.rank)
         return 0
@@ -176,9 +197,9 @@ class DeviceHost:
     def _guarded(self, handler, sock) -> None:
         try:
             handler(sock)
-        except Exception:  # a bug: never let a message stop the runner
+        except Exception as e:  # a bug: never let a message stop the runner
             self.counters.event("internal_errors")
-            log.exception("device %d: internal error while handling a message (the runner keeps serving)", self.rank)
+            BUGS.error(e, f"device {self.rank}: internal error while handling a message (the runner keeps serving)")
 
     def _on_peer(self, sock) -> None:
         session, user, parts = self.transport.recv(sock)
@@ -200,9 +221,21 @@ class DeviceHost:
                 self.coordinator.on_send_failed(request, dst, why, time.monotonic())
 
     def _on_monitor(self, m) -> None:
-        q = self.transport.on_monitor(m)
-        if q is not None:
-            self.membership.on_disconnect(q, now=time.monotonic())
+        ev = self.transport.on_monitor(m)
+        if ev is None:
+            return
+        if ev.what == "peer_closed":
+            self.membership.on_disconnect(ev.peer, now=time.monotonic())
+        elif ev.what == "peer_handshake":
+            self.membership.on_handshake(ev.peer)
+        elif ev.what == "peer_keys":
+            v = self.membership.on_key_failure(ev.peer, ev.detail, certain=ev.certain)
+            if v.note:
+                log.warning("device %d: %s", self.rank, v.note)
+            if v.fatal:
+                self._set_fatal(v.fatal)
+        elif self.client_port is not None:
+            self.client_port.on_event(ev)
 
     def _hello(self, now: float) -> None:
         msg = encode_record(self.membership.hello(now, self.health))
@@ -232,23 +265,7 @@ class DeviceHost:
         return {"rejected": self.rejected_total, "internal_errors": ev["internal_errors"],
                 "denied": ev["auth_denied"] + sum(ev[k] for k in ("handshake_failed", "handshake_failed_protocol"))}
 
-    # ------------------------------------------------------------------------------------------ clients
-    def _reply_client(self, client: bytes, record) -> None:
-        self.transport.reply(self.transport.clients, client, encode_record(record))
-
-    def _on_client(self, sock) -> None:
-        client, user, parts = self.transport.recv(sock)
-        try:
-            rec = decode_record(parts, self.limits, self.client_rules, kinds=(Kind.REQUEST, Kind.STATUS))
-        except PrismError as e:
-            self.counters.reject("client message", str(e), sum(len(p) for p in parts), user or "")
-            return self._reply_client(client, error_reply(peek_call(parts), ErrorInfo.of(e)))
-        if isinstance(rec, Request):
-            self.counters.accept("request")
-            return self.coordinator.on_request(client, rec, time.monotonic())
-        self.counters.accept("status")
-        self._reply_client(client, Reply(call=rec.call, status=self.status(time.monotonic())))
-
+    # ------------------------------------------------------------------------------------------ status
     def status(self, now: float) -> dict:
         m = self.membership
         return {
@@ -261,6 +278,9 @@ class DeviceHost:
             "health": {str(self.rank): self.health, **{str(q): p.health for q, p in m.peers.items()}},
             "pending": len(self.coordinator.pending) if self.coordinator else 0,
             "requests": self.coordinator.describe_pending(now) if self.coordinator else [],
+            "heartbeat_timeouts": {str(q): round(max(p.hello_gaps.timeout(m.dead_after),
+                                                     p.echo_gaps.timeout(m.dead_after)), 3)
+                                   for q, p in m.peers.items()},
             "split": self.coordinator.split.describe() if self.coordinator else None,
             "counters": {**self.counters.to_dict(), "exchange_rejected": self.worker.lanes.rejected_frames,
                          "inbox_bytes": self.worker.lanes.inbox_bytes},

@@ -3,10 +3,12 @@ no sockets, every method takes the time (`now`, monotonic seconds) so tests driv
 
 Every runner sends HELLO to every peer every HEARTBEAT_S seconds. A HELLO carries the sender's clock `t`
 and, per peer, the `t` of the last HELLO it received from that peer (`echo`). Peer q is *alive* for us
-when its last HELLO is younger than `dead_after` AND that HELLO echoes one of our own HELLOs sent less
-than `dead_after` ago: q hears us now, and we hear q now. Each side only compares times of its own
-clock. A peer that stops (killed, SIGSTOP, a cable pulled) is lost `dead_after` seconds later; one that
-resumes is alive again after one round of HELLOs, whatever state it held before.
+when its last HELLO is younger than its heartbeat timeout AND that HELLO echoes one of our own HELLOs
+sent less than its echo timeout ago: q hears us now, and we hear q now. Each side only compares times of
+its own clock. Both timeouts are learned from q's own heartbeats (detector.py): `dead_after`
+(--heartbeat-timeout) at least, more for a peer whose heartbeats come irregularly (a board starved by a
+busy neighbour), at most ten times it. A peer that stops (killed, SIGSTOP, a cable pulled) is lost that
+long later; one that resumes is alive again after one round of HELLOs, whatever state it held before.
 
 The cluster is *ready* when every peer is alive and each reports that it sees every other device alive
 (so every ordered pair of devices has a working path). Requests do not wait for readiness: they are
@@ -21,16 +23,24 @@ once. A runner instance is identified by its `nonce`
 (new at every start): a second runner claiming a live runner's rank is refused, a restarted one
 replaces a lost one. A peer's messages other than HELLO are accepted only on the connection (`session`,
 the ZeroMQ routing id) that carried its last accepted HELLO.
+
+A peer whose CurveZMQ handshake fails on our own connection to it (transport.MonitorEvent "peer_keys")
+holds other keys than this device's keys/ say it should: a device folder or keys/ of another export or of
+another `prism keys` run. That is said at the first failure, naming the cause, and is fatal during start-up
+(as another export is) once it is certain: at once when the peer refuses our key, after KEY_FAILURES
+failures in a row otherwise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .detector import Gaps
 
 HEARTBEAT_S = 0.2
 DEAD_AFTER_S = 1.0
 NEVER = -float("inf")
+KEY_FAILURES = 3  # failed handshakes in a row on our connection to a peer that make "other keys" certain
 
 
 @dataclass
@@ -52,9 +62,13 @@ class PeerState:
     up: bool = False  # the verdict of the last tick, for edge detection
     ever_up: bool = False
     gone: str | None = None  # why our connection to it closed, until its next HELLO
+    key_failures: int = 0  # failed handshakes in a row on our connection to it
+    hello_gaps: Gaps = field(default_factory=Gaps)  # between its HELLOs
+    echo_gaps: Gaps = field(default_factory=Gaps)  # how stale its echo of ours was when the next one came
 
     def alive(self, now: float, dead_after: float) -> bool:
-        return now - self.last_hello < dead_after and now - self.echo < dead_after
+        return now - self.last_hello < self.hello_gaps.timeout(dead_after) and \
+            now - self.echo < self.echo_gaps.timeout(dead_after)
 
 
 @dataclass
@@ -165,10 +179,15 @@ class Membership:
             note = f"device {rank} connected"
         elif p.nonce != nonce:
             note = f"device {rank} restarted"
-            self.peers[rank] = p = PeerState(rank, p.address, up=p.up, ever_up=p.ever_up)
+            self.peers[rank] = p = PeerState(rank, p.address, up=p.up, ever_up=p.ever_up, hello_gaps=p.hello_gaps,
+                                             echo_gaps=p.echo_gaps)
         elif p.session != session:
             note = f"device {rank} reconnected"
         was_alive = p.alive(now, self.dead_after)
+        if p.last_hello != NEVER:  # learn how regular its heartbeats are (detector.py)
+            p.hello_gaps.observe(now - p.last_hello, self.dead_after)
+        if p.echo != NEVER and echo is not None and p.echo < echo <= now:
+            p.echo_gaps.observe(now - p.echo, self.dead_after)
         p.nonce, p.session, p.last_hello, p.their_t, p.gone, p.gone_session = nonce, session, now, t, None, None
         if echo is not None:
             p.echo = max(p.echo, float(echo)) if echo <= now else p.echo  # never trust a time from our future
@@ -213,6 +232,24 @@ class Membership:
         """A peer refused our HELLO: fatal during start-up, ignored (logged) once the cluster has run."""
         return None if self.ever_ready else reason
 
+    def on_key_failure(self, q: int, detail: str, certain: bool = False) -> Verdict:
+        """Our CurveZMQ handshake with peer q failed (`detail`: how, transport.OUTGOING): it holds other keys.
+        The first failure of a streak is a note naming the cause; fatal during start-up once certain (at once
+        when q refused our key, after KEY_FAILURES in a row otherwise)."""
+        p = self.peers[q]
+        p.key_failures += 1
+        reason = (f"the runner at {p.address.removeprefix('tcp://')} (device {q} in --peers) {detail}: its device folder or keys/ come "
+                  f"from another export or another `prism keys` run (copy this export's device-{q} folder to it, "
+                  f"or run `prism keys` once and copy every device-K/keys)")
+        note = reason if p.key_failures == 1 else None
+        if not self.ever_ready and p.key_failures >= (1 if certain else KEY_FAILURES):
+            return Verdict(False, fatal=f"device {self.rank} refused device {q} at the handshake: {reason}", note=note)
+        return Verdict(False, note=note)
+
+    def on_handshake(self, q: int) -> None:
+        """Our CurveZMQ handshake with peer q succeeded: whatever failed before, it holds the right keys now."""
+        self.peers[q].key_failures = 0
+
     # ------------------------------------------------------------------------------------------- tick
     def tick(self, now: float) -> tuple[list[int], list[int]]:
         """(peers lost since the last tick, peers back). Call it once per I/O loop iteration."""
@@ -236,10 +273,11 @@ class Membership:
             return f"device {q} ({p.address}) never connected"
         if p.gone:
             return f"device {q} {p.gone}"
-        silent = now - p.last_hello
-        if silent >= self.dead_after or (now - p.echo >= self.dead_after and silent > 2 * HEARTBEAT_S):
-            return f"device {q} sent no heartbeat for {silent:.1f} s"
-        if now - p.echo >= self.dead_after:
-            return f"device {q} does not hear this device's heartbeats"
+        silent, deaf = now - p.last_hello, now - p.echo
+        if silent >= p.hello_gaps.timeout(self.dead_after):
+            return f"device {q} sent no heartbeat for {silent:.2f} s ({p.hello_gaps.describe(self.dead_after)})"
+        if deaf >= p.echo_gaps.timeout(self.dead_after):
+            return (f"device {q} has not echoed this device's heartbeats for {deaf:.2f} s: it does not hear them, "
+                    f"or its last heartbeat ({silent:.2f} s ago) was late ({p.echo_gaps.describe(self.dead_after)})")
         unseen = sorted(set(range(self.devices)) - {q} - p.sees)
         return f"device {q} does not see devices {unseen}" if unseen else f"device {q} is connected"

@@ -221,9 +221,9 @@ MAX_DEVICES = 1 << RANK_BITS
 
 
 def request_id(sequence: int, coordinator: int) -> int:
-    """The id of one *attempt* at a request: the coordinator's rank in the low RANK_BITS bits, its sequence
-    number above them. A rerun (a device was lost) is a new attempt with a new id, so that late frames of
-    the abandoned attempt can never be taken for the new one's."""
+    """The id of one *attempt* at a request: the coordinator's rank in the low RANK_BITS bits, a sequence
+    number above them (random: coordinator.new_request_id). A rerun (a device was lost) is a new attempt with
+    a new id, so that late frames of the abandoned attempt can never be taken for the new one's."""
     return (int(sequence) << RANK_BITS) | int(coordinator)
 
 

@@ -41,7 +41,8 @@ class RunnerSettings:
     peer_timeout: float = field(default=60.0, metadata=option("Seconds to wait at start-up for every peer to come up.",
                                                             min=0.1))
     heartbeat_timeout: float = field(default=1.0, metadata=option(
-        "A peer silent for this long is lost: the requests it was part of are rerun without it.", min=0.3))
+        "A peer silent for this long is lost: the requests it was part of are rerun without it. The least time: "
+        "each peer's timeout grows with the jitter its own heartbeats show, up to 10x (at least 10 s).", min=0.3))
     bind: str | None = field(default=None, metadata=option(
         "Address to listen on (default: this device's own HOST in --peers; '*' for every interface)."))
     keys: str | None = field(default=None, metadata=option(
@@ -56,6 +57,20 @@ class RunnerSettings:
     http: int | None = field(default=None, metadata=option(
         "Also serve the OpenAI-compatible HTTP API on this port (needs --serve and the `serve` extra).",
         min=1, max=65535))
+    http_max_connections: int = field(default=64, metadata=option(
+        "With --http: connections (or requests) open at once; beyond, a request gets 503 at once (uvicorn's "
+        "limit_concurrency).", min=2, max=100000))
+    http_header_timeout: float = field(default=10.0, metadata=option(
+        "With --http: seconds a connection has to send a whole request line and headers (408 and closed after).",
+        min=0.1))
+    http_body_timeout: float = field(default=30.0, metadata=option(
+        "With --http: seconds a request body has to arrive whole (408 and closed after).", min=0.1))
+    http_max_body_mb: float = field(default=16.0, metadata=option(
+        "With --http: largest request body in MiB; a longer declared length is refused (413) before it is read.",
+        min=0.001))
+    http_max_bodies: int = field(default=4, metadata=option(
+        "With --http: request bodies read at once (each up to --http-max-body-mb): bounds the memory they take.",
+        min=1, max=1024))
     served_model_name: str | None = field(default=None, metadata=option(
         "The model name of the HTTP API (default: the export's source id or folder name)."))
     providers: str = field(default="CPU", metadata=option(
@@ -72,6 +87,12 @@ class RunnerSettings:
     inflight: int = field(default=1, metadata=option(
         "Requests of one coordinator this device runs at once (pipelining: while one waits for another device's "
         "means, the next computes).", flag="--max-inflight", min=1, max=16))
+    max_client_inflight: int = field(default=8, metadata=option(
+        "With --serve: requests of one client (key) admitted at once; more wait in its queue. One client's "
+        "flood never takes another client's turn.", min=1, max=32))
+    max_client_queue: int = field(default=16, metadata=option(
+        "With --serve: requests of one client (key) waiting beyond --max-client-inflight; more are refused "
+        "at once as busy (HTTP 503).", min=0, max=64))
     batch_wait_ms: float = field(default=2.0, metadata=option(
         "With --serve: concurrent requests that get the same plan (equal token count) run as one batch; while "
         "other requests are running, wait up to this long for more to join (0: no batching).", min=0, max=100))

@@ -28,6 +28,7 @@ from ..generate import CacheCollector, check_prompt, decode_from_cache, stop_ids
 from ..program import own_slice, run_device
 from .admission import model_kwargs
 from .batching import Prepared, batchable, gather
+from .counters import BUGS
 from .device import Engine, Requests, wanted_outputs
 from .lanes import Lane, Lanes, ZmqExchange
 from .jobs import Batched, Job
@@ -107,9 +108,9 @@ class Worker:
             lane.running[job.request] = job
             try:
                 self._to_coordinator(lane, job.coordinator, job.request, self._run(job, lane))
-            except Exception:  # a bug in reporting: count it, keep the lane alive
+            except Exception as e:  # a bug in reporting: count it, keep the lane alive
                 self.on_internal_error()
-                log.exception("device %d: could not report request %d", self.rank, job.request)
+                BUGS.error(e, f"device {self.rank}: could not report request {job.request}")
             finally:
                 lane.running.pop(job.request, None)
 
@@ -146,9 +147,9 @@ class Worker:
             return Result(request, self.rank, timings=res.timings, traffic=_traffic(res.traffic),
                           span=plan.span(self.rank), arrays=res.outputs)
         except Exception as e:  # PrismError: the request's fault or another device's; else a bug (reported)
-            if not isinstance(e, PrismError):
+            if not isinstance(e, PrismError):  # one ERROR line per cause a minute, the traceback at DEBUG
                 self.on_internal_error()
-                log.exception("device %d: request %d crashed", self.rank, request)
+                BUGS.error(e, f"device {self.rank}: request {request} crashed")
             else:
                 log.log(logging.WARNING if isinstance(e, PeerError) else logging.INFO,
                         "device %d: request %d failed: %s", self.rank, request, e)

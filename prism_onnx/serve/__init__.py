@@ -4,7 +4,7 @@ already use (the `openai` package, LangChain, LlamaIndex, text-embeddings-infere
     gateway.py  what each endpoint asks of the cluster, through runtime.client.Client on the runner's own
                 client port (tokenizing, length checks, pooling, stop strings); no starlette here
     app.py      the Starlette application: endpoints, API keys, OpenAI-shaped errors, server-sent events
-    server.py   uvicorn in a thread of the runner's process
+    server.py   uvicorn in a thread of the runner's process;  limits.py  connections, timeouts, bodies
     params.py   request bodies -> typed, checked requests;  text.py  tokenizer, chat template, TextStream
     metrics.py  Prometheus metrics;  errors.py  ApiError (status + OpenAI error fields)
 
@@ -64,11 +64,13 @@ def start_http(host, port: int, api_keys: list[str] | None = None, name: str | N
     from .gateway import Gateway
     from .server import HttpServer
 
+    from .limits import HttpLimits
+
     gateway = Gateway(host.bundle, host.local_client_address, host.local_client_keys,
                       host.rank if host.local_client_keys is not None else None, name=name)
     bind = "0.0.0.0" if host.bind_host in ("*", "") else host.bind_host
     try:
-        return HttpServer(gateway, bind, port, api_keys).start()
+        return HttpServer(gateway, bind, port, api_keys, HttpLimits.of(host.settings)).start()
     except BaseException:
         gateway.close()
         raise

@@ -38,10 +38,10 @@ from starlette.routing import Route
 from .errors import ApiError, bad_request, too_long, unauthorized, unavailable
 from .gateway import Gateway
 from .generation import generation_response
+from .limits import BUGS, HttpLimits, Refusals
 from .params import chat_request, completion_request, embed_request, embedding_request
 
 log = logging.getLogger("prism.http")
-MAX_BODY = 16 << 20  # bytes of one request's JSON
 MAX_EMBED_INPUTS = 2048  # OpenAI's limit per embeddings request
 OPEN_PATHS = ("/health", "/metrics")  # no API key needed
 ENDPOINTS = ("/v1/embeddings", "/embed", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health",
@@ -49,8 +49,10 @@ ENDPOINTS = ("/v1/embeddings", "/embed", "/v1/completions", "/v1/chat/completion
 
 
 def error_response(e: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+    if e.status in (408, 413) or getattr(e, "unread_body", False):  # the body was not read (whole): this
+        headers["Connection"] = "close"                                     # connection cannot carry another
+    return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
 
 
 def endpoint(fn):
@@ -64,30 +66,68 @@ def endpoint(fn):
         except ApiError as e:
             return error_response(e)
         except Exception as e:
-            log.exception("internal error in %s %s (the server keeps serving)", request.method, request.url.path)
+            BUGS.error(e, f"internal error in {request.method} {request.url.path} (the server keeps serving)")
             return error_response(ApiError(500, f"internal error: {type(e).__name__}", code="internal_error"))
 
     return wrapper
 
 
-async def read_json(request: Request) -> dict:
-    """The request's JSON object, read up to MAX_BODY bytes (413 beyond), 400 when it is not a JSON object."""
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > MAX_BODY:
-        raise too_long(f"the request body of {int(length):,} bytes exceeds {MAX_BODY:,} bytes")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > MAX_BODY:
-            raise too_long(f"the request body exceeds {MAX_BODY:,} bytes")
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, RecursionError) as e:
-        raise bad_request(f"the request body is not valid JSON ({str(e)[:120]})") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    return body
+class Bodies:
+    """Request bodies read at once, at most `limits.max_bodies`, each within `limits.body_timeout` seconds and
+    `limits.max_body_bytes` bytes (serve/limits.py). `refused(reason, host, why)` counts each refusal."""
+
+    def __init__(self, limits: HttpLimits, refused):
+        self.limits, self.refused = limits, refused
+        self.slots = asyncio.Semaphore(limits.max_bodies)
+
+    async def read_json(self, request: Request) -> dict:
+        """The request's JSON object: 413 when its declared length is over the limit (nothing read) or it
+        grows past it, 408 when it does not arrive in time, 503 when no slot frees in time, 400 when it is
+        not a JSON object."""
+        L, host = self.limits, request.client.host if request.client else None
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > L.max_body_bytes:
+            self.refused("body_too_large", host, f"a declared body of {int(length):,} bytes")
+            raise too_long(f"the request body of {int(length):,} bytes exceeds {L.max_body_bytes:,} bytes")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + L.body_timeout
+        try:
+            await asyncio.wait_for(self.slots.acquire(), L.body_timeout)
+        except asyncio.TimeoutError:
+            self.refused("too_many_bodies", host, f"{L.max_bodies} bodies were being read for {L.body_timeout:g} s")
+            e = unavailable(f"the server is reading {L.max_bodies} other request bodies: retry later", code="busy")
+            e.unread_body = True
+            raise e from None
+        try:
+            body = await self._read(request, deadline, host)
+        finally:
+            self.slots.release()
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError) as e:
+            raise bad_request(f"the request body is not valid JSON ({str(e)[:120]})") from None
+        if not isinstance(data, dict):
+            raise bad_request("the request body must be a JSON object")
+        return data
+
+    async def _read(self, request: Request, deadline: float, host: str | None) -> bytes:
+        L, chunks, total = self.limits, [], 0
+        stream = request.stream().__aiter__()
+        while True:
+            try:
+                left = max(0.0, deadline - asyncio.get_running_loop().time())
+                chunk = await asyncio.wait_for(stream.__anext__(), left)
+            except StopAsyncIteration:
+                return b"".join(chunks)
+            except asyncio.TimeoutError:
+                self.refused("body_timeout", host, f"a body not whole within {L.body_timeout:g} s")
+                raise ApiError(408, f"the request body did not arrive within {L.body_timeout:g} s",
+                               code="timeout") from None
+            total += len(chunk)
+            if total > L.max_body_bytes:
+                self.refused("body_too_large", host, f"a body growing past {L.max_body_bytes:,} bytes")
+                raise too_long(f"the request body exceeds {L.max_body_bytes:,} bytes")
+            chunks.append(chunk)
 
 
 class Observe:
@@ -143,8 +183,11 @@ class Api:
     cluster calls run in the gateway's pool, STATUS probes in its own single thread (a health check never
     waits behind requests)."""
 
-    def __init__(self, gateway: Gateway):
-        self.g = gateway
+    def __init__(self, gateway: Gateway, bodies: Bodies):
+        self.g, self.bodies = gateway, bodies
+
+    async def read_json(self, request: Request) -> dict:
+        return await self.bodies.read_json(request)
 
     async def run(self, fn, *args, **kw):
         return await asyncio.get_running_loop().run_in_executor(self.g.pool, functools.partial(fn, *args, **kw))
@@ -195,7 +238,7 @@ class Api:
     @endpoint
     async def embeddings(self, request):
         g = self.g
-        req = embedding_request(await read_json(request), MAX_EMBED_INPUTS)
+        req = embedding_request(await self.read_json(request), MAX_EMBED_INPUTS)
         self.check_model(req.model)
         if req.dimensions is not None and req.dimensions != g.dimensions:
             raise bad_request(f"'dimensions' {req.dimensions}: this model's embeddings have {g.dimensions}",
@@ -211,7 +254,7 @@ class Api:
 
     @endpoint
     async def embed(self, request):
-        req = embed_request(await read_json(request), MAX_EMBED_INPUTS)
+        req = embed_request(await self.read_json(request), MAX_EMBED_INPUTS)
         rows = await self.run(self.g.token_rows, req.inputs, "inputs", truncate=req.truncate, left=req.left)
         vectors = await self.run(self.g.embed, rows, normalize=req.normalize)
         return JSONResponse(vectors.tolist())
@@ -219,14 +262,14 @@ class Api:
     # ------------------------------------------------------------------------------------- generation
     @endpoint
     async def completions(self, request):
-        req = completion_request(await read_json(request), self.g.limits.max_batch)
+        req = completion_request(await self.read_json(request), self.g.limits.max_batch)
         self.check_model(req.model)
         rows = await self.run(self.g.token_rows, req.prompt, "prompt")
         return await generation_response(self.g, req.sampling, rows, self.g.config(req.sampling, rows, 16), chat=False)
 
     @endpoint
     async def chat_completions(self, request):
-        req = chat_request(await read_json(request))
+        req = chat_request(await self.read_json(request))
         self.check_model(req.model)
         rows = await self.run(self.g.chat_rows, req.messages, req.add_generation_prompt)
         return await generation_response(self.g, req.sampling, rows, self.g.config(req.sampling, rows, None),
@@ -241,9 +284,11 @@ async def not_found(request, exc: HTTPException):
     return error_response(e)
 
 
-def create_app(gateway: Gateway, api_keys: list[str] | None = None) -> Starlette:
-    """The Starlette application of `gateway`; `api_keys`: the accepted keys (None or empty: open)."""
-    api = Api(gateway)
+def create_app(gateway: Gateway, api_keys: list[str] | None = None, limits: HttpLimits | None = None,
+               refused: Refusals | None = None) -> Starlette:
+    """The Starlette application of `gateway`; `api_keys`: the accepted keys (None or empty: open); `limits`
+    of request bodies (serve/limits.py; default HttpLimits())."""
+    api = Api(gateway, Bodies(limits or HttpLimits(), refused or Refusals(gateway.metrics)))
     routes = [Route("/health", api.health, methods=["GET"]), Route("/metrics", api.metrics, methods=["GET"]),
               Route("/v1/models", api.models, methods=["GET"]),
               Route("/v1/models/{model:path}", api.models, methods=["GET"]),

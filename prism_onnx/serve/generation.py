@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from ..errors import PrismError
 from .errors import ApiError, from_cluster
 from .gateway import Gateway
+from .limits import BUGS
 from .text import TextStream
 
 log = logging.getLogger("prism.http")
@@ -104,7 +105,7 @@ class Session:
         except PrismError as e:
             self._put(("error", from_cluster(e)))
         except Exception as e:  # a bug: the request fails, the server keeps serving
-            log.exception("internal error while generating")
+            BUGS.error(e, "internal error while generating")
             self._put(("error", ApiError(500, f"internal error: {type(e).__name__}", code="internal_error")))
 
     async def start(self) -> None:

@@ -12,6 +12,9 @@
     prism_decode_tokens_per_second                     the tail device's decoding speed, last generation
     prism_decode_seconds_total                         (rate of tokens over seconds: the average speed)
     prism_time_to_first_token_seconds                  histogram, at the coordinator
+    prism_http_refused_total{reason}                   connections and bodies the HTTP limits refused
+                                                       (serve/limits.py): header_timeout, body_timeout,
+                                                       body_too_large, too_many_bodies
 
 A scrape counts in prism_http_requests_total after it is answered, so it sees every earlier request.
 """
@@ -48,6 +51,8 @@ class Metrics:
         self.decode_speed = Gauge("prism_decode_tokens_per_second", "Decoding speed of the tail device, last "
                                   "generation request", registry=r)
         self.decode_seconds = Counter("prism_decode_seconds", "Seconds the tail device spent decoding", registry=r)
+        self.refused = Counter("prism_http_refused", "Connections and request bodies refused by the HTTP limits",
+                               ["reason"], registry=r)
         self.ttft = Histogram("prism_time_to_first_token_seconds", "Time to the first generated token at the "
                               "coordinator", buckets=LATENCY_BUCKETS, registry=r)
 

@@ -13,15 +13,18 @@ import threading
 from ..errors import PeerError
 from .app import create_app
 from .gateway import Gateway
+from .limits import HttpLimits, Refusals, limited_protocol
 
 log = logging.getLogger("prism.http")
 
 
 class HttpServer:
-    def __init__(self, gateway: Gateway, host: str, port: int, api_keys: list[str] | None = None):
+    def __init__(self, gateway: Gateway, host: str, port: int, api_keys: list[str] | None = None,
+                 limits: HttpLimits | None = None):
         import uvicorn
 
         self.gateway, self.host, self.port, self.keyed = gateway, host, int(port), bool(api_keys)
+        self.limits = limits = limits or HttpLimits()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -32,8 +35,10 @@ class HttpServer:
             raise PeerError(f"--http: cannot listen on {host}:{port} ({e.strerror or e}): is the port in use?") from None
         self.sock.listen(128)
         self.sock.setblocking(False)
-        config = uvicorn.Config(create_app(gateway, api_keys), log_config=None, access_log=False,
-                                timeout_graceful_shutdown=2, lifespan="off")
+        refused = Refusals(gateway.metrics)
+        config = uvicorn.Config(create_app(gateway, api_keys, limits, refused), log_config=None, access_log=False,
+                                timeout_graceful_shutdown=2, lifespan="off", http=limited_protocol(limits, refused),
+                                limit_concurrency=limits.max_connections + 1, timeout_keep_alive=limits.keep_alive)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="prism-http", daemon=True)
 
@@ -45,8 +50,11 @@ class HttpServer:
 
     def start(self) -> "HttpServer":
         self.thread.start()
-        log.info("HTTP API of '%s' on http://%s:%d (%s; serves %s)", self.gateway.name, self.host, self.port,
-                 "API key required" if self.keyed else "no API key", ", ".join(self.gateway.capabilities()) or "nothing")
+        L = self.limits
+        log.info("HTTP API of '%s' on http://%s:%d (%s; serves %s; at most %d connections, headers within %g s, "
+                 "%d bodies of up to %.0f MiB at once, each within %g s)", self.gateway.name, self.host, self.port,
+                 "API key required" if self.keyed else "no API key",
+                 ", ".join(self.gateway.capabilities()) or "nothing", L.max_connections, L.header_timeout, L.max_bodies, L.max_body_bytes / 2**20, L.body_timeout)
         if not self.keyed:
             log.warning("the HTTP API has no API key (--api-key / --api-key-file): anyone who can reach port %d "
                         "can use this deployment", self.port)
