@@ -100,8 +100,9 @@ def check_generate(options, limits: Limits) -> None:
     """A request's generation options (schema.GenerateOptions, their bounds checked), against what this
     export can do."""
     if not limits.generates:
-        raise InputError("this export cannot generate: it needs a language-model head (e.g. GPT2LMHeadModel, "
-                         "LlamaForCausalLM) exported with --exchange kv")
+        from ..generate import cannot_generate
+
+        raise InputError(cannot_generate(limits.outputs))
 
 
 def check_request(req, limits: Limits) -> None:

@@ -174,6 +174,11 @@ class ClientKeys:
     def load(cls, folder: str | Path) -> "ClientKeys":
         folder = Path(folder)
         secrets = sorted(folder.glob("*.key_secret")) if folder.is_dir() else []
+        device = next((s.stem for s in secrets if s.stem.startswith("device-") and s.stem[7:].isdigit()), None)
+        if device is not None:
+            raise BundleError(f"{folder} holds {device}'s own keys (a runner's): a client uses the client folder "
+                              f"`prism keys` wrote beside the device folders, EXPORT_DIR/client (or "
+                              f"EXPORT_DIR/client-NAME of `prism keys --add-client NAME`)")
         if len(secrets) != 1:
             raise BundleError(f"{folder}: expected one client key (NAME.key_secret), found {len(secrets)}; give "
                               f"the client folder that `prism keys` wrote (EXPORT_DIR/client)")

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ErrorInfo, FrameError
+from ..errors import ErrorInfo, FrameError, InputError
 from .protocol import ArrayRules, Kind, decode, encode
 
 MAX_INT = (1 << 63) - 1
@@ -452,17 +452,25 @@ def tokens_rules(limits) -> ArrayRules:
 class Request(Record):
     """A client's request: `texts`, or input arrays (input_ids [B, N] and attention_mask, pixel_values, or
     image files image_0000...); `outputs` to return (None: all); `generate` to decode after the prefill
-    (`stream`: send each step's tokens as they come); `call` the client's id of this call, echoed back."""
+    (`stream`: send each step's tokens as they come); `split` the request's own plan (one weight per device of
+    the export, 0: left out; `prism infer --split`, split.requested); `call` the client's id of this call,
+    echoed back."""
 
     call: int | None = spec("int", default=None, lo=0, hi=MAX_INT)
     texts: tuple[str, ...] | None = spec("strs", default=None, length=1 << 30)  # admission.py: count, length
     outputs: tuple[str, ...] | None = spec("strs", default=None, items=lambda L: len(L.outputs), length=64)
     generate: GenerateOptions | None = spec("rec", default=None, rec=GenerateOptions)
     stream: bool = spec("bool", default=False)
+    split: tuple[float, ...] | None = spec("floats", default=None, items=MAX_DEVICES, lo=0.0, hi=1e9)
     arrays: dict = field(default_factory=dict, repr=False, compare=False)
 
     def check(self, limits) -> None:
+        if self.split is not None and not any(self.split):
+            raise FrameError("field 'split' needs at least one positive weight")
         if limits is not None:
+            if self.split is not None and len(self.split) != limits.devices:
+                raise InputError(f"split {','.join(f'{w:g}' for w in self.split)} has {len(self.split)} weights; "
+                                 f"this export has {limits.devices} devices (one weight each, 0 to leave one out)")
             from .admission import check_request
 
             check_request(self, limits)  # the values (InputError: the client's fault)

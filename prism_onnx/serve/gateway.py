@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PrismError
-from ..generate import GenerationConfig, stop_ids
+from ..generate import GenerationConfig, cannot_generate, stop_ids
 from ..pooling import check_pooling, pool
 from ..runtime.bundle import DeviceBundle
 from ..runtime.client import Client
@@ -159,19 +159,22 @@ class Gateway:
 
     # ------------------------------------------------------------------------------------- generation
     def chat_rows(self, messages: list[dict], add_generation_prompt: bool) -> list[list[int]]:
+        self.check_generates()
         if self.chat is None:
             raise bad_request("this deployment's tokenizer has no chat template (tokenizer_config.json's "
                               "chat_template at export): use /v1/completions", param="messages")
         text = self.chat.render(messages, add_generation_prompt)
         return self.token_rows(Inputs(texts=[text]), "messages", special=False)
 
+    def check_generates(self) -> None:
+        if not self.generates:
+            raise bad_request(cannot_generate(self.limits.outputs, self.manifest.model.architecture))
+
     def config(self, s: Sampling, rows: list[list[int]], default_max: int | None) -> GenerationConfig:
         """OpenAI-style sampling -> prism's GenerationConfig, checked against the model's positions
         (default_max None: as many tokens as the positions leave). Stop token ids: the request's and the
         model's EOS."""
-        if not self.generates:
-            raise bad_request(f"this deployment's model ({self.manifest.model.architecture}) cannot generate: it "
-                              f"needs a language-model head exported with --exchange kv")
+        self.check_generates()
         positions = self.limits.max_positions
         longest = max(len(r) for r in rows)
         room = positions - longest
