@@ -245,3 +245,35 @@ def test_generation_after_the_hidden_exchange(lms, exported_graphs, tmp_path, le
     b, _ = Executor(write_bundles(kv, tmp_path / "kv-cr4", settings)).generate(
         inputs, GenerationConfig(max_new_tokens=16))
     assert a.ids == b.ids
+
+
+def test_streamed_text_is_the_decoded_text_on_stdout_then_the_report(tmp_path):
+    """Issue 23: `--stream` prints the text as the tokenizer decodes it (incremental detokenization: WordPiece
+    '##' pieces join their word, spaces fall between words), on stdout, ending with a newline; the report
+    follows. A tiny GPT-2 over MiniLM's WordPiece vocabulary: its random tokens are words and '##' pieces."""
+    import shutil
+
+    import transformers as tf
+    from click.testing import CliRunner
+    from tokenizers import Tokenizer
+
+    from conftest import minilm_path
+    from prism_onnx.cli import main
+    from prism_onnx.exporters.bundle import ExportSettings, export
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
+                        eos_token_id=102)
+    tf.GPT2LMHeadModel(cfg).eval().save_pretrained(tmp_path / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / f, tmp_path / "model" / f)
+    b = export(tmp_path / "model", tmp_path / "export", ExportSettings(devices=2, compression_ratio=2))
+    r = CliRunner().invoke(main, ["launch", str(b), "--text", "the film is", "--max-new-tokens", "24", "--stream",
+                                  "--insecure"])
+    assert r.exit_code == 0, r.output
+    streamed, summary = r.stdout.split("\n", 1)
+    assert summary.startswith("  row 0: "), r.stdout
+    ids = [int(t) for t in summary.split(": [", 1)[1].split("]", 1)[0].split(", ")]
+    decoded = Tokenizer.from_file(str(tmp_path / "model" / "tokenizer.json")).decode(ids, skip_special_tokens=True)
+    assert streamed == decoded and len(ids) > 1
+    assert "##" not in streamed or "##" in decoded  # no piece printed on its own

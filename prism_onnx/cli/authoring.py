@@ -62,10 +62,16 @@ def export(model, out, overwrite, as_json, **settings):
     """Export MODEL (hub id, folder, or .gguf file) to one ONNX bundle per device in OUT/device-K."""
     import time
 
+    from ..precheck import OptionProblem, check_export
+
+    settings = ExportSettings(**settings)
+    try:
+        check_export(model, out, settings, overwrite)  # before torch and the model load: seconds, not at the end
+    except OptionProblem as e:
+        raise click.BadParameter(str(e), param_hint=e.option) from None
     from ..exporters.bundle import export as do_export
     from ..runtime.bundle import MANIFEST, read_manifest
 
-    settings = ExportSettings(**settings)
     t0 = time.perf_counter()
     path = do_export(model, out, settings, overwrite=overwrite, progress=not as_json)
     size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
