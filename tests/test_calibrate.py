@@ -176,3 +176,29 @@ def test_every_text_task_writes_its_calibration_data_into_a_new_folder(tmp_path)
     for task in (LongText(), WikiTextLM()):
         path, _ = task.calibration_data(tmp_path / "b" / type(task).__name__)
         assert "valid" in path.name and path.stat().st_size > 10_000
+
+
+def test_a_line_longer_than_max_seq_len_is_cut_into_windows_not_refused(exported_graphs, tmp_path):
+    """Issue 23: one paragraph over --max-seq-len (WikiText-2 valid has one of 532 tokens for MiniLM's 512) made
+    `prism calibrate` refuse the whole file. Now it is cut into inputs of at most --max-seq-len tokens, each
+    with [CLS] ... [SEP] as the tokenizer's own truncation makes them, and the cut is reported."""
+    from prism_onnx.calibration.data import read_inputs
+    from prism_onnx.exporters.bundle import write_bundles
+    from prism_onnx.manifest import ExportSettings
+    from prism_onnx.runtime.device import Requests
+
+    export = write_bundles(exported_graphs["BertModel"], tmp_path / "export",
+                           ExportSettings(devices=2, compression_ratio=4, max_seq_len=16))
+    data = tmp_path / "paragraphs.txt"
+    long_line = " ".join(sst2_sentences(6))  # about 60 tokens
+    data.write_text(f"a gripping, funny film\n{long_line}\ndull\n")
+    cut = {}
+    inputs = read_inputs(Requests(Export.load(export).devices[0]), data, cut=cut)
+    lengths = [x["input_ids"].shape[1] for x in inputs]
+    assert cut["lines"] == 1 and cut["windows"] == len(inputs) - 2 >= 3 and max(lengths) == 16
+    assert all(x["input_ids"][0, 0] == 101 and x["input_ids"][0, -1] == 102 for x in inputs)
+    r = CliRunner().invoke(main, ["calibrate", str(export), "--data", str(data), "--out", str(tmp_path / "cal"),
+                                  "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert f"1 line(s) longer than --max-seq-len 16 tokens were cut into {cut['windows']} inputs" in r.output
+    assert Export.load(tmp_path / "cal").manifest.calibration["long_lines_cut"] == cut

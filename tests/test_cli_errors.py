@@ -284,3 +284,36 @@ def test_option_mistakes_are_refused_before_torch_is_imported(setup, argv):
     r = subprocess.run([sys.executable, "-c", code, *argv(setup)], capture_output=True, text=True, timeout=120)
     exit_code, torch_imported = r.stdout.split()
     assert exit_code in ("1", "2") and torch_imported == "False", r.stdout + r.stderr
+
+
+def test_save_target_creates_folders_and_names_the_file_it_writes(tmp_path):
+    """--save (issue 23): the suffix numpy adds is in the name reported; a folder (existing, or ending with
+    '/') gets 000000.npz; missing folders are created before any work; a batch file's folder too."""
+    from prism_onnx.errors import InputError
+    from prism_onnx.runtime.batch_client import save_target
+
+    assert save_target(tmp_path / "a" / "b" / "out2") == tmp_path / "a" / "b" / "out2.npz"
+    assert (tmp_path / "a" / "b").is_dir()
+    assert save_target(str(tmp_path / "c") + "/") == tmp_path / "c" / "000000.npz"
+    assert save_target(tmp_path / "a") == tmp_path / "a" / "000000.npz"  # an existing folder
+    assert save_target(tmp_path / "d" / "x.npz") == tmp_path / "d" / "x.npz"
+    assert save_target(tmp_path / "batch", folder=True) == tmp_path / "batch" and (tmp_path / "batch").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="names a folder"):
+        save_target(tmp_path / "file", folder=True)
+
+
+def test_launch_saves_into_missing_folders_and_one_file_per_request(setup, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a gripping, funny film\ndull\n")
+    r = CliRunner().invoke(main, ["launch", str(setup.export), "--insecure", "--texts-file", str(texts), "--save",
+                                  str(tmp_path / "new" / "runs")])
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["saved"] for rec in records] == [str(tmp_path / "new" / "runs" / f"00000{i}.npz") for i in (0, 1)]
+    assert all(np.load(rec["saved"])["last_hidden_state"].shape[0] == 1 for rec in records)
+    r = CliRunner().invoke(main, ["launch", str(setup.export), "--insecure", "--text", "dull", "--save",
+                                  str(tmp_path / "missing" / "out2"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["saved"] == str(tmp_path / "missing" / "out2.npz")
+    assert set(np.load(tmp_path / "missing" / "out2.npz").files) == {"last_hidden_state", "pooler_output"}

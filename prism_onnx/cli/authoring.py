@@ -181,6 +181,10 @@ def calibrate(export_dir, data, out, steps, time_budget, params, rank, lr, batch
         click.echo(f"calibrated {export_dir} on {r['train_inputs']} inputs of {data}: {r['steps']} steps in "
                    f"{r['seconds']:.1f} s, {r['trained_parameters']:,} trained parameters "
                    f"({', '.join(r['settings']['params'])}); {loss}")
+        cut = r.get("long_lines_cut")
+        if cut and cut["lines"]:
+            click.echo(f"  {cut['lines']} line(s) longer than --max-seq-len {cut['max_seq_len']} tokens were cut into "
+                       f"{cut['windows']} inputs of at most {cut['max_seq_len']} tokens")
         if r["exact_steps"]:
             click.echo(f"  {r['exact_steps']} steps changed nothing: PRISM was already exact on their inputs")
         click.echo(f"wrote {r['export']} (export {r['export_id'][:12]}); check it with: prism validate {r['export']}")
