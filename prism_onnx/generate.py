@@ -340,7 +340,7 @@ def check_prompt(attention_mask: np.ndarray, config: GenerationConfig, max_posit
     longest = int(attention_mask.sum(1).max())
     if longest + config.max_new_tokens > max_positions:
         raise too_long(f"a prompt of {longest} tokens and {config.max_new_tokens} new ones exceed the model's "
-                         f"{max_positions} positions")
+                       f"{max_positions} positions: ask for at most {max(max_positions - longest, 0)} new tokens")
 
 
 def decode_from_cache(program: Program, backend, collector: CacheCollector, prompt_ids: np.ndarray, attention_mask: np.ndarray,

@@ -317,3 +317,17 @@ def test_launch_saves_into_missing_folders_and_one_file_per_request(setup, tmp_p
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["saved"] == str(tmp_path / "missing" / "out2.npz")
     assert set(np.load(tmp_path / "missing" / "out2.npz").files) == {"last_hidden_state", "pooler_output"}
+
+
+def test_insecure_against_a_keyed_cluster_says_to_give_keys(setup):
+    """Issue 23: `prism infer --insecure` against runners that speak CurveZMQ said "closed the connection (...
+    over its size limit)"; now one line says why: plain text to a keyed runner, give --keys EXPORT_DIR/client."""
+    from prism_onnx.runtime.cluster import LocalCluster
+
+    with LocalCluster(setup.export) as cluster:
+        r = CliRunner().invoke(main, ["infer", "--server", cluster.serve_address, "--insecure", "--input-ids", "1,2",
+                                      "--timeout", "20"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = stderr_lines(r)
+    assert len(lines) == 1 and "this client speaks plain text (--insecure)" in lines[0], r.stderr
+    assert "give --keys EXPORT_DIR/client" in lines[0] and "size limit" not in lines[0]

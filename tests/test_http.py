@@ -219,6 +219,20 @@ def test_prism_infer_reports_the_sentence_embedding_that_v1_embeddings_returns(b
     assert np.abs(got - expected).max() < 1e-4 and abs(np.linalg.norm(got) - 1) < 1e-5
 
 
+def test_chat_and_completions_on_an_encoder_say_it_cannot_generate(bert):
+    """Issue 23: chat on an encoder said "use /v1/completions", which then said it cannot generate: both say
+    why at once (no language-model head), naming the model."""
+    _, base, _ = bert
+    with http(base, None) as c:
+        name = c.get("/v1/models").json()["data"][0]["id"]
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"prompt": "hi"})):
+            r = c.post(path, json={"model": name, **body})
+            message = r.json()["error"]["message"]
+            assert r.status_code == 400 and "/v1/completions" not in message, (path, message)
+            assert "cannot generate: its model (BertModel) has no language-model head" in message, (path, message)
+
+
 def test_an_overlong_input_is_413_unless_embed_truncates_it(bert):
     cluster, base, _ = bert
     long_text = "a gripping, funny film " * 20  # about 100 tokens; this export takes 64

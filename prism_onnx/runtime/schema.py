@@ -236,7 +236,7 @@ def coordinator_of(request: int) -> int:
 class GenerateOptions(Record):
     """generate.GenerationConfig as it travels; stop_token_ids None: the model's EOS (the tail device's)."""
 
-    max_new_tokens: int = spec("int", default=16, lo=1, hi=lambda L: L.max_positions)
+    max_new_tokens: int = spec("int", default=16, lo=1, hi=MAX_INT)  # within the positions: check()
     temperature: float = spec("float", default=0.0, lo=0.0, hi=1e4)
     top_k: int = spec("int", default=0, lo=0, hi=lambda L: L.vocab_size)
     top_p: float = spec("float", default=1.0, lo=0.0, hi=1.0)
@@ -248,6 +248,11 @@ class GenerateOptions(Record):
     def check(self, limits) -> None:
         if self.top_p <= 0:
             raise FrameError("field 'top_p' must be in (0, 1]")
+        if limits is not None and limits.generates and self.max_new_tokens >= limits.max_positions:
+            from ..errors import too_long
+
+            raise too_long(f"max_new_tokens {self.max_new_tokens}: this model has {limits.max_positions} positions, "
+                           f"which hold the prompt and its new tokens (ask for at most {limits.max_positions - 1})")
 
     @classmethod
     def of(cls, config, given_stops: bool = True) -> "GenerateOptions":
