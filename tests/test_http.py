@@ -233,6 +233,21 @@ def test_chat_and_completions_on_an_encoder_say_it_cannot_generate(bert):
             assert "cannot generate: its model (BertModel) has no language-model head" in message, (path, message)
 
 
+@pytest.mark.parametrize("cr,expected", [(1, [[0, 1, 2], [3]]), (4, [[0, 1], [2, 3]])])
+def test_embedding_batches_hold_one_length_at_cr_above_1(cr, expected):
+    """At CR > 1 the plan cuts a batch's padded length: /v1/embeddings sends rows of equal length together
+    only, so that a text's embedding does not depend on the other texts of its request (at CR=1 padding is
+    masked and costs nothing but rounding)."""
+    from types import SimpleNamespace
+
+    from prism_onnx.serve.gateway import Gateway
+
+    g = SimpleNamespace(limits=SimpleNamespace(max_batch=3),
+                        manifest=SimpleNamespace(settings=SimpleNamespace(compression_ratio=cr)))
+    rows = [[1, 2], [3, 4], [5, 6, 7], [8, 9, 10]]
+    assert Gateway._chunks(g, [0, 1, 2, 3], rows) == expected
+
+
 def test_an_overlong_input_is_413_unless_embed_truncates_it(bert):
     cluster, base, _ = bert
     long_text = "a gripping, funny film " * 20  # about 100 tokens; this export takes 64
