@@ -107,13 +107,8 @@ class Coordinator:
     # ------------------------------------------------------------------------------------------ planning
     def members(self, now: float, req: Request | None = None) -> tuple[list[int] | None, PrismError | None]:
         """The devices to plan over (those a request's own split names, when it has one), or the error."""
-        ranks, why = plan_members(self.membership, self.limits.devices, self.min_devices, now)
-        if why is None and req is not None and req.split is not None:
-            try:
-                ranks = requested(req.split, ranks, self.rank)[0]
-            except PrismError as e:
-                return None, e
-        return ranks, why
+        split = req.split if req is not None else None
+        return plan_members(self.membership, self.limits.devices, self.min_devices, now, split, self.rank)
 
     def on_request(self, client: bytes, req: Request, now: float) -> None:
         """A checked REQUEST (a request that failed its checks is answered by the host with its error)."""
@@ -282,11 +277,15 @@ class Coordinator:
         return describe_pending(self.pending, now)
 
 
-def plan_members(membership, devices: int, min_devices: int, now: float):
-    """(the devices to plan over, None), or (None, DevicesUnavailable): fewer live than `min_devices`."""
+def plan_members(membership, devices: int, min_devices: int, now: float, split=None, coordinator: int = 0):
+    """(the devices to plan over, None), or (None, DevicesUnavailable): fewer live than `min_devices`; with a
+    request's own `split`, the devices it names (split.requested: all live, the coordinator among them)."""
     ranks = sorted(membership.members(now))
     if len(ranks) >= min_devices:
-        return ranks, None
+        try:
+            return (ranks if split is None else requested(split, ranks, coordinator)[0]), None
+        except PrismError as e:
+            return None, e
     lost = [q for q in range(devices) if q not in ranks]
     why = "; ".join(membership.describe(q, now) for q in lost)
     return None, DevicesUnavailable(
