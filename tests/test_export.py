@@ -225,7 +225,7 @@ def test_cli_export_inspect_validate(tiny_dirs, tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (["nonexistent/model-xyz", "-P", "2", "--cr", "1"], "cannot load model 'nonexistent/model-xyz'"),
-    (["TINY", "-P", "2", "--cr", "1", "--max-seq-len", "100"], "max sequence length 100 must be between"),
+    (["TINY", "-P", "2", "--cr", "1", "--max-seq-len", "100"], "100 is more tokens than the model's positions"),
     (["TINY", "-P", "2", "--cr", "1", "--split", "1,2,3"], "3 weights for 2 devices"),  # a usage error: exit 2
 ])
 def test_cli_export_bad_input(tiny_dirs, tmp_path, args, match):

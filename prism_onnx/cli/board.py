@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import PrismError
 from ..runtime.settings import RunnerSettings
-from .base import (emit, friendly_errors, input_options, json_option,
+from .base import (CommandError, emit, friendly_errors, input_options, json_option,
                    main, one_input_kind, parse_ids, settings_options, _int_list)
 
 
@@ -156,7 +156,7 @@ class StreamPrinter:
     in the bundle, the ids."""
 
     def __init__(self, as_json: bool):
-        self.err, self.shown, self.rows, self.started = as_json, [], 0, False
+        self.err, self.shown, self.started = as_json, [], False
 
     def __call__(self, step, ids, texts):
         if not self.shown:
@@ -182,8 +182,24 @@ class StreamPrinter:
 
 
 def _finish(result, target, as_json, extra=None, generated=False, printer=None):
-    """Print (and with --save write to `target`, batch_client.save_target's) one request's result."""
+    """Print (and with --save write to `target`, batch_client.save_target's) one request's result. A file that
+    cannot be written after all (a full disk) is reported after the results, which are printed anyway."""
+    report = _report(result, target, extra, generated, printer)
+    emit(report, as_json, _print_generation if generated else _print_run)
+    if "save_error" in report:
+        if as_json:
+            sys.exit(1)
+        raise CommandError("InputError", report["save_error"], named=True)
+
+
+def _report(result, target, extra, generated, printer) -> dict:
     from ..runtime.batch_client import write_npz
+
+    def save(report, outputs):
+        try:
+            report["saved"] = write_npz(target, outputs)
+        except PrismError as e:
+            report["save_error"] = str(e)
 
     if generated:
         ids, reply = result
@@ -197,14 +213,13 @@ def _finish(result, target, as_json, extra=None, generated=False, printer=None):
                   "decode_tokens_per_s": g.get("decode_tokens_per_s"), "generation": g, "stats": reply["stats"]}
         if target:
             width = max(map(len, ids)) if ids else 0
-            report["saved"] = write_npz(target, {"generated_ids": np.array([r + [-1] * (width - len(r)) for r in ids],
-                                                                           np.int64)})
-        return emit(report, as_json, _print_generation)
+            save(report, {"generated_ids": np.array([r + [-1] * (width - len(r)) for r in ids], np.int64)})
+        return report
     outputs, stats = result
     report = {**(extra or {}), "outputs": _summarise_outputs(outputs), "stats": stats}
     if target:
-        report["saved"] = write_npz(target, outputs)
-    emit(report, as_json, _print_run)
+        save(report, outputs)
+    return report
 
 
 def _print_generation(r):
