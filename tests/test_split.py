@@ -248,46 +248,34 @@ def test_split_arg_round_trips_weights():
 SENTENCE = "it 's a charming and often affecting journey , a gripping and funny film"
 
 
-def test_six_identical_requests_right_after_start_give_identical_outputs(make_bundle):
+def test_identical_requests_give_identical_outputs_and_a_replys_split_reproduces_it(make_bundle, tmp_path):
     """Issue 23: default options, CR=4, device 1 three times slower (an adaptive split would move the
-    boundaries after the first reply, and the outputs with them): six identical requests sent right after
-    start give bit-identical outputs, over the same plan."""
-    from prism_onnx.runtime.cluster import LocalCluster
-
-    export = make_bundle("BertModel", devices=2, compression_ratio=4)
-    with LocalCluster(export, rank_args={1: ["--emulate-slowdown", "3"]}) as cluster:
-        replies = [cluster.client.infer(texts=[SENTENCE]) for _ in range(6)]
-    first, stats = replies[0]
-    for outputs, st in replies[1:]:
-        assert st["spans"] == stats["spans"] and st["split"] == stats["split"] == "1,1"
-        for name, value in first.items():
-            assert np.array_equal(outputs[name], value), name
-
-
-def test_prism_infer_split_reproduces_a_reply_of_the_adaptive_split(make_bundle, tmp_path):
-    """`--split auto` moves the boundaries as it measures (device 1 three times slower): a reply over an
-    uneven plan reports it (`split`), and `prism infer --split THAT` gets the same outputs, bit for bit, over
-    the same plan, later, whatever the split in force then."""
+    boundaries after the first reply, and the outputs with them: `--split auto` fails this). Six identical
+    requests sent right after start give bit-identical outputs over the same plan. A request given its own
+    split reports it, and `prism infer --split THAT` later gets the same outputs, bit for bit (the sans-IO
+    tests above reproduce a reply of the adaptive split the same way)."""
     from click.testing import CliRunner
 
     from prism_onnx.cli import main
     from prism_onnx.runtime.cluster import LocalCluster
 
     export = make_bundle("BertModel", devices=2, compression_ratio=4)
-    with LocalCluster(export, rank_args={1: ["--emulate-slowdown", "3"]}, extra_args=["--split", "auto"]) as cluster:
-        for _ in range(8):
-            outputs, stats = cluster.client.infer(texts=[SENTENCE])
-            if stats["split_weights"] is not None:
-                break
-        assert stats["split_weights"] is not None and stats["split"] != "1,1", stats
+    with LocalCluster(export, rank_args={1: ["--emulate-slowdown", "3"]}) as cluster:
+        replies = [cluster.client.infer(texts=[SENTENCE]) for _ in range(6)]
+        uneven, stats = cluster.client.infer(texts=[SENTENCE], split=[0.7, 0.3])
         cluster.client.infer(texts=["another request in between"])
         r = CliRunner().invoke(main, ["infer", "--server", cluster.serve_address, "--keys", str(cluster.root / "client"),
                                       "--text", SENTENCE, "--split", stats["split"], "--save",
                                       str(tmp_path / "again.npz"), "--json"])
-        even, even_stats = cluster.client.infer(texts=[SENTENCE], split="1,1")
+    first, first_stats = replies[0]
+    for outputs, st in replies[1:]:
+        assert st["spans"] == first_stats["spans"] and st["split"] == first_stats["split"] == "1,1"
+        for name, value in first.items():
+            assert np.array_equal(outputs[name], value), name
+    assert stats["split"] == "0.7,0.3" and stats["spans"] != first_stats["spans"]
     assert r.exit_code == 0, r.output
-    again = np.load(tmp_path / "again.npz")
     assert json.loads(r.stdout)["stats"]["spans"] == stats["spans"]
-    for name, value in outputs.items():
+    again = np.load(tmp_path / "again.npz")
+    for name, value in uneven.items():
         assert np.array_equal(again[name], value), name
-    assert even_stats["split"] == "1,1" and not np.array_equal(even["last_hidden_state"], outputs["last_hidden_state"])
+    assert not np.array_equal(uneven["last_hidden_state"], first["last_hidden_state"])  # CR=4: the plan matters
