@@ -24,7 +24,6 @@ from .exchange import Traffic
 from .schema import GENERATED, Reply, Result, WireError
 from .split import split_arg
 
-
 EMBEDDINGS, SENTENCE_EMBEDDING = "last_hidden_state", "sentence_embedding"
 
 
@@ -54,8 +53,8 @@ class Replies:
         stats = RequestStats.of(results, latency_ms=1e3 * (now - p.t0))
         stats.spans = [list(p.results[r].span) for r in stats.ranks]
         stats.split_weights = list(p.attempt.split_weights) if p.attempt.split_weights else None
-        fields = {"stats": {**stats.to_dict(), "split": split_arg(stats.ranks, stats.split_weights, self.limits.devices)},
-                  "attempts": p.attempts, "reruns": tuple(p.reruns)}
+        split = split_arg(stats.ranks, stats.split_weights, self.limits.devices)
+        fields = {"stats": {**stats.to_dict(), "split": split}, "attempts": p.attempts, "reruns": tuple(p.reruns)}
         tail: Result = p.results[p.attempt.tail]
         if tail.generation is not None:
             ids = tail.arrays[GENERATED]
@@ -89,10 +88,10 @@ class Replies:
 
     def embedded(self, req, outputs: dict) -> dict:
         """A request's outputs, with its `sentence_embedding` first when the export comes from a
-        sentence-transformers folder and last_hidden_state is among them: pooled over the request's own
-        attention mask (its texts tokenized again, as the worker did)."""
+        sentence-transformers folder and the request asked for every output: pooled from last_hidden_state
+        over the request's own attention mask (its texts tokenized again, as the worker did)."""
         hidden = outputs.get(EMBEDDINGS)
-        if self.pooling is None or hidden is None:
+        if self.pooling is None or hidden is None or req.outputs is not None:
             return outputs
         if req.texts is not None:
             mask = self._tokenizer(list(req.texts))["attention_mask"]
