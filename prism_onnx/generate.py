@@ -8,8 +8,17 @@ Earlier tokens never see later ones (partition-aware causal mask), so this cache
 decodes by running the very graphs of the prefill with the cache in the place of the received rows:
 the new tokens are the "own" block (causal among themselves), the cache is the remote block (bias 0 for
 exact rows, log(count) for means, MASKED for padding), so a decoded token costs no network traffic and
-attends exactly as PRISM defines (PRISM.md, "Generation"). This needs the "kv" exchange program; at CR=1
-it is exact: greedy decoding equals the unpartitioned model's, token for token.
+attends exactly as PRISM defines (PRISM.md, "Generation"). At CR=1 it is exact: greedy decoding equals the
+unpartitioned model's, token for token.
+
+After the "hidden" exchange (GPT-2 exported with defaults) the received rows are Segment Means of each
+layer's attention input, and the layer graphs project remote rows to keys and values themselves; the
+cache then holds attention-input rows [B, C, D]: the received means, and the tail's own tokens' rows,
+which its prefill computes by running its graphs with an identity averager (one "segment" per token; what
+it really sends, averager @ rows, is computed from them: nothing, for the tail of a causal plan). Every
+decoding step passes the cache through the same graphs, which project it to keys and values: the same
+attention as the "kv" exchange (the projections are affine, so the keys of a mean are the mean of the
+keys), at the cost of projecting C rows per layer and token instead of one. `--exchange kv` decodes faster.
 
 Torch-free (numpy): the runtime's onnxruntime engine and the PyTorch reference both decode through here.
 
@@ -159,22 +168,37 @@ class KVCache:
 
 
 class CacheCollector:
-    """An on_step hook for the tail device's prefill: keeps, per layer step, the own keys and values it ran
-    with and the rows it received, and the final hidden states. `cache()` then builds the KVCache."""
+    """An on_step hook for the tail device's prefill: keeps, per layer step, the own rows it ran with (keys
+    and values; after the hidden exchange, the attention inputs its `wrap`ped exchange caught) and the rows
+    it received, and the final hidden states. `cache()` then builds the KVCache."""
 
     def __init__(self, program: Program):
         check_generates(program)
         self.program = program
         self.rows: dict[int, np.ndarray] = {}
+        self.own: dict[int, np.ndarray] = {}  # hidden exchange: point -> the tail's own attention-input rows
         self.local_bias = self.remote_bias = None
         self.hidden = None
+
+    def wrap(self, plan, rank: int, exchange):
+        """The plan and exchange endpoint the tail device runs its prefill with: as given for the kv exchange;
+        after the hidden exchange, an identity averager (its graphs then output every own token's attention
+        input) and an endpoint that keeps those rows and sends what the real averager makes of them."""
+        if self.program.exchange == "kv":
+            return plan, exchange
+        return _IdentityAverager(plan, rank), _OwnRows(exchange, plan, rank, self.own)
 
     def __call__(self, step, feeds: dict, results: list) -> None:
         recv = [(n, split_ref(r)[1]) for n, r in step.inputs.items() if split_ref(r)[0] == "recv"]
         if recv:
             name, point = recv[0]
-            own = kv_rows_numpy(np.asarray(feeds[_input(step, "value:k")]), np.asarray(feeds[_input(step, "value:v")]))
-            self.rows[self.program.point_index(point)] = np.concatenate([own, np.asarray(feeds[name])], axis=1)
+            index = self.program.point_index(point)
+            if self.program.exchange == "kv":
+                own = kv_rows_numpy(np.asarray(feeds[_input(step, "value:k")]),
+                                    np.asarray(feeds[_input(step, "value:v")]))
+            else:
+                own = self.own.pop(index)
+            self.rows[index] = np.concatenate([own, np.asarray(feeds[name])], axis=1)
             self.local_bias = np.asarray(feeds[_input(step, "plan:local_bias")])
             self.remote_bias = np.asarray(feeds[_input(step, "plan:remote_bias")])
         for (name, ref), value in zip(step.outputs.items(), results):
@@ -190,18 +214,58 @@ def _input(step, ref: str) -> str:
     return next(n for n, r in step.inputs.items() if r == ref)
 
 
+def _identity(batch: int, n: int) -> np.ndarray:
+    return np.broadcast_to(np.eye(n, dtype=np.float32), (batch, n, n)).copy()
+
+
+class _IdentityAverager:
+    """A plan whose averager for device `rank` is the identity (one row per own token); otherwise the plan."""
+
+    def __init__(self, plan, rank: int):
+        self._plan, self._rank = plan, rank
+
+    def averager(self, p):
+        a = self._plan.averager(p)
+        return _identity(a.shape[0], a.shape[2]) if p == self._rank else a
+
+    def __getattr__(self, name):
+        return getattr(self._plan, name)
+
+
+class _OwnRows:
+    """The tail's exchange endpoint during a hidden-exchange prefill: the rows its graphs send (under the
+    identity averager: every own token's attention input) are kept for the cache, and what the real plan's
+    averager makes of them is sent on."""
+
+    def __init__(self, exchange, plan, rank: int, own: dict):
+        self._exchange, self._plan, self._rank, self._own = exchange, plan, rank, own
+
+    def send(self, request, point, rows, plan):
+        rows = np.asarray(rows, np.float32)
+        self._own[point] = rows
+        self._exchange.send(request, point, np.matmul(self._plan.averager(self._rank), rows), self._plan)
+
+    def gather(self, request, point, plan):
+        return self._exchange.gather(request, point, self._plan)
+
+    def __getattr__(self, name):
+        return getattr(self._exchange, name)
+
+
 @dataclass
 class DecodePlan:
     """Stands in for the Plan while decoding `t` new tokens on the tail device (see DeviceRun)."""
 
     positions: np.ndarray  # [B, t]
     cache: KVCache
+    hidden: bool = False  # the hidden exchange: the new tokens' attention inputs come out as "sent" rows
 
     def position_ids(self, p):
         return self.positions
 
-    def averager(self, p):  # nothing is sent while decoding
-        return np.zeros((self.positions.shape[0], 0, self.positions.shape[1]), np.float32)
+    def averager(self, p):  # nothing is sent while decoding (hidden: the rows the cache needs, kept here)
+        B, t = self.positions.shape
+        return _identity(B, t) if self.hidden else np.zeros((B, 0, t), np.float32)
 
     def local_bias(self, p):
         return np.zeros(self.positions.shape, np.float32)
@@ -221,12 +285,17 @@ class CacheExchange:
         self.program, self.cache, self.rank = program, cache, rank
 
     def send(self, request, point, rows, plan):
-        assert rows.shape[1] == 0, "nothing is sent while decoding"
+        if self.program.exchange == "kv":
+            assert rows.shape[1] == 0, "nothing is sent while decoding"
+        else:  # the new tokens' attention inputs at this point (DecodePlan's identity averager)
+            self.cache.append_rows(point, np.asarray(rows, np.float32))
 
     def gather(self, request, point, plan):
         return self.cache.rows(point)
 
     def __call__(self, step, feeds, results):  # on_step
+        if self.program.exchange != "kv":
+            return
         for ref in step.inputs.values():
             kind, name = split_ref(ref)
             if kind == "recv":
@@ -271,7 +340,7 @@ def check_prompt(attention_mask: np.ndarray, config: GenerationConfig, max_posit
     longest = int(attention_mask.sum(1).max())
     if longest + config.max_new_tokens > max_positions:
         raise too_long(f"a prompt of {longest} tokens and {config.max_new_tokens} new ones exceed the model's "
-                         f"{max_positions} positions")
+                       f"{max_positions} positions: ask for at most {max(max_positions - longest, 0)} new tokens")
 
 
 def decode_from_cache(program: Program, backend, collector: CacheCollector, prompt_ids: np.ndarray, attention_mask: np.ndarray,
@@ -337,7 +406,8 @@ def _decode_step(program: Program, backend, cache: KVCache, ids: np.ndarray, pos
                  rank: int) -> np.ndarray:
     """One pass of the program over new tokens ids [B, t] at positions [B, t] -> logits [B, t, V]."""
     exchange = CacheExchange(program, cache, rank)
-    run = DeviceRun(program, backend, DecodePlan(positions, cache), rank, {"input_ids": ids.astype(np.int64)},
+    plan = DecodePlan(positions, cache, hidden=program.exchange != "kv")
+    run = DeviceRun(program, backend, plan, rank, {"input_ids": ids.astype(np.int64)},
                     exchange, outputs=set(program.token_outputs), on_step=exchange)
     for step in program.steps:
         run.step(step)
@@ -353,10 +423,20 @@ def stop_ids(config_summary: dict, given=None) -> tuple[int, ...]:
     return tuple(int(t) for t in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
 
 
+def generates(program: Program) -> bool:
+    """Whether an export can generate: its model has a language-model head (token logits), whatever it
+    exchanges (hidden or kv)."""
+    return "logits" in program.token_outputs
+
+
 def check_generates(program: Program) -> None:
-    if program.exchange != "kv":
-        raise InputError("generation needs an export whose devices exchange keys and values: re-export with "
-                         "--exchange kv")
-    if "logits" not in program.token_outputs:
-        raise InputError("generation needs a language-model head (e.g. GPT2LMHeadModel, LlamaForCausalLM); "
-                         f"this export returns {', '.join(program.token_outputs + program.pooled_outputs)}")
+    if not generates(program):
+        raise InputError(cannot_generate(program.token_outputs + program.pooled_outputs))
+
+
+def cannot_generate(outputs, architecture: str | None = None) -> str:
+    """Why an export cannot generate, in one line (the runner's, the CLI's and the HTTP API's message)."""
+    model = f" ({architecture})" if architecture else ""
+    return (f"this export cannot generate: its model{model} has no language-model head (it returns "
+            f"{', '.join(outputs)}, not token logits); export a model with one, e.g. GPT2LMHeadModel or "
+            f"LlamaForCausalLM")

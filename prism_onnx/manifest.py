@@ -183,7 +183,7 @@ class ExportSettings(PrismSettings):
     opset: int = field(default=DEFAULT_OPSET, metadata=option("ONNX opset of the exported graphs.", min=18))
     exchange: str = field(default="auto", metadata=option(
         "What devices exchange: hidden (Segment Means of the attention input, the paper) or kv (of the rotated "
-        "keys and values; needed for generation). auto: the family's default.", choices=("auto",) + EXCHANGES))
+        "keys and values; generation decodes faster with it). auto: the family's default.", choices=("auto",) + EXCHANGES))
 
     def __post_init__(self):
         super().__post_init__()

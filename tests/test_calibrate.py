@@ -29,6 +29,7 @@ from prism_onnx.reference import prism_model
 from prism_onnx.runtime.bundle import Export
 from prism_onnx.validate import validate
 
+LONG_PARAGRAPH = " ".join(sst2_sentences(12))  # about 130 tokens
 IDENTITY_TOL = 1e-6
 EXACT_TOL = 1e-4
 
@@ -102,14 +103,16 @@ def test_new_remote_calibration_is_the_identity():
 
 @pytest.fixture(scope="module")
 def calibrated(exported_graphs, tmp_path_factory):
-    """A tiny BERT export (P=2, CR=4) calibrated on SST-2 train sentences through the CLI."""
+    """A tiny BERT export (P=2, CR=4) calibrated on SST-2 train sentences through the CLI, and one paragraph
+    longer than its --max-seq-len (64): cut into windows, not refused (issue 23). -> (export, calibrated
+    export, the data file, the report)."""
     from prism_onnx.exporters.bundle import write_bundles
     from prism_onnx.manifest import ExportSettings
 
     root = tmp_path_factory.mktemp("calibrate")
     export = write_bundles(exported_graphs["BertModel"], root / "export", ExportSettings(devices=2, compression_ratio=4))
     data = root / "train.txt"
-    data.write_text("\n".join(sst2_sentences(120, "train")) + "\n")
+    data.write_text("\n".join(sst2_sentences(120, "train") + [LONG_PARAGRAPH]) + "\n")
     r = CliRunner().invoke(main, ["calibrate", str(export), "--data", str(data), "--out", str(root / "cal"),
                                   "--steps", "20", "--json"])
     assert r.exit_code == 0, r.output
@@ -130,7 +133,7 @@ def test_calibrated_export_validates_and_records_calibration(calibrated):
     assert v["max_abs_diff_vs_reference"] <= EXACT_TOL and v["max_abs_diff_sent_rows"] <= EXACT_TOL
     assert v["model"] == cal["base_source"]  # cosine_vs_model is against the model calibration started from
     assert 0.5 < v["cosine_vs_model"] < 1.0
-    r = CliRunner().invoke(main, ["validate", str(out), "--data", str(data), "--samples", "4", "--json"])
+    r = CliRunner().invoke(main, ["validate", str(out), "--data", str(data), "--samples", "4", "--json"])  # 4 lines
     assert r.exit_code == 0, r.output
     assert "cosine_vs_model" in json.loads(r.output[r.output.index("{"):])
 
@@ -176,3 +179,28 @@ def test_every_text_task_writes_its_calibration_data_into_a_new_folder(tmp_path)
     for task in (LongText(), WikiTextLM()):
         path, _ = task.calibration_data(tmp_path / "b" / type(task).__name__)
         assert "valid" in path.name and path.stat().st_size > 10_000
+
+
+def test_a_line_longer_than_max_seq_len_is_cut_into_windows_not_refused(exported_graphs, calibrated, tmp_path):
+    """Issue 23: one paragraph over --max-seq-len (WikiText-2 valid has one of 532 tokens for MiniLM's 512) made
+    `prism calibrate` refuse the whole file. Now it is cut into inputs of at most --max-seq-len tokens, each
+    with [CLS] ... [SEP] as the tokenizer's own truncation makes them, and the cut is reported (the
+    `calibrated` fixture's data holds such a paragraph)."""
+    from prism_onnx.calibration.data import read_inputs
+    from prism_onnx.exporters.bundle import write_bundles
+    from prism_onnx.manifest import ExportSettings
+    from prism_onnx.runtime.device import Requests
+
+    export = write_bundles(exported_graphs["BertModel"], tmp_path / "export",
+                           ExportSettings(devices=2, compression_ratio=4, max_seq_len=16))
+    data = tmp_path / "paragraphs.txt"
+    data.write_text(f"a gripping, funny film\n{' '.join(sst2_sentences(6))}\ndull\n")
+    cut = {}
+    inputs = read_inputs(Requests(Export.load(export).devices[0]), data, cut=cut)
+    lengths = [x["input_ids"].shape[1] for x in inputs]
+    assert cut["lines"] == 1 and cut["windows"] == len(inputs) - 2 >= 3 and max(lengths) == 16
+    assert all(x["input_ids"][0, 0] == 101 and x["input_ids"][0, -1] == 102 for x in inputs)
+    _, out, _, report = calibrated  # the CLI run: 120 sentences and one paragraph of more than 64 tokens
+    assert report["long_lines_cut"]["lines"] == 1 and report["long_lines_cut"]["windows"] >= 2
+    assert report["long_lines_cut"]["max_seq_len"] == 64
+    assert Export.load(out).manifest.calibration["long_lines_cut"] == report["long_lines_cut"]

@@ -118,6 +118,18 @@ CASES = [
                                                        "--input-ids", "1"], "ServerLost", "connection refused"),
     ("infer without keys nor --insecure", lambda s: ["infer", "--server", "127.0.0.1:1", "--input-ids", "1"],
      "UsageError", "--keys"),
+    ("infer: a server given as a port only", lambda s: ["infer", "--server", "5600", "--insecure", "--input-ids", "1"],
+     "InputError", "expected HOST:PORT, e.g. localhost:5600 "),
+    ("infer --save where no folder can be made", lambda s: [
+        "infer", "--server", f"127.0.0.1:{s.free_port}", "--insecure", "--input-ids", "1", "--save",
+        str(s.not_a_model / "README.txt" / "out.npz")], "InputError", "cannot create the folder"),
+    ("infer --split that is not numbers", lambda s: ["infer", "--server", "127.0.0.1:1", "--insecure",
+                                                     "--input-ids", "1", "--split", "1,x"],
+     "BadParameter", "'x' is not a number"),
+    ("export into a folder that is not empty", lambda s: _export(s, "--out", str(s.export)), "BadParameter",
+     "exists and is not empty; choose another --out or pass --overwrite"),
+    ("export with --max-seq-len beyond the model's positions", lambda s: _export(s, "--max-seq-len", "1000"),
+     "BadParameter", "1000 is more tokens than the model's positions (64 in its config.json)"),
     ("run with an execution provider onnxruntime lacks", lambda s: [
         "run", str(s.export / "device-0"), "--peers", "127.0.0.1:1,127.0.0.1:2", "--provider", "NoSuch"],
      "InputError", "NoSuchExecutionProvider not available here; this onnxruntime has"),
@@ -125,16 +137,23 @@ CASES = [
         "run", str(s.export / "device-0"), "--peers", "127.0.0.1:1,127.0.0.1:2", "--graph-optimization", "max"],
      "BadParameter", "--graph-optimization"),
     ("run with too few --peers", lambda s: ["run", str(s.export / "device-0"), "--peers", "127.0.0.1:1",
-                                            "--insecure"], "PrismError", "--peers lists 1 devices"),
+                                            "--insecure"], "UsageError", "--peers lists 1 devices"),
+    ("run with --serve on its own peer port", lambda s: ["run", str(s.export / "device-0"), "--peers",
+                                                         "127.0.0.1:5611,127.0.0.1:5612", "--serve", "5611",
+                                                         "--insecure"],
+     "UsageError", "--serve 5611 is this device's own peer port in --peers"),
+    ("run with a --split with an empty weight", lambda s: ["run", str(s.export / "device-0"), "--peers",
+                                                           "127.0.0.1:1,127.0.0.1:2", "--insecure", "--split", "1,,2"],
+     "UsageError", "--split '1,,2'"),
     ("run with a --peers entry without a port", lambda s: ["run", str(s.export / "device-0"), "--peers",
                                                            "127.0.0.1,127.0.0.1:2", "--insecure"],
      "UsageError", "'127.0.0.1' is not HOST:PORT"),
     ("run with a --split of the wrong count", lambda s: ["run", str(s.export / "device-0"), "--peers",
                                                          "127.0.0.1:1,127.0.0.1:2", "--insecure", "--split", "1,1,1"],
-     "PlanError", "expected 2 positive weights"),
+     "UsageError", "expected 2 positive weights"),
     ("run with a --split that is no mode", lambda s: ["run", str(s.export / "device-0"), "--peers",
                                                       "127.0.0.1:1,127.0.0.1:2", "--insecure", "--split", "fast"],
-     "PlanError", "expected auto, even, or 2"),
+     "UsageError", "expected auto, even, or 2"),
     ("bench with a --slow-device rank the export lacks", lambda s: ["bench", str(s.export), "--no-latency",
                                                                     "--slow-device", "5:0.5"],
      "BadParameter", "RANK must be 0..1"),
@@ -244,3 +263,68 @@ def test_every_option_has_help():
     missing = [(name, p.opts) for name, cmd in main.commands.items() for p in cmd.params
                if isinstance(p, click.Option) and not p.help]
     assert not missing
+
+
+@pytest.mark.parametrize("argv", [
+    lambda s: _export(s, "--out", str(s.export)),
+    lambda s: _export(s, "--max-seq-len", "1000"),
+    lambda s: _export(s, "--max-seq-len", "1"),
+    lambda s: ["export", str(s.not_a_model), "--out", str(s.model.parent / "o"), "-P", "2", "--cr", "4"],
+    lambda s: ["run", str(s.export / "device-0"), "--peers", "127.0.0.1:1,127.0.0.1:2", "--split", "1,,2"],
+], ids=["export --out not empty", "export --max-seq-len too long", "export --max-seq-len below P",
+        "export of a folder that is no model", "run --split malformed"])
+def test_option_mistakes_are_refused_before_torch_is_imported(setup, argv):
+    """Issue 23: export's option mistakes surfaced after 15-18 s of loading torch and the model; now they are
+    found first (prism_onnx/precheck.py): the process that refuses them has not imported torch."""
+    code = ("import sys; from click.testing import CliRunner; from prism_onnx.cli import main; "
+            "r = CliRunner().invoke(main, sys.argv[1:]); print(r.exit_code, 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, *argv(setup)], capture_output=True, text=True, timeout=120)
+    exit_code, torch_imported = r.stdout.split()
+    assert exit_code in ("1", "2") and torch_imported == "False", r.stdout + r.stderr
+
+
+def test_save_target_creates_folders_and_names_the_file_it_writes(tmp_path):
+    """--save (issue 23): the suffix numpy adds is in the name reported; a folder (existing, or ending with
+    '/') gets 000000.npz; missing folders are created before any work; a batch file's folder too."""
+    from prism_onnx.errors import InputError
+    from prism_onnx.runtime.batch_client import save_target
+
+    assert save_target(tmp_path / "a" / "b" / "out2") == tmp_path / "a" / "b" / "out2.npz"
+    assert (tmp_path / "a" / "b").is_dir()
+    assert save_target(str(tmp_path / "c") + "/") == tmp_path / "c" / "000000.npz"
+    assert save_target(tmp_path / "a") == tmp_path / "a" / "000000.npz"  # an existing folder
+    assert save_target(tmp_path / "d" / "x.npz") == tmp_path / "d" / "x.npz"
+    assert save_target(tmp_path / "batch", folder=True) == tmp_path / "batch" and (tmp_path / "batch").is_dir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match="names a folder"):
+        save_target(tmp_path / "file", folder=True)
+
+
+def test_launch_saves_into_missing_folders_and_one_file_per_request(setup, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a gripping, funny film\ndull\n")
+    r = CliRunner().invoke(main, ["launch", str(setup.export), "--insecure", "--texts-file", str(texts), "--save",
+                                  str(tmp_path / "new" / "runs")])
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["saved"] for rec in records] == [str(tmp_path / "new" / "runs" / f"00000{i}.npz") for i in (0, 1)]
+    assert all(np.load(rec["saved"])["last_hidden_state"].shape[0] == 1 for rec in records)
+    r = CliRunner().invoke(main, ["launch", str(setup.export), "--insecure", "--text", "dull", "--save",
+                                  str(tmp_path / "missing" / "out2"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["saved"] == str(tmp_path / "missing" / "out2.npz")
+    assert set(np.load(tmp_path / "missing" / "out2.npz").files) == {"last_hidden_state", "pooler_output"}
+
+
+def test_insecure_against_a_keyed_cluster_says_to_give_keys(setup):
+    """Issue 23: `prism infer --insecure` against runners that speak CurveZMQ said "closed the connection (...
+    over its size limit)"; now one line says why: plain text to a keyed runner, give --keys EXPORT_DIR/client."""
+    from prism_onnx.runtime.cluster import LocalCluster
+
+    with LocalCluster(setup.export) as cluster:
+        r = CliRunner().invoke(main, ["infer", "--server", cluster.serve_address, "--insecure", "--input-ids", "1,2",
+                                      "--timeout", "20"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    lines = stderr_lines(r)
+    assert len(lines) == 1 and "this client speaks plain text (--insecure)" in lines[0], r.stderr
+    assert "give --keys EXPORT_DIR/client" in lines[0] and "size limit" not in lines[0]

@@ -281,3 +281,20 @@ def test_generation_carries_on_without_a_finished_device_and_reruns_when_the_tai
         coord.on_peer_lost(2, "device 2 closed the connection", now=0.4)
     assert coord.jobs[1].ranks == (0,) and coord.jobs[1].attempt.generate.max_new_tokens == 4  # the first, rerun
     assert "the tail device was lost after it streamed tokens" in error_of(coord.replies[-1][1])
+
+
+@pytest.mark.parametrize("meta,match", [
+    ({"generate": {"max_new_tokens": 1000}},
+     "max_new_tokens 1000: this model has 16 positions, which hold the prompt and its new tokens (ask for at most 15)"),
+    ({"split": [1.0, 1.0]}, "split 1,1 has 2 weights; this export has 3 devices (one weight each, 0 to leave one out)"),
+])
+def test_generation_and_split_requests_are_refused_naming_the_limit(coord, meta, match):
+    """Issue 23: max_new_tokens beyond the positions is a too-long input saying how many fit (not a bound of
+    a field); a split of the wrong length names the export's devices."""
+    from dataclasses import replace
+
+    limits = replace(coord.limits, generates=True)
+    parts = encode(Kind.REQUEST, meta, {"input_ids": np.array([[1, 2, 3, 4, 5]])})
+    with pytest.raises(InputError) as e:
+        decode_record(parts, limits, {Kind.REQUEST: request_rules(limits)})
+    assert str(e.value) == match

@@ -223,13 +223,13 @@ def test_cli_export_inspect_validate(tiny_dirs, tmp_path):
     assert r.exit_code == 0 and rep["passed"] and rep["max_abs_diff_vs_model"] <= TOL
     # exporting over a non-empty folder is refused, nothing lost
     r = CliRunner().invoke(main, ["export", str(tiny_dirs["ViTModel"]), "-P", "2", "--cr", "1", "--out", str(out)])
-    assert r.exit_code == 1 and "exists and is not empty" in r.output
+    assert r.exit_code == 2 and "exists and is not empty" in r.output  # a misused option, said before loading
     assert Export.load(out).export_id == rep["export_id"]
 
 
 @pytest.mark.parametrize("args,match", [
     (["nonexistent/model-xyz", "-P", "2", "--cr", "1"], "cannot load model 'nonexistent/model-xyz'"),
-    (["TINY", "-P", "2", "--cr", "1", "--max-seq-len", "100"], "max sequence length 100 must be between"),
+    (["TINY", "-P", "2", "--cr", "1", "--max-seq-len", "100"], "100 is more tokens than the model's positions"),
     (["TINY", "-P", "2", "--cr", "1", "--split", "1,2,3"], "3 weights for 2 devices"),  # a usage error: exit 2
 ])
 def test_cli_export_bad_input(tiny_dirs, tmp_path, args, match):
@@ -282,3 +282,14 @@ def test_validate_with_own_data_reports_agreement_with_the_whole_model(make_bund
     r = CliRunner().invoke(main, ["validate", str(make_bundle("BertModel", devices=2, compression_ratio=4)),
                                   "--data", str(tmp_path)])
     assert r.exit_code == 1 and "no images" in r.output
+
+
+@pytest.mark.xfail(strict=True, reason="issue 23: validate.py's random ids hold RoBERTa's padding id (1) among real "
+                                       "tokens and pad with 0; the fix is the lead's, after the bundles branch")
+def test_validate_passes_a_tokenizer_less_roberta_at_cr1(make_bundle):
+    """A tokenizer-less RoBERTa at CR=1 must validate: its inputs are random ids, and RoBERTa counts position
+    ids from `input_ids != padding_idx`, so an id equal to the padding id inside a row moves the positions of
+    every later token in the unpartitioned model (seen: max |diff| 1.58 on the tiny model, 2.68 reported).
+    Sampling ids that are no special id and padding with the pad id passes (measured: 1.4e-6)."""
+    report = validate(make_bundle("RobertaForSequenceClassification", devices=2, compression_ratio=1), samples=8)
+    assert report["passed"], report["failures"]

@@ -2,8 +2,8 @@
 
 At CR=1 every step is exact, so greedy decoding must pick the same tokens as the unpartitioned
 transformers model's `generate(do_sample=False)`, for every decoder family (GPT-2 exported with the key/
-value exchange), P in {1, 2, 3}, a single prompt and a left-padded batch, in the PyTorch reference and
-through the exported graphs on onnxruntime.
+value exchange, and with its default hidden exchange), P in {1, 2, 3}, a single prompt and a left-padded
+batch, in the PyTorch reference and through the exported graphs on onnxruntime.
 """
 
 from __future__ import annotations
@@ -144,17 +144,20 @@ def test_generation_refuses_what_it_cannot_do(lms, tiny_dirs):
 
 # ------------------------------------------------------------------------------- over ZeroMQ runners
 @pytest.mark.parametrize("arch,devices", [("GPT2LMHeadModel", 2), ("LlamaForCausalLM", 3)])
-def test_runners_generate_like_transformers_and_stream(lms, decoder_graphs, tmp_path, arch, devices):
-    """Runner processes over CurveZMQ: greedy decoding at CR=1 equals transformers' generate; the streamed
-    tokens are the returned ones, in order; the exchange counters of a generation request are those of the
-    same prompt scored without generation (nothing moves between devices while decoding)."""
+def test_runners_generate_like_transformers_and_stream(lms, decoder_graphs, exported_graphs, tmp_path, arch,
+                                                       devices):
+    """Runner processes over CurveZMQ: greedy decoding at CR=1 equals transformers' generate (GPT-2 as exported
+    by default, with the hidden exchange; Llama exchanging keys and values); the streamed tokens are the
+    returned ones, in order; the exchange counters of a generation request are those of the same prompt
+    scored without generation (nothing moves between devices while decoding)."""
+    from prism_onnx.exporters.bundle import write_bundles
+    from prism_onnx.manifest import ExportSettings
     from prism_onnx.runtime.cluster import LocalCluster
 
     inputs = text_batch(300, np.random.default_rng(6), (13, 9), left=True)
     expected = hf_greedy(lms[arch], inputs, 12)
-    b = bundle(decoder_graphs, tmp_path, arch, devices=devices, compression_ratio=1)
-    # an even split for both requests: the adaptive one may move between them, and the bytes with it
-    with LocalCluster(b, extra_args=["--split", "even"]) as cluster:
+    b = write_bundles(exported_graphs[arch], tmp_path / arch, ExportSettings(devices=devices, compression_ratio=1))
+    with LocalCluster(b) as cluster:
         streamed = []
         ids, reply = cluster.client.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                              config=GenerationConfig(max_new_tokens=12),
@@ -206,13 +209,71 @@ def test_cli_launch_generates_with_json(decoder_graphs, tmp_path):
     assert gen.ids == rep["generated_ids"]
 
 
-def test_an_export_that_cannot_generate_says_so(make_bundle):
+def test_an_export_that_cannot_generate_says_why(make_bundle):
+    """An encoder has no language-model head: the one line says so, naming what it returns (issue 23: not
+    the --exchange, which is no reason any more)."""
     from click.testing import CliRunner
 
     from prism_onnx.cli import main
 
-    for arch in ("GPT2LMHeadModel", "BertModel"):  # GPT-2 exchanging hidden states; an encoder
-        r = CliRunner().invoke(main, ["launch", str(make_bundle(arch, devices=2, compression_ratio=2)),
-                                      "--input-ids", "5,6,7", "--max-new-tokens", "3"])
-        assert r.exit_code == 1 and "this export cannot generate" in r.output, r.output
-        assert "Traceback" not in r.output
+    r = CliRunner().invoke(main, ["launch", str(make_bundle("BertModel", devices=2, compression_ratio=2)),
+                                  "--input-ids", "5,6,7", "--max-new-tokens", "3"])
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    assert "this export cannot generate: its model has no language-model head (it returns last_hidden_state, " \
+           "pooler_output, not token logits)" in r.output, r.output
+
+
+@pytest.mark.parametrize("lengths", [(13, 9)], ids=["left-padded"])
+def test_generation_after_the_hidden_exchange(lms, exported_graphs, tmp_path, lengths):
+    """GPT-2 exported with defaults exchanges hidden states (attention inputs): the tail decodes from a cache of
+    attention-input rows that its graphs project to keys and values at every step (PRISM.md, "Generation").
+    At CR=1 greedy decoding equals transformers' for P = 1, 2, 3; at CR=4 it picks the tokens of the same
+    model exported with --exchange kv (the same attention: the projections are affine)."""
+    from prism_onnx.exporters.bundle import write_bundles
+    from prism_onnx.manifest import ExportSettings
+
+    inputs = text_batch(300, np.random.default_rng(2), lengths, left=True)
+    expected = hf_greedy(lms["GPT2LMHeadModel"], inputs, 16)
+    hidden, kv = exported_graphs["GPT2LMHeadModel"], exported_graphs["GPT2LMHeadModel/kv"]
+    for devices in (1, 2, 3):
+        b = write_bundles(hidden, tmp_path / f"hidden-{devices}", ExportSettings(devices=devices, compression_ratio=1))
+        gen, _ = Executor(b).generate(inputs, GenerationConfig(max_new_tokens=16))
+        assert gen.ids == expected, devices
+    settings = ExportSettings(devices=3, compression_ratio=4)
+    a, _ = Executor(write_bundles(hidden, tmp_path / "hidden-cr4", settings)).generate(
+        inputs, GenerationConfig(max_new_tokens=16))
+    b, _ = Executor(write_bundles(kv, tmp_path / "kv-cr4", settings)).generate(
+        inputs, GenerationConfig(max_new_tokens=16))
+    assert a.ids == b.ids
+
+
+def test_streamed_text_is_the_decoded_text_on_stdout_then_the_report(tmp_path):
+    """Issue 23: `--stream` prints the text as the tokenizer decodes it (incremental detokenization: WordPiece
+    '##' pieces join their word, spaces fall between words), on stdout, ending with a newline; the report
+    follows. A tiny GPT-2 over MiniLM's WordPiece vocabulary: its random tokens are words and '##' pieces."""
+    import shutil
+
+    import transformers as tf
+    from click.testing import CliRunner
+    from tokenizers import Tokenizer
+
+    from conftest import minilm_path
+    from prism_onnx.cli import main
+    from prism_onnx.exporters.bundle import ExportSettings, export
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(vocab_size=30522, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.2,
+                        eos_token_id=102)
+    tf.GPT2LMHeadModel(cfg).eval().save_pretrained(tmp_path / "model")
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(minilm_path() / f, tmp_path / "model" / f)
+    b = export(tmp_path / "model", tmp_path / "export", ExportSettings(devices=2, compression_ratio=2))
+    r = CliRunner().invoke(main, ["launch", str(b), "--text", "the film is", "--max-new-tokens", "24", "--stream",
+                                  "--insecure"])
+    assert r.exit_code == 0, r.output
+    streamed, summary = r.stdout.split("\n", 1)
+    assert summary.startswith("  row 0: "), r.stdout
+    ids = [int(t) for t in summary.split(": [", 1)[1].split("]", 1)[0].split(", ")]
+    decoded = Tokenizer.from_file(str(tmp_path / "model" / "tokenizer.json")).decode(ids, skip_special_tokens=True)
+    assert streamed == decoded and len(ids) > 1
+    assert "##" not in streamed or "##" in decoded  # no piece printed on its own

@@ -70,7 +70,7 @@ def masked_max_diff(a, b, mask) -> float:
     return float(np.abs(np.asarray(a)[keep] - np.asarray(b)[keep]).max())
 
 
-def test_export_of_a_gguf_file_equals_transformers_at_cr1_and_a_second_export_converts_nothing(
+def test_export_of_a_gguf_file_equals_transformers_at_cr1_and_a_second_reading_converts_nothing(
         tiny, cache, conversions, tmp_path):
     inputs = text_batch(len(vocabulary()), np.random.default_rng(1), lengths=(37, 22), left=True)
     with torch.no_grad():
@@ -85,15 +85,24 @@ def test_export_of_a_gguf_file_equals_transformers_at_cr1_and_a_second_export_co
     assert masked_max_diff(out, ref, inputs["attention_mask"]) <= TOL
 
     model = models.load(str(tiny))
+    assert conversions == [tiny]  # a second reading of the file (as a second export's) is a cache hit
     sim = simulate(model, inputs, devices=3, compression_ratio=1).logits.numpy()
     assert masked_max_diff(sim, ref, inputs["attention_mask"]) <= TOL
 
+
+@pytest.mark.long  # a second trace of the same graphs; CR=4 of a Llama is in test_export's default tests too
+def test_a_second_export_of_a_gguf_file_at_cr4_converts_nothing_and_equals_simulate(tiny, cache, conversions,
+                                                                                    tmp_path):
+    inputs = text_batch(len(vocabulary()), np.random.default_rng(1), lengths=(37, 22), left=True)
+    model = models.load(str(tiny))
     r = CliRunner().invoke(main, ["export", str(tiny), "-P", "3", "--cr", "4", "--window", "0", "--out", str(tmp_path / "p3"), "--json"])
     assert r.exit_code == 0, r.output
-    assert conversions == [tiny]  # the second export read the cache
+    assert conversions == [tiny]  # the export read the cache
     out4 = Executor(tmp_path / "p3").run(inputs).outputs["logits"]
     sim4 = simulate(model, inputs, devices=3, compression_ratio=4, window=0).logits.numpy()
     assert masked_max_diff(out4, sim4, inputs["attention_mask"]) <= 1e-4
+    with torch.no_grad():
+        ref = hf_forward(reference(tiny), inputs).logits.numpy()
     assert masked_max_diff(out4, ref, inputs["attention_mask"]) > 1e-3  # compression really happened
 
 

@@ -190,6 +190,64 @@ def test_openai_embeddings_equal_sentence_transformers_pooling(bert):
     assert len(raw) == 1 and abs(np.linalg.norm(raw[0]) - 1) > 1e-3 and cosines(raw, expected[:1])[0] >= 0.9999
 
 
+def test_prism_infer_reports_the_sentence_embedding_that_v1_embeddings_returns(bert, tmp_path):
+    """Issue 23: `prism infer` of a sentence-transformers export prints and saves `sentence_embedding` (pooled as
+    the folder says) beside the raw outputs: the vector /v1/embeddings returns, and the one sentence-transformers
+    pools from the HF model (CR=1)."""
+    from click.testing import CliRunner
+    from transformers import AutoModel, AutoTokenizer
+
+    from prism_onnx.cli import main
+
+    cluster, base, src = bert
+    text = SENTENCES[2]
+    r = CliRunner().invoke(main, ["infer", "--server", cluster.serve_address, "--keys", str(cluster.root / "client"),
+                                  "--text", text, "--save", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    first = r.stdout.splitlines()[0]
+    assert first.startswith("  sentence_embedding [1, 32]") and "what /v1/embeddings returns" in first, r.stdout
+    assert f"saved {tmp_path / 'out.npz'}" in r.stdout
+    saved = np.load(tmp_path / "out.npz")
+    assert set(saved.files) == {"sentence_embedding", "last_hidden_state", "pooler_output"}
+    client = openai_client(base, "unused")
+    v1 = np.array(client.embeddings.create(model=client.models.list().data[0].id, input=[text],
+                                           encoding_format="float").data[0].embedding, np.float32)
+    expected = st_pooled(AutoModel.from_pretrained(src).eval(), AutoTokenizer.from_pretrained(src), [text], ["cls"],
+                         normalize=True)[0]
+    got = saved["sentence_embedding"][0]
+    assert np.abs(got - v1).max() < 1e-6  # the same pooling of the same outputs
+    assert np.abs(got - expected).max() < 1e-4 and abs(np.linalg.norm(got) - 1) < 1e-5
+
+
+def test_chat_and_completions_on_an_encoder_say_it_cannot_generate(bert):
+    """Issue 23: chat on an encoder said "use /v1/completions", which then said it cannot generate: both say
+    why at once (no language-model head), naming the model."""
+    _, base, _ = bert
+    with http(base, None) as c:
+        name = c.get("/v1/models").json()["data"][0]["id"]
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"prompt": "hi"})):
+            r = c.post(path, json={"model": name, **body})
+            message = r.json()["error"]["message"]
+            assert r.status_code == 400 and "/v1/completions" not in message, (path, message)
+            assert "cannot generate: its model (BertModel) has no language-model head" in message, (path, message)
+
+
+@pytest.mark.parametrize("cr,expected", [(1, [[0, 1, 2], [3]]), (4, [[0, 1], [2, 3]])])
+def test_embedding_batches_hold_one_length_at_cr_above_1(cr, expected):
+    """At CR > 1 the plan cuts a batch's padded length: /v1/embeddings sends rows of equal length together
+    only, so that a text's embedding does not depend on the other texts of its request (at CR=1 padding is
+    masked and costs nothing but rounding)."""
+    from types import SimpleNamespace
+
+    from prism_onnx.serve.gateway import Gateway
+
+    g = SimpleNamespace(limits=SimpleNamespace(max_batch=3),
+                        manifest=SimpleNamespace(settings=SimpleNamespace(compression_ratio=cr)))
+    rows = [[1, 2], [3, 4], [5, 6, 7], [8, 9, 10]]
+    assert Gateway._chunks(g, [0, 1, 2, 3], rows) == expected
+
+
 def test_an_overlong_input_is_413_unless_embed_truncates_it(bert):
     cluster, base, _ = bert
     long_text = "a gripping, funny film " * 20  # about 100 tokens; this export takes 64

@@ -36,14 +36,26 @@ LIMITS = DeviceBundle(Path("."), manifest(devices=2)).limits
     (fuzz_messages.raw(Kind.REQUEST, b'{"a": NaN}'), "NaN is not a number"),
     (fuzz_messages.raw(Kind.REQUEST, b"7" * 10_000), "unreadable"),
     (encode(Kind.REQUEST, {}, {"input_ids": np.zeros((0, 5), np.int64)}), "at least one row"),
-    (encode(Kind.REQUEST, {}, {"input_ids": np.zeros((1, 17), np.int64)}), "longer than this export's --max-seq-len 16"),
-    (encode(Kind.REQUEST, {}, {"input_ids": np.zeros((5, 3), np.int64)}), "larger than this export's --max-batch 4"),
     (encode(Kind.REQUEST, {}, {"pixel_values": np.zeros((1, 3), np.float32)}), "not an input of this text model"),
     (encode(Kind.REQUEST, {}, {f"x{i}": np.zeros(1, np.int64) for i in range(9)}), "at most 6 allowed"),
 ])
 def test_crashers_from_main_are_one_line_frame_errors(parts, match):
     with pytest.raises(FrameError, match=match):
         decode(parts, request_rules(LIMITS))
+
+
+@pytest.mark.parametrize("ids,match", [
+    (np.zeros((1, 17), np.int64), "input_ids: a sequence of 17 tokens is longer than this export's --max-seq-len 16"),
+    (np.zeros((5, 3), np.int64), "input_ids: a batch of 5 rows is larger than this export's --max-batch 4"),
+])
+def test_ids_beyond_the_exports_limits_are_too_long_inputs_not_bad_frames(ids, match):
+    """A well-formed request whose ids exceed --max-seq-len or --max-batch: the client's input is too long for
+    this deployment (InputError, code too_long: HTTP 413), as a text of as many tokens is."""
+    from prism_onnx.errors import InputError
+
+    with pytest.raises(InputError, match=match) as e:
+        decode(encode(Kind.REQUEST, {}, {"input_ids": ids}), request_rules(LIMITS))
+    assert e.value.code == "too_long"
 
 
 def test_json_depth_ignores_brackets_inside_strings():

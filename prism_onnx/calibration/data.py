@@ -1,8 +1,10 @@
 """Calibration inputs: unlabeled and in-domain, read through the export's own preprocessing (the bundle's
 tokenizer.json or image config, as a board would read them).
 
-    a text file      one input per line (blank lines skipped), truncated to the export's --max-seq-len; or,
-                     with `window=N`, the whole file as one running text cut into windows of N tokens (for
+    a text file      one input per line (blank lines skipped); a line longer than the export's --max-seq-len
+                     tokens is cut into windows of --max-seq-len tokens, each with the tokenizer's special
+                     tokens (the tokenizer's own truncation with overflow), and the cut is reported; or, with
+                     `window=N`, the whole file as one running text cut into windows of N tokens (for
                      language models: inputs like the ones they serve)
     an image folder  every image file in it (.png, .jpg, ...), in name order
 
@@ -40,9 +42,11 @@ def digest(path: str | Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def read_inputs(requests, path: str | Path, *, window: int | None = None, limit: int | None = None) -> list[dict]:
+def read_inputs(requests, path: str | Path, *, window: int | None = None, limit: int | None = None,
+                cut: dict | None = None) -> list[dict]:
     """Model inputs, one input each ([1, N] arrays), from a text file or an image folder (module docstring).
-    `requests` is the export's runtime.device.Requests; `limit` keeps the first inputs only."""
+    `requests` is the export's runtime.device.Requests; `limit` keeps the first inputs only; `cut` (a dict)
+    is filled with the lines longer than --max-seq-len and the windows they were cut into."""
     path = Path(path)
     if path.is_dir():
         files = image_files(path)[:limit]
@@ -60,8 +64,34 @@ def read_inputs(requests, path: str | Path, *, window: int | None = None, limit:
     if not lines:
         raise InputError(f"{path}: no text lines")
     if window is None:
-        return [requests.model_inputs(texts=[t]) for t in lines[:limit]]
+        return line_inputs(requests, lines, limit, cut if cut is not None else {})
     return windows(requests, text, window)[:limit]
+
+
+def line_inputs(requests, lines: list[str], limit: int | None, cut: dict) -> list[dict]:
+    """One input per line; a line of more than --max-seq-len tokens becomes several inputs of at most that
+    many (`cut`: {"lines": how many were cut, "windows": into how many inputs, "max_seq_len": N})."""
+    from tokenizers import Tokenizer
+
+    if requests.text is None:
+        return [requests.model_inputs(texts=[t]) for t in lines[:limit]]  # says there is no tokenizer
+    n = requests.manifest.settings.max_seq_len
+    tok = Tokenizer.from_str(requests.text.tokenizer.to_str())
+    tok.no_padding()
+    tok.enable_truncation(n)
+    out: list[dict] = []
+    cut.update(lines=0, windows=0, max_seq_len=n)
+    for line in lines:
+        enc = tok.encode(line)
+        pieces = [enc, *enc.overflowing]
+        if len(pieces) > 1:
+            cut["lines"] += 1
+            cut["windows"] += len(pieces)
+        out += [{"input_ids": np.asarray([e.ids], np.int64), "attention_mask": np.ones((1, len(e.ids)), np.int64),
+                 "token_type_ids": np.asarray([e.type_ids], np.int64)} for e in pieces]
+        if limit is not None and len(out) >= limit:
+            return out[:limit]
+    return out
 
 
 def windows(requests, text: str, size: int) -> list[dict]:

@@ -74,7 +74,8 @@ def calibrate(export_dir: str | Path, data: str | Path, out: str | Path, cfg: Tr
         raise BundleError("--out must differ from the export being calibrated")
 
     requests = Requests(export.devices[0])
-    inputs = D.read_inputs(requests, data, window=window, limit=max_inputs)
+    cut: dict = {}
+    inputs = D.read_inputs(requests, data, window=window, limit=max_inputs, cut=cut)
     batches = D.make_batches(manifest.model, inputs, cfg.batch_size)
     train, held_out = D.split(batches, cfg.held_out, cfg.seed)
 
@@ -91,6 +92,7 @@ def calibrate(export_dir: str | Path, data: str | Path, out: str | Path, cfg: Tr
         "base_source": base, "base_export_id": previous.get("base_export_id", manifest.export_id),
         "calibrated_from": manifest.export_id, "data": str(Path(data).resolve()), "data_sha256": D.digest(data),
         "window": window, "inputs": sum(b.size for b in batches), "train_inputs": sum(b.size for b in train),
+        "long_lines_cut": cut or None,
         "settings": cfg.to_dict(), "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **report.to_dict(),
     }

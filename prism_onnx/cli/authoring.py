@@ -66,10 +66,16 @@ def export(model, out, overwrite, cache, as_json, **settings):
     """Export MODEL (hub id, folder, or .gguf file) to one ONNX bundle per device in OUT/device-K."""
     import time
 
+    from ..precheck import OptionProblem, check_export
+
+    settings = ExportSettings(**settings)
+    try:
+        check_export(model, out, settings, overwrite)  # before torch and the model load: seconds, not at the end
+    except OptionProblem as e:
+        raise click.BadParameter(str(e), param_hint=e.option) from None
     from ..exporters.bundle import disk_bytes, export as do_export
     from ..runtime.bundle import MANIFEST, read_manifest
 
-    settings = ExportSettings(**settings)
     t0 = time.perf_counter()
     made: dict = {}
     path = do_export(model, out, settings, overwrite=overwrite, progress=not as_json, made=made,
@@ -184,6 +190,10 @@ def calibrate(export_dir, data, out, steps, time_budget, params, rank, lr, batch
         click.echo(f"calibrated {export_dir} on {r['train_inputs']} inputs of {data}: {r['steps']} steps in "
                    f"{r['seconds']:.1f} s, {r['trained_parameters']:,} trained parameters "
                    f"({', '.join(r['settings']['params'])}); {loss}")
+        cut = r.get("long_lines_cut")
+        if cut and cut["lines"]:
+            click.echo(f"  {cut['lines']} line(s) longer than --max-seq-len {cut['max_seq_len']} tokens were cut into "
+                       f"{cut['windows']} inputs of at most {cut['max_seq_len']} tokens")
         if r["exact_steps"]:
             click.echo(f"  {r['exact_steps']} steps changed nothing: PRISM was already exact on their inputs")
         click.echo(f"wrote {r['export']} (export {r['export_id'][:12]}); check it with: prism validate {r['export']}")

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import PrismError
 from ..runtime.settings import RunnerSettings
-from .base import (emit, friendly_errors, input_options, json_option,
+from .base import (CommandError, emit, friendly_errors, input_options, json_option,
                    main, one_input_kind, parse_ids, settings_options, _int_list)
 
 
@@ -39,6 +39,14 @@ def run(bundle, api_key, api_key_file, as_json, **options):
 
     try:
         settings = RunnerSettings(**options)  # every check of the options together, before anything binds
+    except PrismError as e:
+        raise click.UsageError(str(e)) from None
+    from ..errors import BundleError
+
+    try:
+        settings.check_options(bundle)  # the options against the bundle's manifest: --peers, --serve, --split
+    except BundleError:
+        raise
     except PrismError as e:
         raise click.UsageError(str(e)) from None
     check_providers(settings.providers)  # one line listing the available ones
@@ -79,12 +87,17 @@ def _summarise_outputs(outputs: dict) -> dict:
 
 def _print_run(r):
     for name, o in r["outputs"].items():
-        click.echo(f"  {name} {o['shape']}: mean {o['mean']:+.5f} std {o['std']:.5f} first {o['first']}")
+        note = " (the sentence embedding: pooled as the model folder says, what /v1/embeddings returns)" \
+            if name == "sentence_embedding" else ""
+        click.echo(f"  {name} {o['shape']}: mean {o['mean']:+.5f} std {o['std']:.5f} first {o['first']}{note}")
     st = r["stats"]
-    click.echo(f"  latency {st['latency_ms']:.1f} ms")
+    click.echo(f"  latency {st['latency_ms']:.1f} ms; plan: devices {st['ranks']}, spans {st['spans']} "
+               f"(reproduce it with --split {st.get('split')})")
     click.echo(f"  {'device':>6} {'bytes sent':>12} {'bytes received':>15} {'compute ms':>11}")
     for k, (a, b, c) in enumerate(zip(st["bytes_sent"], st["bytes_received"], st["compute_ms"])):
         click.echo(f"  {k:>6} {a:>12,} {b:>15,} {c:>11.2f}")
+    if r.get("saved"):
+        click.echo(f"  saved {r['saved']}")
 
 
 def generation_options(fn):
@@ -101,7 +114,8 @@ def generation_options(fn):
         click.option("--stop-token-ids", default=None, help="Comma-separated ids that end a row (default: EOS)."),
         click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
                      show_default=True, help="Above 1: tokens already in the row become less likely."),
-        click.option("--stream", is_flag=True, help="Print tokens as they come."),
+        click.option("--stream", is_flag=True,
+                     help="Print the text as it is generated (on stdout; on stderr with --json), then the report."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -116,61 +130,96 @@ def _generation_config(max_new_tokens, temperature, top_k, top_p, seed, stop_tok
                             seed=seed, stop_token_ids=tuple(stops), repetition_penalty=repetition_penalty)
 
 
-def _request(client, texts, images, input_ids, gen=None):
-    """One request: inference, or generation when gen (the generation options) asks for new tokens."""
+def _request(client, texts, images, input_ids, gen=None, split=None, printer=None):
+    """One request: inference, or generation when gen (the generation options) asks for new tokens (streamed
+    to `printer`, a StreamPrinter, with --stream)."""
     kind = one_input_kind(texts, images, input_ids)
     if gen and gen["max_new_tokens"]:
         if kind == "--image":
             raise click.UsageError("generation takes --text or --input-ids")
         ids = parse_ids(input_ids, left=True) if kind == "--input-ids" else {}
-        on_tokens = _stream_printer() if gen["stream"] else None
         return client.generate(texts=list(texts) or None, input_ids=ids.get("input_ids"),
                                attention_mask=ids.get("attention_mask"), config=_generation_config(**gen),
-                               on_tokens=on_tokens)
+                               on_tokens=printer, split=split)
     if kind == "--text":
-        return client.infer(texts=list(texts))
+        return client.infer(texts=list(texts), split=split)
     if kind == "--image":
-        return client.infer(images=list(images))
+        return client.infer(images=list(images), split=split)
     ids = parse_ids(input_ids)
-    return client.infer(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"])
+    return client.infer(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], split=split)
 
 
-def _stream_printer():
-    """Prints each row's new text (or ids) as tokens arrive, on stderr (stdout stays one report)."""
+class StreamPrinter:
+    """--stream: each row's text as the coordinator decodes it (incremental detokenization), on stdout (on
+    stderr under --json, where stdout is the one report), then a newline; the report follows. One row: its
+    text as it grows; several: a line per step, `[row] new text` for each row that grew. Without a tokenizer
+    in the bundle, the ids."""
 
-    def show(step, ids, texts):
+    def __init__(self, as_json: bool):
+        self.err, self.shown, self.started = as_json, [], False
+
+    def __call__(self, step, ids, texts):
+        if not self.shown:
+            self.shown = [""] * len(ids)
+        pieces = []
         for b, t in enumerate(ids.tolist()):
-            if t < 0:
-                continue
-            piece = texts[b] if texts is not None else f"{t} "
-            click.echo(f"[{b}] {piece}" if len(ids) > 1 else piece, nl=False, err=True)
-        if len(ids) > 1:
-            click.echo("", err=True)
+            piece = (texts[b] if texts is not None else f"{t} ") if t >= 0 else ""
+            self.shown[b] += piece
+            if piece:
+                pieces.append(f"[{b}] {piece}" if len(ids) > 1 else piece)
+        if pieces:
+            self.started = True
+            click.echo(" ".join(pieces), nl=len(ids) > 1, err=self.err)
 
-    return show
+    def finish(self, texts) -> None:
+        """The reply is in: print what the stream held back (an incomplete character at the end), then end
+        the line."""
+        if len(self.shown) == 1 and texts and texts[0].startswith(self.shown[0]) and texts[0] != self.shown[0]:
+            click.echo(texts[0][len(self.shown[0]):], nl=False, err=self.err)
+            self.started = True
+        if self.started and len(self.shown) == 1:
+            click.echo("", err=self.err)
 
 
-def _finish(result, save, as_json, extra=None, generated=False):
+def _finish(result, target, as_json, extra=None, generated=False, printer=None):
+    """Print (and with --save write to `target`, batch_client.save_target's) one request's result. A file that
+    cannot be written after all (a full disk) is reported after the results, which are printed anyway."""
+    report = _report(result, target, extra, generated, printer)
+    emit(report, as_json, _print_generation if generated else _print_run)
+    if "save_error" in report:
+        if as_json:
+            sys.exit(1)
+        raise CommandError("InputError", report["save_error"], named=True)
+
+
+def _report(result, target, extra, generated, printer) -> dict:
+    from ..runtime.batch_client import write_npz
+
+    def save(report, outputs):
+        try:
+            report["saved"] = write_npz(target, outputs)
+        except PrismError as e:
+            report["save_error"] = str(e)
+
     if generated:
         ids, reply = result
         g = reply["generation"]
+        if printer is not None:
+            printer.finish(g.get("texts"))
         report = {**(extra or {}), "generated_ids": ids, "texts": g.get("texts"),
                   "finish_reasons": g.get("finish_reasons"),
                   "time_to_first_token_ms": g.get("time_to_first_token_ms_at_coordinator",
                                                   g.get("time_to_first_token_ms")),
                   "decode_tokens_per_s": g.get("decode_tokens_per_s"), "generation": g, "stats": reply["stats"]}
-        if save:
+        if target:
             width = max(map(len, ids)) if ids else 0
-            np.savez(save, generated_ids=np.array([r + [-1] * (width - len(r)) for r in ids], np.int64))
-            report["saved"] = save
-        return emit(report, as_json, _print_generation)
+            save(report, {"generated_ids": np.array([r + [-1] * (width - len(r)) for r in ids], np.int64)})
+        return report
     outputs, stats = result
-    if save:
-        np.savez(save, **outputs)
     report = {**(extra or {}), "outputs": _summarise_outputs(outputs), "stats": stats}
-    if save:
-        report["saved"] = save
-    emit(report, as_json, _print_run)
+    if target:
+        save(report, outputs)
+    return report
 
 
 def _print_generation(r):
@@ -182,6 +231,13 @@ def _print_generation(r):
                f"{'%.1f tokens/s' % tps if tps else 'one token'} on the tail device")
     st = r["stats"]
     click.echo(f"  prefill bytes sent per device {st['bytes_sent']} (nothing moves between devices while decoding)")
+    if r.get("saved"):
+        click.echo(f"  saved {r['saved']}")
+
+
+SAVE_HELP = ("Write the outputs to this .npz file (the suffix added when missing; folders created; an existing "
+             "folder or a path ending with '/': FOLDER/000000.npz). With a batch file: a folder, NNNNNN.npz per "
+             "request.")
 
 
 def batch_options(fn):
@@ -208,8 +264,6 @@ def _run_batch(client, kind, save, gen) -> None:
     """The batch client: one JSON line per request on stdout, a summary on stderr, exit 1 if any failed."""
     from ..runtime.batch_client import read_lines, run_batch
 
-    if save and Path(save).exists() and not Path(save).is_dir():
-        raise click.UsageError(f"--save {save}: with a batch file, --save names a folder (NNNNNN.npz per request)")
     config = _generation_config(**gen) if gen and gen["max_new_tokens"] else None
     n, failed = run_batch(client, read_lines(kind[1]), kind[0], save, config)
     click.echo(f"{n} requests, {failed} failed", err=True)
@@ -227,29 +281,40 @@ def _run_batch(client, kind, save, gen) -> None:
 @click.option("--keys", "keys", type=click.Path(exists=True, file_okay=False), default=None,
               help="The client folder `prism keys` wrote (EXPORT_DIR/client).")
 @click.option("--insecure", is_flag=True, help="Plain text, for a cluster started with --insecure.")
-@click.option("--save", type=click.Path(), default=None,
-              help="Write the outputs to an .npz file (with a batch file: a folder, NNNNNN.npz per request).")
+@click.option("--save", type=click.Path(), default=None, help=SAVE_HELP)
+@click.option("--split", default=None, metavar="W,W,...",
+              help="This request's plan: one weight per device of the export, 0 to leave a device out (a reply's "
+                   "`split`, to reproduce its outputs; default: the cluster's split).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
               help="Seconds to wait for one request's reply (a server that stops answering fails sooner).")
 @json_option
 @friendly_errors
-def infer(server, texts, images, input_ids, texts_file, ids_file, keys, insecure, save, timeout, as_json, **gen):
+def infer(server, texts, images, input_ids, texts_file, ids_file, keys, insecure, save, split, timeout, as_json,
+          **gen):
     """Send one request to a running cluster and print (or --save) its outputs and per-device stats; with
     --max-new-tokens, generate text (prefill over the devices, decoding on the last). With --texts-file or
     --ids-file, one request per line, in order."""
+    from ..runtime.batch_client import save_target
     from ..runtime.client import Client
+    from ..runtime.split import parse_request_split
 
     kind = batch_kind(texts_file, ids_file, texts, images, input_ids)
     if bool(keys) == bool(insecure):
         raise click.UsageError("give --keys EXPORT_DIR/client (or --insecure for a cluster started with --insecure)")
+    try:
+        weights = parse_request_split(split) if split is not None else None
+    except PrismError as e:
+        raise click.BadParameter(str(e).removeprefix("--split "), param_hint="--split") from None
+    target = save_target(save) if save and not kind else None  # before any work: a path that cannot be written
+    printer = StreamPrinter(as_json) if gen["stream"] else None
     client = Client(server, timeout=timeout, keys=keys)
     try:
         if kind:
             return _run_batch(client, kind, save, gen)
-        result = _request(client, texts, images, input_ids, gen)
+        result = _request(client, texts, images, input_ids, gen, weights, printer)
     finally:
         client.close()
-    _finish(result, save, as_json, generated=bool(gen["max_new_tokens"]),
+    _finish(result, target, as_json, generated=bool(gen["max_new_tokens"]), printer=printer,
             extra={"server": client.last_server.removeprefix("tcp://"), "failovers": client.last_failovers,
                    "attempts": client.last_reply.get("attempts")})
 
@@ -273,8 +338,7 @@ def _faults(values: tuple[str, ...], what: str, devices: int) -> list[tuple[int,
 @input_options
 @batch_options
 @generation_options
-@click.option("--save", type=click.Path(), default=None,
-              help="Write the outputs to an .npz file (with a batch file: a folder, NNNNNN.npz per request).")
+@click.option("--save", type=click.Path(), default=None, help=SAVE_HELP)
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="onnxruntime threads per runner.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
@@ -296,12 +360,15 @@ def launch(export_dir, texts, images, input_ids, texts_file, ids_file, save, thr
     request per line; with --kill/--restart, show a device failing and coming back in the middle of them."""
     import threading
 
+    from ..runtime.batch_client import save_target
+    from ..runtime.bundle import Export
     from ..runtime.cluster import LocalCluster
 
     kind = batch_kind(texts_file, ids_file, texts, images, input_ids)
     if not kind:
         one_input_kind(texts, images, input_ids)
-    from ..runtime.bundle import Export
+    target = save_target(save) if save and not kind else None  # before any work: a path that cannot be written
+    printer = StreamPrinter(as_json) if gen["stream"] else None
 
     devices = len(Export.load(export_dir).devices)
     faults = [("kill", k, t) for k, t in _faults(kills, "kill", devices)] + \
@@ -322,14 +389,14 @@ def launch(export_dir, texts, images, input_ids, texts_file, ids_file, save, thr
         try:
             if kind:
                 return _run_batch(client, kind, save, gen)
-            result = _request(client, texts, images, input_ids, gen)
+            result = _request(client, texts, images, input_ids, gen, printer=printer)
         finally:
             for timer in timers:
                 timer.cancel()
             if client is not cluster.client:
                 client.close()
-    _finish(result, save, as_json, {"devices": len(cluster.procs), "peers": cluster.peers},
-            generated=bool(gen["max_new_tokens"]))
+    _finish(result, target, as_json, {"devices": len(cluster.procs), "peers": cluster.peers},
+            generated=bool(gen["max_new_tokens"]), printer=printer)
 
 
 @main.command()

@@ -33,18 +33,22 @@ def request_rules(limits: Limits) -> ArrayRules:
             return f"not an input of this text model (send {' and '.join(ID_ARRAYS)}, or texts)"
         if dtype not in ("int64", "int32") or len(shape) not in (1, 2):
             return f"{dtype} {list(shape)}: must be int64 [batch, tokens]"
-        B, N = _batch_len(shape)
+        B, N = _batch_len(shape)  # beyond the export's limits: the client's input, too long (not a bad frame)
         if B > limits.max_batch:
-            return f"batch of {B} is larger than this export's --max-batch {limits.max_batch}"
+            raise too_long(f"{name}: a batch of {B} rows is larger than this export's --max-batch {limits.max_batch}")
         if N > limits.max_seq_len:
-            return f"sequence of {N} tokens is longer than this export's --max-seq-len {limits.max_seq_len}"
+            raise too_long(f"{name}: a sequence of {N} tokens is longer than this export's --max-seq-len "
+                           f"{limits.max_seq_len}")
         return None if B and N else f"empty {list(shape)}: a request needs at least one row of one token"
 
     def image_array(name, dtype, shape):
         if name == "pixel_values":
             if dtype != "float32" or len(shape) not in (3, 4) or tuple(shape[-3:]) != (C, S, S):
                 return f"{dtype} {list(shape)}: must be float32 [batch, {C}, {S}, {S}]"
-            if not 1 <= (shape[0] if len(shape) == 4 else 1) <= limits.max_batch:
+            if (shape[0] if len(shape) == 4 else 1) > limits.max_batch:
+                raise too_long(f"pixel_values: a batch of {shape[0]} images is larger than this export's --max-batch "
+                               f"{limits.max_batch}")
+            if len(shape) == 4 and shape[0] < 1:
                 return f"batch of {shape[0]}: this export takes 1 to {limits.max_batch} images (--max-batch)"
             return None
         if name.startswith("image_"):
@@ -100,8 +104,9 @@ def check_generate(options, limits: Limits) -> None:
     """A request's generation options (schema.GenerateOptions, their bounds checked), against what this
     export can do."""
     if not limits.generates:
-        raise InputError("this export cannot generate: it needs a language-model head (e.g. GPT2LMHeadModel, "
-                         "LlamaForCausalLM) exported with --exchange kv")
+        from ..generate import cannot_generate
+
+        raise InputError(cannot_generate(limits.outputs))
 
 
 def check_request(req, limits: Limits) -> None:

@@ -11,12 +11,15 @@ F is read lazily, line by line (`-` is stdin), so a pipe can feed requests as th
     attempts       attempts the coordinator made (2 or more: rerun after a lost device); `reruns`: why
     server         the HOST:PORT that answered; `failovers`: the servers lost first, with their errors
 With `save`, each request's outputs go to SAVE/NNNNNN.npz (its line number, six digits), under the
-transformers names (`generated_ids` for generation).
+transformers names (`generated_ids` for generation; `sentence_embedding` for a sentence-transformers export).
+`save_target` resolves a --save argument before any request is sent (folders created, the file named as it
+will be written), so that a path that cannot be written fails at once, in one line, and no work is lost.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +28,39 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, PrismError
+
+
+def save_target(save: str | os.PathLike, folder: bool = False) -> Path:
+    """Where `--save SAVE` writes, checked before any request runs: a folder (`folder`: a batch file's
+    NNNNNN.npz files; or SAVE names an existing folder or ends with '/': then its 000000.npz), else the
+    file SAVE, with the `.npz` suffix numpy adds when it is missing. Missing folders are created; a path
+    that cannot be written is an InputError naming it."""
+    text = os.fspath(save)
+    path = Path(text)
+    as_folder = folder or path.is_dir() or text.endswith(("/", os.sep))
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"--save {text}: with a batch file, --save names a folder (NNNNNN.npz per request), and "
+                         f"{text} is a file")
+    target = path / "000000.npz" if as_folder and not folder else path
+    if not folder and target.suffix != ".npz":
+        target = target.with_name(target.name + ".npz")
+    where = target if folder else target.parent
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--save {text}: cannot create the folder {where}: {e.strerror or e}") from None
+    if not os.access(where, os.W_OK) or (target.exists() and not folder and not os.access(target, os.W_OK)):
+        raise InputError(f"--save {text}: {target if target.exists() and not folder else where} is not writable")
+    return target
+
+
+def write_npz(target: Path, outputs: dict) -> str:
+    """Write the outputs to `target` (save_target's); an error writing it is an InputError naming it."""
+    try:
+        np.savez(target, **outputs)
+    except OSError as e:
+        raise InputError(f"--save: cannot write {target}: {e.strerror or e}") from None
+    return str(target)
 
 
 def read_lines(path: str) -> Iterator[tuple[int, str]]:
@@ -67,9 +103,7 @@ def run_batch(client, lines, kind: str, save: str | Path | None = None, generate
     a JSON line on stdout, flushed). `kind`: "texts" or "ids"; `generate`: a GenerationConfig to generate
     instead of running the model's heads. -> (requests, failed)."""
     emit = emit or (lambda r: print(json.dumps(r), flush=True))
-    folder = Path(save) if save else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
+    folder = save_target(save, folder=True) if save else None
     n = failed = 0
     for index, line in lines:
         n += 1
@@ -84,9 +118,8 @@ def run_batch(client, lines, kind: str, save: str | Path | None = None, generate
                 outputs, _ = client.infer(**kwargs)
                 reply = client.last_reply
             latency = time.monotonic() - t0
-            if folder is not None:
-                np.savez(folder / f"{index:06d}.npz", **outputs)
-            emit(record(index, True, None, latency, reply, client))
+            saved = write_npz(folder / f"{index:06d}.npz", outputs) if folder is not None else None
+            emit({**record(index, True, None, latency, reply, client), **({"saved": saved} if saved else {})})
         except PrismError as e:
             failed += 1
             emit(record(index, False, str(e), time.monotonic() - t0, None, client))

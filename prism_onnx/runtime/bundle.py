@@ -229,7 +229,7 @@ class Limits:
     max_message_bytes: int  # largest legitimate array part between runners
     max_client_bytes: int  # largest client message
     max_positions: int = 0  # positions of the model: a prompt plus its new tokens fit in them
-    generates: bool = False  # a decoder with a language-model head exchanging keys and values
+    generates: bool = False  # a decoder with a language-model head (generate.generates)
     token_ranges: dict = field(default_factory=dict)  # id input -> [lo, hi): input_ids, token_type_ids
 
     @classmethod
@@ -255,5 +255,5 @@ class Limits:
                    max_text_chars=max(4096, 32 * N), max_image_bytes=16 << 20,
                    max_message_bytes=biggest, max_client_bytes=max(biggest, 32 << 20),
                    max_positions=spec.max_positions,
-                   generates=m.program.exchange == "kv" and "logits" in m.program.token_outputs,
+                   generates="logits" in m.program.token_outputs,
                    token_ranges={k: v for k, v in ranges.items() if k in spec.embed_inputs})

@@ -25,11 +25,22 @@ def server_address(item: str) -> str:
     text = item.strip().removeprefix("tcp://")
     host, sep, port = text.rpartition(":")
     if not sep or not host:
-        raise InputError(f"--server '{item}': expected HOST:PORT, e.g. {text or 'localhost'}:5600 (the port a "
-                         f"runner serves with --serve)")
+        bare = text.lstrip(":")
+        example = f"localhost:{bare}" if bare.isdigit() else f"{text or 'localhost'}:5600"
+        raise InputError(f"--server '{item}': expected HOST:PORT, e.g. {example} (the port a runner serves with "
+                         f"--serve)")
     if not port.isdigit() or not 0 < int(port) < 65536:
         raise InputError(f"--server '{item}': the port '{port}' is not a number in 1..65535")
     return f"tcp://{host}:{int(port)}"
+
+
+def _split(split) -> tuple[float, ...]:
+    """A request's split: '1,0,1' (a reply's stats["split"]) or a sequence of weights."""
+    from .split import parse_request_split
+
+    if isinstance(split, str):
+        return parse_request_split(split)
+    return parse_request_split(",".join(repr(float(w)) for w in split))
 
 
 class Client:
@@ -121,24 +132,30 @@ class Client:
                 self.index = (self.index + 1) % len(self.addresses)
 
     def infer(self, *, texts=None, images=None, input_ids=None, attention_mask=None, pixel_values=None,
-              outputs=None):
-        """-> (outputs {name: array}, stats). `outputs`: names to return (default all). A failure raises the
-        error the cluster raised (InputError, Busy, DevicesUnavailable, Timeout, ...: errors.py)."""
+              outputs=None, split=None):
+        """-> (outputs {name: array}, stats). `outputs`: names to return (default all). `split`: this request's
+        plan, one weight per device of the export (0: left out), e.g. a reply's `stats["split"]` to reproduce
+        it (default: the cluster's split). A failure raises the error the cluster raised (InputError, Busy,
+        DevicesUnavailable, Timeout, ...: errors.py)."""
         request = self._inputs(texts, images, input_ids, attention_mask, pixel_values)
         if outputs:
             request = replace(request, outputs=tuple(outputs))
+        if split is not None:
+            request = replace(request, split=_split(split))
         reply = self._request(request)
         return {k: np.array(v) for k, v in reply.arrays.items()}, reply.stats
 
-    def generate(self, *, texts=None, input_ids=None, attention_mask=None, config=None, on_tokens=None):
+    def generate(self, *, texts=None, input_ids=None, attention_mask=None, config=None, on_tokens=None,
+                 split=None):
         """Distributed prefill, then decoding on the tail device. `config`: a generate.GenerationConfig
         (default: 16 greedy tokens, stop at the model's EOS). on_tokens(step, ids [B], texts or None) is
-        called as tokens arrive (streaming). -> (generated ids: a list per row, reply: stats, texts,
-        generation stats, and client_time_to_first_token_ms when streaming)."""
+        called as tokens arrive (streaming; `texts`: each row's new text, decoded incrementally, "" while a
+        character is incomplete). `split`: as for `infer`. -> (generated ids: a list per row, reply: stats,
+        texts, generation stats, and client_time_to_first_token_ms when streaming)."""
         options = GenerateOptions.of(config, given_stops=bool(config.stop_token_ids)) if config is not None \
             else GenerateOptions()  # no stop ids given: the model's EOS
         request = replace(self._inputs(texts, None, input_ids, attention_mask, None), generate=options,
-                          stream=on_tokens is not None)
+                          stream=on_tokens is not None, split=None if split is None else _split(split))
         t0, first = time.monotonic(), []
 
         def tokens(tok):

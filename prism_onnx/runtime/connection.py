@@ -119,13 +119,14 @@ class Connection:
                 ev = recv_monitor_message(self.monitor)
                 if ev["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
                     self.reset()
-                    raise PeerError(f"{self.address} refused this client's key (CURVE handshake failed): is it "
-                                    f"in the serving device's keys/clients?")
+                    raise PeerError(_refused(self.address, self.keys))
                 if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # the server holds our key: a later close
                     self._answered = True                           # is the server going away
                 if ev["event"] == zmq.EVENT_DISCONNECTED:
                     answered, _ = self._answered, self.reset()
-                    if not answered and self.keys is not None:
+                    if not answered and self.keys is None:
+                        raise PeerError(_refused(self.address, None))
+                    if not answered:
                         raise PeerError(f"{self.address} closed the connection before any answer: the CURVE "
                                         f"handshake failed (not this cluster's client-port key: client keys of "
                                         f"another export or another `prism keys` run)")
@@ -144,6 +145,17 @@ class Connection:
 
     def close(self) -> None:
         self.reset()
+
+
+def _refused(address: str, keys) -> str:
+    """Why a server dropped this client before answering anything: its key, or plain text (no keys) sent to a
+    runner that speaks CurveZMQ."""
+    where = address.removeprefix("tcp://")
+    if keys is None:
+        return (f"{where} closed the connection before any answer: this client speaks plain text (--insecure), and "
+                f"a runner started without --insecure accepts only CurveZMQ clients: give --keys EXPORT_DIR/client")
+    return (f"{where} refused this client's key (CURVE handshake failed): is it in the serving device's "
+            f"keys/clients?")
 
 
 def _close(sock: zmq.Socket, monitor: zmq.Socket | None) -> None:

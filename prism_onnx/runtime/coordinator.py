@@ -16,8 +16,9 @@ that make a lost device cost no request.
     batch    the local worker ran several requests as one attempt (batching.py): the others ride on the first
              one's attempt, and each is answered with its own rows; a rerun or a failure of the attempt is a
              rerun or a failure of each of them
-    split    each attempt's split weights come from `split` (split.py: even, static, or adaptive from the
-             compute time every RESULT reports); the reply reports the weights and spans used
+    split    each attempt's split weights come from `split` (split.py: even by default, static, or adaptive
+             from the compute time every RESULT reports), or from the request itself (`Request.split`: a
+             reply's plan reproduced); the reply reports the weights and spans used
     failure  a device's own error (bad input, a cache limit), the deadline, too many attempts, or fewer live
              devices than `min_devices`: the client gets one typed error (errors.ErrorInfo: its class, code,
              message, the devices concerned), every device of the attempt gets ABORT
@@ -39,7 +40,7 @@ from ..errors import Busy, DevicesUnavailable, ErrorInfo, FrameError, PeerError,
 from .bundle import DeviceBundle
 from .replies import Replies, error_reply
 from .schema import Abort, Attempt, Reply, Request, Result, Tokens, encode_record, request_id
-from .split import SplitPolicy
+from .split import SplitPolicy, default_policy, requested
 from .jobs import Job
 
 MAX_PENDING = 32
@@ -73,6 +74,7 @@ class Pending:
     first_token: float | None = None  # when the first streamed token arrived
     rows: tuple[int, int, int] | None = None  # batched: this request's rows of the attempt's outputs, its tokens
     riders: list["Pending"] = field(default_factory=list)  # batched: the other requests of this attempt
+    streams: list | None = None  # streaming: each row's text so far (detokenize.TextStream, replies.py)
 
     @property
     def ranks(self) -> tuple[int, ...]:
@@ -93,7 +95,7 @@ class Coordinator:
     abort_local: Callable[[int, str], None] = lambda request, why: None  # the local worker's part of an attempt
     max_attempts: int | None = None  # default: one more than the export's devices
     hold_s: float = HOLD_S
-    split: SplitPolicy | None = None  # default: the export's static split if it has one, else adaptive
+    split: SplitPolicy | None = None  # default: the export's static split if it has one, else even
     pending: dict[int, Pending] = field(default_factory=dict)  # by the current attempt's request id
 
     def __post_init__(self):
@@ -102,16 +104,17 @@ class Coordinator:
         self.max_attempts = self.max_attempts or self.limits.devices + 1
         self.assembler = Replies(self.bundle)
         if self.split is None:
-            static = self.bundle.manifest.settings.split_weights
-            self.split = SplitPolicy("static", static) if static else SplitPolicy("auto")
+            self.split = default_policy(self.bundle.manifest.settings.split_weights)
 
     # ------------------------------------------------------------------------------------------ planning
-    def members(self, now: float) -> tuple[list[int] | None, PrismError | None]:
-        return plan_members(self.membership, self.limits.devices, self.min_devices, now)
+    def members(self, now: float, req: Request | None = None) -> tuple[list[int] | None, PrismError | None]:
+        """The devices to plan over (those a request's own split names, when it has one), or the error."""
+        split = req.split if req is not None else None
+        return plan_members(self.membership, self.limits.devices, self.min_devices, now, split, self.rank)
 
     def on_request(self, client, req: Request, now: float) -> None:
         """A checked REQUEST (a request that failed its checks is answered by the host with its error)."""
-        ranks, why = self.members(now)
+        ranks, why = self.members(now, req)
         if why is None and len(self.pending) >= self.max_pending:
             why = Busy(f"busy: {len(self.pending)} requests running")
         p = Pending(client, req, now)
@@ -125,8 +128,9 @@ class Coordinator:
         budget = self.budget
         if p.req.generate is not None:  # the tail decodes after the prefill: a generous second per token
             budget += self.timeout + p.req.generate.max_new_tokens
+        weights = self.split.weights(ranks) if p.req.split is None else requested(p.req.split, ranks, self.rank)[1]
         attempt = Attempt(new_request_id(self.rank, self.pending), self.rank, tuple(ranks), budget,
-                          self.split.weights(ranks), p.req.outputs, p.req.generate, p.req.stream)
+                          weights, p.req.outputs, p.req.generate, p.req.stream)
         if not self.submit(Job(attempt, now + budget, p.req)):
             return False
         p.attempt, p.deadline, p.results, p.held_until = attempt, now + budget, {}, None
@@ -144,9 +148,8 @@ class Coordinator:
             p.first_token = now
         if p.req.stream:
             ids = tok.arrays["ids"]
-            texts = self.assembler.texts(ids[:, None])
-            self.reply(p.client, Tokens(tok.request, tok.step, call=p.req.call,
-                                        texts=tuple(texts) if texts is not None else None, arrays={"ids": ids}))
+            self.reply(p.client, Tokens(tok.request, tok.step, call=p.req.call, texts=self.assembler.new_text(p, ids),
+                                        arrays={"ids": ids}))
 
     def on_batch(self, request: int, members: list[tuple[int, int, int, int]], now: float) -> None:
         """The local worker batched `members` (request id, first row, end row, tokens) into the attempt
@@ -233,7 +236,7 @@ class Coordinator:
             error = PeerError("the tail device was lost after it streamed tokens; send the request again")
         elif p.attempts >= self.max_attempts:
             error = DevicesUnavailable(f"gave up after {p.attempts} attempts")
-        ranks, why = self.members(now)
+        ranks, why = self.members(now, p.req)
         error = error or why
         if error is None and not self._attempt(p, ranks, now):
             error = Busy("busy: the worker queue is full")
@@ -276,11 +279,15 @@ class Coordinator:
         return describe_pending(self.pending, now)
 
 
-def plan_members(membership, devices: int, min_devices: int, now: float):
-    """(the devices to plan over, None), or (None, DevicesUnavailable): fewer live than `min_devices`."""
+def plan_members(membership, devices: int, min_devices: int, now: float, split=None, coordinator: int = 0):
+    """(the devices to plan over, None), or (None, DevicesUnavailable): fewer live than `min_devices`; with a
+    request's own `split`, the devices it names (split.requested: all live, the coordinator among them)."""
     ranks = sorted(membership.members(now))
     if len(ranks) >= min_devices:
-        return ranks, None
+        try:
+            return (ranks if split is None else requested(split, ranks, coordinator)[0]), None
+        except PrismError as e:
+            return None, e
     lost = [q for q in range(devices) if q not in ranks]
     why = "; ".join(membership.describe(q, now) for q in lost)
     return None, DevicesUnavailable(

@@ -105,8 +105,10 @@ class Executor:
         tail = plan.tail
         collector = CacheCollector(self.program)
         request = next(self._ids)
-        futures = [self._pool.submit(run_device, self.program, self.engines[p], plan, p,
-                                     own_slice(token_inputs, plan, p), self.hub.endpoints[p], request, set(),
+        tail_plan, tail_exchange = collector.wrap(plan, tail, self.hub.endpoints[tail])
+        futures = [self._pool.submit(run_device, self.program, self.engines[p], tail_plan if p == tail else plan, p,
+                                     own_slice(token_inputs, plan, p),
+                                     tail_exchange if p == tail else self.hub.endpoints[p], request, set(),
                                      collector if p == tail else None) for p in plan.ranks]
         results = [f.result() for f in futures]
         return collector, RequestStats.of(results, plan)

@@ -90,7 +90,8 @@ def encode(kind: Kind, meta: dict, arrays: dict[str, np.ndarray] | None = None) 
 @dataclass(frozen=True)
 class ArrayRules:
     """What a receiver accepts as array parts: total bytes per array, how many arrays, and `allow(name,
-    dtype, shape)` -> None or the reason to refuse (e.g. the manifest's dtypes and ranks)."""
+    dtype, shape)` -> None or the reason to refuse (e.g. the manifest's dtypes and ranks; FrameError), or it
+    raises an error of its own (a client's input beyond the export's limits: InputError too_long)."""
 
     max_bytes: int
     max_arrays: int = MAX_ARRAYS

@@ -2,19 +2,29 @@
 
     outputs     token outputs concatenated along the sequence in rank order, pooled ones from rank 0
                 (program.gather_outputs); for generation the tail device's generated ids, with their texts
-    stats       the plan in force (its devices, spans and split weights), bytes per device and exchange point
+    stats       the plan in force (its devices, spans and split weights, and `split`: the `prism infer --split`
+                value that reproduces it), bytes per device and exchange point
                 (the devices' own counters), onnxruntime time, latency (program.RequestStats)
     batched     a request that rode on another's attempt (batching.py) gets its own rows, and of token outputs
                 its own tokens
+    sentence_embedding  for an export of a sentence-transformers folder, the sentence embedding of every row
+                (last_hidden_state pooled as the folder says, pooling.py): the vector /v1/embeddings returns
 Torch-free, no sockets: the coordinator calls it with the results it holds.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from ..detokenize import TextStream
 from ..errors import ErrorInfo
+from ..pooling import check_pooling, pool
 from ..program import DeviceResult, RequestStats, gather_outputs
 from .exchange import Traffic
 from .schema import GENERATED, Reply, Result, WireError
+from .split import split_arg
+
+EMBEDDINGS, SENTENCE_EMBEDDING = "last_hidden_state", "sentence_embedding"
 
 
 def error_reply(call: int | None, info: ErrorInfo) -> Reply:
@@ -32,6 +42,8 @@ class Replies:
             from .preprocess import TextPreprocessor
 
             self._tokenizer = TextPreprocessor(bundle.root / pre.tokenizer, self.limits.max_seq_len, pre.pad_id)
+        self.pooling = check_pooling(pre.pooling) if (pre.pooling or {}).get("source") == "sentence-transformers" \
+            else None
 
     def assemble(self, p, now: float) -> tuple[dict, dict]:
         """The devices' results of p's attempt -> (the reply's fields, its arrays). Raises ValueError or
@@ -41,7 +53,8 @@ class Replies:
         stats = RequestStats.of(results, latency_ms=1e3 * (now - p.t0))
         stats.spans = [list(p.results[r].span) for r in stats.ranks]
         stats.split_weights = list(p.attempt.split_weights) if p.attempt.split_weights else None
-        fields = {"stats": stats.to_dict(), "attempts": p.attempts, "reruns": tuple(p.reruns)}
+        split = split_arg(stats.ranks, stats.split_weights, self.limits.devices)
+        fields = {"stats": {**stats.to_dict(), "split": split}, "attempts": p.attempts, "reruns": tuple(p.reruns)}
         tail: Result = p.results[p.attempt.tail]
         if tail.generation is not None:
             ids = tail.arrays[GENERATED]
@@ -66,18 +79,43 @@ class Replies:
         out = []
         for q in [p, *p.riders]:
             if q.rows is None:
-                out.append((q.client, Reply(call=q.req.call, **fields, arrays=outputs)))
+                out.append((q.client, Reply(call=q.req.call, **fields, arrays=self.embedded(q.req, outputs))))
             else:
                 batched = {"requests": 1 + len(p.riders), "rows": list(q.rows[:2])}
                 out.append((q.client, Reply(call=q.req.call, **fields, batched=batched,
-                                            arrays=self.rows(outputs, *q.rows))))
+                                            arrays=self.embedded(q.req, self.rows(outputs, *q.rows)))))
         return out
+
+    def embedded(self, req, outputs: dict) -> dict:
+        """A request's outputs, with its `sentence_embedding` first when the export comes from a
+        sentence-transformers folder and the request asked for every output: pooled from last_hidden_state
+        over the request's own attention mask (its texts tokenized again, as the worker did)."""
+        hidden = outputs.get(EMBEDDINGS)
+        if self.pooling is None or hidden is None or req.outputs is not None:
+            return outputs
+        if req.texts is not None:
+            mask = self._tokenizer(list(req.texts))["attention_mask"]
+        else:
+            ids = req.arrays["input_ids"]
+            mask = req.arrays.get("attention_mask", np.ones(ids.shape, np.int64))
+        mask = np.atleast_2d(mask)[:, :hidden.shape[1]]
+        return {SENTENCE_EMBEDDING: pool(hidden, mask, self.pooling), **outputs}
 
     def rows(self, outputs: dict, start: int, end: int, tokens: int) -> dict:
         """A batched request's own outputs: its rows, and of token outputs [B, N, ...] its own first `tokens`
         positions (a request padded on the right to the batch's length: `prism run --batch-pad`)."""
         per_token = set(self.program.token_outputs)
         return {k: v[start:end, :tokens] if k in per_token else v[start:end] for k, v in outputs.items()}
+
+    def new_text(self, p, ids) -> tuple[str, ...] | None:
+        """A streaming request's new tokens ids [B] (-1: the row ended) -> each row's new text, decoded
+        incrementally (detokenize.TextStream: whole words and characters, "" while one is incomplete); None
+        without a tokenizer."""
+        if self._tokenizer is None:
+            return None
+        if p.streams is None:
+            p.streams = [TextStream(self._tokenizer.decode) for _ in range(len(ids))]
+        return tuple(st.add(t) if t >= 0 else "" for st, t in zip(p.streams, ids.tolist()))
 
     def texts(self, ids) -> list[str] | None:
         """Generated ids [B, T] (-1 after a row ended) as text, with the bundle's tokenizer (None: none)."""

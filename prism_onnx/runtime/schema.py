@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ErrorInfo, FrameError
+from ..errors import ErrorInfo, FrameError, InputError
 from .protocol import ArrayRules, Kind, decode, encode
 
 MAX_INT = (1 << 63) - 1
@@ -236,7 +236,7 @@ def coordinator_of(request: int) -> int:
 class GenerateOptions(Record):
     """generate.GenerationConfig as it travels; stop_token_ids None: the model's EOS (the tail device's)."""
 
-    max_new_tokens: int = spec("int", default=16, lo=1, hi=lambda L: L.max_positions)
+    max_new_tokens: int = spec("int", default=16, lo=1, hi=MAX_INT)  # within the positions: check()
     temperature: float = spec("float", default=0.0, lo=0.0, hi=1e4)
     top_k: int = spec("int", default=0, lo=0, hi=lambda L: L.vocab_size)
     top_p: float = spec("float", default=1.0, lo=0.0, hi=1.0)
@@ -248,6 +248,11 @@ class GenerateOptions(Record):
     def check(self, limits) -> None:
         if self.top_p <= 0:
             raise FrameError("field 'top_p' must be in (0, 1]")
+        if limits is not None and limits.generates and self.max_new_tokens >= limits.max_positions:
+            from ..errors import too_long
+
+            raise too_long(f"max_new_tokens {self.max_new_tokens}: this model has {limits.max_positions} positions, "
+                           f"which hold the prompt and its new tokens (ask for at most {limits.max_positions - 1})")
 
     @classmethod
     def of(cls, config, given_stops: bool = True) -> "GenerateOptions":
@@ -452,17 +457,25 @@ def tokens_rules(limits) -> ArrayRules:
 class Request(Record):
     """A client's request: `texts`, or input arrays (input_ids [B, N] and attention_mask, pixel_values, or
     image files image_0000...); `outputs` to return (None: all); `generate` to decode after the prefill
-    (`stream`: send each step's tokens as they come); `call` the client's id of this call, echoed back."""
+    (`stream`: send each step's tokens as they come); `split` the request's own plan (one weight per device of
+    the export, 0: left out; `prism infer --split`, split.requested); `call` the client's id of this call,
+    echoed back."""
 
     call: int | None = spec("int", default=None, lo=0, hi=MAX_INT)
     texts: tuple[str, ...] | None = spec("strs", default=None, length=1 << 30)  # admission.py: count, length
     outputs: tuple[str, ...] | None = spec("strs", default=None, items=lambda L: len(L.outputs), length=64)
     generate: GenerateOptions | None = spec("rec", default=None, rec=GenerateOptions)
     stream: bool = spec("bool", default=False)
+    split: tuple[float, ...] | None = spec("floats", default=None, items=MAX_DEVICES, lo=0.0, hi=1e9)
     arrays: dict = field(default_factory=dict, repr=False, compare=False)
 
     def check(self, limits) -> None:
+        if self.split is not None and not any(self.split):
+            raise FrameError("field 'split' needs at least one positive weight")
         if limits is not None:
+            if self.split is not None and len(self.split) != limits.devices:
+                raise InputError(f"split {','.join(f'{w:g}' for w in self.split)} has {len(self.split)} weights; "
+                                 f"this export has {limits.devices} devices (one weight each, 0 to leave one out)")
             from .admission import check_request
 
             check_request(self, limits)  # the values (InputError: the client's fault)

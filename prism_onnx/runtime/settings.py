@@ -81,9 +81,10 @@ class RunnerSettings:
         "onnxruntime graph optimization level of the device's sessions.", flag="--graph-optimization",
         choices=GRAPH_OPTIMIZATION_LEVELS))
     split: str | None = field(default=None, metadata=option(
-        "With --serve: how requests are split over the devices: auto (weights from each device's measured speed, "
-        "so they finish together), even, or one weight per device. Default: the export's --split if it has one, "
-        "else auto.", metavar="auto|even|W,W,..."))
+        "With --serve: how requests are split over the devices: even, one weight per device (e.g. from `prism "
+        "profile`), or auto (weights from each device's measured speed, so they finish together; at CR > 1 the "
+        "outputs then change with the measurements). Default: the export's --split if it has one, else even, so "
+        "that identical requests give identical outputs.", metavar="even|W,W,...|auto"))
     inflight: int = field(default=1, metadata=option(
         "Requests of one coordinator this device runs at once (pipelining: while one waits for another device's "
         "means, the next computes).", flag="--max-inflight", min=1, max=16))
@@ -124,3 +125,21 @@ class RunnerSettings:
             raise PrismError(f"--serve {self.serve} is this device's own peer port in --peers: give clients "
                              f"another port")
         return addrs
+
+    def check_options(self, bundle) -> None:
+        """The options against the device folder `bundle` (its manifest only; DeviceHost verifies the files):
+        the number of --peers, --min-devices, --serve, --split. A PrismError here is a misused option (the
+        CLI exits 2); a missing or unreadable manifest is a BundleError of its own."""
+        from pathlib import Path
+
+        from .bundle import MANIFEST, read_manifest
+        from .split import parse_split
+
+        m = read_manifest(Path(bundle) / MANIFEST)
+        devices = m.settings.devices
+        rank = self.rank if self.rank is not None else m.rank
+        if rank is None or not 0 <= rank < devices:
+            return  # not a device folder, or another rank than the bundle's: DeviceHost names the problem
+        self.check(devices, rank)
+        if self.split is not None:
+            parse_split(self.split, devices)

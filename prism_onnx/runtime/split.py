@@ -1,9 +1,20 @@
 """How a coordinator splits each request's tokens over the devices of its plan.
 
-    even      as even as possible (plan.split_tokens without weights)
+    even      as even as possible (plan.split_tokens without weights); the default when the export gives
+              no split
     static    fixed weights, one per device rank (the export's `--split`, or `prism run --split 2,1`)
-    auto      adaptive: weights proportional to each device's measured speed, so that the devices of a plan
-              finish their compute together; the default when the export gives no split
+    auto      adaptive (opt-in: `prism run --split auto`): weights proportional to each device's measured
+              speed, so that the devices of a plan finish their compute together
+
+Why the default is fixed. At CR > 1 a request's outputs depend on where its partition boundaries fall (which
+tokens are averaged together), so a split that moves with measured speeds gives the same text a different
+embedding from one call to the next (MiniLM P=2 CR=8: up to 0.70 apart right after start), which no vector
+index or cache can use; even at CR=1 the sums change order in the last bits. So by default the boundaries
+depend only on the request and the live devices: identical requests give bit-identical outputs. A mixed
+fleet measures its boards once (`prism profile device-K`) and fixes the weights (`prism run --split
+w0,w1,...`), or opts into `auto` where latency matters more than reproducibility. Whatever the mode, every
+reply reports its plan (`stats.ranks`, `spans`, `split_weights`, and `split`: the `prism infer --split`
+value that reproduces it), and a request may carry its own split (`requested`).
 
 Adaptive split. Every RESULT reports the seconds the device spent in onnxruntime (`timings`, not the time it
 waited for means) and the span it held; `observe` turns that into a speed in tokens per second. A device's
@@ -26,15 +37,67 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-from ..errors import PlanError
+from ..errors import DevicesUnavailable, InputError, PlanError
 
 MODES = ("auto", "even", "static")
+
+
+def default_policy(export_split) -> "SplitPolicy":
+    """`prism run` without --split: the export's weights if it was given --split, else even (fixed, so that
+    identical requests give identical outputs: see the module's docstring)."""
+    return SplitPolicy("static", tuple(export_split)) if export_split else SplitPolicy("even")
+
+
+def requested(split, live, coordinator: int) -> tuple[list[int], tuple[float, ...] | None]:
+    """A request's own split (`prism infer --split`): one weight per device of the export, 0 for a device
+    left out of the plan -> (the plan's ranks, their weights; None when equal: even). Every device with a
+    weight must be live (DevicesUnavailable otherwise: the plan cannot be reproduced now), and the
+    coordinator must be one of them (it runs a part of every plan it coordinates)."""
+    ranks = [r for r, w in enumerate(split) if w > 0]
+    if coordinator not in ranks:
+        raise InputError(f"split {split_arg_of(split)} leaves out device {coordinator}, which coordinates this "
+                         f"request: send it to a server of a device in the split")
+    lost = [r for r in ranks if r not in set(live)]
+    if lost:
+        raise DevicesUnavailable(f"split {split_arg_of(split)} needs device{'s' if len(lost) > 1 else ''} {lost}, "
+                                 f"which {'are' if len(lost) > 1 else 'is'} not live", ranks=lost)
+    weights = tuple(float(split[r]) for r in ranks)
+    return ranks, None if len(set(weights)) == 1 else weights
+
+
+def split_arg(ranks, weights, devices: int) -> str:
+    """The `prism infer --split` value of a plan: one weight per device of the export, 0 for a device not
+    in it (an even plan: 1 for each of its devices). Weights are written exactly (repr of the float)."""
+    per_rank = dict(zip(ranks, weights if weights else [1.0] * len(ranks)))
+    return split_arg_of([per_rank.get(r, 0.0) for r in range(devices)])
+
+
+def split_arg_of(weights) -> str:
+    return ",".join("0" if w == 0 else ("%d" % w if float(w).is_integer() else repr(float(w))) for w in weights)
+
+
+def parse_request_split(text: str) -> tuple[float, ...]:
+    """`prism infer --split`: one weight per device of the export, 0 to leave one out ('1,0,1'); refused in
+    one line naming the bad entry."""
+    out = []
+    for x in text.split(","):
+        try:
+            w = float(x)
+        except ValueError:
+            raise InputError(f"--split '{text}': '{x.strip()}' is not a number (one weight per device of the "
+                             f"export, 0 to leave one out, e.g. 1,0,1)") from None
+        if not (w >= 0 and w < float("inf")):
+            raise InputError(f"--split '{text}': weights must be numbers >= 0, got '{x.strip()}'")
+        out.append(w)
+    if not any(out):
+        raise InputError(f"--split '{text}': at least one device needs a positive weight")
+    return tuple(out)
 
 
 def parse_split(text: str | None, devices: int) -> tuple[str, tuple[float, ...] | None]:
     """`--split` of `prism run`: 'auto', 'even', or one positive weight per device ('2,1') -> (mode, weights)."""
     if text is None or text.strip().lower() in ("auto", "even"):
-        return (text or "auto").strip().lower(), None
+        return (text or "even").strip().lower(), None
     try:
         weights = tuple(float(x) for x in text.split(","))
     except ValueError:
@@ -48,7 +111,7 @@ def parse_split(text: str | None, devices: int) -> tuple[str, tuple[float, ...] 
 class SplitPolicy:
     """mode: auto | even | static; static: one weight per device rank (mode static)."""
 
-    mode: str = "auto"
+    mode: str = "even"
     static: tuple[float, ...] | None = None
     window: int = 5
     max_ratio: float = 16.0

@@ -198,8 +198,9 @@ class Worker:
         the generated ids. The exchange is not used after the prefill: no means move while decoding."""
         program, tail, a = self.bundle.manifest.program, plan.tail, job.attempt
         collector = CacheCollector(program) if self.rank == tail else None
+        run_plan, exchange = collector.wrap(plan, self.rank, lane.exchange) if collector else (plan, lane.exchange)
         t0 = time.perf_counter()
-        res = run_device(program, self.engine, plan, self.rank, own, lane.exchange, a.request, set(), collector)
+        res = run_device(program, self.engine, run_plan, self.rank, own, exchange, a.request, set(), collector)
         done = Result(a.request, self.rank, timings=res.timings, traffic=_traffic(res.traffic),
                       span=plan.span(self.rank))
         if collector is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PrismError
-from ..generate import GenerationConfig, stop_ids
+from ..generate import GenerationConfig, cannot_generate, stop_ids
 from ..pooling import check_pooling, pool
 from ..runtime.bundle import DeviceBundle
 from ..runtime.client import Client
@@ -135,16 +135,16 @@ class Gateway:
     def embed(self, rows: list[list[int]], normalize: bool | None = None) -> np.ndarray:
         """Rows of token ids -> sentence embeddings [n, D], pooled as the bundle says (normalize: override
         the bundle's Normalize). Rows are sorted by length and sent in batches of at most --max-batch, so
-        that a batch pads little."""
+        that a batch pads little; at CR > 1 a batch holds rows of one length only: the plan cuts a batch's
+        padded length, so a text padded beside a longer one would get other segments, and another embedding,
+        than alone (each text's embedding must not depend on what else the request holds)."""
         if not self.embeds:
             raise bad_request(f"this deployment's model ({self.manifest.model.architecture}) returns no token "
                               f"embeddings ({EMBEDDINGS}); embeddings need an encoder exported as *Model")
         record = self.pooling if normalize is None else {**self.pooling, "normalize": normalize}
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         out = np.zeros((len(rows), self.dimensions), np.float32)
-        B = self.limits.max_batch
-        for start in range(0, len(order), B):
-            chunk = order[start:start + B]
+        for chunk in self._chunks(order, rows):
             n = max(len(rows[i]) for i in chunk)
             ids = np.full((len(chunk), n), self.manifest.preprocessing.pad_id, np.int64)
             mask = np.zeros((len(chunk), n), np.int64)
@@ -157,21 +157,35 @@ class Gateway:
         self.metrics.embedded.inc(len(rows))
         return out
 
+    def _chunks(self, order: list[int], rows: list[list[int]]) -> list[list[int]]:
+        """The batches of embed(): `order` cut every --max-batch rows, and at CR > 1 also where the length
+        changes."""
+        B, exact = self.limits.max_batch, self.manifest.settings.compression_ratio > 1
+        chunks: list[list[int]] = []
+        for i in order:
+            if not chunks or len(chunks[-1]) == B or (exact and len(rows[chunks[-1][0]]) != len(rows[i])):
+                chunks.append([])
+            chunks[-1].append(i)
+        return chunks
+
     # ------------------------------------------------------------------------------------- generation
     def chat_rows(self, messages: list[dict], add_generation_prompt: bool) -> list[list[int]]:
+        self.check_generates()
         if self.chat is None:
             raise bad_request("this deployment's tokenizer has no chat template (tokenizer_config.json's "
                               "chat_template at export): use /v1/completions", param="messages")
         text = self.chat.render(messages, add_generation_prompt)
         return self.token_rows(Inputs(texts=[text]), "messages", special=False)
 
+    def check_generates(self) -> None:
+        if not self.generates:
+            raise bad_request(cannot_generate(self.limits.outputs, self.manifest.model.architecture))
+
     def config(self, s: Sampling, rows: list[list[int]], default_max: int | None) -> GenerationConfig:
         """OpenAI-style sampling -> prism's GenerationConfig, checked against the model's positions
         (default_max None: as many tokens as the positions leave). Stop token ids: the request's and the
         model's EOS."""
-        if not self.generates:
-            raise bad_request(f"this deployment's model ({self.manifest.model.architecture}) cannot generate: it "
-                              f"needs a language-model head exported with --exchange kv")
+        self.check_generates()
         positions = self.limits.max_positions
         longest = max(len(r) for r in rows)
         room = positions - longest

@@ -1,5 +1,5 @@
 """Text on the HTTP side: the bundle's tokenizer (prompt and input token counts, the length checks), the
-chat template, and the streamed detokenization of generated tokens with stop strings.
+chat template; the streamed detokenization of generated tokens with stop strings is prism_onnx/detokenize.py.
 
 The server tokenizes every text itself and sends the cluster token ids, so the counts in `usage` are the
 ones the model saw, and an over-long input is refused (413) before it costs a request.
@@ -10,9 +10,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
+from ..detokenize import TextStream  # noqa: F401 (the HTTP side's streams)
 from ..errors import BundleError
 from .errors import bad_request
 
@@ -91,56 +91,3 @@ def _raise(message):
     from jinja2 import TemplateError
 
     raise TemplateError(message)
-
-
-class TextStream:
-    """One row's generated text as its tokens arrive.
-
-    The text is decoded from all the row's ids each time (so that characters spread over several tokens
-    and merged pieces come out whole); `add` returns only the new text that is safe to send: a trailing
-    incomplete character (U+FFFD) and the last `len(longest stop string) - 1` characters are held back
-    until the next token shows they do not start a stop string. The row ends at a stop token id (its text
-    is not part of the output), or at the first stop string (the text is cut before it); `tokens` counts
-    the ids it took, stop token included."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stops: tuple[str, ...] = (), stop_ids=()):
-        self.decode, self.stops, self.stop_ids = decode, tuple(stops), set(int(t) for t in stop_ids)
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.ids: list[int] = []  # the ids whose text is output
-        self.tokens: list[int] = []  # every id the row took (stop token included)
-        self.text = ""
-        self.sent = ""
-        self.finish: str | None = None
-
-    def add(self, token: int) -> str:
-        if self.finish:
-            return ""
-        self.tokens.append(int(token))
-        if int(token) in self.stop_ids:
-            self.finish = "stop"
-            return self._flush()
-        self.ids.append(int(token))
-        text = self.decode(self.ids)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.finish = text[:cut], "stop"
-            return self._flush()
-        self.text = text
-        safe = min(len(text) - self.hold, len(text.rstrip("\ufffd")))
-        if safe > len(self.sent) and text.startswith(self.sent):
-            new, self.sent = text[len(self.sent):safe], text[:safe]
-            return new
-        return ""
-
-    def end(self, reason: str) -> str:
-        """The cluster finished the row (`reason`: stop or length) without a stop string: the rest of it."""
-        if self.finish:
-            return ""
-        self.finish = reason
-        return self._flush()
-
-    def _flush(self) -> str:
-        if not self.text.startswith(self.sent):
-            return ""  # the decoder changed text already sent (rare): nothing can be taken back
-        new, self.sent = self.text[len(self.sent):], self.text
-        return new
