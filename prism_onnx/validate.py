@@ -129,13 +129,26 @@ def sample_batches(executor: Executor, samples: int, batch_size: int = 8, seed: 
     if req.text is not None and data_dir() is not None:
         texts, _ = sst2("dev", limit=samples)
         return [req.model_inputs(texts=[texts[i] for i in c]) for c in chunks]
+    return random_ids(manifest, [len(c) for c in chunks], rng)
+
+
+def random_ids(manifest, batches: list[int], rng: np.random.Generator) -> list[dict]:
+    """Random token ids for a model without a tokenizer, one batch per entry of `batches` (its row count):
+    no special id (pad, bos, eos of the config) among the real tokens, and padding with the pad id, as a
+    tokenizer would give. A model may treat these ids apart from the mask: RoBERTa counts its position ids
+    from `input_ids != pad_token_id`, so a pad id inside a row would move every later token's position."""
+    cfg = manifest.config_summary
+    special = sorted({int(i) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
+                      for i in np.atleast_1d(cfg.get(k) if cfg.get(k) is not None else [])})
+    ordinary = np.setdiff1d(np.arange(manifest.model.vocab_size), special)
+    pad = int(cfg.get("pad_token_id") or 0)
     max_len = min(manifest.settings.max_seq_len, 48)
     out = []
-    for c in chunks:
-        lengths = rng.integers(max(manifest.devices, max_len // 2), max_len + 1, size=len(c))
-        ids = rng.integers(0, spec.vocab_size, size=(len(c), int(lengths.max())))
+    for rows in batches:
+        lengths = rng.integers(max(manifest.devices, max_len // 2), max_len + 1, size=rows)
+        ids = rng.choice(ordinary, size=(rows, int(lengths.max())))
         mask = (np.arange(ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64)
-        out.append({"input_ids": ids * mask, "attention_mask": mask})
+        out.append({"input_ids": np.where(mask == 1, ids, pad), "attention_mask": mask})
     return out
 
 

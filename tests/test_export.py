@@ -284,8 +284,6 @@ def test_validate_with_own_data_reports_agreement_with_the_whole_model(make_bund
     assert r.exit_code == 1 and "no images" in r.output
 
 
-@pytest.mark.xfail(strict=True, reason="issue 23: validate.py's random ids hold RoBERTa's padding id (1) among real "
-                                       "tokens and pad with 0; the fix is the lead's, after the bundles branch")
 def test_validate_passes_a_tokenizer_less_roberta_at_cr1(make_bundle):
     """A tokenizer-less RoBERTa at CR=1 must validate: its inputs are random ids, and RoBERTa counts position
     ids from `input_ids != padding_idx`, so an id equal to the padding id inside a row moves the positions of
