@@ -96,6 +96,8 @@ class ModelSpec:
 
 
 FALLBACK_DEFAULTS = {"count_bias": True, "keep_sinks": True, "window": 0}  # the paper's PRISM
+# a manifest written before the halo window existed ran without one, whatever its family's default is now
+BEFORE_WINDOW = {"window": 0, "far": "means"}
 
 
 def option(help: str, **more) -> dict:
@@ -359,7 +361,7 @@ class Manifest:
                 raise TypeError(f"calibration must be an object, got {type(calibration).__name__}")
             m = cls(
                 export_id=str(d["export_id"]), model=ModelSpec.from_dict(d["model"]),
-                settings=ExportSettings.from_dict(d["settings"]), program=Program.from_dict(d["program"]),
+                settings=ExportSettings.from_dict({**BEFORE_WINDOW, **d["settings"]}), program=Program.from_dict(d["program"]),
                 graphs={str(k): GraphFile.from_dict(g) for k, g in d["graphs"].items()},
                 preprocessing=Preprocessing(**d["preprocessing"]),
                 files={str(k): str(v) for k, v in d["files"].items()},

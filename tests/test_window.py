@@ -362,3 +362,25 @@ def test_masked_bounds_refuse_a_model_without_per_query_masks(tiny, arch):
     inputs = {"input_ids": np.ones((1, 4), np.int64), "attention_mask": np.ones((1, 4), np.int64)}
     with pytest.raises(InputError, match="attention mask per query"):
         masked_forward(tiny[arch], inputs, np.ones((1, 4, 4), bool))
+
+
+def test_a_manifest_from_before_the_window_reads_as_no_window():
+    """A decoder exported before the halo window existed ran the paper's PRISM: its manifest (no `window`,
+    no `far`) must not pick up the family's window default of today; a manifest of today keeps what it
+    recorded, and one with the settings left unset takes the family's DEFAULTS."""
+    from dataclasses import replace
+
+    from prism_onnx.manifest import Manifest
+    from prism_onnx.models import llama
+    from test_coordinator import manifest
+
+    m = manifest(devices=2)
+    decoder = replace(m, model=replace(m.model, model_type="llama", causal=True, defaults=dict(llama.DEFAULTS)),
+                      settings=replace(m.settings, window=None, count_bias=None))
+    assert decoder.settings.window == llama.DEFAULTS["window"] and decoder.settings.count_bias is False
+    d = decoder.to_dict()
+    assert Manifest.from_dict(d).settings.window == llama.DEFAULTS["window"]
+    for k in ("window", "far"):
+        del d["settings"][k]
+    old = Manifest.from_dict(d).settings
+    assert old.window == 0 and old.far == "means" and old.count_bias is False  # recorded values stay
