@@ -56,8 +56,8 @@ def bundle_with_source(graphs, source: Path, out: Path, **settings) -> Path:
     model folder `source` (tokenizer, chat template, pooling): the graphs do not depend on it."""
     folder = out.parent / f"{out.name}-graphs"
     folder.mkdir()
-    for g in graphs.files.values():
-        shutil.copyfile(graphs.folder / g.file, folder / g.file)
+    for f in graphs.graph_payload():  # graph files and their external data (the embedding table)
+        shutil.copyfile(graphs.folder / f, folder / f)
     pre = write_preprocessing(models.load(source), graphs.spec, folder)
     return write_bundles(replace(graphs, folder=folder, preprocessing=pre, source=str(source)), out,
                          ExportSettings(**settings))
@@ -521,11 +521,16 @@ def test_connections_beyond_the_limit_are_refused_at_once_with_503(limited):
     held = [tcp(base) for _ in range(16)]
     for s in held:
         s.sendall((EMBED_HEAD + "content-length: 100\r\n\r\n").encode() + b'{"input"')
-    with http(base, None) as c:
-        poll = time.monotonic() + 60
-        while (r := c.get("/health")).status_code != 503 and time.monotonic() < poll:
-            time.sleep(0.05)  # until the 16 connections are open on the server's side (a hang guard)
-        assert r.status_code == 503 and r.text == "Service Unavailable"
+    poll = time.monotonic() + 60
+
+    def health() -> bytes:  # on a new connection each time: accepted after the 16, which the backlog holds first
+        s = tcp(base)
+        s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        return until_closed(s)
+
+    while not (r := health()).startswith(b"HTTP/1.1 503 ") and time.monotonic() < poll:
+        time.sleep(0.05)  # until the 16 connections are open on the server's side (a hang guard)
+    assert r.startswith(b"HTTP/1.1 503 ") and r.endswith(b"Service Unavailable"), r
     answers = [until_closed(s).split(b"\r\n")[0] for s in held]
     assert sorted(set(answers)) == [b"HTTP/1.1 408 Request Timeout", b"HTTP/1.1 503 Service Unavailable"], answers
     with http(base, None) as c:
