@@ -40,6 +40,7 @@ from .keys import RunnerKeys, loose_permissions, with_local_client
 from .membership import HEARTBEAT_S, Membership
 from .schema import MAX_DEVICES, encode_record
 from .settings import RunnerSettings
+from .status import runner_status
 from .split import SplitPolicy, parse_split
 from .transport import ENVELOPE, LOCAL, Transport
 from .worker import Worker, ZmqExchange
@@ -265,24 +266,6 @@ class DeviceHost:
         return {"rejected": self.rejected_total, "internal_errors": ev["internal_errors"],
                 "denied": ev["auth_denied"] + sum(ev[k] for k in ("handshake_failed", "handshake_failed_protocol"))}
 
-    # ------------------------------------------------------------------------------------------ status
     def status(self, now: float) -> dict:
-        m = self.membership
-        return {
-            "ready": m.ready(now), "export_id": self.bundle.export_id, "devices": self.bundle.devices,
-            "coordinator": self.rank, "connected": m.connected(now), "members": m.members(now),
-            "min_devices": self.coordinator.min_devices if self.coordinator else None,
-            "secure": self.transport.keys is not None,
-            "rejected_frames": {str(self.rank): self.rejected_total,
-                                **{str(q): p.health.get("rejected", 0) for q, p in m.peers.items()}},
-            "health": {str(self.rank): self.health, **{str(q): p.health for q, p in m.peers.items()}},
-            "pending": len(self.coordinator.pending) if self.coordinator else 0,
-            "requests": self.coordinator.describe_pending(now) if self.coordinator else [],
-            "heartbeat_timeouts": {str(q): round(max(p.hello_gaps.timeout(m.dead_after),
-                                                     p.echo_gaps.timeout(m.dead_after)), 3)
-                                   for q, p in m.peers.items()},
-            "split": self.coordinator.split.describe() if self.coordinator else None,
-            "counters": {**self.counters.to_dict(), "exchange_rejected": self.worker.lanes.rejected_frames,
-                         "inbox_bytes": self.worker.lanes.inbox_bytes},
-            "peers": {str(q): m.describe(q, now) for q in m.peers},
-        }
+        """The runner's STATUS (operator view): status.runner_status."""
+        return runner_status(self, now)

@@ -107,12 +107,8 @@ class Membership:
 
     def missing(self, now: float) -> list[int]:
         """Peers that are not alive, or that do not see every other device."""
-        out = []
-        for q, p in self.peers.items():
-            others = set(range(self.devices)) - {q}
-            if not p.alive(now, self.dead_after) or not others <= p.sees:
-                out.append(q)
-        return out
+        return [q for q, p in self.peers.items()
+                if not p.alive(now, self.dead_after) or not set(range(self.devices)) - {q} <= p.sees]
 
     def members(self, now: float) -> list[int]:
         """The devices a request can be planned over now: this one and the live peers, each of which sees
