@@ -86,7 +86,9 @@ def run_demo(out: str | Path = "out/demo", devices: int = 2, cr: int = 8, text: 
     echo(f"bytes exchanged: {sent:,} (per device sent {stats['bytes_sent']}); uncompressed position-wise "
          f"partitioning would move {base_bytes:,}: {100 * report['bytes']['reduction']:.1f}% less")
     echo(f"difference from PyTorch: max |diff| {report['max_abs_diff_vs_pytorch_simulate']:.2g} against "
-         f"prism_onnx.simulate (the same PRISM math); embedding cosine {report['embedding']['cosine_vs_pytorch_full_model']:.4f} "
+         f"prism_onnx.simulate (the same PRISM math); embedding cosine "
+         f"{report['embedding']['cosine_vs_pytorch_full_model']:.4f} "
          f"against the whole, unpartitioned model")
-    echo(f"latency {stats['latency_ms']:.1f} ms, compute per device {stats['compute_ms']} ms, {report['tokens']} tokens")
+    echo(f"latency {stats['latency_ms']:.1f} ms, compute per device {stats['compute_ms']} ms, "
+         f"{report['tokens']} tokens")
     return report

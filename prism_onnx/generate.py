@@ -343,8 +343,9 @@ def check_prompt(attention_mask: np.ndarray, config: GenerationConfig, max_posit
                        f"{max_positions} positions: ask for at most {max(max_positions - longest, 0)} new tokens")
 
 
-def decode_from_cache(program: Program, backend, collector: CacheCollector, prompt_ids: np.ndarray, attention_mask: np.ndarray,
-           config: GenerationConfig, rank: int, t0: float, max_cache_bytes: int | None = None,
+def decode_from_cache(program: Program, backend, collector: CacheCollector, prompt_ids: np.ndarray,
+           attention_mask: np.ndarray, config: GenerationConfig, rank: int, t0: float,
+           max_cache_bytes: int | None = None,
            on_tokens: Callable[[int, np.ndarray], None] | None = None) -> Generation:
     """Decode on the tail device after its prefill (collector filled). prompt_ids/attention_mask [B, N] of
     the whole request (the tail needs only the row lengths and, for repetition_penalty, the ids).

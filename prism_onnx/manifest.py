@@ -185,7 +185,8 @@ class ExportSettings(PrismSettings):
     opset: int = field(default=DEFAULT_OPSET, metadata=option("ONNX opset of the exported graphs.", min=18))
     exchange: str = field(default="auto", metadata=option(
         "What devices exchange: hidden (Segment Means of the attention input, the paper) or kv (of the rotated "
-        "keys and values; generation decodes faster with it). auto: the family's default.", choices=("auto",) + EXCHANGES))
+        "keys and values; generation decodes faster with it). auto: the family's default.",
+        choices=("auto",) + EXCHANGES))
 
     def __post_init__(self):
         super().__post_init__()
@@ -361,7 +362,8 @@ class Manifest:
                 raise TypeError(f"calibration must be an object, got {type(calibration).__name__}")
             m = cls(
                 export_id=str(d["export_id"]), model=ModelSpec.from_dict(d["model"]),
-                settings=ExportSettings.from_dict({**BEFORE_WINDOW, **d["settings"]}), program=Program.from_dict(d["program"]),
+                settings=ExportSettings.from_dict({**BEFORE_WINDOW, **d["settings"]}),
+                program=Program.from_dict(d["program"]),
                 graphs={str(k): GraphFile.from_dict(g) for k, g in d["graphs"].items()},
                 preprocessing=Preprocessing(**d["preprocessing"]),
                 files={str(k): str(v) for k, v in d["files"].items()},

@@ -130,8 +130,8 @@ def simulate(model, inputs=None, *, devices: int, compression_ratio: int, count_
     """
     pm = prism_model(model, exchange)
     settings = PrismSettings(devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
-                             keep_sinks=keep_sinks, split_weights=split_weights, wire_dtype=check_wire_dtype(wire_dtype),
-                             window=window, far=far)
+                             keep_sinks=keep_sinks, split_weights=split_weights,
+                             wire_dtype=check_wire_dtype(wire_dtype), window=window, far=far)
     inputs = merge_inputs(inputs, model_inputs, "simulate")
     token_inputs, mask = prepare(pm.spec, inputs)
     plan = plan_for(pm.spec, mask, settings)
@@ -152,8 +152,8 @@ def generate(model, inputs=None, *, devices: int, compression_ratio: int, count_
 
     pm = prism_model(model, "kv")
     settings = PrismSettings(devices=devices, compression_ratio=compression_ratio, count_bias=count_bias,
-                             keep_sinks=keep_sinks, split_weights=split_weights, wire_dtype=check_wire_dtype(wire_dtype),
-                             window=window, far=far)
+                             keep_sinks=keep_sinks, split_weights=split_weights,
+                             wire_dtype=check_wire_dtype(wire_dtype), window=window, far=far)
     inputs = merge_inputs(inputs, model_inputs, "generate")
     if config is None:
         config = GenerationConfig(stop_token_ids=stop_ids(model.config.to_dict()))
@@ -188,7 +188,8 @@ def cli_inputs(source, spec, *, kind: str, texts=(), images=(), input_ids=None) 
             tok = AutoTokenizer.from_pretrained(resolve_source(source) if isinstance(source, str) else
                                                 source.name_or_path)
         except (OSError, ValueError, TypeError) as e:
-            raise InputError(f"no tokenizer found for this model ({str(e).splitlines()[0]}); pass --input-ids") from None
+            raise InputError(f"no tokenizer found for this model ({str(e).splitlines()[0]}); "
+                             "pass --input-ids") from None
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token or tok.unk_token
         enc = tok(list(texts), padding=True, truncation=True, max_length=spec.max_positions, return_tensors="np")
@@ -241,7 +242,8 @@ def simulate_report(source, settings: PrismSettings, *, kind, texts=(), images=(
         }
     sent, _ = plan_traffic(plan, spec.row_width, 1, settings.wire_dtype)
     per_device = [{"rank": p, "span": list(plan.span(p)), "tokens": plan.span(p)[1] - plan.span(p)[0],
-                   "kv_rows": plan.projected_rows(p), "rows_sent": plan.sent_rows(p), "bytes_sent_per_layer": sent[p][0]}
+                   "kv_rows": plan.projected_rows(p), "rows_sent": plan.sent_rows(p),
+                   "bytes_sent_per_layer": sent[p][0]}
                   for p in range(plan.devices)]
     base_bytes = baseline_bytes_per_layer(spec, mask, settings)
     total = sum(d["bytes_sent_per_layer"] for d in per_device)

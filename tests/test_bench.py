@@ -95,4 +95,5 @@ def test_bench_clients_slow_device_and_profile_report_their_fields(tiny_export):
     r = CliRunner().invoke(main, ["profile", str(tiny_export), "--seq-len", "16,32", "--repeats", "1", "--json"])
     assert r.exit_code == 0, r.output
     prof = json.loads(r.output)
-    assert [p["tokens"] for p in prof["points"]] == [16, 32] and prof["weight"] == prof["points"][-1]["tokens_per_s"] > 0
+    assert ([p["tokens"] for p in prof["points"]] == [16, 32]
+            and prof["weight"] == prof["points"][-1]["tokens_per_s"] > 0)

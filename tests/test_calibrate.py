@@ -89,11 +89,13 @@ def test_new_remote_calibration_is_the_identity():
     pm = prism_model(model)
     try:
         pm.add_calibration(rank=4)
-        assert torch.equal(simulate(model, inputs, devices=3, compression_ratio=4, window=0, count_bias=True).logits, ref)
+        assert torch.equal(simulate(model, inputs, devices=3, compression_ratio=4, window=0,
+                                    count_bias=True).logits, ref)
         with torch.no_grad():
             for c in pm.calibration:
                 c.bias_offset.fill_(0.5)
-        assert not torch.equal(simulate(model, inputs, devices=3, compression_ratio=4, window=0, count_bias=True).logits, ref)
+        assert not torch.equal(simulate(model, inputs, devices=3, compression_ratio=4, window=0,
+                                        count_bias=True).logits, ref)
         # at CR=1 every row is one token: the calibration is skipped, outputs are the model's
         assert torch.equal(simulate(model, inputs, devices=3, compression_ratio=1).logits,
                            simulate(tiny_model(arch), inputs, devices=3, compression_ratio=1).logits)
@@ -110,7 +112,8 @@ def calibrated(exported_graphs, tmp_path_factory):
     from prism_onnx.manifest import ExportSettings
 
     root = tmp_path_factory.mktemp("calibrate")
-    export = write_bundles(exported_graphs["BertModel"], root / "export", ExportSettings(devices=2, compression_ratio=4))
+    export = write_bundles(exported_graphs["BertModel"], root / "export",
+                           ExportSettings(devices=2, compression_ratio=4))
     data = root / "train.txt"
     data.write_text("\n".join(sst2_sentences(120, "train") + [LONG_PARAGRAPH]) + "\n")
     r = CliRunner().invoke(main, ["calibrate", str(export), "--data", str(data), "--out", str(root / "cal"),

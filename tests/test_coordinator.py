@@ -28,7 +28,8 @@ def manifest(devices=3):
     program = build_program(spec)
     graphs = {g: GraphFile(f"{g}.onnx", (), ()) for g in program.graphs()}
     graphs["embed"] = GraphFile("embed.onnx", (TensorInfo("input_ids", "int64", ("batch", "tokens")),), ())
-    graphs["token_head"] = GraphFile("token_head.onnx", (), (TensorInfo("last_hidden_state", "float32", ("b", "t", D)),))
+    graphs["token_head"] = GraphFile("token_head.onnx", (),
+                                     (TensorInfo("last_hidden_state", "float32", ("b", "t", D)),))
     settings = ExportSettings(devices=devices, compression_ratio=2, max_batch=4, max_seq_len=16)
     return Manifest(export_id="e" * 64, model=spec, settings=settings, program=program, graphs=graphs,
                     preprocessing=Preprocessing("text"), files={}, rank=0)
@@ -150,7 +151,8 @@ def test_planned_over_the_live_devices_and_refused_below_min_devices(coord):
     ({"outputs": ["logits"]}, None, InputError, "unknown outputs"),
     ({"bogus": 1}, None, FrameError, "unknown field(s) ['bogus']"),
     ({}, {"input_ids": np.array([[1, 200]])}, InputError, "input_ids out of range"),
-    ({}, {"input_ids": np.array([[1, 2]]), "attention_mask": np.array([[0, 0]])}, InputError, "at least one real token"),
+    ({}, {"input_ids": np.array([[1, 2]]), "attention_mask": np.array([[0, 0]])}, InputError,
+     "at least one real token"),
     ({}, {"input_ids": np.array([[1, 2]]), "attention_mask": np.array([[1, 5]])}, InputError, "only 0 and 1"),
     ({"texts": ["a"]}, None, InputError, "exactly one of"),
     ({}, {}, InputError, "exactly one of"),

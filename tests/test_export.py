@@ -47,7 +47,8 @@ def test_bundles_equal_model_at_cr1_and_simulate_at_cr4(arch, devices, tiny_dirs
     with torch.no_grad():
         ref = hf_forward(model, inputs)
     out = Executor(make_bundle(arch, devices=devices, compression_ratio=1)).run(inputs).outputs
-    assert set(out) == set(k for k in ("last_hidden_state", "pooler_output", "logits") if getattr(ref, k, None) is not None)
+    assert set(out) == set(k for k in ("last_hidden_state", "pooler_output", "logits")
+                           if getattr(ref, k, None) is not None)
     assert max_diff(out, ref, inputs) <= TOL
 
     out4 = Executor(make_bundle(arch, devices=devices, compression_ratio=4, window=0)).run(inputs).outputs
@@ -249,7 +250,8 @@ def test_minilm_real_weights_export_and_validate(tmp_path):
     assert top["model"]["hidden_size"] == 384 and top["preprocessing"]["tokenizer"] == "tokenizer.json"
     r = CliRunner().invoke(main, ["validate", str(tmp_path / "minilm"), "--samples", "8", "--json"])
     rep = json.loads(r.output)
-    print("MiniLM P=2 CR=4:", rep["max_abs_diff_vs_reference"], rep["outputs"]["last_hidden_state"]["mean_cosine_vs_model"])
+    print("MiniLM P=2 CR=4:", rep["max_abs_diff_vs_reference"],
+          rep["outputs"]["last_hidden_state"]["mean_cosine_vs_model"])
     assert r.exit_code == 0 and rep["passed"] and rep["max_abs_diff_vs_reference"] <= TOL
     assert 0.8 < rep["cosine_vs_model"] < 1.0 and rep["worst_cosine_vs_model"] <= rep["cosine_vs_model"]
 

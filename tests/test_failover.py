@@ -6,9 +6,9 @@ at a time through its stdin, so the test decides when each request is sent. A ki
 middle of a request: the test freezes runner 2 (SIGSTOP), sends a request, waits until the coordinator's
 STATUS shows that request waiting for runner 2, and only then kills the victim (SIGKILL: a crash, the
 kernel closes its connections). Nothing here asserts a duration: the stream waits for events (a STATUS, a
-log line, a reply), and the 30 s rejoin guard only stops a hang. The runners' heartbeat timeout is 5 s so that the freeze itself is never
-taken for a loss; a kill is noticed when its connections close (as on a LAN when a board's process dies;
-a powered-off board is noticed after the heartbeat timeout, 1 s by default).
+log line, a reply), and the 30 s rejoin guard only stops a hang. The runners' heartbeat timeout is 5 s so
+that the freeze itself is never taken for a loss; a kill is noticed when its connections close (as on a LAN
+when a board's process dies; a powered-off board is noticed after the heartbeat timeout, 1 s by default).
 """
 
 import json

@@ -95,7 +95,8 @@ def test_a_second_export_of_a_gguf_file_at_cr4_converts_nothing_and_equals_simul
                                                                                     tmp_path):
     inputs = text_batch(len(vocabulary()), np.random.default_rng(1), lengths=(37, 22), left=True)
     model = models.load(str(tiny))
-    r = CliRunner().invoke(main, ["export", str(tiny), "-P", "3", "--cr", "4", "--window", "0", "--out", str(tmp_path / "p3"), "--json"])
+    r = CliRunner().invoke(main, ["export", str(tiny), "-P", "3", "--cr", "4", "--window", "0",
+                                  "--out", str(tmp_path / "p3"), "--json"])
     assert r.exit_code == 0, r.output
     assert conversions == [tiny]  # the export read the cache
     out4 = Executor(tmp_path / "p3").run(inputs).outputs["logits"]

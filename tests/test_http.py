@@ -171,7 +171,8 @@ def test_openai_embeddings_equal_sentence_transformers_pooling(bert):
 
     cluster, base, src = bert
     manifest = json.loads((cluster.root / "device-1" / "manifest.json").read_text())
-    assert manifest["preprocessing"]["pooling"]["modes"] == ["cls"] and manifest["preprocessing"]["pooling"]["normalize"]
+    assert (manifest["preprocessing"]["pooling"]["modes"] == ["cls"]
+            and manifest["preprocessing"]["pooling"]["normalize"])
     expected = st_pooled(AutoModel.from_pretrained(src).eval(), AutoTokenizer.from_pretrained(src), SENTENCES,
                          ["cls"], normalize=True)
     client = openai_client(base, "unused")  # this deployment has no API key

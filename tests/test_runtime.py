@@ -308,13 +308,15 @@ def test_early_frame_that_does_not_fit_the_plan_is_rejected_when_its_turn_comes(
     from prism_onnx.plan import make_plan
     from prism_onnx.runtime.exchange import LocalHub
 
-    plan = make_plan(SimpleNamespace(causal=False, sinks=()), np.ones((1, 10), np.int64), devices=2, compression_ratio=2)
+    plan = make_plan(SimpleNamespace(causal=False, sinks=()), np.ones((1, 10), np.int64), devices=2,
+                     compression_ratio=2)
     hub = LocalHub(2, wire_dtype="float32", width=4, points=["attn_in.0"], export_tag=7, max_rows=8, max_batch=2,
                    timeout=2.0)
     dev0, dev1 = hub.endpoints
     counts = plan.segments[0].counts  # [1, 3]: device 0 sends 3 means of its 5 tokens
-    frame = lambda request, c: encode_means(MeansFrame(request, 0, 0, 1, 7, c, np.full((1, c.shape[1], 4), float(request),  # noqa: E731
-                                                                                         np.float32)), "float32")
+    frame = lambda request, c: encode_means(MeansFrame(request, 0, 0, 1, 7, c,  # noqa: E731
+                                                       np.full((1, c.shape[1], 4), float(request), np.float32)),
+                                            "float32")
     dev0._send(1, frame(2, np.ones((1, 1), np.int32)))  # early, and one row where the plan says three
     dev0._send(1, frame(1, counts))
     assert np.all(dev1.gather(1, 0, plan) == 1.0)  # request 1 goes through; request 2's frame waits
@@ -352,7 +354,8 @@ def test_runners_of_different_exports_are_refused_both_naming_the_setting(make_b
     peers = f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
     errs = refusals([(a / "device-0", 0, ["--insecure"]), (b / "device-1", 1, ["--insecure"])], peers, 30)
     for e in errs:
-        assert "bundle from another export" in e and ("compression_ratio 3 vs 2" in e or "compression_ratio 2 vs 3" in e)
+        assert ("bundle from another export" in e
+                and ("compression_ratio 3 vs 2" in e or "compression_ratio 2 vs 3" in e))
         assert "did not come up" not in e, e
 
 

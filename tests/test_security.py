@@ -90,7 +90,8 @@ def test_keys_layout_permissions_rotation_and_added_clients(make_bundle, tmp_pat
     r = CliRunner().invoke(main, ["keys", str(out), "--add-client", "alice"])
     assert r.exit_code == 0, r.output
     assert (out / "device-2" / "keys" / "clients" / "client-alice.key").is_file()
-    assert ClientKeys.load(out / "client-alice").public in RunnerKeys.load(out / "device-0" / "keys", 0, 3).clients.values()
+    assert (ClientKeys.load(out / "client-alice").public
+            in RunnerKeys.load(out / "device-0" / "keys", 0, 3).clients.values())
     r = CliRunner().invoke(main, ["keys", str(out), "--add-client", "alice"])
     assert r.exit_code == 1 and "exists" in r.output
     r = CliRunner().invoke(main, ["keys", str(out)])  # rotation: every key new, alice kept (re-keyed)
@@ -126,7 +127,8 @@ def test_edited_device_manifest_is_refused_by_prism_run_naming_the_file(make_bun
         m["graphs"]["layer_0"]["file"] = "layer_1.onnx"  # a file that exists, with its right sha256
     path.write_text(json.dumps(m, indent=2))
     ports = free_ports(2)
-    r = CliRunner().invoke(main, ["run", str(out / "device-1"), "--peers", f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"])
+    r = CliRunner().invoke(main, ["run", str(out / "device-1"), "--peers",
+                                  f"127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"])
     assert r.exit_code == 1
     assert "device-1/manifest.json: export id" in r.output and "does not match the manifest's content" in r.output
     # the export folder is refused too (the top manifest records the device manifest's sha256)

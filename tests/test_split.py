@@ -264,7 +264,8 @@ def test_identical_requests_give_identical_outputs_and_a_replys_split_reproduces
         replies = [cluster.client.infer(texts=[SENTENCE]) for _ in range(6)]
         uneven, stats = cluster.client.infer(texts=[SENTENCE], split=[0.7, 0.3])
         cluster.client.infer(texts=["another request in between"])
-        r = CliRunner().invoke(main, ["infer", "--server", cluster.serve_address, "--keys", str(cluster.root / "client"),
+        r = CliRunner().invoke(main, ["infer", "--server", cluster.serve_address,
+                                      "--keys", str(cluster.root / "client"),
                                       "--text", SENTENCE, "--split", stats["split"], "--save",
                                       str(tmp_path / "again.npz"), "--json"])
     first, first_stats = replies[0]

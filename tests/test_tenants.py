@@ -176,7 +176,8 @@ def test_a_peer_with_other_keys_is_named_at_once_and_fatal_when_certain():
     m = Membership(0, {1: "tcp://10.0.0.11:5555"}, "e" * 64, {}, "n0")
     detail = "does not hold device 1's key of this key set (it closed our CURVE handshake)"
     first = m.on_key_failure(1, detail)
-    assert first.note and "the runner at 10.0.0.11:5555 (device 1 in --peers) does not hold device 1's key" in first.note
+    assert first.note and ("the runner at 10.0.0.11:5555 (device 1 in --peers) does not hold device 1's key"
+                           in first.note)
     assert "another export or another `prism keys` run" in first.note and first.fatal is None
     for _ in range(KEY_FAILURES - 2):
         assert m.on_key_failure(1, detail).fatal is None

@@ -41,7 +41,8 @@ def _print_simulate(r):
     for name, o in r["outputs"].items():
         click.echo(f"  {name} {o['shape']}: mean {o['mean']:+.5f} std {o['std']:.5f} first {o['first']}; "
                    f"max |diff| vs unpartitioned {o['max_abs_diff_vs_model']:.3g}, cosine {o['cosine_vs_model']:.6f}")
-    click.echo(f"  {'device':>6} {'tokens':>12} {'owned':>6} {'K/V rows':>9} {'rows sent':>10} {'bytes sent/layer':>17}")
+    click.echo(f"  {'device':>6} {'tokens':>12} {'owned':>6} {'K/V rows':>9} {'rows sent':>10} "
+               f"{'bytes sent/layer':>17}")
     for d in r["per_device"]:
         click.echo(f"  {d['rank']:>6} {str(d['span']):>12} {d['tokens']:>6} {d['kv_rows']:>9} {d['rows_sent']:>10} "
                    f"{d['bytes_sent_per_layer']:>17,}")
@@ -152,7 +153,8 @@ def validate(export_dir, samples, data, model, rtol, atol, min_model_cosine, as_
                    "scale and offset per head, low-rank row correction), norms (LayerNorm/RMSNorm affine), biases.")
 @click.option("--rank", type=click.IntRange(min=1), default=8, show_default=True,
               help="Rank of the remote rows' correction.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True, help="Adam learning rate.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=3e-3, show_default=True,
+              help="Adam learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Inputs per step (inputs of equal length are batched together).")
 @click.option("--window", type=click.IntRange(min=2), default=None,

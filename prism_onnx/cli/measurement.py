@@ -204,7 +204,8 @@ def evaluate(task, devices, crs, count_bias, sinks, windows, far, wire_dtypes, b
             after = ([f"{row['calibrated']:.4f}", f"{row['delta_calibrated']:+.4f}"] if "calibrated" in row
                      else ["", ""]) if cal else []
             table.add_row(str(row["devices"]), str(row["compression_ratio"]) if row["far"] == "means" else "no means",
-                          str(row["window"]), "on" if row["count_bias"] else "off", "on" if row["keep_sinks"] else "off",
+                          str(row["window"]), "on" if row["count_bias"] else "off",
+                          "on" if row["keep_sinks"] else "off",
                           f"{row[r['metric']]:.4f}", f"{row['delta']:+.4f}",
                           *([f"{100 * row['agreement']:.1f}%"] if agree else []), *after,
                           f"{row['bytes_per_inference']:,.0f}", f"{100 * row['bytes_vs_baseline']:.2f}%")

@@ -401,7 +401,8 @@ def describe_row(row: dict, metric: str) -> str:
     cr = f"CR={row['compression_ratio']}" if row["far"] == "means" else "far=none"
     agree = f", agreement {100 * row['agreement']:.1f}%" if "agreement" in row else ""
     wire = "" if row["wire_dtype"] == "float32" else f" wire={row['wire_dtype']}"
-    return (f"P={row['devices']} {cr} W={row['window']} count_bias={row['count_bias']} sinks={row['keep_sinks']}{wire}: "
+    return (f"P={row['devices']} {cr} W={row['window']} count_bias={row['count_bias']} "
+            f"sinks={row['keep_sinks']}{wire}: "
             f"{metric} {row[metric]:.4f} ({row['delta']:+.4f}){agree}, {100 * row['bytes_vs_baseline']:.2f}% of the "
             f"baseline's bytes")
 
@@ -481,7 +482,8 @@ def summarize(report: dict) -> dict:
             at = next((r for r in rows if r["compression_ratio"] == cr99), None)
             cross = next((r["compression_ratio"] for r in rows if -r["delta"] > 0.01), None)
             out[f"{key} count_bias={'on' if cb else 'off'}"] = {
-                "cr_99pct_cut": cr99, "loss_points_at_cr_99pct_cut": None if at is None else round(-100 * at["delta"], 2),
+                "cr_99pct_cut": cr99,
+                "loss_points_at_cr_99pct_cut": None if at is None else round(-100 * at["delta"], 2),
                 "first_cr_losing_over_1_point": cross}
     return out
 

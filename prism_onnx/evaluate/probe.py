@@ -52,7 +52,8 @@ def build_sst2_probe(out_dir: Path | str, *, train_samples: int = 8000, C: float
     dev_acc = float(clf.score(embed(model, tok, dev_texts), dev_labels))
     out = Path(out_dir)
     np.savez(out / "probe.npz", coef=clf.coef_[0].astype(np.float32), intercept=np.float32(clf.intercept_[0]))
-    record = {"task": "sst2-probe", "dev_accuracy_full_model": dev_acc, "train_accuracy": float(clf.score(x, labels[idx])),
+    record = {"task": "sst2-probe", "dev_accuracy_full_model": dev_acc,
+              "train_accuracy": float(clf.score(x, labels[idx])),
               "train_seconds": round(time.perf_counter() - t0, 2),
               "settings": {"train_samples": train_samples, "C": C, "seed": seed}}
     (out / "task.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -122,7 +122,8 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
     def probe():
         try:
-            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                     timeout).close()
             answer.append(True)
         except OSError:
             pass

@@ -37,7 +37,8 @@ def check_providers(names) -> list[str]:
     """onnxruntime execution providers by name, in order of preference; CPU is always the last resort. A
     name the installed onnxruntime does not have is refused with the list of those it has."""
     names = [n.strip() for n in (names.split(",") if isinstance(names, str) else names or []) if n.strip()]
-    full = [n if n.endswith("ExecutionProvider") else f"{n}ExecutionProvider" for n in names] or ["CPUExecutionProvider"]
+    full = ([n if n.endswith("ExecutionProvider") else f"{n}ExecutionProvider" for n in names]
+            or ["CPUExecutionProvider"])
     available = ort.get_available_providers()
     missing = [n for n in full if n not in available]
     if missing:

@@ -42,7 +42,8 @@ class Executor:
             first = self.engines[0] if self.engines else None
             same = first is not None and all(b.manifest.files.get(g.file) == first.bundle.manifest.files.get(g.file)
                                               for g in b.manifest.graphs.values())
-            self.engines.append(Engine(b, threads, memory_arena=memory_arena, sessions=first.sessions if same else None))
+            self.engines.append(Engine(b, threads, memory_arena=memory_arena,
+                                       sessions=first.sessions if same else None))
         self.requests = Requests(self.export.devices[0])
         self.hub = LocalHub(len(self.engines), **exchange_kwargs(self.manifest, timeout))
         self._ids = itertools.count(1)
@@ -92,8 +93,8 @@ class Executor:
         check_prompt(plan.attention_mask, config, self.spec.max_positions)
         collector, stats = self.prefill(token_inputs, plan)
         tail = plan.tail
-        gen = decode_from_cache(self.program, self.engines[tail], collector, token_inputs["input_ids"], plan.attention_mask, config,
-                     tail, t0, on_tokens=on_tokens)
+        gen = decode_from_cache(self.program, self.engines[tail], collector, token_inputs["input_ids"],
+                                plan.attention_mask, config, tail, t0, on_tokens=on_tokens)
         return gen, stats
 
     def prefill(self, token_inputs: dict, plan):

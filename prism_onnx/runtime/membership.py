@@ -234,7 +234,8 @@ class Membership:
         when q refused our key, after KEY_FAILURES in a row otherwise)."""
         p = self.peers[q]
         p.key_failures += 1
-        reason = (f"the runner at {p.address.removeprefix('tcp://')} (device {q} in --peers) {detail}: its device folder or keys/ come "
+        reason = (f"the runner at {p.address.removeprefix('tcp://')} (device {q} in --peers) {detail}: "
+                  "its device folder or keys/ come "
                   f"from another export or another `prism keys` run (copy this export's device-{q} folder to it, "
                   f"or run `prism keys` once and copy every device-K/keys)")
         note = reason if p.key_failures == 1 else None

@@ -145,7 +145,8 @@ def _array_spec(spec) -> tuple[str, str, tuple[int, ...]]:
     return name, dtype, tuple(shape)
 
 
-def decode(parts: list, rules: ArrayRules | int, *, max_json: int = MAX_JSON) -> tuple[Kind, dict, dict[str, np.ndarray]]:
+def decode(parts: list, rules: ArrayRules | int, *,
+           max_json: int = MAX_JSON) -> tuple[Kind, dict, dict[str, np.ndarray]]:
     """Parse and check a control message; sizes are checked against the declared shapes and the rules
     before any array is built (arrays are read-only views of the received buffers)."""
     if isinstance(rules, int):

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..errors import FrameError, PrismError
 
-WIRE_ENCODINGS = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}  # manifest.WIRE_DTYPES
+# manifest.WIRE_DTYPES
+WIRE_ENCODINGS = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
 DTYPE_CODES = {name: i for i, name in enumerate(WIRE_ENCODINGS)}
 MAGIC = b"PRSM"
 VERSION = 1

@@ -32,7 +32,8 @@ from .counters import BUGS
 from .device import Engine, Requests, wanted_outputs
 from .lanes import Lane, Lanes, ZmqExchange
 from .jobs import Batched, Job
-from .schema import GENERATED, PROMPT, GenerationInfo, Result, Tokens, TrafficInfo, WireError, coordinator_of, encode_record
+from .schema import (GENERATED, PROMPT, GenerationInfo, Result, Tokens, TrafficInfo, WireError, coordinator_of,
+                     encode_record)
 
 __all__ = ["Worker", "ZmqExchange"]
 log = logging.getLogger("prism.run")

@@ -100,7 +100,8 @@ def parse_inputs(body: dict, name: str, max_items: int) -> Inputs:
         out = Inputs(texts=list(value))
     else:
         raise bad_request(f"'{name}' must be a string, an array of strings, an array of token ids or an array of "
-                          f"arrays of token ids, not {_kind(value) if not isinstance(value, list) or value else 'an empty array'}",
+                          "arrays of token ids, not "
+                          f"{_kind(value) if not isinstance(value, list) or value else 'an empty array'}",
                           param=name)
     if len(out) > max_items:
         raise bad_request(f"'{name}' holds {len(out)} items; at most {max_items} per request", param=name)

@@ -32,7 +32,8 @@ class HttpServer:
             self.sock.bind((host, self.port))
         except OSError as e:
             self.sock.close()
-            raise PeerError(f"--http: cannot listen on {host}:{port} ({e.strerror or e}): is the port in use?") from None
+            raise PeerError(f"--http: cannot listen on {host}:{port} ({e.strerror or e}): "
+                            "is the port in use?") from None
         self.sock.listen(128)
         self.sock.setblocking(False)
         refused = Refusals(gateway.metrics)
@@ -54,7 +55,8 @@ class HttpServer:
         log.info("HTTP API of '%s' on http://%s:%d (%s; serves %s; at most %d connections, headers within %g s, "
                  "%d bodies of up to %.0f MiB at once, each within %g s)", self.gateway.name, self.host, self.port,
                  "API key required" if self.keyed else "no API key",
-                 ", ".join(self.gateway.capabilities()) or "nothing", L.max_connections, L.header_timeout, L.max_bodies, L.max_body_bytes / 2**20, L.body_timeout)
+                 ", ".join(self.gateway.capabilities()) or "nothing", L.max_connections, L.header_timeout,
+                 L.max_bodies, L.max_body_bytes / 2**20, L.body_timeout)
         if not self.keyed:
             log.warning("the HTTP API has no API key (--api-key / --api-key-file): anyone who can reach port %d "
                         "can use this deployment", self.port)
