@@ -516,8 +516,10 @@ def test_slow_headers_and_slow_bodies_are_closed_after_their_timeouts(limited):
 
 
 def test_connections_beyond_the_limit_are_refused_at_once_with_503(limited):
-    """16 connections held by bodies in flight (2 being read, 14 waiting for their turn); one more gets 503 at
-    once, and once the 16 end (408, or 503 for those that never got a turn) a request is served again."""
+    """16 connections held by bodies in flight; one more gets 503 at once, each of the 16 ends with 408 (its
+    body did not arrive in time) or 503 (no turn to be read, or, when the server accepted a probe before it
+    parsed the held requests, the connection limit itself), and then a request is served again. Which of
+    the two each held connection gets depends on the order the server's event loop sees them: not asserted."""
     cluster, base = limited
     held = [tcp(base) for _ in range(16)]
     for s in held:
@@ -533,7 +535,7 @@ def test_connections_beyond_the_limit_are_refused_at_once_with_503(limited):
         time.sleep(0.05)  # until the 16 connections are open on the server's side (a hang guard)
     assert r.startswith(b"HTTP/1.1 503 ") and r.endswith(b"Service Unavailable"), r
     answers = [until_closed(s).split(b"\r\n")[0] for s in held]
-    assert sorted(set(answers)) == [b"HTTP/1.1 408 Request Timeout", b"HTTP/1.1 503 Service Unavailable"], answers
+    assert set(answers) <= {b"HTTP/1.1 408 Request Timeout", b"HTTP/1.1 503 Service Unavailable"}, answers
     with http(base, None) as c:
         assert c.get("/health").status_code == 200
 
