@@ -76,11 +76,12 @@ def measure(export_dir: Path, requests: int, neighbours: int, max_tokens: int, l
                     else:
                         failures.append((i, r.status_code, r.text[:200]))
             status = cluster.operator_status()
+            # the logs as they are before the cluster stops (stopping closes the connections: a "lost" then)
+            lines = [line for f in sorted(log_dir.glob("device-*.log")) for line in f.read_text().splitlines()]
         finally:
             stop.set()
             for p in procs:
                 p.join(10)
-    lines = [line for f in sorted(log_dir.glob("device-*.log")) for line in f.read_text().splitlines()]
     lost = [line for line in lines if re.search(r"lost device \d", line)]
     return {"requests": requests, "answered": answered, "failures": failures, "false_losses": len(lost),
             "lost_lines": lost[:10], "neighbours": neighbours, "max_tokens": max_tokens,
