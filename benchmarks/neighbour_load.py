@@ -86,7 +86,7 @@ def measure(export_dir: Path, requests: int, neighbours: int, max_tokens: int, l
     return {"requests": requests, "answered": answered, "failures": failures, "false_losses": len(lost),
             "lost_lines": lost[:10], "neighbours": neighbours, "max_tokens": max_tokens,
             "latency_s": {"median": round(statistics.median(latencies), 3), "max": round(max(latencies), 3)},
-            "status_devices": status.get("devices")}
+            "heartbeat_timeouts": status.get("heartbeat_timeouts"), "members": status.get("members")}
 
 
 @click.command()
