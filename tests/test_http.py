@@ -515,29 +515,43 @@ def test_slow_headers_and_slow_bodies_are_closed_after_their_timeouts(limited):
         assert c.post("/v1/embeddings", json={"input": [[101, 2023, 102]]}).status_code == 200
 
 
-def test_connections_beyond_the_limit_are_refused_at_once_with_503(limited):
-    """16 connections held by bodies in flight; one more gets 503 at once, each of the 16 ends with 408 (its
-    body did not arrive in time) or 503 (no turn to be read, or, when the server accepted a probe before it
-    parsed the held requests, the connection limit itself), and then a request is served again. Which of
-    the two each held connection gets depends on the order the server's event loop sees them: not asserted."""
-    cluster, base = limited
+@pytest.fixture(scope="module")
+def crowded(exported_graphs, tmp_path_factory):
+    """The tiny BERT at P=2 over HTTP with 16 connections at most and a body timeout of 10 minutes: held
+    connections stay open until the test closes them, however slowly a loaded machine gets to its probes."""
+    bundle = write_bundles(exported_graphs["BertModel"], tmp_path_factory.mktemp("crowded") / "export",
+                           ExportSettings(devices=2, compression_ratio=1, max_seq_len=64))
+    cluster, base = deploy(bundle, "--http-max-connections", "16", "--http-body-timeout", "600",
+                           "--http-max-bodies", "2")
+    try:
+        yield cluster, base
+    finally:
+        cluster.close()
+
+
+def test_connections_beyond_the_limit_are_refused_at_once_with_503(crowded):
+    """16 connections held by bodies in flight (2 being read, 14 waiting for their turn); one more gets
+    uvicorn's 503 at once; once the 16 close, a request is served again."""
+    cluster, base = crowded
     held = [tcp(base) for _ in range(16)]
     for s in held:
         s.sendall((EMBED_HEAD + "content-length: 100\r\n\r\n").encode() + b'{"input"')
-    poll = time.monotonic() + 60
 
     def health() -> bytes:  # on a new connection each time: accepted after the 16, which the backlog holds first
         s = tcp(base)
         s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
         return until_closed(s)
 
-    while not (r := health()).startswith(b"HTTP/1.1 503 ") and time.monotonic() < poll:
-        time.sleep(0.05)  # until the 16 connections are open on the server's side (a hang guard)
+    guard = time.monotonic() + 120  # a hang guard only: the 16 stay open until closed below
+    while not (r := health()).startswith(b"HTTP/1.1 503 ") and time.monotonic() < guard:
+        time.sleep(0.05)  # until the 16 connections are open on the server's side
     assert r.startswith(b"HTTP/1.1 503 ") and r.endswith(b"Service Unavailable"), r
-    answers = [until_closed(s).split(b"\r\n")[0] for s in held]
-    assert set(answers) <= {b"HTTP/1.1 408 Request Timeout", b"HTTP/1.1 503 Service Unavailable"}, answers
-    with http(base, None) as c:
-        assert c.get("/health").status_code == 200
+    for s in held:
+        s.close()
+    guard = time.monotonic() + 120
+    while not (r := health()).startswith(b"HTTP/1.1 200 ") and time.monotonic() < guard:
+        time.sleep(0.05)  # until the server has seen the 16 close
+    assert r.startswith(b"HTTP/1.1 200 "), r
 
 
 def test_memory_stays_bounded_under_concurrent_oversized_bodies(limited):
