@@ -39,13 +39,22 @@ TOLERANCE = 1e-4  # see the module docstring
 
 
 @pytest.fixture(scope="module")
-def board() -> dict:
+def board():
     """The arm64 root (built on first use, reused after) with this checkout installed; what its python
-    reports about itself."""
+    reports about itself. Its /proc is mounted while the tests run, as a board's is: onnxruntime opens a
+    graph's external data (the embedding table) through /proc/self/fd, and refuses it without /proc."""
     try:
-        return ensure_root()
+        info = ensure_root()
     except Unavailable as e:
         pytest.skip(f"no emulated aarch64 board on this machine: {e}")
+    proc = Path(info["root"]) / "proc"
+    proc.mkdir(exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "proc", "proc", str(proc)], capture_output=True, text=True)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        yield info
+    finally:
+        subprocess.run(["umount", "-l", str(proc)], capture_output=True)
 
 
 def test_the_board_is_aarch64_with_the_core_install_only(board):
