@@ -118,7 +118,8 @@ def test_a_cluster_across_x86_and_aarch64_equals_the_executor(board, model, make
         assert reply["ranks"] == [0, 1]  # both devices computed it, device 1's means were exchanged
         assert reply["bytes_received"][0] > 0 and reply["bytes_sent"][1] > 0
         expected = as_served(ex, request, reply)
-        assert set(got) == set(expected)
+        # a sentence-transformers export's replies add the pooled embedding (issue 23); the rest as executed
+        assert set(expected) <= set(got) and set(got) - set(expected) <= {"sentence_embedding"}, set(got)
         for name in expected:
             assert got[name].shape == expected[name].shape, name
             diff = float(np.abs(got[name] - expected[name]).max())
