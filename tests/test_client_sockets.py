@@ -20,3 +20,31 @@ def test_a_client_that_reconnects_often_leaks_no_sockets():
     finally:
         client.close()
         router.close(linger=0)
+
+
+def test_a_monitor_event_taken_since_the_poll_does_not_block_the_io_loop():
+    """The I/O loop polls, then handles each ready socket; the client port drains its monitor's events
+    before a message (Transport.pending_events), so by the time the loop reaches the monitor its event may
+    be gone. Reading then must return nothing at once, not wait for the next connection event (a runner
+    stopped answering that way under the fuzz test)."""
+    from types import SimpleNamespace
+
+    from zmq.utils.monitor import recv_monitor_message
+
+    from prism_onnx.runtime.transport import Transport
+
+    ctx = zmq.Context()
+    try:
+        router = ctx.socket(zmq.ROUTER)
+        router.bind("tcp://127.0.0.1:*")
+        monitor = router.get_monitor_socket()
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect(router.last_endpoint.decode())
+        # the connection's events (accepted, then the ZMTP handshake) come and something else takes them all
+        # before the loop gets to the monitor; after the handshake none comes until a disconnection
+        while monitor.poll(10_000) and recv_monitor_message(monitor)["event"] != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            pass
+        monitor.setsockopt(zmq.RCVTIMEO, 10_000)  # a hang guard: a blocking read fails (zmq.Again), not hangs
+        assert Transport.on_monitor(SimpleNamespace(), monitor) is None  # at once: nothing to read
+    finally:
+        ctx.destroy(linger=0)  # closes the sockets too, also after a failure
