@@ -41,6 +41,7 @@ class Connection:
         s = self.ctx.socket(zmq.DEALER)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RECONNECT_IVL, 100)
+        s.setsockopt(zmq.SNDTIMEO, int(1000 * self.dead_after))  # a send with no connection to go to: _send
         if self.keys is not None:
             s.curve_secretkey, s.curve_publickey = self.keys.secret, self.keys.public
             s.curve_serverkey = self.keys.server
@@ -96,7 +97,7 @@ class Connection:
         ServerLost after `dead_after` seconds of silence); Tokens of the same call go to on_tokens(tokens)."""
         self.connect()
         call = next(self._calls)
-        self.sock.send_multipart(encode_record(replace(message, call=call)))
+        self._send(encode_record(replace(message, call=call)))
         t0 = heard = time.monotonic()
         next_ping, poller = t0 + self.ping_every, zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -111,27 +112,15 @@ class Connection:
                 raise ServerLost(f"the coordinator at {self.address} stopped responding: no answer for "
                                  f"{self.dead_after:g} s")
             if watch and now >= next_ping:
-                self.sock.send_multipart(encode_record(Status(call=0)))
+                self._send(encode_record(Status(call=0)))
                 next_ping = now + self.ping_every
             wait = min([t0 + timeout] + ([next_ping, heard + self.dead_after] if watch else [])) - now
             events = dict(poller.poll(max(1, int(1000 * wait))))
             if self.monitor in events:
-                ev = recv_monitor_message(self.monitor)
-                if ev["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                failure = self._on_event(recv_monitor_message(self.monitor)["event"])
+                if failure is not None:
                     self.reset()
-                    raise PeerError(_refused(self.address, self.keys))
-                if ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # the server holds our key: a later close
-                    self._answered = True                           # is the server going away
-                if ev["event"] == zmq.EVENT_DISCONNECTED:
-                    answered, _ = self._answered, self.reset()
-                    if not answered and self.keys is None:
-                        raise PeerError(_refused(self.address, None))
-                    if not answered:
-                        raise PeerError(f"{self.address} closed the connection before any answer: the CURVE "
-                                        f"handshake failed (not this cluster's client-port key: client keys of "
-                                        f"another export or another `prism keys` run)")
-                    raise ServerLost(f"{self.address} closed the connection (the coordinator stopped, or the "
-                                     f"message was over its size limit)")
+                    raise failure
             if self.sock in events:
                 rec = decode_record(self.sock.recv_multipart(), None, REPLY_RULES, kinds=(Kind.REPLY, Kind.TOKENS))
                 heard, self._answered = time.monotonic(), True
@@ -142,6 +131,37 @@ class Connection:
                         continue
                     return rec
 
+
+    def _on_event(self, event: int) -> Exception | None:
+        """What a monitor event of this connection means for the call: the error to raise, or None."""
+        if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+            return PeerError(_refused(self.address, self.keys))
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # the server holds our key: a later close is the server
+            self._answered = True                     # going away
+        if event == zmq.EVENT_DISCONNECTED:
+            if not self._answered and self.keys is None:
+                return PeerError(_refused(self.address, None))
+            if not self._answered:
+                return PeerError(f"{self.address} closed the connection before any answer: the CURVE handshake "
+                                 f"failed (not this cluster's client-port key: client keys of another export or "
+                                 f"another `prism keys` run)")
+            return ServerLost(f"{self.address} closed the connection (the coordinator stopped, or the message "
+                              f"was over its size limit)")
+        return None
+
+    def _send(self, parts: list) -> None:
+        """Send, waiting at most `dead_after` seconds for a connection to take the message (a DEALER whose
+        handshakes keep failing has none, and a plain send would wait for ever): then the reason the
+        monitor saw, or ServerLost."""
+        try:
+            self.sock.send_multipart(parts)
+        except zmq.Again:
+            failure = None
+            while failure is None and self.monitor.poll(0):
+                failure = self._on_event(recv_monitor_message(self.monitor)["event"])
+            self.reset()
+            raise failure or ServerLost(f"{self.address} took no message within {self.dead_after:g} s: no "
+                                        f"connection to it completed") from None
 
     def close(self) -> None:
         self.reset()
