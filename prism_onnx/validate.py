@@ -138,8 +138,8 @@ def random_ids(manifest, batches: list[int], rng: np.random.Generator) -> list[d
     tokenizer would give. A model may treat these ids apart from the mask: RoBERTa counts its position ids
     from `input_ids != pad_token_id`, so a pad id inside a row would move every later token's position."""
     cfg = manifest.config_summary
-    special = sorted({int(i) for k in ("pad_token_id", "bos_token_id", "eos_token_id")
-                      for i in np.atleast_1d(cfg.get(k) if cfg.get(k) is not None else [])})
+    special = [i for k in ("pad_token_id", "bos_token_id", "eos_token_id") if cfg.get(k) is not None
+               for i in np.atleast_1d(cfg[k])]  # an id or a list of ids (eos of some configs)
     ordinary = np.setdiff1d(np.arange(manifest.model.vocab_size), special)
     pad = int(cfg.get("pad_token_id") or 0)
     max_len = min(manifest.settings.max_seq_len, 48)
